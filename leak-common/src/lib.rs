@@ -1,0 +1,416 @@
+//! The wire format between leaktrace's eBPF programs and its daemon.
+//!
+//! Everything here crosses the kernel/user boundary, either as a ring-buffer record
+//! or as the key or value of a BPF map, so every type is `#[repr(C)]`, has no
+//! implicit padding, and uses integer tags rather than Rust enums or `bool`s: the
+//! kernel side writes raw bytes and the daemon decodes them with [`TryFrom`].
+//!
+//! With the `user` feature the types also implement `aya::Pod`, which the daemon
+//! needs to read them out of maps.
+#![no_std]
+
+/// Names of the maps and globals in the eBPF object, shared so that a rename on one
+/// side fails to compile on the other instead of failing at load time.
+pub mod names {
+    /// The one ring buffer every program writes its records to.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU counters of everything that could not be recorded, indexed by [`super::Loss`].
+    pub const LOSSES: &str = "LOSSES";
+    /// Processes being traced: tgid -> [`super::TargetFlags`].
+    pub const TARGETS: &str = "TARGETS";
+    /// Allocator calls in flight, by thread id.
+    pub const CALLS: &str = "CALLS";
+    /// Deduplicated user stacks: 64-bit hash -> [`super::Stack`].
+    pub const STACKS: &str = "STACKS";
+    /// Deduplicated kernel stacks (kernel slab mode).
+    pub const KSTACKS: &str = "KSTACKS";
+    /// Per-thread scratch for mmap/mremap calls between syscall entry and exit.
+    pub const SYSCALLS: &str = "SYSCALLS";
+    /// Global: field offsets of the tracepoints we read ([`super::TracepointLayout`]).
+    pub const TP_LAYOUT: &str = "TP_LAYOUT";
+    /// Kernel mode: cgroup ids to trace (filled when `--cgroup` is given).
+    pub const CGROUPS: &str = "CGROUPS";
+    /// Global: non-zero when kernel mode traces only the cgroups in `CGROUPS`.
+    pub const KERNEL_FILTER_CGROUPS: &str = "KERNEL_FILTER_CGROUPS";
+    /// Global: non-zero when children of traced processes are traced too.
+    pub const FOLLOW_FORKS: &str = "FOLLOW_FORKS";
+    /// Global: non-zero when kernel mode traces only the processes in `TARGETS`.
+    pub const KERNEL_FILTER_PIDS: &str = "KERNEL_FILTER_PIDS";
+}
+
+/// How many frames a captured stack holds (deeper stacks are truncated).
+pub const STACK_DEPTH: usize = 64;
+
+/// A captured stack, innermost frame first; unused slots are zero.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Stack {
+    pub frames: [u64; STACK_DEPTH],
+}
+
+/// Tags the first `u32` of every ring-buffer record.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// An allocating call returned a new block ([`UserRecord`]).
+    Alloc = 1,
+    /// A block was handed back ([`UserRecord`]).
+    Free = 2,
+    /// `realloc` was entered with a non-NULL block: from here on the old block may
+    /// be released and its address handed to another thread ([`UserRecord`]).
+    ReallocDetach = 3,
+    /// `realloc` returned ([`UserRecord`]; `addr` 0 means it failed or freed).
+    Realloc = 4,
+    /// The allocator mapped memory for itself (mmap/mremap inside an allocator call).
+    AllocatorMap = 5,
+    /// The process unmapped a range.
+    Unmap = 6,
+    /// The program break moved; `func` is 1 when the allocator moved it.
+    Brk = 7,
+    /// A traced process created a child process (`addr` is the child's tgid).
+    Fork = 8,
+    /// A traced process ended (its last thread exited).
+    Exit = 9,
+    /// A traced process replaced its image with execve.
+    Exec = 10,
+    /// A kernel slab allocation ([`KernelRecord`]).
+    KernelAlloc = 16,
+    /// A kernel slab free ([`KernelRecord`]).
+    KernelFree = 17,
+    /// A page allocation (`--pages`, [`KernelRecord`]).
+    PageAlloc = 18,
+    /// A page free (`--pages`, [`KernelRecord`]).
+    PageFree = 19,
+}
+
+/// The tag was not one this version knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownTag(pub u32);
+
+impl TryFrom<u32> for RecordKind {
+    type Error = UnknownTag;
+    fn try_from(v: u32) -> Result<Self, UnknownTag> {
+        Ok(match v {
+            1 => Self::Alloc,
+            2 => Self::Free,
+            3 => Self::ReallocDetach,
+            4 => Self::Realloc,
+            5 => Self::AllocatorMap,
+            6 => Self::Unmap,
+            7 => Self::Brk,
+            8 => Self::Fork,
+            9 => Self::Exit,
+            10 => Self::Exec,
+            16 => Self::KernelAlloc,
+            17 => Self::KernelFree,
+            18 => Self::PageAlloc,
+            19 => Self::PageFree,
+            other => return Err(UnknownTag(other)),
+        })
+    }
+}
+
+/// Which allocator entry point a probe sits on. Passed to the programs as the
+/// attach cookie, and carried in records so reports can say how a block was made.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AllocFn {
+    Malloc = 1,
+    Calloc = 2,
+    Realloc = 3,
+    Reallocarray = 4,
+    PosixMemalign = 5,
+    /// `aligned_alloc` and `memalign` (one function in glibc).
+    AlignedAlloc = 6,
+    Valloc = 7,
+    Pvalloc = 8,
+    /// `operator new(size_t)` and its nothrow and array forms.
+    OperatorNew = 9,
+    /// `operator new(size_t, align_val_t)` and its nothrow and array forms.
+    OperatorNewAligned = 10,
+    /// `free`, `cfree`, and `operator delete` in all its forms.
+    Free = 11,
+}
+
+impl TryFrom<u32> for AllocFn {
+    type Error = UnknownTag;
+    fn try_from(v: u32) -> Result<Self, UnknownTag> {
+        Ok(match v {
+            1 => Self::Malloc,
+            2 => Self::Calloc,
+            3 => Self::Realloc,
+            4 => Self::Reallocarray,
+            5 => Self::PosixMemalign,
+            6 => Self::AlignedAlloc,
+            7 => Self::Valloc,
+            8 => Self::Pvalloc,
+            9 => Self::OperatorNew,
+            10 => Self::OperatorNewAligned,
+            11 => Self::Free,
+            other => return Err(UnknownTag(other)),
+        })
+    }
+}
+
+/// One user-space allocator or process event. All user-mode records share this
+/// layout; which fields are meaningful depends on `kind` (see [`RecordKind`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserRecord {
+    /// A [`RecordKind`].
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    /// An [`AllocFn`] for allocator records; 1 = "made by the allocator" for mapping records.
+    pub func: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the record was made.
+    pub ts_ns: u64,
+    /// The block (or range, or child tgid) the record is about.
+    pub addr: u64,
+    /// Requested size in bytes (range length for mapping records).
+    pub size: u64,
+    /// realloc: the block passed in.
+    pub old_addr: u64,
+    /// Key into the `STACKS` map; 0 when no stack could be captured.
+    pub stack_id: u64,
+    /// The return address of the allocator call (the allocating call site).
+    pub caller: u64,
+}
+
+/// One kernel-mode allocation or free.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelRecord {
+    /// A [`RecordKind`].
+    pub kind: u32,
+    /// Process (tgid) and thread of the task that was running.
+    pub tgid: u32,
+    pub tid: u32,
+    /// Non-zero when the record was made in interrupt (irq/softirq/NMI) context.
+    pub in_irq: u32,
+    pub ts_ns: u64,
+    pub ptr: u64,
+    pub call_site: u64,
+    pub bytes_req: u64,
+    pub bytes_alloc: u64,
+    /// Key into `KSTACKS`; 0 when none.
+    pub stack_id: u64,
+    /// cgroup v2 id of the task.
+    pub cgroup_id: u64,
+    /// Slab cache name (NUL-padded), empty for kmalloc.
+    pub cache: [u8; 32],
+    pub comm: [u8; 16],
+}
+
+/// Reasons a record could not be made, as indexes into the `LOSSES` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loss {
+    /// An allocation record was dropped: the ring buffer was full.
+    RingFullAlloc = 0,
+    /// A free (or realloc-detach) record was dropped: the ring buffer was full.
+    RingFullFree = 1,
+    /// Any other record (mapping, process) was dropped: the ring buffer was full.
+    RingFullOther = 2,
+    /// An allocator call could not be remembered between entry and return: `CALLS` was full.
+    CallsFull = 3,
+    /// The user stack could not be captured.
+    StackCaptureFailed = 4,
+    /// The stack map was full, so the record carries no stack.
+    StackMapFull = 5,
+    /// An allocator call was entered while a stale call record (whose return was
+    /// never seen) was still present for the thread; the stale one was replaced.
+    StaleCall = 6,
+    /// A kernel record was dropped: the ring buffer was full.
+    RingFullKernel = 7,
+    /// Scratch map for syscalls was full.
+    SyscallScratchFull = 8,
+}
+
+impl Loss {
+    /// How many counters there are (size of the `LOSSES` array).
+    pub const COUNT: u32 = 9;
+    /// Every counter, in index order.
+    pub const ALL: [Loss; Self::COUNT as usize] = [
+        Loss::RingFullAlloc,
+        Loss::RingFullFree,
+        Loss::RingFullOther,
+        Loss::CallsFull,
+        Loss::StackCaptureFailed,
+        Loss::StackMapFull,
+        Loss::StaleCall,
+        Loss::RingFullKernel,
+        Loss::SyscallScratchFull,
+    ];
+
+    /// A stable snake_case name for reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Loss::RingFullAlloc => "ring_full_alloc",
+            Loss::RingFullFree => "ring_full_free",
+            Loss::RingFullOther => "ring_full_other",
+            Loss::CallsFull => "calls_map_full",
+            Loss::StackCaptureFailed => "stack_capture_failed",
+            Loss::StackMapFull => "stack_map_full",
+            Loss::StaleCall => "stale_call",
+            Loss::RingFullKernel => "ring_full_kernel",
+            Loss::SyscallScratchFull => "syscall_scratch_full",
+        }
+    }
+
+    /// True when this loss can hide a free, so a block alive at the time may look
+    /// leaked although it was freed.
+    pub const fn can_hide_free(self) -> bool {
+        matches!(self, Loss::RingFullFree | Loss::RingFullKernel)
+    }
+}
+
+/// An allocator call between its entry and its return, per thread (`CALLS` map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PendingCall {
+    /// Stack pointer at entry; nested and tail calls have a lower or equal one.
+    pub sp: u64,
+    /// The [`AllocFn`] of the outermost allocator call.
+    pub func: u32,
+    pub _pad: u32,
+    pub size: u64,
+    /// realloc: the block passed in.
+    pub old_addr: u64,
+    /// posix_memalign: where the result will be stored.
+    pub out_ptr: u64,
+    pub stack_id: u64,
+    pub caller: u64,
+}
+
+/// Per-thread scratch between a syscall's entry and exit (`SYSCALLS` map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PendingSyscall {
+    /// 1 when the syscall was made from inside an allocator call.
+    pub inside_allocator: u32,
+    pub _pad: u32,
+    /// mremap: the old range.
+    pub old_addr: u64,
+    pub old_len: u64,
+    /// Length of the new mapping.
+    pub len: u64,
+}
+
+/// Flags for a traced process (`TARGETS` value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TargetFlags {
+    /// Reserved; 1 for now.
+    pub traced: u32,
+}
+
+/// Byte offsets of the tracepoint fields the programs read on the running kernel,
+/// taken from tracefs `format` files at start-up, because they change between
+/// kernel versions. An offset of [`TracepointLayout::ABSENT`] means "no such field".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TracepointLayout {
+    pub newtask_pid: u32,
+    pub newtask_clone_flags: u32,
+    pub exit_group_dead: u32,
+    pub kmalloc_call_site: u32,
+    pub kmalloc_ptr: u32,
+    pub kmalloc_bytes_req: u32,
+    pub kmalloc_bytes_alloc: u32,
+    pub kfree_call_site: u32,
+    pub kfree_ptr: u32,
+    pub cache_alloc_call_site: u32,
+    pub cache_alloc_ptr: u32,
+    pub cache_alloc_bytes_req: u32,
+    pub cache_alloc_bytes_alloc: u32,
+    /// `__data_loc` word of the cache name (offset << 16 | length), or absent.
+    pub cache_alloc_name: u32,
+    pub cache_free_call_site: u32,
+    pub cache_free_ptr: u32,
+    pub cache_free_name: u32,
+    pub page_alloc_pfn: u32,
+    pub page_alloc_order: u32,
+    pub page_free_pfn: u32,
+    pub page_free_order: u32,
+}
+
+impl TracepointLayout {
+    /// Marks a field the running kernel does not have.
+    pub const ABSENT: u32 = u32::MAX;
+    /// Every field absent; programs that need a field do nothing without it.
+    pub const fn absent() -> Self {
+        let a = Self::ABSENT;
+        Self {
+            newtask_pid: a,
+            newtask_clone_flags: a,
+            exit_group_dead: a,
+            kmalloc_call_site: a,
+            kmalloc_ptr: a,
+            kmalloc_bytes_req: a,
+            kmalloc_bytes_alloc: a,
+            kfree_call_site: a,
+            kfree_ptr: a,
+            cache_alloc_call_site: a,
+            cache_alloc_ptr: a,
+            cache_alloc_bytes_req: a,
+            cache_alloc_bytes_alloc: a,
+            cache_alloc_name: a,
+            cache_free_call_site: a,
+            cache_free_ptr: a,
+            cache_free_name: a,
+            page_alloc_pfn: a,
+            page_alloc_order: a,
+            page_free_pfn: a,
+            page_free_order: a,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], made of integers only, with no padding.
+    unsafe impl aya::Pod for super::UserRecord {}
+    unsafe impl aya::Pod for super::KernelRecord {}
+    unsafe impl aya::Pod for super::PendingCall {}
+    unsafe impl aya::Pod for super::PendingSyscall {}
+    unsafe impl aya::Pod for super::TargetFlags {}
+    unsafe impl aya::Pod for super::TracepointLayout {}
+    unsafe impl aya::Pod for super::Stack {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn records_have_no_padding() {
+        assert_eq!(size_of::<UserRecord>(), 4 * 4 + 6 * 8);
+        assert_eq!(size_of::<KernelRecord>(), 4 * 4 + 7 * 8 + 32 + 16);
+        assert_eq!(size_of::<PendingCall>(), 7 * 8);
+        assert_eq!(size_of::<TracepointLayout>(), 21 * 4);
+        assert_eq!(size_of::<Stack>(), STACK_DEPTH * 8);
+    }
+
+    #[test]
+    fn tags_round_trip() {
+        for v in 0..64 {
+            if let Ok(k) = RecordKind::try_from(v) {
+                assert_eq!(k as u32, v);
+            }
+            if let Ok(f) = AllocFn::try_from(v) {
+                assert_eq!(f as u32, v);
+            }
+        }
+        assert_eq!(RecordKind::try_from(99), Err(UnknownTag(99)));
+    }
+
+    #[test]
+    fn loss_table_is_complete() {
+        for (i, l) in Loss::ALL.iter().enumerate() {
+            assert_eq!(*l as usize, i);
+        }
+    }
+}

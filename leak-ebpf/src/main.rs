@@ -1,0 +1,42 @@
+//! leaktrace's eBPF programs.
+//!
+//! Every program writes fixed-layout records ([`leak_common`]) into one ring buffer,
+//! which keeps the order in which records were reserved: a block's address can only
+//! be handed out again after the record of its release was reserved, so the daemon
+//! can replay the ring in order and never confuse two lives of one address.
+//!
+//! * `probes::alloc`   — entry of every allocating function (malloc … operator new)
+//! * `probes::ret`     — their returns, where the new block's address is known
+//! * `probes::free`    — free / operator delete
+//! * `probes::process` — fork, exec, exit of traced processes
+//! * `probes::mapping` — mmap/mremap/munmap/brk, to know which memory the allocator owns
+//! * `probes::kmem`    — kernel slab mode (kmalloc, kmem_cache_alloc and their frees)
+//!
+//! Whatever cannot be recorded is counted in `LOSSES` ([`leak_common::Loss`]), never
+//! dropped silently. On the host this crate compiles to an empty program.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod probes;
+#[cfg(target_arch = "bpf")]
+mod record;
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach a panic, so this is never
+    // called; it exists because no_std requires it.
+    loop {}
+}
+
+/// bpf_probe_read_user, ring buffers and stack capture need a GPL-compatible license.
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,80 @@
+//! The maps and globals shared by all programs. Sizes here are defaults: the daemon
+//! resizes the ring buffer and the stack maps at load time from its options.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use leak_common::{Loss, PendingCall, PendingSyscall, Stack, TargetFlags, TracepointLayout};
+
+/// Every record of every program, in reservation order.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+
+/// What could not be recorded, per CPU, indexed by [`Loss`].
+#[map]
+pub static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(Loss::COUNT, 0);
+
+/// The processes being traced (tgid).
+#[map]
+pub static TARGETS: HashMap<u32, TargetFlags> = HashMap::with_max_entries(4096, 0);
+
+/// The outermost allocator call each thread is in, between entry and return.
+#[map]
+pub static CALLS: HashMap<u32, PendingCall> = HashMap::with_max_entries(1 << 16, 0);
+
+/// mmap/mremap arguments between syscall entry and exit, per thread.
+#[map]
+pub static SYSCALLS: HashMap<u32, PendingSyscall> = HashMap::with_max_entries(1 << 14, 0);
+
+/// User stacks by content hash. Not preallocated: only distinct stacks use memory.
+#[map]
+pub static STACKS: HashMap<u64, Stack> = HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+/// Kernel stacks by content hash (kernel slab mode).
+#[map]
+pub static KSTACKS: HashMap<u64, Stack> = HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+/// One stack-sized scratch buffer per CPU (too big for the 512-byte BPF stack).
+#[map]
+pub static STACK_SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
+
+/// Kernel mode `--cgroup`: the cgroup ids to trace.
+#[map]
+pub static CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Set by the daemon: trace the children of traced processes.
+#[unsafe(no_mangle)]
+static FOLLOW_FORKS: u32 = 0;
+
+/// Set by the daemon: kernel mode traces only the tgids in `TARGETS`.
+#[unsafe(no_mangle)]
+static KERNEL_FILTER_PIDS: u32 = 0;
+
+/// Set by the daemon: kernel mode traces only the cgroups in `CGROUPS`.
+#[unsafe(no_mangle)]
+static KERNEL_FILTER_CGROUPS: u32 = 0;
+
+/// Set by the daemon from tracefs: where the tracepoint fields are on this kernel.
+#[unsafe(no_mangle)]
+static TP_LAYOUT: TracepointLayout = TracepointLayout::absent();
+
+// Globals must be read with volatile loads, or the compiler folds in the defaults
+// above instead of the values the daemon wrote at load time.
+
+pub fn follow_forks() -> bool {
+    unsafe { core::ptr::read_volatile(&raw const FOLLOW_FORKS) != 0 }
+}
+
+pub fn kernel_filter_pids() -> bool {
+    unsafe { core::ptr::read_volatile(&raw const KERNEL_FILTER_PIDS) != 0 }
+}
+
+pub fn kernel_filter_cgroups() -> bool {
+    unsafe { core::ptr::read_volatile(&raw const KERNEL_FILTER_CGROUPS) != 0 }
+}
+
+pub fn layout() -> TracepointLayout {
+    unsafe { core::ptr::read_volatile(&raw const TP_LAYOUT) }
+}

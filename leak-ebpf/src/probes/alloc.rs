@@ -1,0 +1,119 @@
+//! Entry of every allocating function: malloc, calloc, realloc, reallocarray,
+//! posix_memalign, aligned_alloc/memalign, valloc, pvalloc, operator new.
+//!
+//! The attach cookie says which function this is ([`AllocFn`]). The entry remembers
+//! the arguments and the stack in `CALLS` for the return probe. Only the outermost
+//! allocator call of a thread is recorded: glibc's posix_memalign and realloc(NULL, n)
+//! call malloc, reallocarray tail-calls realloc, operator new calls malloc. A nested
+//! (or tail) call runs on a stack pointer at or below the outer call's one.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_probe_read_user, generated::bpf_get_attach_cookie},
+    macros::uprobe,
+    programs::ProbeContext,
+};
+use aya_log_ebpf::debug;
+use leak_common::{AllocFn, Loss, PendingCall, RecordKind, UserRecord};
+
+use super::regs;
+use crate::{
+    maps::{CALLS, STACKS},
+    record::{USER_STACK, capture_stack, count, current_ids, emit, is_target, now_ns},
+};
+
+const CALLOC: u32 = AllocFn::Calloc as u32;
+const REALLOC: u32 = AllocFn::Realloc as u32;
+const REALLOCARRAY: u32 = AllocFn::Reallocarray as u32;
+const POSIX_MEMALIGN: u32 = AllocFn::PosixMemalign as u32;
+const ALIGNED_ALLOC: u32 = AllocFn::AlignedAlloc as u32;
+
+#[uprobe]
+pub fn alloc_enter(ctx: ProbeContext) -> u32 {
+    let _ = try_alloc_enter(&ctx);
+    0
+}
+
+/// `a * b`, or `u64::MAX` when it overflows (the call will fail with ENOMEM).
+///
+/// Written with 32-bit halves: LLVM turns the usual overflow checks into a
+/// 128-bit multiply, which BPF does not have.
+#[inline(always)]
+fn mul_or_max(a: u64, b: u64) -> u64 {
+    let (big, small) = if a >= b { (a, b) } else { (b, a) };
+    if small >> 32 != 0 {
+        return u64::MAX;
+    }
+    let high = (big >> 32) * small;
+    if high >> 32 != 0 {
+        return u64::MAX;
+    }
+    let shifted = high << 32;
+    let sum = shifted.wrapping_add((big & 0xffff_ffff) * small);
+    if sum < shifted { u64::MAX } else { sum }
+}
+
+fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
+    let (tgid, tid) = current_ids();
+    if !is_target(tgid) {
+        return Ok(());
+    }
+    let r = unsafe { &*ctx.regs };
+    let sp = regs::sp(r);
+    if let Some(outer) = CALLS.get_ptr(&tid) {
+        if sp <= unsafe { (*outer).sp } {
+            return Ok(()); // nested in (or tail-called from) another allocator call
+        }
+        // The outer call's frame is gone but its return was never seen.
+        count(Loss::StaleCall);
+        debug!(ctx, "tid {} left an allocator call without a return", tid);
+    }
+    let func = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    let (a0, a1, a2) = (regs::arg(r, 0), regs::arg(r, 1), regs::arg(r, 2));
+    let mut call = PendingCall {
+        sp,
+        func,
+        ..PendingCall::default()
+    };
+    match func {
+        CALLOC => call.size = mul_or_max(a0, a1),
+        REALLOC => {
+            call.old_addr = a0;
+            call.size = a1;
+        }
+        REALLOCARRAY => {
+            call.old_addr = a0;
+            call.size = mul_or_max(a1, a2);
+        }
+        POSIX_MEMALIGN => {
+            call.out_ptr = a0;
+            call.size = a2;
+        }
+        ALIGNED_ALLOC => call.size = a1,
+        // malloc, valloc, pvalloc, operator new (plain and aligned): size first.
+        _ => call.size = a0,
+    }
+    call.stack_id = capture_stack(ctx, &STACKS, USER_STACK);
+    // At the function's first instruction the return address is on top of the stack:
+    // it is the allocating call site, which frame-pointer walks often miss.
+    call.caller = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+    if CALLS.insert(&tid, &call, 0).is_err() {
+        count(Loss::CallsFull);
+        return Err(());
+    }
+    if call.old_addr != 0 {
+        // From here on glibc may release the old block, and another thread may be
+        // handed its address before realloc returns: say so now, in ring order.
+        let record = UserRecord {
+            kind: RecordKind::ReallocDetach as u32,
+            tgid,
+            tid,
+            func,
+            ts_ns: now_ns(),
+            old_addr: call.old_addr,
+            ..UserRecord::default()
+        };
+        emit(&record, Loss::RingFullFree);
+    }
+    Ok(())
+}

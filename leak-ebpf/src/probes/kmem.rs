@@ -1,0 +1,220 @@
+//! Kernel slab mode: kmalloc and kmem_cache_alloc (and, with `--pages`, page
+//! allocations) with their frees, system-wide.
+//!
+//! Field offsets come from tracefs at start-up ([`leak_common::TracepointLayout`]):
+//! they change between kernel versions. Frees are also offered as raw tracepoints:
+//! a classic tracepoint program is skipped when another BPF program is already
+//! running on the CPU (a kfree in an interrupt that hits while one of our programs
+//! runs), and a skipped free is a false leak. Raw tracepoints only refuse to re-enter
+//! the same program. The free's pointer is the second `TP_PROTO` argument of both
+//! kfree and kmem_cache_free; the daemon checks that against the format file.
+//!
+//! Allocations are filtered by pid and cgroup when asked; frees never are: RCU frees
+//! run later in softirq context on whatever task is current.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{
+        bpf_get_current_comm, bpf_probe_read_kernel_str_bytes, generated::bpf_get_current_cgroup_id,
+    },
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use leak_common::{KernelRecord, Loss, RecordKind, TracepointLayout, UserRecord};
+
+use crate::{
+    maps::{CGROUPS, EVENTS, KSTACKS, kernel_filter_cgroups, kernel_filter_pids, layout},
+    record::{capture_stack, count, current_ids, emit, is_target, now_ns},
+};
+
+const ABSENT: u32 = TracepointLayout::ABSENT;
+/// `common_flags` bits set by the tracing core: hard irq, soft irq, NMI.
+const IRQ_FLAGS: u8 = 0x08 | 0x10 | 0x40;
+const PAGE_SHIFT: u64 = 12;
+
+/// The fields of one allocation tracepoint.
+struct AllocFields {
+    ptr: u32,
+    call_site: u32,
+    bytes_req: u32,
+    bytes_alloc: u32,
+    name: u32,
+}
+
+fn read<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
+    if offset == ABSENT {
+        return None;
+    }
+    unsafe { ctx.read_at::<T>(offset as usize) }.ok()
+}
+
+fn in_irq(ctx: &TracePointContext) -> bool {
+    read::<u8>(ctx, 2).unwrap_or(0) & IRQ_FLAGS != 0
+}
+
+/// Does the allocation belong to what the user asked to watch?
+fn wanted(tgid: u32, irq: bool) -> bool {
+    if kernel_filter_pids() && (irq || !is_target(tgid)) {
+        return false;
+    }
+    if kernel_filter_cgroups() {
+        let cgroup = unsafe { bpf_get_current_cgroup_id() };
+        if irq || CGROUPS.get_ptr(&cgroup).is_none() {
+            return false;
+        }
+    }
+    true
+}
+
+fn kernel_alloc(ctx: &TracePointContext, kind: RecordKind, f: AllocFields) {
+    let Some(ptr) = read::<u64>(ctx, f.ptr) else {
+        return;
+    };
+    if ptr == 0 {
+        return;
+    }
+    let (tgid, tid) = current_ids();
+    let irq = in_irq(ctx);
+    if !wanted(tgid, irq) {
+        return;
+    }
+    let mut record = KernelRecord {
+        kind: kind as u32,
+        tgid,
+        tid,
+        in_irq: irq as u32,
+        ts_ns: now_ns(),
+        ptr,
+        call_site: read::<u64>(ctx, f.call_site).unwrap_or(0),
+        bytes_req: read::<u64>(ctx, f.bytes_req).unwrap_or(0),
+        bytes_alloc: read::<u64>(ctx, f.bytes_alloc).unwrap_or(0),
+        stack_id: capture_stack(ctx, &KSTACKS, 0),
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cache: [0; 32],
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    if let Some(loc) = read::<u32>(ctx, f.name) {
+        // __data_loc: offset of the string in the record (low 16 bits), length (high).
+        let src = unsafe { (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize) };
+        let _ = unsafe { bpf_probe_read_kernel_str_bytes(src, &mut record.cache) };
+    }
+    if EVENTS.output::<KernelRecord>(&record, 0).is_err() {
+        count(Loss::RingFullKernel);
+    }
+}
+
+fn kernel_free(kind: RecordKind, ptr: u64, irq: bool) {
+    if ptr == 0 {
+        return;
+    }
+    let (tgid, tid) = current_ids();
+    let record = UserRecord {
+        kind: kind as u32,
+        tgid,
+        tid,
+        func: irq as u32,
+        ts_ns: now_ns(),
+        addr: ptr,
+        ..UserRecord::default()
+    };
+    emit(&record, Loss::RingFullKernel);
+}
+
+#[tracepoint]
+pub fn kmalloc(ctx: TracePointContext) -> u32 {
+    let l = layout();
+    let fields = AllocFields {
+        ptr: l.kmalloc_ptr,
+        call_site: l.kmalloc_call_site,
+        bytes_req: l.kmalloc_bytes_req,
+        bytes_alloc: l.kmalloc_bytes_alloc,
+        name: ABSENT,
+    };
+    kernel_alloc(&ctx, RecordKind::KernelAlloc, fields);
+    0
+}
+
+#[tracepoint]
+pub fn kmem_cache_alloc(ctx: TracePointContext) -> u32 {
+    let l = layout();
+    let fields = AllocFields {
+        ptr: l.cache_alloc_ptr,
+        call_site: l.cache_alloc_call_site,
+        bytes_req: l.cache_alloc_bytes_req,
+        bytes_alloc: l.cache_alloc_bytes_alloc,
+        name: l.cache_alloc_name,
+    };
+    kernel_alloc(&ctx, RecordKind::KernelAlloc, fields);
+    0
+}
+
+/// kfree(call_site, ptr) as a raw tracepoint.
+#[raw_tracepoint(tracepoint = "kfree")]
+pub fn kfree_raw(ctx: RawTracePointContext) -> u32 {
+    kernel_free(RecordKind::KernelFree, ctx.arg::<u64>(1), false);
+    0
+}
+
+/// kmem_cache_free(call_site, ptr, cache) as a raw tracepoint.
+#[raw_tracepoint(tracepoint = "kmem_cache_free")]
+pub fn kmem_cache_free_raw(ctx: RawTracePointContext) -> u32 {
+    kernel_free(RecordKind::KernelFree, ctx.arg::<u64>(1), false);
+    0
+}
+
+/// kfree as a classic tracepoint (`--free-probes classic`, for comparison).
+#[tracepoint]
+pub fn kfree(ctx: TracePointContext) -> u32 {
+    let ptr = read::<u64>(&ctx, layout().kfree_ptr).unwrap_or(0);
+    kernel_free(RecordKind::KernelFree, ptr, in_irq(&ctx));
+    0
+}
+
+/// kmem_cache_free as a classic tracepoint (`--free-probes classic`).
+#[tracepoint]
+pub fn kmem_cache_free(ctx: TracePointContext) -> u32 {
+    let ptr = read::<u64>(&ctx, layout().cache_free_ptr).unwrap_or(0);
+    kernel_free(RecordKind::KernelFree, ptr, in_irq(&ctx));
+    0
+}
+
+#[tracepoint]
+pub fn mm_page_alloc(ctx: TracePointContext) -> u32 {
+    let l = layout();
+    if let (Some(pfn), Some(order)) = (
+        read::<u64>(&ctx, l.page_alloc_pfn),
+        read::<u32>(&ctx, l.page_alloc_order),
+    ) {
+        let (tgid, tid) = current_ids();
+        let irq = in_irq(&ctx);
+        if pfn != u64::MAX && wanted(tgid, irq) {
+            let record = KernelRecord {
+                kind: RecordKind::PageAlloc as u32,
+                tgid,
+                tid,
+                in_irq: irq as u32,
+                ts_ns: now_ns(),
+                ptr: pfn << PAGE_SHIFT,
+                call_site: 0,
+                bytes_req: 1 << (PAGE_SHIFT + order as u64),
+                bytes_alloc: 1 << (PAGE_SHIFT + order as u64),
+                stack_id: capture_stack(&ctx, &KSTACKS, 0),
+                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+                cache: [0; 32],
+                comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            };
+            if EVENTS.output::<KernelRecord>(&record, 0).is_err() {
+                count(Loss::RingFullKernel);
+            }
+        }
+    }
+    0
+}
+
+#[tracepoint]
+pub fn mm_page_free(ctx: TracePointContext) -> u32 {
+    if let Some(pfn) = read::<u64>(&ctx, layout().page_free_pfn) {
+        kernel_free(RecordKind::PageFree, pfn << PAGE_SHIFT, in_irq(&ctx));
+    }
+    0
+}

@@ -1,0 +1,85 @@
+//! Return of every allocating function: the new block's address is known here.
+//!
+//! The cookie names the function the uretprobe sits on. Only the return of the
+//! outermost call recorded by `alloc_enter` completes it: same function, and a stack
+//! pointer one return address above the entry's.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_probe_read_user, generated::bpf_get_attach_cookie},
+    macros::uretprobe,
+    programs::RetProbeContext,
+};
+use leak_common::{AllocFn, Loss, RecordKind, UserRecord};
+
+use super::regs;
+use crate::{
+    maps::CALLS,
+    record::{current_ids, emit, now_ns},
+};
+
+const REALLOC: u32 = AllocFn::Realloc as u32;
+const REALLOCARRAY: u32 = AllocFn::Reallocarray as u32;
+const POSIX_MEMALIGN: u32 = AllocFn::PosixMemalign as u32;
+
+/// What glibc returns from a failed mmap inside an allocator (MAP_FAILED).
+const MAP_FAILED: u64 = u64::MAX;
+
+#[uretprobe]
+pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    try_alloc_return(&ctx);
+    0
+}
+
+fn try_alloc_return(ctx: &RetProbeContext) {
+    let (tgid, tid) = current_ids();
+    let Some(pending) = CALLS.get_ptr(&tid) else {
+        return;
+    };
+    let call = unsafe { *pending };
+    let func = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    let r = unsafe { &*ctx.regs };
+    if call.func != func || call.sp.wrapping_add(8) != regs::sp(r) {
+        return; // the return of a nested call
+    }
+    let _ = CALLS.remove(&tid);
+    let ret = regs::ret(r);
+    let addr = if func == POSIX_MEMALIGN {
+        if ret as u32 == 0 {
+            unsafe { bpf_probe_read_user(call.out_ptr as *const u64) }.unwrap_or(0)
+        } else {
+            0
+        }
+    } else if ret == MAP_FAILED {
+        0
+    } else {
+        ret
+    };
+    let resized = (func == REALLOC || func == REALLOCARRAY) && call.old_addr != 0;
+    if addr == 0 && !resized {
+        return; // a failed allocation is not an object
+    }
+    let record = UserRecord {
+        kind: if resized {
+            RecordKind::Realloc
+        } else {
+            RecordKind::Alloc
+        } as u32,
+        tgid,
+        tid,
+        func,
+        ts_ns: now_ns(),
+        addr,
+        size: call.size,
+        old_addr: call.old_addr,
+        stack_id: call.stack_id,
+        caller: call.caller,
+    };
+    // A lost realloc record also loses the old block's release.
+    let loss = if resized {
+        Loss::RingFullFree
+    } else {
+        Loss::RingFullAlloc
+    };
+    emit(&record, loss);
+}

@@ -1,0 +1,93 @@
+//! Helpers every program uses: who is running, is it traced, write a record or count
+//! why not, capture a stack.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_stack},
+    maps::HashMap,
+};
+use leak_common::{Loss, STACK_DEPTH, Stack, UserRecord};
+
+use crate::maps::{EVENTS, LOSSES, STACK_SCRATCH, TARGETS};
+
+/// `bpf_get_stack` flag: walk the user stack instead of the kernel one.
+pub const USER_STACK: u64 = 1 << 8;
+
+/// (tgid, tid) of the running task.
+#[inline(always)]
+pub fn current_ids() -> (u32, u32) {
+    let id = bpf_get_current_pid_tgid();
+    ((id >> 32) as u32, id as u32)
+}
+
+#[inline(always)]
+pub fn is_target(tgid: u32) -> bool {
+    TARGETS.get_ptr(&tgid).is_some()
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Counts one record that could not be made.
+#[inline(always)]
+pub fn count(loss: Loss) {
+    if let Some(counter) = LOSSES.get_ptr_mut(loss as u32) {
+        // Per-CPU slot: no other CPU writes it, and programs do not nest on a CPU.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Writes a user-mode record, or counts it under `loss` when the ring is full.
+#[inline(always)]
+pub fn emit(record: &UserRecord, loss: Loss) {
+    if EVENTS.output::<UserRecord>(record, 0).is_err() {
+        count(loss);
+    }
+}
+
+/// Captures the current stack (user or kernel, by `flags`) into `map` and returns
+/// its key, or 0 when it could not be captured or stored (counted).
+#[inline(always)]
+pub fn capture_stack<C: EbpfContext>(ctx: &C, map: &HashMap<u64, Stack>, flags: u64) -> u64 {
+    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let copied = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            buf.cast(),
+            core::mem::size_of::<Stack>() as u32,
+            flags,
+        )
+    };
+    if copied <= 0 {
+        count(Loss::StackCaptureFailed);
+        return 0;
+    }
+    // bpf_get_stack zeroes what it did not fill, so a 0 frame ends the stack.
+    let frames = unsafe { &(*buf).frames };
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for frame in frames.iter().take(STACK_DEPTH) {
+        if *frame == 0 {
+            break;
+        }
+        hash = (hash ^ *frame).wrapping_mul(0x0000_0100_0000_01b3);
+        hash ^= hash >> 29;
+    }
+    if hash == 0 {
+        hash = 1;
+    }
+    if map.get_ptr(&hash).is_none() {
+        // EEXIST means another CPU stored the same stack first: that is fine.
+        if let Err(err) = map.insert(&hash, unsafe { &*buf }, BPF_NOEXIST as u64)
+            && err != -17
+        {
+            count(Loss::StackMapFull);
+            return 0;
+        }
+    }
+    hash
+}

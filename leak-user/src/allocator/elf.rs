@@ -1,0 +1,200 @@
+//! The parts of an ELF file that decide where to hook: its allocator symbols, its
+//! code bytes, how virtual addresses map to file offsets (uprobes attach by file
+//! offset), and its dynamic dependencies.
+
+use std::{
+    collections::HashMap,
+    io,
+    path::{Path, PathBuf},
+};
+
+use object::{
+    Object as _, ObjectSymbol as _, SymbolKind,
+    elf::{DT_NEEDED, DT_RPATH, DT_RUNPATH, PT_INTERP, PT_LOAD},
+    read::elf::{Dyn as _, ElfFile64, ProgramHeader as _},
+};
+
+/// A defined function symbol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Symbol {
+    pub vaddr: u64,
+    pub size: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Load {
+    vaddr: u64,
+    filesz: u64,
+    offset: u64,
+}
+
+/// One parsed ELF object.
+pub struct ElfFile {
+    pub path: PathBuf,
+    data: Vec<u8>,
+    loads: Vec<Load>,
+    /// Has a PT_INTERP: a dynamically linked executable.
+    pub has_interp: bool,
+    pub needed: Vec<String>,
+    pub rpath: Vec<String>,
+    pub runpath: Vec<String>,
+    symbols: HashMap<String, Symbol>,
+}
+
+/// Why an ELF file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ElfError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a 64-bit little-endian ELF file: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: object::read::Error,
+    },
+}
+
+impl ElfFile {
+    /// Reads and parses `path`, keeping the symbols for which `wanted` is true.
+    pub fn open(path: &Path, wanted: impl Fn(&str) -> bool) -> Result<Self, ElfError> {
+        let data = std::fs::read(path).map_err(|source| ElfError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, data, wanted)
+    }
+
+    pub fn parse(
+        path: &Path,
+        data: Vec<u8>,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<Self, ElfError> {
+        let parse_err = |source| ElfError::Parse {
+            path: path.to_owned(),
+            source,
+        };
+        let (loads, has_interp, needed, rpath, runpath, symbols) = {
+            let file = ElfFile64::<object::LittleEndian>::parse(&data[..]).map_err(parse_err)?;
+            let endian = file.endian();
+            let mut loads = Vec::new();
+            let mut has_interp = false;
+            for ph in file.elf_program_headers() {
+                match ph.p_type(endian) {
+                    PT_LOAD => loads.push(Load {
+                        vaddr: ph.p_vaddr(endian),
+                        filesz: ph.p_filesz(endian),
+                        offset: ph.p_offset(endian),
+                    }),
+                    PT_INTERP => has_interp = true,
+                    _ => {}
+                }
+            }
+            let (mut needed, mut rpath, mut runpath) = (Vec::new(), Vec::new(), Vec::new());
+            let sections = file.elf_section_table();
+            if let Ok(Some((entries, strings_index))) = sections.dynamic(endian, &data[..])
+                && let Ok(strings) = sections.strings(endian, &data[..], strings_index)
+            {
+                for entry in entries {
+                    let tag = entry.d_tag(endian) as u32;
+                    let Ok(value) = entry.string(endian, strings) else {
+                        continue;
+                    };
+                    let value = String::from_utf8_lossy(value).into_owned();
+                    match tag {
+                        DT_NEEDED => needed.push(value),
+                        DT_RPATH => rpath.extend(value.split(':').map(str::to_owned)),
+                        DT_RUNPATH => runpath.extend(value.split(':').map(str::to_owned)),
+                        _ => {}
+                    }
+                }
+            }
+            let mut symbols = HashMap::new();
+            // Exported symbols first; the static symbol table fills in the rest
+            // (statically linked executables have no dynamic symbols).
+            for sym in file.dynamic_symbols().chain(file.symbols()) {
+                if sym.is_undefined() || sym.kind() != SymbolKind::Text || sym.address() == 0 {
+                    continue;
+                }
+                let Ok(name) = sym.name() else { continue };
+                if wanted(name) && !symbols.contains_key(name) {
+                    symbols.insert(
+                        name.to_owned(),
+                        Symbol {
+                            vaddr: sym.address(),
+                            size: sym.size(),
+                        },
+                    );
+                }
+            }
+            (loads, has_interp, needed, rpath, runpath, symbols)
+        };
+        Ok(Self {
+            path: path.to_owned(),
+            data,
+            loads,
+            has_interp,
+            needed,
+            rpath,
+            runpath,
+            symbols,
+        })
+    }
+
+    pub fn symbol(&self, name: &str) -> Option<Symbol> {
+        self.symbols.get(name).copied()
+    }
+
+    pub fn symbols(&self) -> impl Iterator<Item = (&str, Symbol)> {
+        self.symbols.iter().map(|(n, s)| (n.as_str(), *s))
+    }
+
+    /// The file offset of a virtual address (what uprobes attach to).
+    pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
+        self.loads
+            .iter()
+            .find(|l| l.vaddr <= vaddr && vaddr < l.vaddr + l.filesz)
+            .map(|l| vaddr - l.vaddr + l.offset)
+    }
+
+    /// Up to `len` code bytes starting at `vaddr`.
+    pub fn code(&self, vaddr: u64, len: usize) -> Option<&[u8]> {
+        let load = self
+            .loads
+            .iter()
+            .find(|l| l.vaddr <= vaddr && vaddr < l.vaddr + l.filesz)?;
+        let start = (vaddr - load.vaddr + load.offset) as usize;
+        let end = (load.offset + load.filesz) as usize;
+        self.data.get(start..end.min(start + len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_libc_allocator_symbols() {
+        // The machine's own libc is a fine fixture: every Linux test host has one.
+        let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
+        if !libc.exists() {
+            panic!("this test needs glibc at {}", libc.display());
+        }
+        let elf = ElfFile::open(libc, |n| {
+            matches!(n, "malloc" | "free" | "memalign" | "aligned_alloc")
+        })
+        .unwrap();
+        let malloc = elf.symbol("malloc").expect("libc defines malloc");
+        assert!(elf.symbol("free").is_some());
+        assert_eq!(
+            elf.symbol("memalign").unwrap().vaddr,
+            elf.symbol("aligned_alloc").unwrap().vaddr
+        );
+        assert!(elf.file_offset(malloc.vaddr).is_some());
+        assert!(elf.code(malloc.vaddr, 16).is_some_and(|c| c.len() == 16));
+        assert!(elf.needed.iter().any(|n| n.starts_with("ld-linux")));
+    }
+}

@@ -1,0 +1,161 @@
+//! The command line as the user types it. [`crate::config`] validates it into the
+//! options the daemon runs with.
+
+use std::{ffi::OsString, path::PathBuf};
+
+use clap::{Parser, ValueEnum};
+
+/// Find real memory leaks in running processes: blocks that nothing points to any
+/// more, found by scanning the target's memory like kmemleak, with eBPF probes on its
+/// allocator. No restart, no recompilation, no LD_PRELOAD.
+#[derive(Debug, Parser)]
+#[command(
+    name = "leaktrace",
+    version,
+    after_help = "Examples:\n  sudo leaktrace --pid 1234\n  sudo leaktrace -- ./server --port 8080\n  sudo leaktrace --kernel --duration 60s\n  sudo leaktrace --json -p 1234 | jq 'select(.type == \"leak\")'"
+)]
+pub struct Args {
+    /// Attach to a running process (repeatable).
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// Kernel slab mode: track kmalloc/kmem_cache allocations system-wide.
+    #[arg(long, conflicts_with = "command")]
+    pub kernel: bool,
+
+    /// Also trace the children of traced processes (from their first instruction).
+    /// Costs a trap in every process that uses the hooked allocator while tracing.
+    #[arg(long)]
+    pub follow_forks: bool,
+
+    /// Stream NDJSON records (one JSON object per line) instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Write the report (or the NDJSON stream) to FILE instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Time between scans, e.g. 500ms, 5s, 1m.
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    pub interval: String,
+
+    /// Minimum age before an unreferenced block is reported (kmemleak's default: 5s).
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    pub min_age: String,
+
+    /// Consecutive scans a block must stay unreferenced before it is reported.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub min_scans: u16,
+
+    /// Report unreferenced blocks even when their contents changed since the last scan.
+    #[arg(long)]
+    pub no_checksum: bool,
+
+    /// Stop every thread of the target (ptrace) while its memory is read: exact scans,
+    /// at the cost of a pause that is measured and reported.
+    #[arg(long)]
+    pub stop_the_world: bool,
+
+    /// Stop tracing after this long.
+    #[arg(long, value_name = "DURATION")]
+    pub duration: Option<String>,
+
+    /// Show at most N allocation stacks in the text report.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub top: usize,
+
+    /// List possible leaks (reachable only through interior pointers) in the text report.
+    #[arg(long)]
+    pub show_possible: bool,
+
+    /// Write leaked objects and bytes by stack as a pprof profile (gzipped protobuf).
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<PathBuf>,
+
+    /// Write a flamegraph (SVG) of leaked bytes by stack.
+    #[arg(long, value_name = "FILE")]
+    pub flamegraph: Option<PathBuf>,
+
+    /// LeakSanitizer-style suppressions: lines `leak:PATTERN` (repeatable).
+    #[arg(long, value_name = "FILE")]
+    pub suppressions: Vec<PathBuf>,
+
+    /// Do not apply the built-in suppressions for known runtime noise.
+    #[arg(long)]
+    pub no_default_suppressions: bool,
+
+    /// Ring buffer size in MiB (a power of two).
+    #[arg(long, value_name = "MiB", default_value_t = 32)]
+    pub ring_buffer: u32,
+
+    /// Distinct stacks the kernel may store.
+    #[arg(long, value_name = "N", default_value_t = 65536)]
+    pub stack_map_entries: u32,
+
+    /// How to read target memory.
+    #[arg(long, value_enum, default_value_t = ReadMethodArg::ProcessVmReadv, hide = true)]
+    pub read_method: ReadMethodArg,
+
+    /// When to use colours in the text report.
+    #[arg(long, value_enum, default_value_t = ColorArg::Auto)]
+    pub color: ColorArg,
+
+    /// No status line and no hook listing on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// More diagnostics on stderr (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Kernel mode: only allocations made by processes in this cgroup (v2 path).
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    pub cgroup: Option<PathBuf>,
+
+    /// Kernel mode: only this slab cache (repeatable).
+    #[arg(long = "cache", value_name = "NAME", requires = "kernel")]
+    pub caches: Vec<String>,
+
+    /// Kernel mode: also track page allocations (mm_page_alloc / mm_page_free).
+    #[arg(long, requires = "kernel")]
+    pub pages: bool,
+
+    /// Kernel mode: do not capture kernel stacks (cheaper; call sites only).
+    #[arg(long, requires = "kernel")]
+    pub no_stacks: bool,
+
+    /// Kernel mode: how frees are traced.
+    #[arg(long, value_enum, default_value_t = FreeProbesArg::Raw, requires = "kernel")]
+    pub free_probes: FreeProbesArg,
+
+    /// For tests: append every live object to FILE (NDJSON) when a target's final
+    /// scan is done.
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub dump_objects: Option<PathBuf>,
+
+    /// The command to launch under the tracer, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReadMethodArg {
+    ProcessVmReadv,
+    ProcMem,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ColorArg {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FreeProbesArg {
+    /// Raw tracepoints: not skipped when another BPF program runs on the CPU.
+    Raw,
+    /// Classic tracepoints (for comparison).
+    Classic,
+}

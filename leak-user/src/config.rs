@@ -1,0 +1,289 @@
+//! Validated options: what the daemon runs with, built from [`crate::cli::Args`].
+//! Every rejection is a one-line message that says what to do.
+
+use std::{ffi::OsString, io::IsTerminal as _, path::PathBuf, time::Duration};
+
+use crate::{
+    cli::{Args, ColorArg, FreeProbesArg, ReadMethodArg},
+    proc::mem::ReadMethod,
+    report::suppress::Suppressions,
+    scan::verdict::VerdictParams,
+};
+
+/// What to trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Running processes.
+    Pids(Vec<u32>),
+    /// A command to launch (argv).
+    Launch(Vec<OsString>),
+    /// The kernel's own allocations.
+    Kernel,
+}
+
+/// Where and how reports go.
+#[derive(Clone, Debug)]
+pub struct OutputConfig {
+    pub json: bool,
+    pub path: Option<PathBuf>,
+    pub color: bool,
+    pub top: usize,
+    pub show_possible: bool,
+    pub pprof: Option<PathBuf>,
+    pub flamegraph: Option<PathBuf>,
+    /// Status line and hook listing on stderr.
+    pub status: bool,
+}
+
+/// Kernel-mode options.
+#[derive(Clone, Debug, Default)]
+pub struct KernelConfig {
+    pub pids: Vec<u32>,
+    pub cgroup: Option<PathBuf>,
+    pub caches: Vec<String>,
+    pub pages: bool,
+    pub stacks: bool,
+    pub raw_frees: bool,
+}
+
+/// Everything the daemon needs, validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub mode: Mode,
+    pub follow_forks: bool,
+    pub output: OutputConfig,
+    pub interval: Duration,
+    pub duration: Option<Duration>,
+    pub verdict: VerdictParams,
+    pub stop_the_world: bool,
+    pub ring_bytes: u32,
+    pub stack_entries: u32,
+    pub read_method: ReadMethod,
+    pub suppressions: Suppressions,
+    pub kernel: KernelConfig,
+    pub verbose: u8,
+    /// Hidden test aid: where to dump the live objects at each final scan.
+    pub dump_objects: Option<PathBuf>,
+}
+
+/// A bad command line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("nothing to trace: give --pid PID, a command after --, or --kernel")]
+    NoTarget,
+    #[error("give either --pid or a command after --, not both")]
+    PidAndCommand,
+    #[error("invalid {what} {value:?}: expected a duration such as 500ms, 5s or 2m")]
+    Duration { what: &'static str, value: String },
+    #[error("{what} must be greater than zero")]
+    Zero { what: &'static str },
+    #[error("--ring-buffer must be a power of two between 1 and 1024 MiB, not {0}")]
+    RingSize(u32),
+    #[error("pid {0} is not a valid process id")]
+    BadPid(u32),
+    #[error("{0}")]
+    Suppressions(String),
+}
+
+/// Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.
+pub fn parse_duration(what: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let bad = || ConfigError::Duration {
+        what,
+        value: value.to_owned(),
+    };
+    let v = value.trim();
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (number, unit) = v.split_at(split);
+    let number: f64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit.trim() {
+        "" | "s" => number,
+        "ms" => number / 1e3,
+        "us" | "µs" => number / 1e6,
+        "m" | "min" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return Err(bad()),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+impl Config {
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let mode = match (args.kernel, args.pids.is_empty(), args.command.is_empty()) {
+            (true, _, _) => Mode::Kernel,
+            (false, false, false) => return Err(ConfigError::PidAndCommand),
+            (false, false, true) => Mode::Pids(args.pids.clone()),
+            (false, true, false) => Mode::Launch(args.command.clone()),
+            (false, true, true) => return Err(ConfigError::NoTarget),
+        };
+        if let Some(&pid) = args.pids.iter().find(|&&p| p == 0 || p > i32::MAX as u32) {
+            return Err(ConfigError::BadPid(pid));
+        }
+        let interval = parse_duration("--interval", &args.interval)?;
+        if interval.is_zero() {
+            return Err(ConfigError::Zero { what: "--interval" });
+        }
+        let min_age = parse_duration("--min-age", &args.min_age)?;
+        let duration = args
+            .duration
+            .as_deref()
+            .map(|d| parse_duration("--duration", d))
+            .transpose()?;
+        if args.min_scans == 0 {
+            return Err(ConfigError::Zero {
+                what: "--min-scans",
+            });
+        }
+        if args.ring_buffer == 0 || args.ring_buffer > 1024 || !args.ring_buffer.is_power_of_two() {
+            return Err(ConfigError::RingSize(args.ring_buffer));
+        }
+        if args.stack_map_entries == 0 {
+            return Err(ConfigError::Zero {
+                what: "--stack-map-entries",
+            });
+        }
+        let mut suppressions = if args.no_default_suppressions {
+            Suppressions::default()
+        } else {
+            Suppressions::builtin()
+        };
+        for file in &args.suppressions {
+            suppressions
+                .load_file(file)
+                .map_err(|e| ConfigError::Suppressions(e.to_string()))?;
+        }
+        let to_file = args.output.is_some();
+        let color = match args.color {
+            ColorArg::Always => true,
+            ColorArg::Never => false,
+            ColorArg::Auto => !to_file && !args.json && std::io::stdout().is_terminal(),
+        };
+        Ok(Self {
+            kernel: KernelConfig {
+                pids: if mode == Mode::Kernel {
+                    args.pids.clone()
+                } else {
+                    Vec::new()
+                },
+                cgroup: args.cgroup,
+                caches: args.caches,
+                pages: args.pages,
+                stacks: !args.no_stacks,
+                raw_frees: args.free_probes == FreeProbesArg::Raw,
+            },
+            mode,
+            follow_forks: args.follow_forks,
+            output: OutputConfig {
+                json: args.json,
+                path: args.output,
+                color,
+                top: args.top,
+                show_possible: args.show_possible,
+                pprof: args.pprof,
+                flamegraph: args.flamegraph,
+                status: !args.quiet && std::io::stderr().is_terminal(),
+            },
+            interval,
+            duration,
+            verdict: VerdictParams {
+                min_age_ms: u32::try_from(min_age.as_millis()).unwrap_or(u32::MAX),
+                min_scans: args.min_scans,
+                require_stable_contents: !args.no_checksum,
+            },
+            stop_the_world: args.stop_the_world,
+            ring_bytes: args.ring_buffer << 20,
+            stack_entries: args.stack_map_entries,
+            read_method: match args.read_method {
+                ReadMethodArg::ProcessVmReadv => ReadMethod::ProcessVmReadv,
+                ReadMethodArg::ProcMem => ReadMethod::ProcMem,
+            },
+            suppressions,
+            verbose: args.verbose,
+            dump_objects: args.dump_objects,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn config(argv: &[&str]) -> Result<Config, ConfigError> {
+        Config::from_args(Args::try_parse_from(argv).expect("clap accepts it"))
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("x", "500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("x", "2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("x", "1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("x", "2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("x", "soon").is_err());
+        assert!(parse_duration("x", "5 parsecs").is_err());
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(
+            config(&["lt", "-p", "12"]).unwrap().mode,
+            Mode::Pids(vec![12])
+        );
+        assert_eq!(
+            config(&["lt", "--", "ls", "-l"]).unwrap().mode,
+            Mode::Launch(vec!["ls".into(), "-l".into()])
+        );
+        assert_eq!(config(&["lt", "--kernel"]).unwrap().mode, Mode::Kernel);
+        assert_eq!(config(&["lt"]).unwrap_err(), ConfigError::NoTarget);
+        assert_eq!(
+            config(&["lt", "-p", "1", "--", "ls"]).unwrap_err(),
+            ConfigError::PidAndCommand
+        );
+    }
+
+    #[test]
+    fn rejections_say_what_to_do() {
+        let err = config(&["lt", "-p", "1", "--interval", "fast"]).unwrap_err();
+        assert!(err.to_string().contains("500ms"));
+        assert_eq!(
+            config(&["lt", "-p", "1", "--ring-buffer", "3"]).unwrap_err(),
+            ConfigError::RingSize(3)
+        );
+        assert_eq!(
+            config(&["lt", "-p", "1", "--interval", "0s"]).unwrap_err(),
+            ConfigError::Zero { what: "--interval" }
+        );
+        assert_eq!(
+            config(&["lt", "-p", "0"]).unwrap_err(),
+            ConfigError::BadPid(0)
+        );
+    }
+
+    #[test]
+    fn verdict_options() {
+        let c = config(&[
+            "lt",
+            "-p",
+            "1",
+            "--min-age",
+            "200ms",
+            "--min-scans",
+            "3",
+            "--no-checksum",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.verdict,
+            VerdictParams {
+                min_age_ms: 200,
+                min_scans: 3,
+                require_stable_contents: false
+            }
+        );
+    }
+}

@@ -1,0 +1,481 @@
+//! Kernel plumbing: load the embedded eBPF object, attach its programs, and read its
+//! maps (targets, loss counters, stacks).
+//!
+//! Everything attached lives as long as [`Probes`]: dropping it detaches every
+//! probe and tracepoint (and if the tracer dies, the kernel closes the perf events
+//! and removes the probes for us).
+
+pub mod tracefs;
+
+use std::{io, num::NonZeroU32, os::fd::AsRawFd as _, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        ProgramError, RawTracePoint, TracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+    },
+};
+use leak_common::{Loss, STACK_DEPTH, Stack, TargetFlags, TracepointLayout, names};
+
+use crate::allocator::HookPlan;
+
+/// The eBPF object built by `leak-user/build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace"));
+
+/// Whether the embedded object was built from source or is the committed one.
+pub const OBJECT_ORIGIN: &str = env!("LEAKTRACE_EBPF_ORIGIN");
+
+/// Why the eBPF side could not be set up. Each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(
+        "leaktrace needs root (or CAP_BPF and CAP_PERFMON) to load eBPF programs; run it with sudo"
+    )]
+    NotPermitted,
+    #[error(
+        "this kernel has no BTF (/sys/kernel/btf/vmlinux); leaktrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    NoBtf,
+    #[error(transparent)]
+    Tracefs(#[from] tracefs::TracefsMissing),
+    #[error("cannot load the eBPF programs: {0:#}")]
+    Load(#[source] aya::EbpfError),
+    #[error("cannot attach {what}: {source}")]
+    Attach {
+        what: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(
+        "cannot attach to {what}: another uprobe tool (BCC, bpftrace with USDT) uses this \
+         function with a different reference counter; stop it and retry (dmesg says \
+         \"ref_ctr_offset mismatch\")"
+    )]
+    RefCtrConflict { what: String },
+    #[error("eBPF map {0}: {1}")]
+    Map(&'static str, #[source] aya::maps::MapError),
+}
+
+/// Sizes and switches fixed at load time.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub ring_bytes: u32,
+    pub stack_entries: u32,
+    pub follow_forks: bool,
+    pub kernel_filter_pids: bool,
+    pub kernel_filter_cgroups: bool,
+}
+
+/// Which processes a uprobe fires for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Only this process (cheapest: other processes never trap).
+    Process(u32),
+    /// Every process using the file; the in-kernel target map filters (needed to
+    /// follow forks: a child is traced from its first instruction).
+    AllProcesses,
+}
+
+/// The loaded object, its attachments and its maps.
+pub struct Probes {
+    ebpf: Ebpf,
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pub tracefs: PathBuf,
+    pub layout: TracepointLayout,
+    /// Uprobe links per target (or 0 for all-process links).
+    uprobe_links: Vec<(u32, &'static str, UProbeLinkId)>,
+    loaded: Vec<&'static str>,
+}
+
+fn check_environment() -> Result<(), EbpfError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 && !has_bpf_capabilities() {
+        return Err(EbpfError::NotPermitted);
+    }
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(EbpfError::NoBtf);
+    }
+    Ok(())
+}
+
+/// CAP_BPF (39) and CAP_PERFMON (38) in the effective set.
+fn has_bpf_capabilities() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 38) != 0 && caps & (1 << 39) != 0)
+}
+
+fn is_permission(err: &aya::EbpfError) -> bool {
+    let text = format!("{err:?}");
+    text.contains("PermissionDenied") || text.contains("Operation not permitted")
+}
+
+impl Probes {
+    /// Loads the object with its maps sized and globals set.
+    pub fn load(options: &LoadOptions) -> Result<Self, EbpfError> {
+        check_environment()?;
+        let tracefs = tracefs::ensure_mounted()?;
+        let layout = tracefs::layout(&tracefs);
+        let flag = |b: bool| u32::from(b);
+        let follow = flag(options.follow_forks);
+        let filter_pids = flag(options.kernel_filter_pids);
+        let filter_cgroups = flag(options.kernel_filter_cgroups);
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::EVENTS, options.ring_bytes)
+            .map_max_entries(names::STACKS, options.stack_entries)
+            .map_max_entries(names::KSTACKS, options.stack_entries)
+            .override_global(names::FOLLOW_FORKS, &follow, true)
+            .override_global(names::KERNEL_FILTER_PIDS, &filter_pids, true)
+            .override_global(names::KERNEL_FILTER_CGROUPS, &filter_cgroups, true)
+            .override_global(names::TP_LAYOUT, &layout, true)
+            .load(OBJECT)
+            .map_err(|e| {
+                if is_permission(&e) {
+                    EbpfError::NotPermitted
+                } else {
+                    EbpfError::Load(e)
+                }
+            })?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(err) => {
+                log::debug!("eBPF logging unavailable: {err}");
+                None
+            }
+        };
+        Ok(Self {
+            ebpf,
+            _logger: logger,
+            tracefs,
+            layout,
+            uprobe_links: Vec::new(),
+            loaded: Vec::new(),
+        })
+    }
+
+    /// The aya-log reader, to poll so that eBPF log lines reach the terminal.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self._logger.take()
+    }
+
+    fn program<T>(&mut self, name: &'static str) -> Result<&mut T, EbpfError>
+    where
+        for<'a> &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+        T: Loadable,
+    {
+        let attach_err = |source| EbpfError::Attach {
+            what: format!("program {name}"),
+            source,
+        };
+        let program: &mut T = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| attach_err(ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(attach_err)?;
+        if !self.loaded.contains(&name) {
+            program.load_program().map_err(attach_err)?;
+            self.loaded.push(name);
+        }
+        Ok(program)
+    }
+
+    /// Attaches the process-lifecycle and allocator-mapping tracepoints.
+    pub fn attach_process_tracepoints(&mut self) -> Result<(), EbpfError> {
+        for (program, category, event) in [
+            ("task_newtask", "task", "task_newtask"),
+            ("sched_process_exit", "sched", "sched_process_exit"),
+            ("sched_process_exec", "sched", "sched_process_exec"),
+            ("sys_enter_mmap", "syscalls", "sys_enter_mmap"),
+            ("sys_exit_mmap", "syscalls", "sys_exit_mmap"),
+            ("sys_enter_munmap", "syscalls", "sys_enter_munmap"),
+            ("sys_enter_mremap", "syscalls", "sys_enter_mremap"),
+            ("sys_exit_mremap", "syscalls", "sys_exit_mremap"),
+            ("sys_exit_brk", "syscalls", "sys_exit_brk"),
+        ] {
+            self.attach_tracepoint(program, category, event)?;
+        }
+        Ok(())
+    }
+
+    pub fn attach_tracepoint(
+        &mut self,
+        program: &'static str,
+        category: &str,
+        event: &str,
+    ) -> Result<(), EbpfError> {
+        let tp: &mut TracePoint = self.program(program)?;
+        tp.attach(category, event)
+            .map_err(|source| EbpfError::Attach {
+                what: format!("tracepoint {category}:{event}"),
+                source,
+            })?;
+        Ok(())
+    }
+
+    pub fn attach_raw_tracepoint(
+        &mut self,
+        program: &'static str,
+        event: &str,
+    ) -> Result<(), EbpfError> {
+        let tp: &mut RawTracePoint = self.program(program)?;
+        tp.attach(event).map_err(|source| EbpfError::Attach {
+            what: format!("raw tracepoint {event}"),
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// Attaches every function of `plan`.
+    pub fn attach_hooks(&mut self, plan: &HookPlan, scope: Scope) -> Result<(), EbpfError> {
+        let (pid, aya_scope) = match scope {
+            Scope::Process(pid) => (
+                pid,
+                UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pids are not 0")),
+            ),
+            Scope::AllProcesses => (0, UProbeScope::AllProcesses),
+        };
+        for object in &plan.objects {
+            for f in &object.functions {
+                let entry = if f.return_probe {
+                    "alloc_enter"
+                } else {
+                    "free_enter"
+                };
+                let mut programs = vec![entry];
+                if f.return_probe {
+                    programs.push("alloc_return");
+                }
+                for name in programs {
+                    let what = || format!("{} in {}", f.names, object.path.display());
+                    let probe: &mut UProbe = self.program(name)?;
+                    let point = UProbeAttachPoint {
+                        location: UProbeAttachLocation::AbsoluteOffset(f.file_offset),
+                        cookie: Some(f.func as u64),
+                    };
+                    let link = probe
+                        .attach(point, &object.attach_path, aya_scope)
+                        .map_err(|source| {
+                            if matches!(&source, ProgramError::UProbeError(_))
+                                && format!("{source:?}").contains("InvalidInput")
+                            {
+                                EbpfError::RefCtrConflict { what: what() }
+                            } else {
+                                EbpfError::Attach {
+                                    what: what(),
+                                    source,
+                                }
+                            }
+                        })?;
+                    self.uprobe_links.push((pid, name, link));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches the per-process probes of `pid` (it exited).
+    pub fn detach_process(&mut self, pid: u32) {
+        let links: Vec<_> = self
+            .uprobe_links
+            .extract_if(.., |(p, _, _)| *p == pid)
+            .collect();
+        for (_, name, link) in links {
+            if let Some(probe) = self
+                .ebpf
+                .program_mut(name)
+                .and_then(|p| <&mut UProbe>::try_from(p).ok())
+            {
+                let _ = probe.detach(link);
+            }
+        }
+    }
+
+    fn targets(&mut self) -> Result<HashMap<&mut MapData, u32, TargetFlags>, EbpfError> {
+        let map = self
+            .ebpf
+            .map_mut(names::TARGETS)
+            .expect("the object defines TARGETS");
+        HashMap::try_from(map).map_err(|e| EbpfError::Map(names::TARGETS, e))
+    }
+
+    /// Makes `pid` a target: its allocator calls are recorded from now on.
+    pub fn add_target(&mut self, pid: u32) -> Result<(), EbpfError> {
+        self.targets()?
+            .insert(pid, TargetFlags { traced: 1 }, 0)
+            .map_err(|e| EbpfError::Map(names::TARGETS, e))
+    }
+
+    pub fn remove_target(&mut self, pid: u32) {
+        if let Ok(mut t) = self.targets() {
+            let _ = t.remove(&pid);
+        }
+    }
+
+    /// Kernel mode `--cgroup`: trace these cgroup ids.
+    pub fn add_cgroups(&mut self, ids: &[u64]) -> Result<(), EbpfError> {
+        let map = self
+            .ebpf
+            .map_mut(names::CGROUPS)
+            .expect("the object defines CGROUPS");
+        let mut cgroups: HashMap<&mut MapData, u64, u32> =
+            HashMap::try_from(map).map_err(|e| EbpfError::Map(names::CGROUPS, e))?;
+        for id in ids {
+            cgroups
+                .insert(*id, 1, 0)
+                .map_err(|e| EbpfError::Map(names::CGROUPS, e))?;
+        }
+        Ok(())
+    }
+
+    /// The ring buffer, to be read by the ingest task.
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, EbpfError> {
+        let map = self
+            .ebpf
+            .take_map(names::EVENTS)
+            .expect("the object defines EVENTS");
+        RingBuf::try_from(map).map_err(|e| EbpfError::Map(names::EVENTS, e))
+    }
+
+    /// A reader for the loss counters and stack maps, independent of `self`.
+    pub fn take_readers(&mut self) -> Result<MapReaders, EbpfError> {
+        let losses = self
+            .ebpf
+            .take_map(names::LOSSES)
+            .expect("the object defines LOSSES");
+        let stacks = self
+            .ebpf
+            .take_map(names::STACKS)
+            .expect("the object defines STACKS");
+        let kstacks = self
+            .ebpf
+            .take_map(names::KSTACKS)
+            .expect("the object defines KSTACKS");
+        Ok(MapReaders {
+            losses: PerCpuArray::try_from(losses).map_err(|e| EbpfError::Map(names::LOSSES, e))?,
+            stacks: HashMap::try_from(stacks).map_err(|e| EbpfError::Map(names::STACKS, e))?,
+            kstacks: HashMap::try_from(kstacks).map_err(|e| EbpfError::Map(names::KSTACKS, e))?,
+        })
+    }
+
+    /// How many times the kernel skipped each attached program because another BPF
+    /// program was running on the same CPU.
+    pub fn recursion_misses(&self) -> Vec<(String, u64)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let fd = program.fd().ok()?;
+                Some((
+                    name.to_owned(),
+                    prog_recursion_misses(fd.as_fd().as_raw_fd()).ok()?,
+                ))
+            })
+            .filter(|(_, misses)| *misses > 0)
+            .collect()
+    }
+}
+
+use std::os::fd::AsFd as _;
+
+/// Programs that can be loaded on first use.
+pub trait Loadable {
+    fn load_program(&mut self) -> Result<(), ProgramError>;
+}
+
+impl Loadable for UProbe {
+    fn load_program(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+impl Loadable for TracePoint {
+    fn load_program(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+impl Loadable for RawTracePoint {
+    fn load_program(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+/// `recursion_misses` of `struct bpf_prog_info` (kernel 5.12+), read with
+/// BPF_OBJ_GET_INFO_BY_FD: aya's ProgramInfo does not expose it.
+fn prog_recursion_misses(fd: i32) -> io::Result<u64> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const RECURSION_MISSES_OFFSET: usize = 208;
+    #[repr(C, align(8))]
+    struct Info([u8; 256]);
+    #[repr(C)]
+    struct Attr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = Info([0; 256]);
+    let attr = Attr {
+        bpf_fd: fd as u32,
+        info_len: 256,
+        info: info.0.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` points to a buffer of `info_len` bytes that outlives the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw const attr,
+            size_of::<Attr>(),
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let bytes = &info.0[RECURSION_MISSES_OFFSET..RECURSION_MISSES_OFFSET + 8];
+    Ok(u64::from_ne_bytes(bytes.try_into().expect("8 bytes")))
+}
+
+/// The maps the daemon reads while it runs.
+pub struct MapReaders {
+    losses: PerCpuArray<MapData, u64>,
+    stacks: HashMap<MapData, u64, Stack>,
+    kstacks: HashMap<MapData, u64, Stack>,
+}
+
+/// Loss counters summed over CPUs, indexed by [`Loss`].
+pub type LossCounts = [u64; Loss::COUNT as usize];
+
+impl MapReaders {
+    pub fn losses(&self) -> LossCounts {
+        let mut out = [0; Loss::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.losses.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// The frames of a user (or kernel) stack, innermost first.
+    pub fn stack(&self, id: u64, kernel: bool) -> Option<Vec<u64>> {
+        if id == 0 {
+            return None;
+        }
+        let map = if kernel { &self.kstacks } else { &self.stacks };
+        let stack = map.get(&id, 0).ok()?;
+        Some(
+            stack.frames[..STACK_DEPTH]
+                .iter()
+                .copied()
+                .take_while(|f| *f != 0)
+                .collect(),
+        )
+    }
+}

@@ -1,0 +1,321 @@
+//! Everything that needs ptrace, on one dedicated thread.
+//!
+//! Linux ties a ptrace relationship to the tracer *thread*: every request must come
+//! from the thread that attached. So one worker thread owns the launched command
+//! (exec and exit stops) and performs every stop-the-world freeze and thaw; the rest
+//! of the daemon talks to it through [`PtraceHandle`].
+//!
+//! The worker never leaves a thread stopped: a freeze that fails resumes what it had
+//! stopped, and when the worker ends it detaches from the launched command (if the
+//! tracer dies instead, the kernel detaches for us).
+
+pub mod freeze;
+pub mod launch;
+mod sys;
+
+use std::{
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{mpsc::UnboundedSender, oneshot};
+
+pub use self::{
+    freeze::{FreezeError, Frozen},
+    launch::{LaunchError, LaunchSpec},
+};
+use self::{
+    freeze::{Ours, StopKind},
+    launch::GatedChild,
+    sys::{Wait, pid_t},
+};
+
+/// What happened to the launched command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildEvent {
+    /// It called execve and is held stopped until [`PtraceHandle::resume`].
+    Exec { pid: u32 },
+    /// It is exiting and is held stopped (memory intact) until resumed.
+    Exiting { pid: u32 },
+    /// It is gone; `status` is its exit code, or 128 + the signal that killed it.
+    Exited { pid: u32, status: i32 },
+}
+
+enum Request {
+    Launch {
+        spec: LaunchSpec,
+        reply: oneshot::Sender<Result<u32, LaunchError>>,
+    },
+    /// Open the gate and wait for the first exec stop.
+    Start {
+        reply: oneshot::Sender<Result<(), LaunchError>>,
+    },
+    Resume,
+    Freeze {
+        pid: u32,
+        reply: oneshot::Sender<Result<Frozen, FreezeError>>,
+    },
+    Thaw {
+        frozen: Frozen,
+        reply: oneshot::Sender<Duration>,
+    },
+}
+
+/// Talks to the ptrace worker thread.
+#[derive(Clone)]
+pub struct PtraceHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl PtraceHandle {
+    /// Starts the worker. Events of a launched command go to `events`.
+    pub fn spawn(events: UnboundedSender<ChildEvent>) -> Self {
+        let (tx, rx) = mpsc::channel();
+        thread::Builder::new()
+            .name("leaktrace-ptrace".into())
+            .spawn(move || Worker::new(events).run(rx))
+            .expect("spawn the ptrace worker thread");
+        Self { tx }
+    }
+
+    /// Forks the command, held before execve. Returns its pid.
+    pub async fn launch(&self, spec: LaunchSpec) -> Result<u32, LaunchError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Launch { spec, reply })
+            .map_err(|_| LaunchError::WorkerGone)?;
+        rx.await.map_err(|_| LaunchError::WorkerGone)?
+    }
+
+    /// Lets the launched command exec; returns once it is held at its exec stop.
+    pub async fn start(&self) -> Result<(), LaunchError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Start { reply })
+            .map_err(|_| LaunchError::WorkerGone)?;
+        rx.await.map_err(|_| LaunchError::WorkerGone)?
+    }
+
+    /// Lets the launched command continue after an exec or exit stop.
+    pub fn resume(&self) {
+        let _ = self.tx.send(Request::Resume);
+    }
+
+    /// Stops every thread of `pid` (blocking; call from a blocking thread).
+    pub fn freeze(&self, pid: u32) -> Result<Frozen, FreezeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Freeze { pid, reply })
+            .map_err(|_| FreezeError::WorkerGone)?;
+        rx.blocking_recv().map_err(|_| FreezeError::WorkerGone)?
+    }
+
+    /// Resumes a frozen process; returns how long it was stopped (blocking).
+    pub fn thaw(&self, frozen: Frozen) -> Duration {
+        let since = frozen.since;
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Request::Thaw { frozen, reply }).is_err() {
+            return since.elapsed();
+        }
+        rx.blocking_recv().unwrap_or_else(|_| since.elapsed())
+    }
+}
+
+/// Why the launched command is stopped, when we hold it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    Exec,
+    Exit,
+}
+
+struct Child {
+    gated: GatedChild,
+    held: Option<Held>,
+}
+
+struct Worker {
+    events: UnboundedSender<ChildEvent>,
+    child: Option<Child>,
+}
+
+impl Worker {
+    fn new(events: UnboundedSender<ChildEvent>) -> Self {
+        Self {
+            events,
+            child: None,
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Request>) {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(5)) {
+                Ok(request) => self.handle(request),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            self.poll_child();
+        }
+        self.detach_child();
+    }
+
+    fn handle(&mut self, request: Request) {
+        match request {
+            Request::Launch { spec, reply } => {
+                let result = launch::fork_gated(&spec).map(|gated| {
+                    let pid = gated.pid;
+                    self.child = Some(Child { gated, held: None });
+                    pid
+                });
+                let _ = reply.send(result);
+            }
+            Request::Start { reply } => {
+                let _ = reply.send(self.start());
+            }
+            Request::Resume => {
+                if let Some(child) = &mut self.child
+                    && child.held.take().is_some()
+                {
+                    let _ = sys::cont(child.gated.pid as pid_t, 0);
+                }
+            }
+            Request::Freeze { pid, reply } => {
+                let ours = self
+                    .child
+                    .as_ref()
+                    .filter(|c| c.gated.pid == pid)
+                    .map(|c| Ours {
+                        tid: pid,
+                        held: c.held.is_some(),
+                    });
+                let _ = reply.send(freeze::freeze(pid, ours));
+            }
+            Request::Thaw { frozen, reply } => {
+                freeze::resume(&frozen.stopped);
+                let paused = frozen.since.elapsed();
+                // Our child may have reached its exit while frozen: hold it there.
+                let exiting = frozen
+                    .stopped
+                    .iter()
+                    .any(|t| !t.seized_here && t.stop == StopKind::Exiting);
+                if exiting && let Some(child) = &mut self.child {
+                    child.held = Some(Held::Exit);
+                    let _ = self.events.send(ChildEvent::Exiting {
+                        pid: child.gated.pid,
+                    });
+                }
+                let _ = reply.send(paused);
+            }
+        }
+    }
+
+    fn start(&mut self) -> Result<(), LaunchError> {
+        let child = self.child.as_mut().ok_or(LaunchError::WorkerGone)?;
+        child.gated.open_gate();
+        let pid = child.gated.pid as pid_t;
+        loop {
+            match sys::wait(pid, true) {
+                Ok(Wait::Stopped {
+                    event: sys::EVENT_EXEC,
+                    ..
+                }) => {
+                    child.held = Some(Held::Exec);
+                    return Ok(());
+                }
+                Ok(Wait::Stopped { signal, event: 0 }) => {
+                    let _ = sys::cont(pid, signal);
+                }
+                Ok(Wait::Stopped { .. }) | Ok(Wait::Nothing) => {
+                    let _ = sys::cont(pid, 0);
+                }
+                Ok(Wait::Exited(_) | Wait::Signaled(_)) | Err(_) => {
+                    let program = child.gated.program.display().to_string();
+                    let source = child
+                        .gated
+                        .exec_error()
+                        .unwrap_or_else(|| std::io::Error::other("it exited before execve"));
+                    self.child = None;
+                    return Err(LaunchError::Exec { program, source });
+                }
+            }
+        }
+    }
+
+    /// Handles whatever happened to the launched command since the last look.
+    fn poll_child(&mut self) {
+        let Some(child) = &mut self.child else {
+            return;
+        };
+        if child.held.is_some() {
+            return;
+        }
+        let pid = child.gated.pid;
+        loop {
+            let waited = sys::wait(pid as pid_t, false);
+            if !matches!(waited, Ok(Wait::Nothing)) {
+                log::debug!("launched command {pid}: {waited:?}");
+            }
+            match waited {
+                Ok(Wait::Nothing) => return,
+                Ok(Wait::Stopped { signal, event }) => match event {
+                    sys::EVENT_EXEC => {
+                        child.held = Some(Held::Exec);
+                        let _ = self.events.send(ChildEvent::Exec { pid });
+                        return;
+                    }
+                    sys::EVENT_EXIT => {
+                        child.held = Some(Held::Exit);
+                        let _ = self.events.send(ChildEvent::Exiting { pid });
+                        return;
+                    }
+                    sys::EVENT_STOP if sys::is_stop_signal(signal) => {
+                        // Group-stop (Ctrl-Z): stay stopped, but let SIGCONT through.
+                        let _ = sys::listen(pid as pid_t);
+                    }
+                    0 => {
+                        let _ = sys::cont(pid as pid_t, signal);
+                    }
+                    _ => {
+                        let _ = sys::cont(pid as pid_t, 0);
+                    }
+                },
+                Ok(Wait::Exited(code)) => return self.child_gone(pid, code),
+                Ok(Wait::Signaled(signal)) => return self.child_gone(pid, 128 + signal),
+                Err(_) => return self.child_gone(pid, -1),
+            }
+        }
+    }
+
+    fn child_gone(&mut self, pid: u32, status: i32) {
+        self.child = None;
+        let _ = self.events.send(ChildEvent::Exited { pid, status });
+    }
+
+    /// Leaves the launched command running on its own.
+    fn detach_child(&mut self) {
+        let Some(child) = self.child.take() else {
+            return;
+        };
+        let pid = child.gated.pid as pid_t;
+        if child.held.is_none() {
+            // A running tracee must be stopped before it can be detached.
+            if sys::interrupt(pid).is_err() {
+                return;
+            }
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                match sys::wait(pid, false) {
+                    Ok(Wait::Stopped { signal, event }) => {
+                        let pending = if event == 0 { signal } else { 0 };
+                        let _ = sys::detach(pid, pending);
+                        return;
+                    }
+                    Ok(Wait::Nothing) => thread::sleep(Duration::from_millis(1)),
+                    _ => return,
+                }
+            }
+        } else {
+            let _ = sys::detach(pid, 0);
+        }
+    }
+}

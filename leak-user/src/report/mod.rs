@@ -1,0 +1,211 @@
+//! Reports people can act on: leaks with symbolized stacks, grouped by allocation
+//! stack, as text, NDJSON, pprof and flamegraph.
+//!
+//! The renderers are pure (they take [`Leak`]s and return text or bytes) and are
+//! tested without root; the session decides when to call them.
+
+pub mod flamegraph;
+pub mod json;
+pub mod pprof;
+pub mod suppress;
+pub mod text;
+
+use std::{collections::BTreeSet, sync::Arc};
+
+use leak_common::AllocFn;
+use serde::Serialize;
+
+use crate::{scan::verdict::LeakKind, symbolize::Frame};
+
+/// The name users know an allocator function by.
+pub fn allocator_name(f: AllocFn) -> &'static str {
+    match f {
+        AllocFn::Malloc => "malloc",
+        AllocFn::Calloc => "calloc",
+        AllocFn::Realloc => "realloc",
+        AllocFn::Reallocarray => "reallocarray",
+        AllocFn::PosixMemalign => "posix_memalign",
+        AllocFn::AlignedAlloc => "aligned_alloc",
+        AllocFn::Valloc => "valloc",
+        AllocFn::Pvalloc => "pvalloc",
+        AllocFn::OperatorNew => "operator new",
+        AllocFn::OperatorNewAligned => "operator new(align_val_t)",
+        AllocFn::Free => "free",
+    }
+}
+
+/// One leaked (or possibly leaked) object, ready to report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Leak {
+    pub pid: u32,
+    #[serde(serialize_with = "json::hex")]
+    pub address: u64,
+    pub size: u64,
+    pub kind: LeakKind,
+    pub age_ms: u64,
+    pub tid: u32,
+    pub allocator: &'static str,
+    /// For indirect leaks: the direct leak through which this one is lost.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "json::hex_opt"
+    )]
+    pub root: Option<u64>,
+    pub stack: Arc<Vec<Frame>>,
+}
+
+/// Leaks that share an allocation stack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub stack: Arc<Vec<Frame>>,
+    pub allocator: &'static str,
+    pub objects: u64,
+    pub bytes: u64,
+    pub direct: (u64, u64),
+    pub indirect: (u64, u64),
+    pub possible: (u64, u64),
+    pub min_size: u64,
+    pub max_size: u64,
+    pub oldest_ms: u64,
+    pub pids: BTreeSet<u32>,
+}
+
+/// What makes two stacks "the same" in a report: what the user would read.
+type StackKey = Vec<(String, Option<String>)>;
+
+fn stack_key(stack: &[Frame]) -> StackKey {
+    stack.iter().map(|f| (f.label(), f.location())).collect()
+}
+
+/// Groups leaks by allocation stack, largest leaked bytes first.
+pub fn group(leaks: &[Leak]) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    let mut index: std::collections::HashMap<(StackKey, &str), usize> =
+        std::collections::HashMap::new();
+    for leak in leaks {
+        let key = (stack_key(&leak.stack), leak.allocator);
+        let i = *index.entry(key).or_insert_with(|| {
+            groups.push(Group {
+                stack: leak.stack.clone(),
+                allocator: leak.allocator,
+                objects: 0,
+                bytes: 0,
+                direct: (0, 0),
+                indirect: (0, 0),
+                possible: (0, 0),
+                min_size: u64::MAX,
+                max_size: 0,
+                oldest_ms: 0,
+                pids: BTreeSet::new(),
+            });
+            groups.len() - 1
+        });
+        let g = &mut groups[i];
+        g.objects += 1;
+        g.bytes += leak.size;
+        let bucket = match leak.kind {
+            LeakKind::Direct => &mut g.direct,
+            LeakKind::Indirect => &mut g.indirect,
+            LeakKind::Possible => &mut g.possible,
+        };
+        bucket.0 += 1;
+        bucket.1 += leak.size;
+        g.min_size = g.min_size.min(leak.size);
+        g.max_size = g.max_size.max(leak.size);
+        g.oldest_ms = g.oldest_ms.max(leak.age_ms);
+        g.pids.insert(leak.pid);
+    }
+    groups.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.objects.cmp(&a.objects)));
+    groups
+}
+
+/// Totals over a set of leaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    pub objects: u64,
+    pub bytes: u64,
+    pub direct: u64,
+    pub direct_bytes: u64,
+    pub indirect: u64,
+    pub indirect_bytes: u64,
+}
+
+pub fn totals<'a>(leaks: impl IntoIterator<Item = &'a Leak>) -> Totals {
+    let mut t = Totals::default();
+    for l in leaks {
+        t.objects += 1;
+        t.bytes += l.size;
+        match l.kind {
+            LeakKind::Direct => {
+                t.direct += 1;
+                t.direct_bytes += l.size;
+            }
+            LeakKind::Indirect => {
+                t.indirect += 1;
+                t.indirect_bytes += l.size;
+            }
+            LeakKind::Possible => {}
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn frame(function: &str, file: &str, line: u32) -> Frame {
+        Frame {
+            address: 0x1000 + line as u64,
+            function: Some(function.into()),
+            file: Some(file.into()),
+            line: Some(line),
+            module: Some("/usr/bin/prog".into()),
+            offset: Some(line as u64),
+            inlined: false,
+        }
+    }
+
+    pub fn leak(kind: LeakKind, size: u64, stack: &Arc<Vec<Frame>>) -> Leak {
+        Leak {
+            pid: 42,
+            address: 0x5555_0000 + size,
+            size,
+            kind,
+            age_ms: 6100,
+            tid: 42,
+            allocator: "malloc",
+            root: None,
+            stack: stack.clone(),
+        }
+    }
+
+    pub fn sample() -> Vec<Leak> {
+        let list = Arc::new(vec![
+            frame("make_node", "list.c", 42),
+            frame("main", "list.c", 80),
+        ]);
+        let other = Arc::new(vec![
+            frame("read_config", "conf.c", 7),
+            frame("main", "list.c", 81),
+        ]);
+        vec![
+            leak(LeakKind::Direct, 32, &list),
+            leak(LeakKind::Indirect, 32, &list),
+            leak(LeakKind::Indirect, 32, &list),
+            leak(LeakKind::Direct, 24, &other),
+        ]
+    }
+
+    #[test]
+    fn groups_by_stack_largest_first() {
+        let groups = group(&sample());
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].bytes, 96);
+        assert_eq!(groups[0].direct, (1, 32));
+        assert_eq!(groups[0].indirect, (2, 64));
+        assert_eq!(groups[1].objects, 1);
+        assert_eq!(totals(&sample()).objects, 4);
+        assert_eq!(totals(&sample()).direct_bytes, 56);
+    }
+}

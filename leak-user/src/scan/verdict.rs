@@ -1,0 +1,392 @@
+//! From "unreferenced in this scan" to "reported leak": kmemleak's false-positive
+//! controls, and retractions.
+//!
+//! An unreachable object is only reported once it is
+//! * old enough (`--min-age`): young objects are often in registers or in transit;
+//! * unreferenced in enough consecutive scans (`--min-scans`): a pointer can move
+//!   from unread to already-read memory while a scan runs;
+//! * unchanged since the previous scan (a checksum of its contents): an object that
+//!   is being written to is in use;
+//! * born after the last event loss that can hide a free: a lost free looks exactly
+//!   like a leak, so such objects are withheld and counted instead.
+//!
+//! A reported leak that is later freed, or found reachable again, is retracted: the
+//! retraction count is the tool's own field-measured false-positive rate.
+
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::Serialize;
+
+use crate::table::Object;
+
+/// How an unreachable (or weakly reachable) object is classified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeakKind {
+    /// Nothing points to it, or only objects in a leaked cycle it leads.
+    Direct,
+    /// Only other leaked objects point to it.
+    Indirect,
+    /// Reachable, but only through pointers into its middle (valgrind's "possibly lost").
+    Possible,
+}
+
+impl LeakKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeakKind::Direct => "direct",
+            LeakKind::Indirect => "indirect",
+            LeakKind::Possible => "possible",
+        }
+    }
+}
+
+/// The false-positive controls (command-line options with kmemleak's defaults).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerdictParams {
+    pub min_age_ms: u32,
+    pub min_scans: u16,
+    pub require_stable_contents: bool,
+}
+
+impl Default for VerdictParams {
+    fn default() -> Self {
+        Self {
+            min_age_ms: 5_000,
+            min_scans: 2,
+            require_stable_contents: true,
+        }
+    }
+}
+
+/// One object the mark phase did not reach strongly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub addr: u64,
+    pub serial: u32,
+    pub kind: LeakKind,
+    pub checksum: u64,
+    /// For indirect leaks: the direct leak through which it is lost.
+    pub root: Option<u64>,
+}
+
+/// A newly confirmed leak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub pid: u32,
+    pub addr: u64,
+    pub object: Object,
+    pub kind: LeakKind,
+    pub root: Option<u64>,
+}
+
+/// Why a reported leak was taken back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetractionReason {
+    /// The program freed it: something still had its address.
+    Freed,
+    /// A later scan found a pointer to it.
+    Reachable,
+}
+
+/// A reported leak taken back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retraction {
+    pub pid: u32,
+    pub addr: u64,
+    pub object: Object,
+    pub kind: LeakKind,
+    pub reason: RetractionReason,
+}
+
+/// What one scan of one process decided.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScanVerdicts {
+    pub findings: Vec<Finding>,
+    pub retractions: Vec<Retraction>,
+    /// Candidates not (yet) old enough, stable enough, or seen in enough scans.
+    pub pending: u64,
+    /// Candidates withheld because they were alive when events were lost.
+    pub withheld: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct LeakState {
+    serial: u32,
+    scans: u16,
+    checksum: u64,
+    kind: LeakKind,
+    root: Option<u64>,
+    reported: bool,
+}
+
+/// Per-object verdict state, kept in the table (under its lock) so that frees can
+/// retract reported leaks.
+pub struct VerdictBook {
+    params: VerdictParams,
+    states: FxHashMap<(u32, u64), LeakState>,
+}
+
+impl VerdictBook {
+    pub fn new(params: VerdictParams) -> Self {
+        Self {
+            params,
+            states: FxHashMap::default(),
+        }
+    }
+
+    pub fn params(&self) -> VerdictParams {
+        self.params
+    }
+
+    /// The object at `addr` was freed or dropped: forget it, retracting a report.
+    pub fn on_gone(
+        &mut self,
+        pid: u32,
+        addr: u64,
+        object: &Object,
+        reason: RetractionReason,
+    ) -> Option<Retraction> {
+        if self.states.is_empty() {
+            return None;
+        }
+        let state = self.states.remove(&(pid, addr))?;
+        (state.reported && state.serial == object.serial).then_some(Retraction {
+            pid,
+            addr,
+            object: *object,
+            kind: state.kind,
+            reason,
+        })
+    }
+
+    pub fn forget_process(&mut self, pid: u32) {
+        self.states.retain(|(p, _), _| *p != pid);
+    }
+
+    /// Applies one scan's candidates. `lookup` answers whether the object a candidate
+    /// was computed for is still live (same address and serial). `free_loss_ms` is the
+    /// latest time at which a free may have been lost. An `exact` scan (of a process
+    /// stopped at its exit) has no races to guard against: every unreachable object
+    /// is confirmed at once, as valgrind and LeakSanitizer do at exit.
+    pub fn apply_scan(
+        &mut self,
+        pid: u32,
+        candidates: &[Candidate],
+        lookup: impl Fn(u64, u32) -> Option<Object>,
+        now_ms: u32,
+        free_loss_ms: Option<u32>,
+        exact: bool,
+    ) -> ScanVerdicts {
+        let params = if exact {
+            VerdictParams {
+                min_age_ms: 0,
+                min_scans: 1,
+                require_stable_contents: false,
+            }
+        } else {
+            self.params
+        };
+        let mut out = ScanVerdicts::default();
+        let mut seen = FxHashSet::default();
+        for c in candidates {
+            let Some(object) = lookup(c.addr, c.serial) else {
+                continue; // freed (or replaced) while we scanned
+            };
+            seen.insert(c.addr);
+            let state = self.states.entry((pid, c.addr)).or_insert(LeakState {
+                serial: c.serial,
+                scans: 0,
+                checksum: c.checksum,
+                kind: c.kind,
+                root: c.root,
+                reported: false,
+            });
+            if state.serial != c.serial {
+                *state = LeakState {
+                    serial: c.serial,
+                    scans: 0,
+                    checksum: c.checksum,
+                    kind: c.kind,
+                    root: c.root,
+                    reported: false,
+                };
+            }
+            if params.require_stable_contents && state.scans > 0 && state.checksum != c.checksum {
+                state.scans = 0; // being written to: in use
+            }
+            state.checksum = c.checksum;
+            state.scans = state.scans.saturating_add(1);
+            if state.reported {
+                continue;
+            }
+            state.kind = c.kind;
+            state.root = c.root;
+            let age = now_ms.saturating_sub(object.birth_ms);
+            if state.scans < params.min_scans || age < params.min_age_ms {
+                out.pending += 1;
+            } else if free_loss_ms.is_some_and(|loss| object.birth_ms <= loss) {
+                out.withheld += 1;
+            } else {
+                state.reported = true;
+                out.findings.push(Finding {
+                    pid,
+                    addr: c.addr,
+                    object,
+                    kind: c.kind,
+                    root: c.root,
+                });
+            }
+        }
+        // Objects with state that this scan reached: no longer candidates.
+        let reached: Vec<u64> = self
+            .states
+            .keys()
+            .filter(|(p, a)| *p == pid && !seen.contains(a))
+            .map(|&(_, a)| a)
+            .collect();
+        for addr in reached {
+            let state = self.states.remove(&(pid, addr)).expect("listed above");
+            if !state.reported {
+                continue;
+            }
+            if let Some(object) = lookup(addr, state.serial) {
+                out.retractions.push(Retraction {
+                    pid,
+                    addr,
+                    object,
+                    kind: state.kind,
+                    reason: RetractionReason::Reachable,
+                });
+            }
+        }
+        out
+    }
+
+    /// Every reported (and not retracted) leak of `pid`: (address, serial, kind, root).
+    pub fn reported(&self, pid: u32) -> Vec<(u64, u32, LeakKind, Option<u64>)> {
+        let mut v: Vec<_> = self
+            .states
+            .iter()
+            .filter(|((p, _), s)| *p == pid && s.reported)
+            .map(|(&(_, a), s)| (a, s.serial, s.kind, s.root))
+            .collect();
+        v.sort_unstable_by_key(|x| x.0);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(birth_ms: u32, serial: u32) -> Object {
+        Object {
+            size: 32,
+            birth_ms,
+            site: 0,
+            tid: 1,
+            serial,
+        }
+    }
+
+    fn cand(addr: u64, checksum: u64) -> Candidate {
+        Candidate {
+            addr,
+            serial: 1,
+            kind: LeakKind::Direct,
+            checksum,
+            root: None,
+        }
+    }
+
+    fn params() -> VerdictParams {
+        VerdictParams {
+            min_age_ms: 1000,
+            min_scans: 2,
+            require_stable_contents: true,
+        }
+    }
+
+    #[test]
+    fn reports_after_two_stable_scans_of_an_old_object() {
+        let mut book = VerdictBook::new(params());
+        let live = |_: u64, s: u32| Some(object(0, s));
+        let v = book.apply_scan(1, &[cand(0x10, 5)], live, 2000, None, false);
+        assert!(v.findings.is_empty());
+        assert_eq!(v.pending, 1);
+        let v = book.apply_scan(1, &[cand(0x10, 5)], live, 3000, None, false);
+        assert_eq!(v.findings.len(), 1);
+        assert_eq!(v.findings[0].addr, 0x10);
+        // Reported once only.
+        let v = book.apply_scan(1, &[cand(0x10, 5)], live, 4000, None, false);
+        assert!(v.findings.is_empty());
+        assert_eq!(book.reported(1).len(), 1);
+    }
+
+    #[test]
+    fn young_or_changing_objects_wait() {
+        let mut book = VerdictBook::new(params());
+        let young = |_: u64, s: u32| Some(object(2500, s));
+        book.apply_scan(1, &[cand(0x10, 1)], young, 3000, None, false);
+        let v = book.apply_scan(1, &[cand(0x10, 1)], young, 3400, None, false);
+        assert!(v.findings.is_empty(), "only 900 ms old");
+        let old = |_: u64, s: u32| Some(object(0, s));
+        let mut book = VerdictBook::new(params());
+        book.apply_scan(1, &[cand(0x10, 1)], old, 3000, None, false);
+        let v = book.apply_scan(1, &[cand(0x10, 2)], old, 4000, None, false);
+        assert!(v.findings.is_empty(), "contents changed");
+        let v = book.apply_scan(1, &[cand(0x10, 2)], old, 5000, None, false);
+        assert_eq!(v.findings.len(), 1);
+    }
+
+    #[test]
+    fn objects_alive_at_a_lost_free_are_withheld() {
+        let mut book = VerdictBook::new(params());
+        let live = |_: u64, s: u32| Some(object(100, s));
+        book.apply_scan(1, &[cand(0x10, 1)], live, 2000, Some(500), false);
+        let v = book.apply_scan(1, &[cand(0x10, 1)], live, 3000, Some(500), false);
+        assert_eq!((v.findings.len(), v.withheld), (0, 1));
+        let v = book.apply_scan(1, &[cand(0x10, 1)], live, 3000, Some(50), false);
+        assert_eq!(v.findings.len(), 1, "born after the loss");
+    }
+
+    #[test]
+    fn reported_leaks_are_retracted_when_freed_or_reached() {
+        let mut book = VerdictBook::new(params());
+        let live = |_: u64, s: u32| Some(object(0, s));
+        for now in [2000, 3000] {
+            book.apply_scan(1, &[cand(0x10, 1), cand(0x20, 1)], live, now, None, false);
+        }
+        assert_eq!(book.reported(1).len(), 2);
+        let r = book.on_gone(1, 0x10, &object(0, 1), RetractionReason::Freed);
+        assert_eq!(r.map(|r| r.reason), Some(RetractionReason::Freed));
+        let v = book.apply_scan(1, &[], live, 4000, None, false);
+        assert_eq!(v.retractions.len(), 1);
+        assert_eq!(v.retractions[0].reason, RetractionReason::Reachable);
+        assert!(book.reported(1).is_empty());
+    }
+
+    #[test]
+    fn an_exact_scan_confirms_at_once() {
+        let mut book = VerdictBook::new(params());
+        let young = |_: u64, s: u32| Some(object(2900, s));
+        let v = book.apply_scan(1, &[cand(0x10, 1)], young, 3000, None, true);
+        assert_eq!(v.findings.len(), 1);
+    }
+
+    #[test]
+    fn a_new_life_at_the_same_address_starts_over() {
+        let mut book = VerdictBook::new(params());
+        let first = |_: u64, _: u32| Some(object(0, 1));
+        book.apply_scan(1, &[cand(0x10, 1)], first, 2000, None, false);
+        let mut again = cand(0x10, 1);
+        again.serial = 2;
+        let second = |_: u64, _: u32| Some(object(0, 2));
+        let v = book.apply_scan(1, &[again], second, 3000, None, false);
+        assert!(v.findings.is_empty());
+        // A candidate whose object has gone is skipped.
+        let v = book.apply_scan(1, &[again], |_, _| None, 4000, None, false);
+        assert!(v.findings.is_empty());
+    }
+}

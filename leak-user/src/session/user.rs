@@ -1,0 +1,581 @@
+//! User mode: attach to running processes (or launch a command), ingest their
+//! allocator events, scan their memory every interval, report, and end cleanly.
+//!
+//! Launch mode holds the command at its exec stop until the probes are attached to
+//! the new image, and at its exit stop until the final scan has read its memory;
+//! then it passes the command's exit status through.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    ffi::OsString,
+    io::IsTerminal as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use leak_common::Loss;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    time::{MissedTickBehavior, interval, sleep_until},
+};
+
+use super::{
+    UserSink, ingest,
+    reporter::{EndReason, Reporter, Stats, TargetInfo, lost_map},
+    spawn_logger,
+    status::{Status, StatusLine},
+};
+use crate::{
+    allocator::{HookPlan, discover, resolve::LoaderEnv},
+    clock,
+    config::{Config, Mode},
+    ebpf::{LoadOptions, Probes, Scope},
+    proc,
+    ptrace::{ChildEvent, PtraceHandle, launch},
+    scan::{
+        scanner::{ScanError, ScanOptions, scan_process},
+        verdict::VerdictBook,
+    },
+    table::{Notice, SharedTable, Table},
+};
+
+/// One traced process.
+struct Target {
+    /// Objects hooked for it (per-process scope).
+    hooked: HashSet<PathBuf>,
+    /// Its exec changed its image and it must be hooked again.
+    rehook: bool,
+    /// It was scanned at its exit stop: nothing more to scan.
+    finished: bool,
+}
+
+struct Session {
+    config: Config,
+    probes: Probes,
+    table: SharedTable,
+    ingest: ingest::IngestHandle,
+    reporter: Reporter,
+    ptrace: PtraceHandle,
+    targets: BTreeMap<u32, Target>,
+    /// Objects hooked for every process (with --follow-forks).
+    hooked_everywhere: HashSet<PathBuf>,
+    launched: Option<u32>,
+    exit_status: Option<i32>,
+    status: StatusLine,
+    started: Instant,
+    last_records: (Instant, u64),
+    free_losses: u64,
+}
+
+/// Runs user mode until the targets are gone, a signal, or --duration.
+pub async fn run(config: Config) -> anyhow::Result<i32> {
+    let epoch = clock::now_ns();
+    let mut probes = Probes::load(&LoadOptions {
+        ring_bytes: config.ring_bytes,
+        stack_entries: config.stack_entries,
+        follow_forks: config.follow_forks,
+        kernel_filter_pids: false,
+        kernel_filter_cgroups: false,
+    })?;
+    probes.attach_process_tracepoints()?;
+    if let Some(logger) = probes.take_logger() {
+        spawn_logger(logger);
+    }
+    let readers = probes.take_readers()?;
+    let ring = probes.take_ring()?;
+    let table = SharedTable::new(Table::new(epoch, VerdictBook::new(config.verdict)));
+    let ingest =
+        ingest::spawn(ring, UserSink(table.clone())).context("cannot watch the ring buffer")?;
+    let reporter = Reporter::new(&config, readers)?;
+    let (child_tx, child_rx) = mpsc::unbounded_channel();
+    let ptrace = PtraceHandle::spawn(child_tx);
+    let status = StatusLine::new(config.output.status);
+    let mut session = Session {
+        config,
+        probes,
+        table,
+        ingest,
+        reporter,
+        ptrace,
+        targets: BTreeMap::new(),
+        hooked_everywhere: HashSet::new(),
+        launched: None,
+        exit_status: None,
+        status,
+        started: Instant::now(),
+        last_records: (Instant::now(), 0),
+        free_losses: 0,
+    };
+    if let Err(err) = session.attach_initial().await {
+        if let Some(pid) = session.launched {
+            // SAFETY: killing the command we started and could not trace.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        return Err(err);
+    }
+    session.main_loop(child_rx).await
+}
+
+impl Session {
+    fn scope(&self, pid: u32) -> Scope {
+        if self.config.follow_forks {
+            Scope::AllProcesses
+        } else {
+            Scope::Process(pid)
+        }
+    }
+
+    /// Attaches what `plan` has that is not attached yet for `pid`.
+    fn attach(&mut self, pid: u32, plan: HookPlan) -> anyhow::Result<()> {
+        let scope = self.scope(pid);
+        let already = match scope {
+            Scope::AllProcesses => &mut self.hooked_everywhere,
+            Scope::Process(_) => &mut self.targets.get_mut(&pid).expect("a target").hooked,
+        };
+        let fresh = HookPlan {
+            objects: plan
+                .objects
+                .into_iter()
+                .filter(|o| already.insert(o.path.clone()))
+                .collect(),
+        };
+        if fresh.objects.is_empty() {
+            return Ok(());
+        }
+        self.probes.attach_hooks(&fresh, scope)?;
+        let shown_pid = if scope == Scope::AllProcesses { 0 } else { pid };
+        self.reporter.hooks(shown_pid, &fresh);
+        Ok(())
+    }
+
+    fn add_target(&mut self, pid: u32, attached_late: bool) -> anyhow::Result<()> {
+        self.targets.insert(
+            pid,
+            Target {
+                hooked: HashSet::new(),
+                rehook: false,
+                finished: false,
+            },
+        );
+        self.table.lock(|t| t.add_process(pid, attached_late));
+        self.probes.add_target(pid)?;
+        Ok(())
+    }
+
+    async fn attach_initial(&mut self) -> anyhow::Result<()> {
+        let mode = self.config.mode.clone();
+        match &mode {
+            Mode::Pids(pids) => {
+                for &pid in pids {
+                    self.attach_pid(pid)?;
+                }
+                let infos: Vec<TargetInfo> = pids.iter().map(|&p| TargetInfo::of(p)).collect();
+                self.reporter.start("pid", &infos, &self.config);
+            }
+            Mode::Launch(argv) => {
+                let pid = self.launch(argv).await?;
+                let infos = [TargetInfo::of(pid)];
+                self.reporter.start("launch", &infos, &self.config);
+                self.ptrace.resume();
+            }
+            Mode::Kernel => unreachable!("kernel mode has its own session"),
+        }
+        Ok(())
+    }
+
+    fn attach_pid(&mut self, pid: u32) -> anyhow::Result<()> {
+        if !proc::is_alive(pid) {
+            bail!("no such process: {pid} (`pgrep NAME` finds a pid by name)");
+        }
+        let maps =
+            proc::maps::read(pid).with_context(|| format!("cannot read /proc/{pid}/maps"))?;
+        let plan = discover::for_process(pid, &maps);
+        if plan.is_empty() {
+            bail!(
+                "process {pid} ({}) maps no object that defines malloc and free (a stripped static \
+                 binary?); there is nothing to hook",
+                proc::comm(pid).unwrap_or_default()
+            );
+        }
+        self.add_target(pid, true)?;
+        self.attach(pid, plan)?;
+        self.reporter.remember_maps(pid, &maps);
+        Ok(())
+    }
+
+    /// Starts the command held at its exec stop, with its allocator hooked.
+    async fn launch(&mut self, argv: &[OsString]) -> anyhow::Result<u32> {
+        let program = launch::resolve_program(&argv[0])?;
+        let spec = launch::LaunchSpec {
+            program,
+            args: argv.to_vec(),
+            run_as: launch::sudo_user(),
+        };
+        let pid = self.ptrace.launch(spec).await?;
+        self.launched = Some(pid);
+        self.add_target(pid, false)?;
+        self.ptrace.start().await?;
+        self.hook_new_image(pid)?;
+        Ok(pid)
+    }
+
+    /// Hooks the allocator of the image `pid` just exec'd (held at its exec stop).
+    fn hook_new_image(&mut self, pid: u32) -> anyhow::Result<()> {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .with_context(|| format!("cannot read /proc/{pid}/exe"))?;
+        let plan =
+            discover::for_command(&proc::path_in_root(pid, &exe), &LoaderEnv::from_current());
+        if plan.is_empty() {
+            log::warn!(
+                "{}: no object defines malloc and free (a stripped static binary?); nothing is traced",
+                exe.display()
+            );
+        }
+        self.attach(pid, plan)
+    }
+
+    async fn main_loop(
+        &mut self,
+        mut child_rx: mpsc::UnboundedReceiver<ChildEvent>,
+    ) -> anyhow::Result<i32> {
+        let mut scan_tick = interval(self.config.interval);
+        scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        scan_tick.tick().await;
+        let mut status_tick = interval(Duration::from_millis(250));
+        let deadline = self
+            .config
+            .duration
+            .map(|d| tokio::time::Instant::now() + d);
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut stopping: Option<tokio::time::Instant> = None;
+        let notices = self.ingest.notices.clone();
+        let reason = loop {
+            let stop_at = stopping.or(deadline);
+            tokio::select! {
+                _ = scan_tick.tick() => {
+                    self.scan_all().await;
+                    let stats = self.stats();
+                    self.reporter.stats(&stats);
+                }
+                _ = status_tick.tick() => {
+                    self.poll_losses();
+                    self.rehook();
+                    self.show_status();
+                }
+                _ = notices.notified() => self.handle_notices(),
+                Some(event) = child_rx.recv() => self.child_event(event).await,
+                _ = sigint.recv() => {
+                    if stopping.is_some() || !self.wait_for_child(libc::SIGINT) {
+                        break EndReason::Signal;
+                    }
+                    stopping = Some(tokio::time::Instant::now() + Duration::from_secs(5));
+                }
+                _ = sigterm.recv() => {
+                    if stopping.is_some() || !self.wait_for_child(libc::SIGTERM) {
+                        break EndReason::Signal;
+                    }
+                    stopping = Some(tokio::time::Instant::now() + Duration::from_secs(5));
+                }
+                _ = async { sleep_until(stop_at.expect("guarded")).await }, if stop_at.is_some() => {
+                    break if stopping.is_some() { EndReason::Signal } else { EndReason::Duration };
+                }
+            }
+            if self.targets.is_empty() {
+                break if stopping.is_some() {
+                    EndReason::Signal
+                } else {
+                    EndReason::TargetsExited
+                };
+            }
+            if self.reporter.output_closed() {
+                break EndReason::OutputClosed;
+            }
+        };
+        self.finish(reason).await
+    }
+
+    /// On a signal in launch mode, lets the command end first (its exit stop gives
+    /// the final scan). Returns false when there is no command to wait for.
+    fn wait_for_child(&mut self, signal: i32) -> bool {
+        let Some(pid) = self.launched.filter(|p| self.targets.contains_key(p)) else {
+            return false;
+        };
+        // Ctrl-C in a terminal reaches the command too (same process group); a
+        // signal sent to us alone is passed on.
+        if signal == libc::SIGTERM || !std::io::stdin().is_terminal() {
+            // SAFETY: signalling the command we launched.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
+        true
+    }
+
+    async fn child_event(&mut self, event: ChildEvent) {
+        match event {
+            ChildEvent::Exec { pid } => {
+                self.ingest.drain().await;
+                self.handle_notices();
+                if let Err(err) = self.hook_new_image(pid) {
+                    log::warn!("pid {pid}: cannot hook the new image: {err:#}");
+                }
+                self.ptrace.resume();
+            }
+            ChildEvent::Exiting { pid } => {
+                // Every record up to the exit is in the ring: apply it, then scan
+                // the memory one last time before the kernel tears it down.
+                self.ingest.drain().await;
+                self.handle_notices();
+                self.scan_one(pid, true).await;
+                self.dump_objects(pid);
+                if let Some(t) = self.targets.get_mut(&pid) {
+                    t.finished = true;
+                }
+                self.ptrace.resume();
+            }
+            ChildEvent::Exited { pid, status } => {
+                self.exit_status = Some(status);
+                self.ingest.drain().await;
+                self.handle_notices();
+                self.end_target(pid, Some(status));
+            }
+        }
+    }
+
+    fn end_target(&mut self, pid: u32, status: Option<i32>) {
+        if self.targets.remove(&pid).is_none() {
+            return;
+        }
+        self.reporter.process("exit", pid, None, status);
+        self.probes.detach_process(pid);
+        self.probes.remove_target(pid);
+        self.table.lock(|t| t.remove_process(pid));
+    }
+
+    fn handle_notices(&mut self) {
+        let notices = self.table.lock(Table::take_notices);
+        for notice in notices {
+            match notice {
+                Notice::Retraction(r) => self.reporter.retraction(&r),
+                Notice::ProcessForked { parent, child } => {
+                    self.targets.insert(
+                        child,
+                        Target {
+                            hooked: HashSet::new(),
+                            rehook: false,
+                            finished: false,
+                        },
+                    );
+                    self.reporter.process("fork", child, Some(parent), None);
+                }
+                Notice::ProcessExited { pid } => {
+                    // The launched command's end comes with its status from ptrace.
+                    if Some(pid) != self.launched {
+                        self.end_target(pid, None);
+                    }
+                }
+                Notice::ProcessExeced { pid } => {
+                    self.reporter.process("exec", pid, None, None);
+                    if Some(pid) != self.launched
+                        && let Some(t) = self.targets.get_mut(&pid)
+                    {
+                        t.rehook = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hooks processes that exec'd without us holding them (best effort: the loader
+    /// may already have run code by now).
+    fn rehook(&mut self) {
+        let pids: Vec<u32> = self
+            .targets
+            .iter()
+            .filter(|(_, t)| t.rehook)
+            .map(|(&p, _)| p)
+            .collect();
+        for pid in pids {
+            let Ok(maps) = proc::maps::read(pid) else {
+                continue;
+            };
+            let plan = discover::for_process(pid, &maps);
+            if plan.is_empty() {
+                continue; // not loaded yet; try again next tick
+            }
+            if let Some(t) = self.targets.get_mut(&pid) {
+                t.rehook = false;
+            }
+            if let Err(err) = self.attach(pid, plan) {
+                log::warn!("pid {pid}: cannot hook the new image: {err:#}");
+            }
+            self.reporter.remember_maps(pid, &maps);
+        }
+    }
+
+    fn live_targets(&self) -> Vec<u32> {
+        self.targets
+            .iter()
+            .filter(|(_, t)| !t.finished)
+            .map(|(&p, _)| p)
+            .collect()
+    }
+
+    async fn scan_all(&mut self) {
+        let pids = self.live_targets();
+        for pid in pids {
+            self.scan_one(pid, false).await;
+        }
+    }
+
+    async fn scan_one(&mut self, pid: u32, at_exit: bool) {
+        let table = self.table.clone();
+        let ingest = self.ingest.clone();
+        let ptrace = self.ptrace.clone();
+        let options = ScanOptions {
+            read_method: self.config.read_method,
+            stop_the_world: self.config.stop_the_world && !at_exit,
+            at_exit,
+        };
+        let result = tokio::task::spawn_blocking(move || {
+            scan_process(&table, pid, options, Some(&ptrace), &|| {
+                ingest.drain_blocking()
+            })
+        })
+        .await;
+        self.status.clear();
+        match result {
+            Ok(Ok(scan)) => {
+                self.reporter.remember_maps(pid, &scan.maps);
+                let now_ms = self.table.lock(|t| t.ms_since_start(clock::now_ns()));
+                self.reporter.scan(&self.table, &scan, now_ms);
+            }
+            Ok(Err(ScanError::Gone(_))) => {}
+            Ok(Err(err)) => log::warn!("pid {pid}: {err}"),
+            Err(err) => log::error!("pid {pid}: the scan failed: {err}"),
+        }
+    }
+
+    /// Reads the loss counters; a lost free makes every object alive then unconfirmable.
+    fn poll_losses(&mut self) {
+        let losses = self.reporter.readers().losses();
+        let free_losses = losses[Loss::RingFullFree as usize];
+        if free_losses > self.free_losses {
+            self.free_losses = free_losses;
+            self.table.lock(|t| t.note_free_loss(clock::now_ns()));
+        }
+    }
+
+    fn stats(&mut self) -> Stats {
+        let (objects, bytes, counters) = self.table.lock(|t| {
+            let (n, b) = t.totals();
+            (n, b, t.counters)
+        });
+        let records = self
+            .ingest
+            .counters
+            .records
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let elapsed = self.started.elapsed();
+        let (lost, lost_total) = lost_map(&self.reporter.readers().losses());
+        Stats {
+            elapsed_ms: elapsed.as_millis() as u64,
+            records,
+            records_per_sec: records as f64 / elapsed.as_secs_f64().max(1e-3),
+            objects,
+            bytes,
+            lost,
+            lost_total,
+            decode_errors: self
+                .ingest
+                .counters
+                .decode_errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+            counters,
+            longest_lock_hold_us: self.table.take_longest_hold().as_micros() as u64,
+            recursion_misses: self.probes.recursion_misses().into_iter().collect(),
+        }
+    }
+
+    fn show_status(&mut self) {
+        if !self.config.output.status {
+            return;
+        }
+        let (objects, bytes, counters) = self.table.lock(|t| {
+            let (n, b) = t.totals();
+            (n, b, t.counters)
+        });
+        let records = self
+            .ingest
+            .counters
+            .records
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (then, before) = self.last_records;
+        let rate = (records - before) as f64 / then.elapsed().as_secs_f64().max(1e-3);
+        self.last_records = (Instant::now(), records);
+        let leaks = self.reporter.leak_totals();
+        let (_, lost) = lost_map(&self.reporter.readers().losses());
+        self.status.show(&Status {
+            objects,
+            bytes,
+            allocs: counters.allocs,
+            frees: counters.frees,
+            events_per_sec: rate,
+            lost,
+            leaks: leaks.objects,
+            leaked_bytes: leaks.bytes,
+        });
+    }
+
+    /// `--dump-objects`: appends `pid`'s live objects as NDJSON lines.
+    fn dump_objects(&self, pid: u32) {
+        let Some(path) = &self.config.dump_objects else {
+            return;
+        };
+        let lines = self.table.lock(|t| {
+            let mut lines = String::new();
+            for (addr, o) in t.process(pid).map(|p| p.objects.iter()).into_iter().flatten() {
+                let func = t.sites.get(o.site).map_or("?", |s| crate::report::allocator_name(s.func));
+                lines.push_str(&format!(
+                    "{{\"pid\":{pid},\"address\":\"{addr:#x}\",\"size\":{},\"allocator\":\"{func}\"}}\n",
+                    o.size
+                ));
+            }
+            lines
+        });
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, lines.as_bytes()));
+        if let Err(err) = written {
+            log::error!("cannot write {}: {err}", path.display());
+        }
+    }
+
+    async fn finish(&mut self, reason: EndReason) -> anyhow::Result<i32> {
+        self.status.clear();
+        self.ingest.drain().await;
+        self.handle_notices();
+        // A last scan of what still runs (the launched command had its own at exit).
+        if reason != EndReason::OutputClosed {
+            for pid in self.live_targets() {
+                self.scan_one(pid, false).await;
+                self.dump_objects(pid);
+            }
+        }
+        self.poll_losses();
+        let stats = self.stats();
+        self.reporter.stats(&stats);
+        let written = self.reporter.end(reason, self.exit_status, &stats);
+        for pid in self.targets.keys().copied().collect::<Vec<_>>() {
+            self.probes.remove_target(pid);
+        }
+        written?;
+        Ok(match (self.launched, self.exit_status) {
+            (Some(_), Some(status)) => status,
+            _ => 0,
+        })
+    }
+}

@@ -1,0 +1,66 @@
+//! The one lock around the table, with hold-time accounting.
+//!
+//! Every holder goes through [`SharedTable::with`], which measures how long the
+//! lock was held; the longest hold is reported (a long hold stalls ingestion and
+//! can overflow the ring buffer).
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use super::Table;
+
+/// `Arc<Mutex<Table>>` plus the longest time anyone held it.
+#[derive(Clone)]
+pub struct SharedTable {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    table: Mutex<Table>,
+    longest_hold_ns: AtomicU64,
+}
+
+impl SharedTable {
+    pub fn new(table: Table) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                table: Mutex::new(table),
+                longest_hold_ns: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Runs `f` under the lock; returns its result and how long the lock was held.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Table) -> R) -> (R, Duration) {
+        // A panic while holding the lock leaves the table as it was at that point;
+        // keep going rather than poisoning every later report.
+        let mut guard = self
+            .inner
+            .table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let start = Instant::now();
+        let result = f(&mut guard);
+        let held = start.elapsed();
+        drop(guard);
+        self.inner
+            .longest_hold_ns
+            .fetch_max(held.as_nanos() as u64, Ordering::Relaxed);
+        (result, held)
+    }
+
+    /// Runs `f` under the lock, ignoring the hold time.
+    pub fn lock<R>(&self, f: impl FnOnce(&mut Table) -> R) -> R {
+        self.with(f).0
+    }
+
+    /// The longest hold since the last call (and resets it).
+    pub fn take_longest_hold(&self) -> Duration {
+        Duration::from_nanos(self.inner.longest_hold_ns.swap(0, Ordering::Relaxed))
+    }
+}
