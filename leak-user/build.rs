@@ -1,4 +1,4 @@
-//! Puts the eBPF object at `$OUT_DIR/leaktrace`, where `src/loader.rs` embeds it.
+//! Puts the eBPF object at `$OUT_DIR/leaktrace-ebpf`, where `src/ebpf/mod.rs` embeds it.
 //!
 //! Two sources, chosen by `LEAKTRACE_EBPF`:
 //!
@@ -16,7 +16,7 @@ use std::{env, fs, path::PathBuf, process::Command};
 
 const COMMITTED: &str = "ebpf/leaktrace.bpf.o";
 /// aya-build names its output after the eBPF crate's binary target.
-const OBJECT_NAME: &str = "leaktrace";
+const OBJECT_NAME: &str = "leaktrace-ebpf";
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LEAKTRACE_EBPF");

@@ -26,6 +26,9 @@ pub mod names {
     pub const KSTACKS: &str = "KSTACKS";
     /// Per-thread scratch for mmap/mremap calls between syscall entry and exit.
     pub const SYSCALLS: &str = "SYSCALLS";
+    /// Call sites inside allocation wrappers: [`super::HintKey`] -> bytes from that
+    /// return address's stack slot to the wrapper's own return address.
+    pub const HINTS: &str = "HINTS";
     /// Global: field offsets of the tracepoints we read ([`super::TracepointLayout`]).
     pub const TP_LAYOUT: &str = "TP_LAYOUT";
     /// Kernel mode: cgroup ids to trace (filled when `--cgroup` is given).
@@ -297,6 +300,20 @@ pub struct PendingSyscall {
     pub len: u64,
 }
 
+/// A return address inside an allocation wrapper (operator new, strdup, …) of one
+/// process. When an allocator is called from there, the allocating call site is
+/// the wrapper's own return address, found `HINTS[key]` bytes further up the stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HintKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub ret: u64,
+}
+
+/// How many wrapper frames the eBPF side looks through.
+pub const MAX_WRAPPER_DEPTH: usize = 4;
+
 /// Flags for a traced process (`TARGETS` value).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -377,6 +394,7 @@ mod pod {
     unsafe impl aya::Pod for super::TargetFlags {}
     unsafe impl aya::Pod for super::TracepointLayout {}
     unsafe impl aya::Pod for super::Stack {}
+    unsafe impl aya::Pod for super::HintKey {}
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
 };
-use leak_common::{Loss, PendingCall, PendingSyscall, Stack, TargetFlags, TracepointLayout};
+use leak_common::{
+    HintKey, Loss, PendingCall, PendingSyscall, Stack, TargetFlags, TracepointLayout,
+};
 
 /// Every record of every program, in reservation order.
 #[map]
@@ -23,6 +25,10 @@ pub static TARGETS: HashMap<u32, TargetFlags> = HashMap::with_max_entries(4096, 
 /// The outermost allocator call each thread is in, between entry and return.
 #[map]
 pub static CALLS: HashMap<u32, PendingCall> = HashMap::with_max_entries(1 << 16, 0);
+
+/// Call sites inside allocation wrappers, filled by the daemon (see [`HintKey`]).
+#[map]
+pub static HINTS: HashMap<HintKey, u32> = HashMap::with_max_entries(1 << 14, 0);
 
 /// mmap/mremap arguments between syscall entry and exit, per thread.
 #[map]

@@ -162,6 +162,15 @@ impl Symbolizer {
         }
     }
 
+    /// Is `addr` inside code `pid` had mapped (as far as we know)? Frame-pointer
+    /// walks through code built without frame pointers yield garbage.
+    pub fn is_code(&self, pid: u32, addr: u64) -> bool {
+        let call = addr.saturating_sub(1);
+        self.ranges
+            .get(&pid)
+            .is_some_and(|r| r.iter().any(|r| r.start <= call && call < r.end))
+    }
+
     /// Frames for the return addresses of one user stack of `pid`. Each is looked
     /// up one byte back, inside its call instruction, so the line is the call's.
     pub fn user_frames(&mut self, pid: u32, addrs: &[u64]) -> Vec<Frame> {

@@ -23,9 +23,11 @@ fn build_from_source() -> anyhow::Result<PathBuf> {
             continue;
         };
         let is_ours = msg["reason"] == "build-script-executed"
-            && msg["package_id"].as_str().is_some_and(|id| id.contains("leak-user"));
+            && msg["package_id"]
+                .as_str()
+                .is_some_and(|id| id.contains("leak-user"));
         if is_ours && let Some(dir) = msg["out_dir"].as_str() {
-            return Ok(PathBuf::from(dir).join("leaktrace"));
+            return Ok(PathBuf::from(dir).join("leaktrace-ebpf"));
         }
     }
     bail!("cargo did not report leak-user's build script output directory")
@@ -35,7 +37,8 @@ pub fn run(check: bool, update: bool) -> anyhow::Result<()> {
     crate::setup::run()?;
     step("eBPF object from source");
     let built = build_from_source()?;
-    let fresh = std::fs::read(&built).with_context(|| format!("cannot read {}", built.display()))?;
+    let fresh =
+        std::fs::read(&built).with_context(|| format!("cannot read {}", built.display()))?;
     let committed_path = util::root().join(COMMITTED);
     let committed = std::fs::read(&committed_path).unwrap_or_default();
     let same = fresh == committed;

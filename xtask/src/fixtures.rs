@@ -42,7 +42,11 @@ pub fn build() -> anyhow::Result<PathBuf> {
         if modified(&out).is_some_and(|built| Some(built) >= newest_input) {
             continue;
         }
-        let compiler = if source.ends_with(".cc") { "g++" } else { "gcc" };
+        let compiler = if source.ends_with(".cc") {
+            "g++"
+        } else {
+            "gcc"
+        };
         eprintln!("xtask: {compiler} {source} -> {}", out.display());
         util::run(
             Command::new(compiler)

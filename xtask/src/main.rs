@@ -78,9 +78,22 @@ fn test(no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
         util::step("cargo fmt --check");
         util::cargo(&["fmt", "--all", "--", "--check"], &[])?;
         util::step("cargo clippy");
-        util::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[])?;
+        util::cargo(
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &[],
+        )?;
         util::step("cargo doc");
-        util::cargo(&["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;
+        util::cargo(
+            &["doc", "--workspace", "--no-deps"],
+            &[("RUSTDOCFLAGS", "-D warnings")],
+        )?;
     }
     util::step("unit tests");
     let mut args = vec!["test", "--workspace", "--lib", "--bins"];
@@ -88,10 +101,23 @@ fn test(no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
     util::cargo(&args, &[])?;
     util::step("integration tests (real eBPF)");
     if !util::is_root() {
-        anyhow::bail!("the integration tests load eBPF programs and need root: run `sudo -E cargo xtask test`");
+        anyhow::bail!(
+            "the integration tests load eBPF programs and need root: run `sudo -E cargo xtask test`"
+        );
     }
-    let mut args = vec!["test", "--package", "leaktrace", "--test", "tests", "--", "--test-threads=2"];
+    let mut args = vec![
+        "test",
+        "--package",
+        "leaktrace",
+        "--test",
+        "tests",
+        "--",
+        "--test-threads=2",
+    ];
     args.extend(filter);
-    util::cargo(&args, &[("LEAKTRACE_FIXTURES", &fixtures::dir().display().to_string())])?;
+    util::cargo(
+        &args,
+        &[("LEAKTRACE_FIXTURES", &fixtures::dir().display().to_string())],
+    )?;
     Ok(())
 }

@@ -29,7 +29,9 @@ fn nightly_sysroot() -> anyhow::Result<PathBuf> {
 /// The nightly's libLLVM file name and LLVM major version.
 fn nightly_llvm(sysroot: &Path) -> anyhow::Result<(PathBuf, u32)> {
     let lib = sysroot.join("lib");
-    for entry in std::fs::read_dir(&lib).with_context(|| format!("cannot list {}", lib.display()))? {
+    for entry in
+        std::fs::read_dir(&lib).with_context(|| format!("cannot list {}", lib.display()))?
+    {
         let name = entry?.file_name().to_string_lossy().into_owned();
         // libLLVM.so.22.1-rust-1.97.0-nightly
         if let Some(rest) = name.strip_prefix("libLLVM.so.")
@@ -38,7 +40,10 @@ fn nightly_llvm(sysroot: &Path) -> anyhow::Result<(PathBuf, u32)> {
             return Ok((lib.join(&name), major));
         }
     }
-    bail!("the nightly toolchain at {} ships no libLLVM.so", sysroot.display())
+    bail!(
+        "the nightly toolchain at {} ships no libLLVM.so",
+        sysroot.display()
+    )
 }
 
 fn cargo_home() -> PathBuf {
@@ -65,15 +70,28 @@ pub fn run() -> anyhow::Result<()> {
         eprintln!("xtask: nightly rust-src: present");
     } else {
         eprintln!("xtask: installing rust-src for the nightly toolchain");
-        util::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
-            .context("cannot install rust-src (no network to static.rust-lang.org?)")?;
+        util::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))
+        .context("cannot install rust-src (no network to static.rust-lang.org?)")?;
     }
     let (libllvm, major) = nightly_llvm(&sysroot)?;
-    let soname = libllvm.file_name().expect("a file").to_string_lossy().into_owned();
+    let soname = libllvm
+        .file_name()
+        .expect("a file")
+        .to_string_lossy()
+        .into_owned();
     if let Ok(linker) = which::which("bpf-linker")
         && linker_llvm_soname(&linker).as_deref() == Some(soname.as_str())
     {
-        eprintln!("xtask: bpf-linker: {} (LLVM {major}, the nightly's)", linker.display());
+        eprintln!(
+            "xtask: bpf-linker: {} (LLVM {major}, the nightly's)",
+            linker.display()
+        );
         return Ok(());
     }
     // A folder with libLLVM.so (and the soname) pointing at the nightly's library,
@@ -87,7 +105,10 @@ pub fn run() -> anyhow::Result<()> {
         std::os::unix::fs::symlink(&libllvm, &link)
             .with_context(|| format!("cannot create {}", link.display()))?;
     }
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} at {} (about a minute)", prefix.display());
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} at {} (about a minute)",
+        prefix.display()
+    );
     util::run(
         Command::new(util::cargo_bin())
             .args([
@@ -123,14 +144,20 @@ pub fn test_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     if !util::is_root() {
-        bail!("the tests need {} (apt-get install {})", missing.join(", "), missing.join(" "));
+        bail!(
+            "the tests need {} (apt-get install {})",
+            missing.join(", "),
+            missing.join(" ")
+        );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     util::run(Command::new("apt-get").args(["update", "-qq"]))?;
-    util::run(Command::new("apt-get")
-        .args(["install", "-y", "-qq"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
     .context("cannot install the test packages")?;
     Ok(())
 }

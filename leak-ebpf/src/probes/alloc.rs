@@ -14,11 +14,11 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use aya_log_ebpf::debug;
-use leak_common::{AllocFn, Loss, PendingCall, RecordKind, UserRecord};
+use leak_common::{AllocFn, HintKey, Loss, MAX_WRAPPER_DEPTH, PendingCall, RecordKind, UserRecord};
 
 use super::regs;
 use crate::{
-    maps::{CALLS, STACKS},
+    maps::{CALLS, HINTS, STACKS},
     record::{USER_STACK, capture_stack, count, current_ids, emit, is_target, now_ns},
 };
 
@@ -51,6 +51,32 @@ fn mul_or_max(a: u64, b: u64) -> u64 {
     let shifted = high << 32;
     let sum = shifted.wrapping_add((big & 0xffff_ffff) * small);
     if sum < shifted { u64::MAX } else { sum }
+}
+
+/// At the allocator's first instruction the return address is on top of the stack:
+/// it is the allocating call site, which frame-pointer walks often miss. When it
+/// lies in an allocation wrapper (operator new, strdup), the daemon has told us where
+/// that wrapper's own return address is: follow it, a few wrappers deep.
+#[inline(always)]
+fn allocating_call_site(tgid: u32, sp: u64) -> u64 {
+    let mut slot = sp;
+    let mut caller = unsafe { bpf_probe_read_user(slot as *const u64) }.unwrap_or(0);
+    for _ in 0..MAX_WRAPPER_DEPTH {
+        let key = HintKey {
+            tgid,
+            _pad: 0,
+            ret: caller,
+        };
+        let Some(offset) = HINTS.get_ptr(&key) else {
+            break;
+        };
+        slot += u64::from(unsafe { *offset });
+        match unsafe { bpf_probe_read_user(slot as *const u64) } {
+            Ok(up) => caller = up,
+            Err(_) => break,
+        }
+    }
+    caller
 }
 
 fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
@@ -94,9 +120,7 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
         _ => call.size = a0,
     }
     call.stack_id = capture_stack(ctx, &STACKS, USER_STACK);
-    // At the function's first instruction the return address is on top of the stack:
-    // it is the allocating call site, which frame-pointer walks often miss.
-    call.caller = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+    call.caller = allocating_call_site(tgid, sp);
     if CALLS.insert(&tid, &call, 0).is_err() {
         count(Loss::CallsFull);
         return Err(());

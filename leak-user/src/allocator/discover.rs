@@ -5,11 +5,11 @@
 //! * glibc's libc.so.6, a statically linked executable, or a preloaded allocator
 //!   (jemalloc, tcmalloc, mimalloc) defines `malloc` and `free`: the whole family is
 //!   hooked there. Several may be hooked at once; only the one the program calls fires.
-//! * libstdc++ defines operator new, which calls malloc. It is hooked too, as the
-//!   outermost allocator call: its caller is the user's code, while malloc's caller
-//!   would be operator new (whose frame pointer-less frame hides the user's). Its
-//!   operator delete just calls free, so it is not hooked. An allocator that defines
-//!   its own operator delete (jemalloc, tcmalloc) gets that hooked as a free.
+//! * libstdc++ defines operator new, which calls malloc: it is not hooked (a return
+//!   probe on it would break C++ exceptions), but its call sites get unwind hints
+//!   ([`super::wrappers`]) so that malloc's report names the user's code. An
+//!   allocator that defines its own operator new and delete (jemalloc, tcmalloc) gets
+//!   them hooked, as they do not call malloc and free.
 //! * Aliases (glibc's aligned_alloc and memalign, free and cfree) are one address:
 //!   hooked once, or every call would count twice.
 
@@ -25,6 +25,7 @@ use super::{
     elf::ElfFile,
     placement::{self, Site},
     resolve::{self, LoaderEnv},
+    wrappers::{self, Hint, WRAPPERS},
 };
 use crate::proc::{self, maps::Mapping};
 
@@ -79,6 +80,7 @@ fn is_wanted(name: &str) -> bool {
     FAMILY.iter().any(|(n, _)| *n == name)
         || OPERATOR_NEW.iter().any(|(n, _)| *n == name)
         || OPERATOR_DELETE.contains(&name)
+        || WRAPPERS.contains(&name)
 }
 
 /// One function to hook.
@@ -131,10 +133,39 @@ impl fmt::Display for HookedObject {
     }
 }
 
+/// An object with allocation wrappers, and their call sites.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrapperObject {
+    pub path: PathBuf,
+    /// (device, inode): how its mappings are recognised in /proc/PID/maps.
+    pub file_id: (u64, u64),
+    pub hints: Vec<Hint>,
+}
+
+impl WrapperObject {
+    /// The hints as runtime addresses of `pid`, from its maps (empty while the
+    /// object is not mapped yet).
+    pub fn runtime_hints(&self, maps: &[Mapping]) -> Vec<(u64, u32)> {
+        let mut out = Vec::new();
+        for m in maps
+            .iter()
+            .filter(|m| m.exec && (m.dev, m.inode) == self.file_id)
+        {
+            for h in &self.hints {
+                if m.offset <= h.ret_file_offset && h.ret_file_offset < m.offset + m.len() {
+                    out.push((m.start + h.ret_file_offset - m.offset, h.offset));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Everything to hook for one target.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HookPlan {
     pub objects: Vec<HookedObject>,
+    pub wrappers: Vec<WrapperObject>,
 }
 
 impl HookPlan {
@@ -158,15 +189,12 @@ pub fn hooks_for(elf: &ElfFile, attach_path: &Path, path: &Path) -> Option<Hooke
         }
     };
     if allocator {
-        for &(name, func) in FAMILY {
+        for &(name, func) in FAMILY.iter().chain(OPERATOR_NEW) {
             add(name, func);
         }
         for &name in OPERATOR_DELETE {
             add(name, AllocFn::Free);
         }
-    }
-    for &(name, func) in OPERATOR_NEW {
-        add(name, func);
     }
     let functions: Vec<HookedFunction> = by_address
         .into_iter()
@@ -190,10 +218,24 @@ pub fn hooks_for(elf: &ElfFile, attach_path: &Path, path: &Path) -> Option<Hooke
     })
 }
 
+fn add_object(plan: &mut HookPlan, elf: &ElfFile, attach_path: &Path, path: &Path) {
+    plan.objects.extend(hooks_for(elf, attach_path, path));
+    let hints = wrappers::hints_for(elf);
+    if let Some(file_id) = elf.file_id
+        && !hints.is_empty()
+    {
+        plan.wrappers.push(WrapperObject {
+            path: path.to_owned(),
+            file_id,
+            hints,
+        });
+    }
+}
+
 /// The objects a running process has mapped that provide allocator functions.
 pub fn for_process(pid: u32, maps: &[Mapping]) -> HookPlan {
     let mut seen = Vec::new();
-    let mut objects = Vec::new();
+    let mut plan = HookPlan::default();
     for m in maps.iter().filter(|m| m.exec) {
         let Some(path) = m.file() else { continue };
         if seen.contains(&path) {
@@ -204,19 +246,19 @@ pub fn for_process(pid: u32, maps: &[Mapping]) -> HookPlan {
         let Ok(elf) = ElfFile::open(&attach, is_wanted) else {
             continue;
         };
-        objects.extend(hooks_for(&elf, &attach, path));
+        add_object(&mut plan, &elf, &attach, path);
     }
-    HookPlan { objects }
+    plan
 }
 
 /// The objects a command will load that provide allocator functions, predicted
 /// before its loader runs (launch mode).
 pub fn for_command(exe: &Path, env: &LoaderEnv) -> HookPlan {
-    let objects = resolve::load_order(exe, env, &is_wanted)
-        .iter()
-        .filter_map(|elf| hooks_for(elf, &elf.path, &elf.path))
-        .collect();
-    HookPlan { objects }
+    let mut plan = HookPlan::default();
+    for elf in resolve::load_order(exe, env, &is_wanted) {
+        add_object(&mut plan, &elf, &elf.path, &elf.path);
+    }
+    plan
 }
 
 #[cfg(test)]

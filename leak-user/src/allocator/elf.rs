@@ -39,6 +39,8 @@ pub struct ElfFile {
     pub rpath: Vec<String>,
     pub runpath: Vec<String>,
     symbols: HashMap<String, Symbol>,
+    /// (device, inode) of the file, to recognise it in /proc/PID/maps.
+    pub file_id: Option<(u64, u64)>,
 }
 
 /// Why an ELF file could not be used.
@@ -61,11 +63,16 @@ pub enum ElfError {
 impl ElfFile {
     /// Reads and parses `path`, keeping the symbols for which `wanted` is true.
     pub fn open(path: &Path, wanted: impl Fn(&str) -> bool) -> Result<Self, ElfError> {
-        let data = std::fs::read(path).map_err(|source| ElfError::Read {
+        use std::os::unix::fs::MetadataExt as _;
+        let read_err = |source| ElfError::Read {
             path: path.to_owned(),
             source,
-        })?;
-        Self::parse(path, data, wanted)
+        };
+        let data = std::fs::read(path).map_err(read_err)?;
+        let meta = std::fs::metadata(path).map_err(read_err)?;
+        let mut elf = Self::parse(path, data, wanted)?;
+        elf.file_id = Some((meta.dev(), meta.ino()));
+        Ok(elf)
     }
 
     pub fn parse(
@@ -141,6 +148,7 @@ impl ElfFile {
             rpath,
             runpath,
             symbols,
+            file_id: None,
         })
     }
 

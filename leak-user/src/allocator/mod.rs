@@ -5,11 +5,13 @@
 //!   provide the malloc family or C++'s operator new, and which functions to hook.
 //! * [`placement`]: the probe site inside each function (emulated, not single-stepped).
 //! * [`resolve`], [`ldcache`]: the loader's view, to predict a command's libraries.
+//! * [`wrappers`]: seeing through operator new and strdup to the user's call site.
 
 pub mod discover;
 pub mod elf;
 pub mod ldcache;
 pub mod placement;
 pub mod resolve;
+pub mod wrappers;
 
-pub use self::discover::{HookPlan, HookedFunction, HookedObject};
+pub use self::discover::{HookPlan, HookedFunction, HookedObject, WrapperObject};

@@ -17,12 +17,12 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
-use leak_common::{Loss, STACK_DEPTH, Stack, TargetFlags, TracepointLayout, names};
+use leak_common::{HintKey, Loss, STACK_DEPTH, Stack, TargetFlags, TracepointLayout, names};
 
 use crate::allocator::HookPlan;
 
 /// The eBPF object built by `leak-user/build.rs`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace-ebpf"));
 
 /// Whether the embedded object was built from source or is the committed one.
 pub const OBJECT_ORIGIN: &str = env!("LEAKTRACE_EBPF_ORIGIN");
@@ -319,6 +319,43 @@ impl Probes {
         }
     }
 
+    /// Tells the programs where, above a call site in an allocation wrapper of `pid`,
+    /// the wrapper's own return address is ([`HintKey`]).
+    pub fn add_hints(&mut self, pid: u32, hints: &[(u64, u32)]) -> Result<(), EbpfError> {
+        let map = self
+            .ebpf
+            .map_mut(names::HINTS)
+            .expect("the object defines HINTS");
+        let mut map: HashMap<&mut MapData, HintKey, u32> =
+            HashMap::try_from(map).map_err(|e| EbpfError::Map(names::HINTS, e))?;
+        for &(ret, offset) in hints {
+            let key = HintKey {
+                tgid: pid,
+                _pad: 0,
+                ret,
+            };
+            map.insert(key, offset, 0)
+                .map_err(|e| EbpfError::Map(names::HINTS, e))?;
+        }
+        Ok(())
+    }
+
+    pub fn remove_hints(&mut self, pid: u32, hints: &[(u64, u32)]) {
+        let Some(map) = self.ebpf.map_mut(names::HINTS) else {
+            return;
+        };
+        let Ok(mut map) = HashMap::<&mut MapData, HintKey, u32>::try_from(map) else {
+            return;
+        };
+        for &(ret, _) in hints {
+            let _ = map.remove(&HintKey {
+                tgid: pid,
+                _pad: 0,
+                ret,
+            });
+        }
+    }
+
     /// Kernel mode `--cgroup`: trace these cgroup ids.
     pub fn add_cgroups(&mut self, ids: &[u64]) -> Result<(), EbpfError> {
         let map = self
@@ -365,6 +402,20 @@ impl Probes {
         })
     }
 
+    /// Run counts of the programs (only counted while kernel.bpf_stats_enabled=1).
+    pub fn run_counts(&self) -> Vec<(String, u64)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let fd = program.fd().ok()?;
+                Some((
+                    name.to_owned(),
+                    prog_info_u64(fd.as_fd().as_raw_fd(), 200).ok()?,
+                ))
+            })
+            .collect()
+    }
+
     /// How many times the kernel skipped each attached program because another BPF
     /// program was running on the same CPU.
     pub fn recursion_misses(&self) -> Vec<(String, u64)> {
@@ -374,7 +425,7 @@ impl Probes {
                 let fd = program.fd().ok()?;
                 Some((
                     name.to_owned(),
-                    prog_recursion_misses(fd.as_fd().as_raw_fd()).ok()?,
+                    prog_info_u64(fd.as_fd().as_raw_fd(), RECURSION_MISSES_OFFSET).ok()?,
                 ))
             })
             .filter(|(_, misses)| *misses > 0)
@@ -407,11 +458,13 @@ impl Loadable for RawTracePoint {
     }
 }
 
-/// `recursion_misses` of `struct bpf_prog_info` (kernel 5.12+), read with
-/// BPF_OBJ_GET_INFO_BY_FD: aya's ProgramInfo does not expose it.
-fn prog_recursion_misses(fd: i32) -> io::Result<u64> {
+/// Offset of `recursion_misses` (kernel 5.12+) in `struct bpf_prog_info`.
+const RECURSION_MISSES_OFFSET: usize = 208;
+
+/// A u64 field of `struct bpf_prog_info`, read with BPF_OBJ_GET_INFO_BY_FD: aya's
+/// ProgramInfo does not expose `recursion_misses` or the run counters.
+fn prog_info_u64(fd: i32, offset: usize) -> io::Result<u64> {
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    const RECURSION_MISSES_OFFSET: usize = 208;
     #[repr(C, align(8))]
     struct Info([u8; 256]);
     #[repr(C)]
@@ -438,7 +491,7 @@ fn prog_recursion_misses(fd: i32) -> io::Result<u64> {
     if ret != 0 {
         return Err(io::Error::last_os_error());
     }
-    let bytes = &info.0[RECURSION_MISSES_OFFSET..RECURSION_MISSES_OFFSET + 8];
+    let bytes = &info.0[offset..offset + 8];
     Ok(u64::from_ne_bytes(bytes.try_into().expect("8 bytes")))
 }
 

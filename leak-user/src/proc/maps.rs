@@ -26,6 +26,8 @@ pub struct Mapping {
     pub exec: bool,
     pub shared: bool,
     pub offset: u64,
+    /// Device (as `makedev(major, minor)`) and inode of a file mapping.
+    pub dev: u64,
     pub inode: u64,
     pub backing: Backing,
 }
@@ -85,7 +87,7 @@ fn parse_line(line: &str) -> Result<Mapping, ParseError> {
     let range = fields.next().ok_or_else(bad)?;
     let perms = fields.next().ok_or_else(bad)?.as_bytes();
     let offset = fields.next().ok_or_else(bad)?;
-    let _dev = fields.next().ok_or_else(bad)?;
+    let dev = fields.next().ok_or_else(bad)?;
     let inode = fields.next().ok_or_else(bad)?;
     let path = fields.next().unwrap_or("").trim_start();
     let (start, end) = range.split_once('-').ok_or_else(bad)?;
@@ -93,6 +95,11 @@ fn parse_line(line: &str) -> Result<Mapping, ParseError> {
     if perms.len() < 4 {
         return Err(bad());
     }
+    let (major, minor) = dev.split_once(':').ok_or_else(bad)?;
+    let dev = libc::makedev(
+        u32::from_str_radix(major, 16).map_err(|_| bad())?,
+        u32::from_str_radix(minor, 16).map_err(|_| bad())?,
+    );
     let backing = match path {
         "" => Backing::Anonymous,
         "[heap]" => Backing::Heap,
@@ -110,6 +117,7 @@ fn parse_line(line: &str) -> Result<Mapping, ParseError> {
         exec: perms[2] == b'x',
         shared: perms[3] == b's',
         offset: hex(offset)?,
+        dev,
         inode: inode.parse().map_err(|_| bad())?,
         backing,
     })
@@ -152,6 +160,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         assert_eq!(maps[0].file(), Some(std::path::Path::new("/usr/bin/prog")));
         assert!(!maps[0].write && maps[1].write);
         assert_eq!(maps[1].offset, 0x3000);
+        assert_eq!((maps[1].dev, maps[1].inode), (libc::makedev(0xfe, 1), 1234));
         assert_eq!(maps[2].backing, Backing::Heap);
         assert_eq!(maps[3].backing, Backing::Anonymous);
         assert_eq!(maps[4].file(), Some(std::path::Path::new("/dev/zero")));

@@ -26,7 +26,7 @@ use super::sys;
 pub struct LaunchSpec {
     /// The program, resolved through PATH.
     pub program: PathBuf,
-    /// argv, including argv[0].
+    /// argv, including `argv[0]`.
     pub args: Vec<OsString>,
     /// Run as this (uid, gid, supplementary groups) instead of as ourselves.
     pub run_as: Option<Credentials>,

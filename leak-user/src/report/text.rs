@@ -155,7 +155,7 @@ pub fn render(title: &str, leaks: &[Leak], top: usize, color: bool) -> String {
         style.paint(
             "1",
             &format!(
-                "{title}: {} leaked ({}: {} direct, {} indirect) in {}",
+                "{title}: {} leaked ({}), {} direct, {} indirect, {}",
                 plural(t.objects, "object", "objects"),
                 bytes(t.bytes),
                 t.direct,
@@ -182,7 +182,7 @@ pub fn render(title: &str, leaks: &[Leak], top: usize, color: bool) -> String {
         let bytes_possible: u64 = p.iter().map(|l| l.size).sum();
         let _ = writeln!(
             out,
-            "possibly leaked (reachable only through interior pointers, not counted above): {}, {}",
+            "possibly leaked: {} ({}), reachable only through pointers into\ntheir middle; not counted above (--show-possible lists them)",
             plural(p.len() as u64, "object", "objects"),
             bytes(bytes_possible)
         );
@@ -218,7 +218,7 @@ mod tests {
     fn renders_groups_largest_first_within_80_columns() {
         let text = render("pid 42 (prog)", &sample(), 10, false);
         let expected = "\
-pid 42 (prog): 4 objects leaked (120 B: 2 direct, 2 indirect) in 2 stacks
+pid 42 (prog): 4 objects leaked (120 B), 2 direct, 2 indirect, 2 stacks
 
 #1 96 B in 3 objects: 1 direct (32 B), 2 indirect (64 B)
    size 32 B; oldest 6.1 s; by malloc

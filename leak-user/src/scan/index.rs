@@ -3,7 +3,7 @@
 //! Every aligned word of scanned memory asks this question, so it must not degrade
 //! with the number of objects. Words outside [lowest start, highest end) are
 //! rejected with one subtraction and one compare. The rest go through a per-span
-//! granule table: objects are grouped into spans (a gap of more than [`SPAN_GAP`]
+//! granule table: objects are grouped into spans (a gap of more than 1 MiB
 //! starts a new one), and each 256-byte granule of a span records the first object
 //! that ends after the granule's start. A lookup is then a table read and a short
 //! forward walk (at most the objects that start inside one granule).

@@ -24,6 +24,7 @@ fn mapping(start: u64, backing: Backing, write: bool) -> Mapping {
         exec: false,
         shared: false,
         offset: 0,
+        dev: 0,
         inode: 0,
         backing,
     }

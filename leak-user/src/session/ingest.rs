@@ -92,13 +92,19 @@ impl<S: EventSink> Task<S> {
         mut ring: AsyncFd<RingBuf<MapData>>,
         mut drain_rx: mpsc::UnboundedReceiver<std::sync::mpsc::Sender<()>>,
     ) {
+        // Belt and braces: a missed wakeup must not leave records in the ring.
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
         loop {
             tokio::select! {
                 guard = ring.readable_mut() => {
                     let Ok(mut guard) = guard else { return };
-                    self.drain(guard.get_inner_mut());
+                    // Clear first, then drain: the ring buffer only wakes a reader
+                    // that has caught up, so a record committed after the drain
+                    // wakes us again, and one committed during it is drained.
                     guard.clear_ready();
+                    self.drain(guard.get_inner_mut());
                 }
+                _ = tick.tick() => self.drain(ring.get_mut()),
                 ack = drain_rx.recv() => {
                     let Some(ack) = ack else { return };
                     self.drain(ring.get_mut());

@@ -37,8 +37,8 @@ pub fn spawn_logger(logger: EbpfLogger<&'static dyn log::Log>) {
             let Ok(mut guard) = fd.readable_mut().await else {
                 return;
             };
-            guard.get_inner_mut().flush();
             guard.clear_ready();
+            guard.get_inner_mut().flush();
         }
     });
 }

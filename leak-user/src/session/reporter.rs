@@ -326,7 +326,11 @@ impl Reporter {
         if site.caller != 0 && rest.first() != Some(&site.caller) {
             addrs.push(site.caller);
         }
-        addrs.extend_from_slice(rest);
+        // The walk is only as good as its first frame outside any code: stop there.
+        addrs.extend(
+            rest.iter()
+                .take_while(|a| self.symbolizer.is_code(pid, **a)),
+        );
         let stack = Arc::new(self.symbolizer.user_frames(pid, &addrs));
         self.stacks.insert((pid, site), stack.clone());
         stack
@@ -434,7 +438,7 @@ impl Reporter {
             .filter(|l| l.kind != LeakKind::Possible)
             .collect();
         if !confirmed.is_empty() {
-            let title = format!("new leaks in {}", self.process_name(scan.pid));
+            let title = format!("pid {}, new", scan.pid);
             let body = text::render(&title, &confirmed, self.out.top, self.out.color);
             self.text(&body);
         }

@@ -28,7 +28,7 @@ use super::{
     status::{Status, StatusLine},
 };
 use crate::{
-    allocator::{HookPlan, discover, resolve::LoaderEnv},
+    allocator::{HookPlan, WrapperObject, discover, resolve::LoaderEnv},
     clock,
     config::{Config, Mode},
     ebpf::{LoadOptions, Probes, Scope},
@@ -49,6 +49,22 @@ struct Target {
     rehook: bool,
     /// It was scanned at its exit stop: nothing more to scan.
     finished: bool,
+    /// Allocation wrappers not mapped yet, whose hints are still to install.
+    wrappers: Vec<WrapperObject>,
+    /// Hints installed for it (runtime return address, offset).
+    hints: Vec<(u64, u32)>,
+}
+
+impl Target {
+    fn new() -> Self {
+        Self {
+            hooked: HashSet::new(),
+            rehook: false,
+            finished: false,
+            wrappers: Vec::new(),
+            hints: Vec::new(),
+        }
+    }
 }
 
 struct Session {
@@ -69,8 +85,27 @@ struct Session {
     free_losses: u64,
 }
 
+/// Checks the targets before anything is loaded, so that a typo costs nothing.
+fn check_targets(mode: &Mode) -> anyhow::Result<()> {
+    match mode {
+        Mode::Pids(pids) => {
+            for &pid in pids {
+                if !proc::is_alive(pid) {
+                    bail!("no such process: {pid} (`pgrep NAME` finds a pid by name)");
+                }
+            }
+        }
+        Mode::Launch(argv) => {
+            launch::resolve_program(&argv[0])?;
+        }
+        Mode::Kernel => {}
+    }
+    Ok(())
+}
+
 /// Runs user mode until the targets are gone, a signal, or --duration.
 pub async fn run(config: Config) -> anyhow::Result<i32> {
+    check_targets(&config.mode)?;
     let epoch = clock::now_ns();
     let mut probes = Probes::load(&LoadOptions {
         ring_bytes: config.ring_bytes,
@@ -129,6 +164,14 @@ impl Session {
 
     /// Attaches what `plan` has that is not attached yet for `pid`.
     fn attach(&mut self, pid: u32, plan: HookPlan) -> anyhow::Result<()> {
+        if let Some(t) = self.targets.get_mut(&pid) {
+            for w in &plan.wrappers {
+                if !t.wrappers.iter().any(|x| x.file_id == w.file_id) {
+                    t.wrappers.push(w.clone());
+                }
+            }
+        }
+        self.install_hints(pid);
         let scope = self.scope(pid);
         let already = match scope {
             Scope::AllProcesses => &mut self.hooked_everywhere,
@@ -140,25 +183,21 @@ impl Session {
                 .into_iter()
                 .filter(|o| already.insert(o.path.clone()))
                 .collect(),
+            wrappers: Vec::new(),
         };
         if fresh.objects.is_empty() {
             return Ok(());
         }
+        let started = Instant::now();
         self.probes.attach_hooks(&fresh, scope)?;
+        log::debug!("pid {pid}: probes attached in {:?}", started.elapsed());
         let shown_pid = if scope == Scope::AllProcesses { 0 } else { pid };
         self.reporter.hooks(shown_pid, &fresh);
         Ok(())
     }
 
     fn add_target(&mut self, pid: u32, attached_late: bool) -> anyhow::Result<()> {
-        self.targets.insert(
-            pid,
-            Target {
-                hooked: HashSet::new(),
-                rehook: false,
-                finished: false,
-            },
-        );
+        self.targets.insert(pid, Target::new());
         self.table.lock(|t| t.add_process(pid, attached_late));
         self.probes.add_target(pid)?;
         Ok(())
@@ -168,16 +207,17 @@ impl Session {
         let mode = self.config.mode.clone();
         match &mode {
             Mode::Pids(pids) => {
+                let infos: Vec<TargetInfo> = pids.iter().map(|&p| TargetInfo::of(p)).collect();
+                self.reporter.start("pid", &infos, &self.config);
                 for &pid in pids {
                     self.attach_pid(pid)?;
                 }
-                let infos: Vec<TargetInfo> = pids.iter().map(|&p| TargetInfo::of(p)).collect();
-                self.reporter.start("pid", &infos, &self.config);
             }
             Mode::Launch(argv) => {
                 let pid = self.launch(argv).await?;
                 let infos = [TargetInfo::of(pid)];
                 self.reporter.start("launch", &infos, &self.config);
+                self.hook_new_image(pid)?;
                 self.ptrace.resume();
             }
             Mode::Kernel => unreachable!("kernel mode has its own session"),
@@ -205,7 +245,7 @@ impl Session {
         Ok(())
     }
 
-    /// Starts the command held at its exec stop, with its allocator hooked.
+    /// Starts the command; it is held at its exec stop until resumed.
     async fn launch(&mut self, argv: &[OsString]) -> anyhow::Result<u32> {
         let program = launch::resolve_program(&argv[0])?;
         let spec = launch::LaunchSpec {
@@ -217,7 +257,6 @@ impl Session {
         self.launched = Some(pid);
         self.add_target(pid, false)?;
         self.ptrace.start().await?;
-        self.hook_new_image(pid)?;
         Ok(pid)
     }
 
@@ -244,6 +283,8 @@ impl Session {
         scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         scan_tick.tick().await;
         let mut status_tick = interval(Duration::from_millis(250));
+        // Wrapper hints must be in place soon after a library is mapped.
+        let mut hint_tick = interval(Duration::from_millis(20));
         let deadline = self
             .config
             .duration
@@ -264,6 +305,11 @@ impl Session {
                     self.poll_losses();
                     self.rehook();
                     self.show_status();
+                }
+                _ = hint_tick.tick(), if self.pending_hints() => {
+                    for pid in self.live_targets() {
+                        self.install_hints(pid);
+                    }
                 }
                 _ = notices.notified() => self.handle_notices(),
                 Some(event) = child_rx.recv() => self.child_event(event).await,
@@ -343,10 +389,40 @@ impl Session {
         }
     }
 
-    fn end_target(&mut self, pid: u32, status: Option<i32>) {
-        if self.targets.remove(&pid).is_none() {
+    /// Installs the hints of `pid`'s wrappers that are mapped by now.
+    fn install_hints(&mut self, pid: u32) {
+        if self.targets.get(&pid).is_none_or(|t| t.wrappers.is_empty()) {
             return;
         }
+        let Ok(maps) = proc::maps::read(pid) else {
+            return;
+        };
+        let t = self.targets.get_mut(&pid).expect("checked above");
+        let mut fresh = Vec::new();
+        t.wrappers.retain(|w| {
+            let hints = w.runtime_hints(&maps);
+            let mapped = !hints.is_empty();
+            fresh.extend(hints);
+            !mapped
+        });
+        if fresh.is_empty() {
+            return;
+        }
+        t.hints.extend_from_slice(&fresh);
+        if let Err(err) = self.probes.add_hints(pid, &fresh) {
+            log::warn!("pid {pid}: cannot install wrapper hints: {err}");
+        }
+    }
+
+    fn pending_hints(&self) -> bool {
+        self.targets.values().any(|t| !t.wrappers.is_empty())
+    }
+
+    fn end_target(&mut self, pid: u32, status: Option<i32>) {
+        let Some(target) = self.targets.remove(&pid) else {
+            return;
+        };
+        self.probes.remove_hints(pid, &target.hints);
         self.reporter.process("exit", pid, None, status);
         self.probes.detach_process(pid);
         self.probes.remove_target(pid);
@@ -359,14 +435,16 @@ impl Session {
             match notice {
                 Notice::Retraction(r) => self.reporter.retraction(&r),
                 Notice::ProcessForked { parent, child } => {
-                    self.targets.insert(
-                        child,
-                        Target {
-                            hooked: HashSet::new(),
-                            rehook: false,
-                            finished: false,
-                        },
-                    );
+                    // The child has its parent's address space, so its hints too.
+                    let mut target = Target::new();
+                    if let Some(p) = self.targets.get(&parent) {
+                        target.wrappers = p.wrappers.clone();
+                        target.hints = p.hints.clone();
+                    }
+                    if let Err(err) = self.probes.add_hints(child, &target.hints) {
+                        log::warn!("pid {child}: {err}");
+                    }
+                    self.targets.insert(child, target);
                     self.reporter.process("fork", child, Some(parent), None);
                 }
                 Notice::ProcessExited { pid } => {
@@ -538,8 +616,8 @@ impl Session {
             for (addr, o) in t.process(pid).map(|p| p.objects.iter()).into_iter().flatten() {
                 let func = t.sites.get(o.site).map_or("?", |s| crate::report::allocator_name(s.func));
                 lines.push_str(&format!(
-                    "{{\"pid\":{pid},\"address\":\"{addr:#x}\",\"size\":{},\"allocator\":\"{func}\"}}\n",
-                    o.size
+                    "{{\"pid\":{pid},\"address\":\"{addr:#x}\",\"size\":{},\"allocator\":\"{func}\",\"serial\":{}}}\n",
+                    o.size, o.serial
                 ));
             }
             lines
@@ -566,6 +644,10 @@ impl Session {
             }
         }
         self.poll_losses();
+        log::debug!(
+            "program run counts (with kernel.bpf_stats_enabled=1): {:?}",
+            self.probes.run_counts()
+        );
         let stats = self.stats();
         self.reporter.stats(&stats);
         let written = self.reporter.end(reason, self.exit_status, &stats);

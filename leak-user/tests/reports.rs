@@ -1,0 +1,316 @@
+//! Reports: symbolized stacks, the NDJSON schema documented in README.md, pprof,
+//! flamegraph, suppressions and the text report.
+
+use std::{collections::BTreeMap, io::Read as _, path::Path};
+
+use leaktrace::report::pprof::Profile;
+use prost::Message as _;
+use serde_json::Value;
+
+use crate::util::{self, Fixture, Tracer, launch, serial};
+
+const FAST: &[&str] = &["--interval", "200ms", "--min-age", "200ms"];
+
+#[test]
+fn leak_stacks_name_the_allocating_function_file_and_line() {
+    util::require_root();
+    let _s = serial();
+    let run = launch("scenarios", &["--hold-ms", "800"], FAST);
+    let line = util::source_line("scenarios.c", "ALLOC:make_node");
+    let head = run
+        .leaks()
+        .into_values()
+        .find(|r| r["kind"] == "direct" && r["stack"][0]["function"] == "make_node")
+        .unwrap_or_else(|| panic!("no direct leak from make_node; records:\n{:?}", run.records));
+    let frame = &head["stack"][0];
+    assert!(
+        frame["file"].as_str().unwrap().ends_with("scenarios.c"),
+        "{frame}"
+    );
+    assert_eq!(frame["line"], line, "{frame}");
+    assert!(
+        frame["module"].as_str().unwrap().ends_with("scenarios"),
+        "{frame}"
+    );
+    assert_eq!(head["allocator"], "malloc");
+
+    let run = launch("cxx", &["--hold-ms", "500"], FAST);
+    let line = util::source_line("cxx.cc", "ALLOC:make_node");
+    let leak = run
+        .leaks()
+        .into_values()
+        .find(|r| r["kind"] == "direct")
+        .expect("the C++ leak");
+    assert_eq!(leak["stack"][0]["function"], "make_node(Node*)");
+    assert_eq!(leak["stack"][0]["line"], line);
+}
+
+/// Field tables of README.md's "NDJSON records" section: name -> (field -> type).
+fn documented_schema() -> BTreeMap<String, BTreeMap<String, String>> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let section = readme
+        .split("## NDJSON records")
+        .nth(1)
+        .expect("README.md has an NDJSON records section");
+    let section = section.split("\n## ").next().unwrap();
+    let mut schema = BTreeMap::new();
+    let mut current: Vec<String> = Vec::new();
+    for line in section.lines() {
+        if let Some(heading) = line.strip_prefix("#### ") {
+            current = heading
+                .split(['`', ','])
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && *s != "and")
+                .map(str::to_owned)
+                .collect();
+            continue;
+        }
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() >= 4 && cells[1].starts_with('`') {
+            let field = cells[1].trim_matches('`').to_owned();
+            for name in &current {
+                schema
+                    .entry(name.clone())
+                    .or_insert_with(BTreeMap::new)
+                    .insert(field.clone(), cells[2].to_owned());
+            }
+        }
+    }
+    schema
+}
+
+fn check_value(
+    schema: &BTreeMap<String, BTreeMap<String, String>>,
+    ty: &str,
+    v: &Value,
+    at: &str,
+) -> Vec<String> {
+    let (ty, optional) = match ty.strip_suffix('?') {
+        Some(t) => (t, true),
+        None => (ty, false),
+    };
+    if v.is_null() {
+        return if optional {
+            vec![]
+        } else {
+            vec![format!("{at}: null for {ty}")]
+        };
+    }
+    if let Some(inner) = ty.strip_prefix("array of ") {
+        let Some(items) = v.as_array() else {
+            return vec![format!("{at}: not an array")];
+        };
+        return items
+            .iter()
+            .enumerate()
+            .flat_map(|(i, item)| check_value(schema, inner, item, &format!("{at}[{i}]")))
+            .collect();
+    }
+    let ok = match ty {
+        "string" => v.is_string(),
+        "hex" => v.as_str().is_some_and(|s| s.starts_with("0x")),
+        "integer" => v.is_u64() || v.is_i64(),
+        "number" => v.is_number(),
+        "boolean" => v.is_boolean(),
+        "object" => v.is_object(),
+        "map of integer" => v.as_object().is_some_and(|m| m.values().all(Value::is_u64)),
+        name if schema.contains_key(name) => return check_object(schema, name, v, at),
+        other => return vec![format!("{at}: undocumented type {other}")],
+    };
+    if ok {
+        vec![]
+    } else {
+        vec![format!("{at}: {v} is not {ty}")]
+    }
+}
+
+fn check_object(
+    schema: &BTreeMap<String, BTreeMap<String, String>>,
+    name: &str,
+    v: &Value,
+    at: &str,
+) -> Vec<String> {
+    let Some(fields) = schema.get(name) else {
+        return vec![format!("{at}: record type {name:?} is not documented")];
+    };
+    let Some(object) = v.as_object() else {
+        return vec![format!("{at}: not an object")];
+    };
+    let mut errors = Vec::new();
+    for (field, value) in object {
+        match fields.get(field) {
+            Some(ty) => errors.extend(check_value(schema, ty, value, &format!("{at}.{field}"))),
+            None => errors.push(format!("{at}.{field}: not documented for {name}")),
+        }
+    }
+    for (field, ty) in fields {
+        if !ty.ends_with('?') && !object.contains_key(field) {
+            errors.push(format!("{at}: {name} lacks {field}"));
+        }
+    }
+    errors
+}
+
+#[test]
+fn every_ndjson_line_follows_the_documented_schema() {
+    util::require_root();
+    let schema = documented_schema();
+    assert!(
+        schema.len() >= 10,
+        "the README documents the records: {:?}",
+        schema.keys()
+    );
+    let _s = serial();
+    let mut runs = vec![launch("scenarios", &["--hold-ms", "800"], FAST)];
+    // pid mode with stop-the-world adds pauses and the signal ending.
+    let mut fixture = Fixture::start("scenarios", &[], &[]);
+    let mut args = FAST.to_vec();
+    args.push("--stop-the-world");
+    let mut tracer = Tracer::attach(fixture.pid(), &args);
+    fixture.go();
+    fixture.wait_for("READY");
+    tracer.wait_scans(3);
+    runs.push(tracer.stop(&fixture.stdout.clone()));
+    fixture.finish();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut errors = Vec::new();
+    for run in &runs {
+        assert_eq!(
+            run.records[0]["type"], "start",
+            "the first record carries the schema"
+        );
+        assert_eq!(run.records[0]["schema"], 1);
+        for (i, r) in run.records.iter().enumerate() {
+            let t = r["type"].as_str().unwrap_or("?").to_owned();
+            errors.extend(check_object(
+                &schema,
+                &t,
+                r,
+                &format!("line {} ({t})", i + 1),
+            ));
+            seen.insert(t);
+        }
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    for t in [
+        "hooks",
+        "start",
+        "leak",
+        "possible_leak",
+        "scan",
+        "stats",
+        "process",
+        "process_exit",
+        "end",
+    ] {
+        assert!(
+            seen.contains(t),
+            "no {t} record was checked (seen: {seen:?})"
+        );
+    }
+}
+
+#[test]
+fn pprof_and_flamegraph_files() {
+    util::require_root();
+    let _s = serial();
+    let dir = util::scratch("files");
+    let pprof = dir.join("leaks.pb.gz");
+    let svg = dir.join("leaks.svg");
+    let mut args = FAST.to_vec();
+    args.extend([
+        "--pprof",
+        pprof.to_str().unwrap(),
+        "--flamegraph",
+        svg.to_str().unwrap(),
+    ]);
+    let run = launch("scenarios", &["--hold-ms", "800"], &args);
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&pprof).unwrap())
+        .read_to_end(&mut raw)
+        .unwrap();
+    let profile = Profile::decode(&raw[..]).expect("a pprof profile");
+    let objects: i64 = profile.sample.iter().map(|s| s.value[0]).sum();
+    let bytes: i64 = profile.sample.iter().map(|s| s.value[1]).sum();
+    let totals = &run.end()["leaks"];
+    assert_eq!(objects as u64, totals["objects"].as_u64().unwrap());
+    assert_eq!(bytes as u64, totals["bytes"].as_u64().unwrap());
+    assert!(profile.string_table.iter().any(|s| s == "make_node"));
+
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let mut reader = quick_xml::Reader::from_str(&text);
+    loop {
+        match reader.read_event() {
+            Ok(quick_xml::events::Event::Eof) => break,
+            Ok(_) => {}
+            Err(e) => panic!("the SVG is not well-formed XML: {e}"),
+        }
+    }
+    assert!(text.contains("make_node"));
+}
+
+#[test]
+fn suppressions_hide_and_count() {
+    util::require_root();
+    let _s = serial();
+    let dir = util::scratch("suppress");
+    let file = dir.join("supp.txt");
+    std::fs::write(&file, "# the list and the cycle\nleak:make_node\n").unwrap();
+    let mut args = FAST.to_vec();
+    args.extend(["--suppressions", file.to_str().unwrap()]);
+    let run = launch("scenarios", &["--hold-ms", "800"], &args);
+    for r in run.leaks().values() {
+        assert!(
+            !r["stack"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["function"] == "make_node"),
+            "suppressed leak reported: {r}"
+        );
+    }
+    let rule = run.end()["suppressed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["rule"] == "make_node")
+        .cloned()
+        .expect("the rule is listed with what it hid");
+    assert_eq!(rule["objects"], 12, "10 list nodes and 2 cycle nodes");
+}
+
+#[test]
+fn text_report_groups_by_stack() {
+    util::require_root();
+    let _s = serial();
+    let dir = util::scratch("text");
+    let report = dir.join("report.txt");
+    let status = std::process::Command::new(util::leaktrace())
+        .args(FAST)
+        .arg("--output")
+        .arg(&report)
+        .arg("--")
+        .arg(util::fixture("scenarios"))
+        .args(["--hold-ms", "800"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&report).unwrap();
+    let summary = text
+        .split("leaktrace summary")
+        .nth(1)
+        .expect("a final summary");
+    let line = util::source_line("scenarios.c", "ALLOC:make_node");
+    assert!(
+        summary.contains(&format!("make_node (scenarios.c:{line})")),
+        "{summary}"
+    );
+    assert!(summary.contains("1 direct"), "{summary}");
+    assert!(
+        summary.lines().all(|l| l.chars().count() <= 80),
+        "fits 80 columns:\n{summary}"
+    );
+}

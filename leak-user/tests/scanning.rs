@@ -1,0 +1,186 @@
+//! Finding leaks: the scenarios fixture's truth (direct, indirect, cycles, interior
+//! pointers, roots in other threads' stacks, TLS, anonymous mappings, untracked
+//! heap, reallocated, aligned and mmap-sized blocks, threaded churn) in launch mode,
+//! pid mode and stop-the-world, and valgrind's agreement with that truth.
+
+use std::process::Command;
+
+use crate::util::{self, Fixture, Run, Tracer, launch, serial};
+
+const FAST: &[&str] = &["--interval", "200ms", "--min-age", "200ms"];
+
+/// Every true leak found with its kind, every possible leak found as possible,
+/// nothing kept reported. Objects the fixture did not make (the C runtime's) may
+/// only show up as possible leaks.
+fn assert_matches_truth(run: &Run) {
+    let leaks = run.leaks();
+    assert!(
+        !run.truth.is_empty(),
+        "the fixture printed no truth:\n{}",
+        run.fixture_stdout
+    );
+    let mut errors = Vec::new();
+    let mut cycle_direct = 0;
+    for t in &run.truth {
+        let got = leaks.get(&t.addr).map(|r| r["kind"].as_str().unwrap());
+        let ok = match (t.tag.as_str(), t.kind.as_str()) {
+            ("LEAK", "cycle") => {
+                cycle_direct += usize::from(got == Some("direct"));
+                matches!(got, Some("direct" | "indirect"))
+            }
+            ("LEAK", kind) => got == Some(kind),
+            ("POSSIBLE", _) => got == Some("possible"),
+            ("KEEP", _) => got.is_none(),
+            _ => true,
+        };
+        if !ok {
+            errors.push(format!(
+                "{} {} {:#x} ({} bytes): reported {got:?}",
+                t.tag, t.kind, t.addr, t.size
+            ));
+        }
+        if let Some(r) = leaks.get(&t.addr) {
+            assert_eq!(r["size"].as_u64(), Some(t.size), "size of {:#x}", t.addr);
+        }
+    }
+    for (addr, r) in &leaks {
+        if !run.truth.iter().any(|t| t.addr == *addr) && r["kind"] != "possible" {
+            errors.push(format!("not a leak of the fixture: {r}"));
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{} mismatches:\n{}",
+        errors.len(),
+        errors.join("\n")
+    );
+    assert_eq!(
+        cycle_direct, 1,
+        "a leaked cycle has exactly one direct leak"
+    );
+    assert_eq!(run.end()["retractions"], 0, "no leak was taken back");
+}
+
+#[test]
+fn scenarios_in_launch_mode() {
+    util::require_root();
+    let _s = serial();
+    let run = launch("scenarios", &["--hold-ms", "1500"], FAST);
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert_matches_truth(&run);
+    let direct = run
+        .truth
+        .iter()
+        .filter(|t| t.tag == "LEAK" && t.kind == "direct")
+        .count();
+    assert!(direct >= 45, "the fixture leaks enough: {direct}");
+}
+
+fn attach_scenarios(args: &[&str]) -> Run {
+    let mut fixture = Fixture::start("scenarios", &[], &[]);
+    let mut tracer = Tracer::attach(fixture.pid(), args);
+    fixture.go();
+    fixture.wait_for("READY");
+    tracer.wait_scans(4);
+    let run = tracer.stop(&fixture.stdout.clone());
+    let (status, _) = fixture.finish();
+    assert!(status.success(), "the target kept running fine");
+    run
+}
+
+#[test]
+fn scenarios_in_pid_mode() {
+    util::require_root();
+    let _s = serial();
+    let run = attach_scenarios(FAST);
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert_matches_truth(&run);
+}
+
+#[test]
+fn scenarios_with_the_world_stopped() {
+    util::require_root();
+    let _s = serial();
+    let mut args = FAST.to_vec();
+    args.push("--stop-the-world");
+    let run = attach_scenarios(&args);
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert_matches_truth(&run);
+    let scans = run.of_type("scan");
+    let paused: Vec<f64> = scans
+        .iter()
+        .filter_map(|s| s["pause_ms"].as_f64())
+        .collect();
+    assert!(!paused.is_empty(), "pauses are reported");
+    assert!(
+        scans
+            .iter()
+            .any(|s| s["threads_frozen"].as_u64() >= Some(2))
+    );
+    eprintln!("stop-the-world pauses (ms): {paused:?}");
+}
+
+/// valgrind's memcheck on the same fixture: its "definitely" and "indirectly lost"
+/// must match the fixture's own truth, so the truth is not self-serving.
+#[test]
+fn valgrind_agrees_with_the_fixture_truth() {
+    let _s = serial();
+    let valgrind = which_valgrind();
+    let out = Command::new(valgrind)
+        .args([
+            "--leak-check=full",
+            "--show-leak-kinds=all",
+            "--errors-for-leak-kinds=none",
+        ])
+        .arg(util::fixture("scenarios"))
+        .args(["--hold-ms", "0"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let truth = util::parse_truth(&stdout);
+    let sum = |pred: &dyn Fn(&util::Truth) -> bool| -> (u64, u64) {
+        truth
+            .iter()
+            .filter(|t| pred(t))
+            .fold((0, 0), |(n, b), t| (n + 1, b + t.size))
+    };
+    let cycles = truth.iter().filter(|t| t.kind == "cycle").count() as u64;
+    let cycle_leader = truth
+        .iter()
+        .find(|t| t.kind == "cycle")
+        .map_or(0, |t| t.size);
+    let (direct, direct_bytes) = sum(&|t| t.tag == "LEAK" && t.kind == "direct");
+    let (indirect, indirect_bytes) =
+        sum(&|t| t.tag == "LEAK" && (t.kind == "indirect" || t.kind == "cycle"));
+    // valgrind reports one block of a leaked cycle as definitely lost.
+    let expect_definite = (direct + cycles / 2, direct_bytes + cycle_leader);
+    let expect_indirect = (indirect - cycles / 2, indirect_bytes - cycle_leader);
+    let definite = valgrind_figure(&stderr, "definitely lost:");
+    let indirect_got = valgrind_figure(&stderr, "indirectly lost:");
+    assert_eq!(definite, expect_definite, "valgrind said:\n{stderr}");
+    assert_eq!(indirect_got, expect_indirect, "valgrind said:\n{stderr}");
+}
+
+fn which_valgrind() -> &'static str {
+    let ok = Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(ok, "this test needs valgrind (apt-get install valgrind)");
+    "valgrind"
+}
+
+/// "definitely lost: 1,049,300 bytes in 46 blocks" -> (46, 1049300)
+fn valgrind_figure(text: &str, label: &str) -> (u64, u64) {
+    let line = text
+        .lines()
+        .find(|l| l.contains(label))
+        .unwrap_or_else(|| panic!("valgrind printed no {label:?}:\n{text}"));
+    let rest = &line[line.find(label).unwrap() + label.len()..];
+    let numbers: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|w| w.replace(',', "").parse().ok())
+        .collect();
+    (numbers[1], numbers[0])
+}

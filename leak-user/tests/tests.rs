@@ -1,0 +1,8 @@
+//! Integration tests: the real daemon, real eBPF programs, fixture programs with a
+//! known truth. They need root; run them with `sudo -E cargo xtask test`.
+
+mod cli;
+mod reports;
+mod scanning;
+mod tracking;
+mod util;

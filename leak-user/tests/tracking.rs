@@ -1,0 +1,262 @@
+//! The object table against the fixtures' truth: every function of the malloc
+//! family, static and dynamic binaries, jemalloc, C++, threads, pid and launch mode.
+
+use std::collections::BTreeMap;
+
+use crate::util::{self, Fixture, Run, Tracer, launch, launch_with_env, serial};
+
+const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+
+fn truth_live(run: &Run) -> BTreeMap<u64, u64> {
+    run.truth
+        .iter()
+        .filter(|t| t.tag == "LIVE")
+        .map(|t| (t.addr, t.size))
+        .collect()
+}
+
+/// The table must hold every block the fixture says is live, with its size, and
+/// nothing else made after the fixture's MARK block (what comes before it is the C
+/// runtime's start-up: locale, libstdc++'s exception pool, a static binary's TLS).
+fn assert_table_matches(run: &Run) {
+    assert!(
+        !run.objects.is_empty(),
+        "no objects dumped; stderr:\n{}",
+        run.stderr
+    );
+    let truth = truth_live(run);
+    let table = run.live();
+    let missing: Vec<_> = truth
+        .iter()
+        .filter(|(a, s)| table.get(a) != Some(s))
+        .map(|(a, s)| format!("{a:#x} ({s} bytes, table says {:?})", table.get(a)))
+        .collect();
+    let mark = run.truth.iter().find(|t| t.tag == "MARK").map(|t| t.addr);
+    let mark_serial = run
+        .objects
+        .iter()
+        .find(|o| Some(util::hex(&o["address"])) == mark)
+        .map_or(0, |o| o["serial"].as_u64().unwrap());
+    let extra: Vec<_> = run
+        .objects
+        .iter()
+        .filter(|o| !truth.contains_key(&util::hex(&o["address"])))
+        .filter(|o| o["serial"].as_u64().unwrap() > mark_serial)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "blocks missing from the table: {missing:?}"
+    );
+    assert!(
+        extra.is_empty(),
+        "objects the fixture does not hold: {extra:?}"
+    );
+}
+
+#[test]
+fn counts_exactly_the_allocations_made_after_attaching() {
+    util::require_root();
+    let _s = serial();
+    let mut fixture = Fixture::start("counts", &["5000", "2000"], &[]);
+    let mut tracer = Tracer::attach(fixture.pid(), &["--interval", "200ms"]);
+    fixture.go();
+    fixture.wait_for("READY");
+    tracer.wait_scans(1);
+    let run = tracer.stop(&fixture.stdout.clone());
+    fixture.finish();
+    let end = run.end();
+    let counters = &end["counters"];
+    assert_eq!(counters["allocs"], 5000, "end record: {end}");
+    assert_eq!(counters["frees"], 2000, "end record: {end}");
+    assert_eq!(run.lost_total(), 0);
+    assert_eq!(end["objects"], 3000);
+    assert_eq!(run.objects.len(), 3000);
+    assert_eq!(end["decode_errors"], 0);
+}
+
+#[test]
+fn every_malloc_family_function_in_a_dynamic_binary() {
+    util::require_root();
+    let _s = serial();
+    let run = launch("family", &["--hold-ms", "300"], &["--interval", "100ms"]);
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert_table_matches(&run);
+    let hooks = run.of_type("hooks");
+    let libc = hooks[0]["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["object"].as_str().unwrap().contains("libc.so"))
+        .expect("libc is hooked");
+    let names: Vec<&str> = libc["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["function"].as_str().unwrap())
+        .collect();
+    for f in [
+        "malloc",
+        "calloc",
+        "realloc",
+        "reallocarray",
+        "posix_memalign",
+        "valloc",
+        "pvalloc",
+    ] {
+        assert!(names.contains(&f), "{f} not hooked: {names:?}");
+    }
+    assert!(
+        names.contains(&"aligned_alloc/memalign"),
+        "aliases hooked once: {names:?}"
+    );
+}
+
+#[test]
+fn every_malloc_family_function_in_a_static_binary() {
+    util::require_root();
+    let _s = serial();
+    let run = launch(
+        "family-static",
+        &["--hold-ms", "300"],
+        &["--interval", "100ms"],
+    );
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert_table_matches(&run);
+    let object = run.of_type("hooks")[0]["objects"][0]["object"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        object.ends_with("family-static"),
+        "hooked the executable itself: {object}"
+    );
+}
+
+#[test]
+fn jemalloc_preloaded() {
+    util::require_root();
+    assert!(
+        std::path::Path::new(JEMALLOC).exists(),
+        "this test needs Debian's libjemalloc2 ({JEMALLOC}): `cargo xtask test` installs it"
+    );
+    let _s = serial();
+    let run = launch_with_env(
+        "family",
+        &["--hold-ms", "300", "--no-pvalloc"],
+        &["--interval", "100ms"],
+        &[("LD_PRELOAD", JEMALLOC)],
+    );
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    let hooked: Vec<&str> = run
+        .of_type("hooks")
+        .iter()
+        .flat_map(|h| h["objects"].as_array().unwrap())
+        .map(|o| o["object"].as_str().unwrap())
+        .collect();
+    assert!(
+        hooked.iter().any(|o| o.contains("jemalloc")),
+        "jemalloc hooked: {hooked:?}"
+    );
+    assert_table_matches(&run);
+}
+
+#[test]
+fn cxx_operator_new_and_delete() {
+    util::require_root();
+    let _s = serial();
+    let run = launch(
+        "cxx",
+        &["--hold-ms", "500"],
+        &["--interval", "100ms", "--min-age", "100ms"],
+    );
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert_table_matches(&run);
+    let leaks = run.leaks();
+    let leak = run
+        .truth
+        .iter()
+        .find(|t| t.tag == "LEAK")
+        .expect("the fixture leaks a node");
+    let record = leaks.get(&leak.addr).expect("the leaked node is reported");
+    assert_eq!(record["kind"], "direct");
+    assert_eq!(
+        record["allocator"], "malloc",
+        "operator new is seen through to malloc"
+    );
+    assert_eq!(record["stack"][0]["function"], "make_node(Node*)");
+}
+
+#[test]
+fn four_threads_of_churn_with_racing_reallocs() {
+    util::require_root();
+    let _s = serial();
+    // Threads are created before "go": the table must then equal the truth exactly.
+    let mut fixture = Fixture::start("churn", &["200000"], &[]);
+    let mut tracer = Tracer::attach(fixture.pid(), &["--interval", "500ms"]);
+    fixture.go();
+    fixture.wait_for("READY");
+    tracer.wait_scans(1);
+    let run = tracer.stop(&fixture.stdout.clone());
+    fixture.finish();
+    let lost = run.lost_total();
+    let counters = &run.end()["counters"];
+    eprintln!(
+        "churn: {} allocs, {} frees, {} reallocs, {lost} lost events",
+        counters["allocs"], counters["frees"], counters["reallocs"]
+    );
+    assert!(counters["reallocs"].as_u64().unwrap() > 100_000);
+    if lost == 0 {
+        assert_table_matches(&run);
+        assert_eq!(counters["overlap_retired"], 0);
+    } else {
+        // Lost events are reported, and the table can be off by at most that many.
+        let truth = truth_live(&run);
+        let table = run.live();
+        let differ = truth
+            .iter()
+            .filter(|(a, s)| table.get(a) != Some(s))
+            .count()
+            + table.keys().filter(|a| !truth.contains_key(a)).count();
+        assert!(
+            differ as u64 <= lost,
+            "{differ} differences with {lost} lost events"
+        );
+    }
+}
+
+#[test]
+fn launch_passes_arguments_and_exit_status() {
+    util::require_root();
+    let _s = serial();
+    let run = launch(
+        "counts",
+        &["10", "4", "--hold-ms", "0"],
+        &["--interval", "1s"],
+    );
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.fixture_stdout.contains("DONE 10 4"));
+    assert_eq!(run.end()["counters"]["allocs"], 10);
+    let run = util::launch("family", &["--hold-ms", "0", "--exit-code", "7"], &[]);
+    assert_eq!(run.status.code(), Some(7), "stderr:\n{}", run.stderr);
+    assert_eq!(run.end()["exit_status"], 7);
+}
+
+#[test]
+fn a_target_that_exits_mid_trace_ends_the_trace() {
+    util::require_root();
+    let _s = serial();
+    let mut fixture = Fixture::start("counts", &["100", "10"], &[]);
+    let mut tracer = Tracer::attach(fixture.pid(), &["--interval", "200ms"]);
+    fixture.go();
+    fixture.wait_for("READY");
+    tracer.wait_scans(1);
+    let pid = fixture.pid();
+    fixture.finish();
+    tracer.wait_records(|r| r.iter().any(|x| x["type"] == "end"), "the end record");
+    let run = tracer.stop("");
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    let exit = run.of_type("process_exit");
+    assert_eq!(exit.len(), 1);
+    assert_eq!(exit[0]["pid"], pid);
+    assert_eq!(run.end()["reason"], "targets_exited");
+}
