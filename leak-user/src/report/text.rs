@@ -170,10 +170,11 @@ pub fn render(title: &str, leaks: &[Leak], top: usize, color: bool) -> String {
     }
     if groups.len() > top {
         let rest: u64 = groups[top..].iter().map(|g| g.bytes).sum();
+        let more = groups.len() - top;
         let _ = writeln!(
             out,
-            "… and {} more ({}); use --top to see them\n",
-            plural((groups.len() - top) as u64, "stack", "stacks"),
+            "… and {more} more {} ({}); use --top to see them\n",
+            if more == 1 { "stack" } else { "stacks" },
             bytes(rest)
         );
     }
