@@ -37,6 +37,10 @@ pub mod names {
     pub const KERNEL_FILTER_CGROUPS: &str = "KERNEL_FILTER_CGROUPS";
     /// Global: non-zero when children of traced processes are traced too.
     pub const FOLLOW_FORKS: &str = "FOLLOW_FORKS";
+    /// Global: wake the reader only once this many bytes wait in the ring.
+    pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
+    /// Global: non-zero when allocation stacks are captured.
+    pub const CAPTURE_STACKS: &str = "CAPTURE_STACKS";
     /// Global: non-zero when kernel mode traces only the processes in `TARGETS`.
     pub const KERNEL_FILTER_PIDS: &str = "KERNEL_FILTER_PIDS";
 }

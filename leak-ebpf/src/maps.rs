@@ -54,6 +54,16 @@ pub static CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
 #[unsafe(no_mangle)]
 static FOLLOW_FORKS: u32 = 0;
 
+/// Set by the daemon: records are written without waking the reader (which polls
+/// every few milliseconds) until this many bytes wait: a wakeup per record would
+/// cost more than the record.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 1 << 20;
+
+/// Set by the daemon: capture allocation stacks (`--no-stacks` clears it).
+#[unsafe(no_mangle)]
+static CAPTURE_STACKS: u32 = 1;
+
 /// Set by the daemon: kernel mode traces only the tgids in `TARGETS`.
 #[unsafe(no_mangle)]
 static KERNEL_FILTER_PIDS: u32 = 0;
@@ -71,6 +81,14 @@ static TP_LAYOUT: TracepointLayout = TracepointLayout::absent();
 
 pub fn follow_forks() -> bool {
     unsafe { core::ptr::read_volatile(&raw const FOLLOW_FORKS) != 0 }
+}
+
+pub fn wakeup_bytes() -> u64 {
+    unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) }
+}
+
+pub fn capture_stacks() -> bool {
+    unsafe { core::ptr::read_volatile(&raw const CAPTURE_STACKS) != 0 }
 }
 
 pub fn kernel_filter_pids() -> bool {

@@ -3,13 +3,13 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_stack},
     maps::HashMap,
 };
 use leak_common::{Loss, STACK_DEPTH, Stack, UserRecord};
 
-use crate::maps::{EVENTS, LOSSES, STACK_SCRATCH, TARGETS};
+use crate::maps::{EVENTS, LOSSES, STACK_SCRATCH, TARGETS, wakeup_bytes};
 
 /// `bpf_get_stack` flag: walk the user stack instead of the kernel one.
 pub const USER_STACK: u64 = 1 << 8;
@@ -40,10 +40,20 @@ pub fn count(loss: Loss) {
     }
 }
 
+/// Ring-buffer flags for a write: wake the reader only when enough is waiting.
+#[inline(always)]
+pub fn wakeup_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wakeup_bytes() {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
 /// Writes a user-mode record, or counts it under `loss` when the ring is full.
 #[inline(always)]
 pub fn emit(record: &UserRecord, loss: Loss) {
-    if EVENTS.output::<UserRecord>(record, 0).is_err() {
+    if EVENTS.output::<UserRecord>(record, wakeup_flags()).is_err() {
         count(loss);
     }
 }

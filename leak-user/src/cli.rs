@@ -121,8 +121,9 @@ pub struct Args {
     #[arg(long, requires = "kernel")]
     pub pages: bool,
 
-    /// Kernel mode: do not capture kernel stacks (cheaper; call sites only).
-    #[arg(long, requires = "kernel")]
+    /// Do not capture allocation stacks: cheaper; reports name the allocating call
+    /// site only.
+    #[arg(long)]
     pub no_stacks: bool,
 
     /// Kernel mode: how frees are traced.

@@ -42,7 +42,6 @@ pub struct KernelConfig {
     pub cgroup: Option<PathBuf>,
     pub caches: Vec<String>,
     pub pages: bool,
-    pub stacks: bool,
     pub raw_frees: bool,
 }
 
@@ -61,6 +60,8 @@ pub struct Config {
     pub read_method: ReadMethod,
     pub suppressions: Suppressions,
     pub kernel: KernelConfig,
+    /// Capture allocation stacks (user and kernel mode).
+    pub stacks: bool,
     pub verbose: u8,
     /// Hidden test aid: where to dump the live objects at each final scan.
     pub dump_objects: Option<PathBuf>,
@@ -172,7 +173,6 @@ impl Config {
                 cgroup: args.cgroup,
                 caches: args.caches,
                 pages: args.pages,
-                stacks: !args.no_stacks,
                 raw_frees: args.free_probes == FreeProbesArg::Raw,
             },
             mode,
@@ -202,6 +202,7 @@ impl Config {
                 ReadMethodArg::ProcMem => ReadMethod::ProcMem,
             },
             suppressions,
+            stacks: !args.no_stacks,
             verbose: args.verbose,
             dump_objects: args.dump_objects,
         })

@@ -18,7 +18,7 @@ use leak_common::{AllocFn, HintKey, Loss, MAX_WRAPPER_DEPTH, PendingCall, Record
 
 use super::regs;
 use crate::{
-    maps::{CALLS, HINTS, STACKS},
+    maps::{CALLS, HINTS, STACKS, capture_stacks},
     record::{USER_STACK, capture_stack, count, current_ids, emit, is_target, now_ns},
 };
 
@@ -119,7 +119,9 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
         // malloc, valloc, pvalloc, operator new (plain and aligned): size first.
         _ => call.size = a0,
     }
-    call.stack_id = capture_stack(ctx, &STACKS, USER_STACK);
+    if capture_stacks() {
+        call.stack_id = capture_stack(ctx, &STACKS, USER_STACK);
+    }
     call.caller = allocating_call_site(tgid, sp);
     if CALLS.insert(&tid, &call, 0).is_err() {
         count(Loss::CallsFull);

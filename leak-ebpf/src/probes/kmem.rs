@@ -23,8 +23,10 @@ use aya_ebpf::{
 use leak_common::{KernelRecord, Loss, RecordKind, TracepointLayout, UserRecord};
 
 use crate::{
-    maps::{CGROUPS, EVENTS, KSTACKS, kernel_filter_cgroups, kernel_filter_pids, layout},
-    record::{capture_stack, count, current_ids, emit, is_target, now_ns},
+    maps::{
+        CGROUPS, EVENTS, KSTACKS, capture_stacks, kernel_filter_cgroups, kernel_filter_pids, layout,
+    },
+    record::{capture_stack, count, current_ids, emit, is_target, now_ns, wakeup_flags},
 };
 
 const ABSENT: u32 = TracepointLayout::ABSENT;
@@ -88,7 +90,11 @@ fn kernel_alloc(ctx: &TracePointContext, kind: RecordKind, f: AllocFields) {
         call_site: read::<u64>(ctx, f.call_site).unwrap_or(0),
         bytes_req: read::<u64>(ctx, f.bytes_req).unwrap_or(0),
         bytes_alloc: read::<u64>(ctx, f.bytes_alloc).unwrap_or(0),
-        stack_id: capture_stack(ctx, &KSTACKS, 0),
+        stack_id: if capture_stacks() {
+            capture_stack(ctx, &KSTACKS, 0)
+        } else {
+            0
+        },
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         cache: [0; 32],
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
@@ -98,7 +104,10 @@ fn kernel_alloc(ctx: &TracePointContext, kind: RecordKind, f: AllocFields) {
         let src = unsafe { (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize) };
         let _ = unsafe { bpf_probe_read_kernel_str_bytes(src, &mut record.cache) };
     }
-    if EVENTS.output::<KernelRecord>(&record, 0).is_err() {
+    if EVENTS
+        .output::<KernelRecord>(&record, wakeup_flags())
+        .is_err()
+    {
         count(Loss::RingFullKernel);
     }
 }
@@ -198,12 +207,19 @@ pub fn mm_page_alloc(ctx: TracePointContext) -> u32 {
                 call_site: 0,
                 bytes_req: 1 << (PAGE_SHIFT + order as u64),
                 bytes_alloc: 1 << (PAGE_SHIFT + order as u64),
-                stack_id: capture_stack(&ctx, &KSTACKS, 0),
+                stack_id: if capture_stacks() {
+                    capture_stack(&ctx, &KSTACKS, 0)
+                } else {
+                    0
+                },
                 cgroup_id: unsafe { bpf_get_current_cgroup_id() },
                 cache: [0; 32],
                 comm: bpf_get_current_comm().unwrap_or([0; 16]),
             };
-            if EVENTS.output::<KernelRecord>(&record, 0).is_err() {
+            if EVENTS
+                .output::<KernelRecord>(&record, wakeup_flags())
+                .is_err()
+            {
                 count(Loss::RingFullKernel);
             }
         }

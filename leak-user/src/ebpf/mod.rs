@@ -64,6 +64,7 @@ pub struct LoadOptions {
     pub ring_bytes: u32,
     pub stack_entries: u32,
     pub follow_forks: bool,
+    pub capture_stacks: bool,
     pub kernel_filter_pids: bool,
     pub kernel_filter_cgroups: bool,
 }
@@ -125,6 +126,8 @@ impl Probes {
         let layout = tracefs::layout(&tracefs);
         let flag = |b: bool| u32::from(b);
         let follow = flag(options.follow_forks);
+        let stacks = flag(options.capture_stacks);
+        let wakeup = u64::from(options.ring_bytes / 8);
         let filter_pids = flag(options.kernel_filter_pids);
         let filter_cgroups = flag(options.kernel_filter_cgroups);
         let mut ebpf = EbpfLoader::new()
@@ -132,6 +135,8 @@ impl Probes {
             .map_max_entries(names::STACKS, options.stack_entries)
             .map_max_entries(names::KSTACKS, options.stack_entries)
             .override_global(names::FOLLOW_FORKS, &follow, true)
+            .override_global(names::CAPTURE_STACKS, &stacks, true)
+            .override_global(names::WAKEUP_BYTES, &wakeup, true)
             .override_global(names::KERNEL_FILTER_PIDS, &filter_pids, true)
             .override_global(names::KERNEL_FILTER_CGROUPS, &filter_cgroups, true)
             .override_global(names::TP_LAYOUT, &layout, true)

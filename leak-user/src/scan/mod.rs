@@ -198,6 +198,9 @@ struct Walker<'a> {
     checksums: Vec<u64>,
     read_ok: Vec<bool>,
     stats: ScanStats,
+    /// Words that may be pointers, waiting for a batched lookup.
+    pending: Vec<u64>,
+    found: Vec<Option<(u32, u64)>>,
 }
 
 impl Walker<'_> {
@@ -212,42 +215,57 @@ impl Walker<'_> {
             .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")));
         let index = self.index;
         match role {
-            Role::Root => {
-                self.stats.root_bytes += bytes.len() as u64;
-                for w in words {
-                    if w < MIN_POINTER {
-                        continue;
-                    }
-                    if let Some(j) = index.find(w) {
-                        self.graph.add_root(j, w != index.start(j));
-                    }
+            Role::Root => self.stats.root_bytes += bytes.len() as u64,
+            Role::Object(_) => self.stats.object_bytes += bytes.len() as u64,
+        }
+        let mut h = match role {
+            Role::Object(i) => self.checksums[i as usize],
+            Role::Root => 0,
+        };
+        for w in words {
+            h = mix(h, w);
+            if w >= MIN_POINTER && index.in_range(w) {
+                self.pending.push(w);
+                if self.pending.len() == index::BATCH {
+                    self.resolve(role);
                 }
-            }
-            Role::Object(i) => {
-                self.stats.object_bytes += bytes.len() as u64;
-                let mut h = self.checksums[i as usize];
-                for w in words {
-                    h = mix(h, w);
-                    if w < MIN_POINTER {
-                        continue;
-                    }
-                    if let Some(j) = index.find(w) {
-                        self.graph.add_edge(i, j, w != index.start(j));
-                    }
-                }
-                self.checksums[i as usize] = h;
             }
         }
+        self.resolve(role);
+        if let Role::Object(i) = role {
+            self.checksums[i as usize] = h;
+        }
+    }
+
+    /// Looks up the pending words and records what they point to.
+    fn resolve(&mut self, role: Role) {
+        if self.pending.is_empty() {
+            return;
+        }
+        self.index.find_batch(&self.pending, &mut self.found);
+        for (&w, &hit) in self.pending.iter().zip(&self.found) {
+            let Some((j, start)) = hit else { continue };
+            let interior = w != start;
+            match role {
+                Role::Root => self.graph.add_root(j, interior),
+                Role::Object(i) => self.graph.add_edge(i, j, interior),
+            }
+        }
+        self.pending.clear();
     }
 }
 
 /// Runs one scan. Pure apart from reading `memory`.
 pub fn scan(input: &ScanInput, memory: &dyn MemorySource) -> ScanOutput {
     let objects = &input.snapshot.objects;
+    let started = std::time::Instant::now();
     let index = ObjectIndex::new(objects.iter().map(|(a, o)| (*a, o.size)));
     let plan = plan(input, &index);
+    let planned = started.elapsed();
     let mut walker = Walker {
         index: &index,
+        pending: Vec::with_capacity(index::BATCH),
+        found: Vec::with_capacity(index::BATCH),
         graph: Graph::new(index.len()),
         checksums: objects.iter().map(|(_, o)| o.size).collect(),
         read_ok: vec![true; index.len()],
@@ -296,7 +314,15 @@ pub fn scan(input: &ScanInput, memory: &dyn MemorySource) -> ScanOutput {
         }
         k = last + 1;
     }
-    finish(input, &index, walker, &plan.unmapped)
+    let walked = started.elapsed();
+    let out = finish(input, &index, walker, &plan.unmapped);
+    log::debug!(
+        "scan of {} objects: index and plan {planned:?}, read and walk {:?}, mark and sweep {:?}",
+        objects.len(),
+        walked - planned,
+        started.elapsed() - walked
+    );
+    out
 }
 
 fn finish(

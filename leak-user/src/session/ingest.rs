@@ -92,8 +92,9 @@ impl<S: EventSink> Task<S> {
         mut ring: AsyncFd<RingBuf<MapData>>,
         mut drain_rx: mpsc::UnboundedReceiver<std::sync::mpsc::Sender<()>>,
     ) {
-        // Belt and braces: a missed wakeup must not leave records in the ring.
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        // The programs wake us only when the ring fills up (a wakeup per record
+        // would cost more than the record): drain it on a short period too.
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
         loop {
             tokio::select! {
                 guard = ring.readable_mut() => {

@@ -111,6 +111,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         ring_bytes: config.ring_bytes,
         stack_entries: config.stack_entries,
         follow_forks: config.follow_forks,
+        capture_stacks: config.stacks,
         kernel_filter_pids: false,
         kernel_filter_cgroups: false,
     })?;
