@@ -34,23 +34,14 @@ fn main() {
         } else {
             16 + (next() as u64 % 64) * 16
         };
-        objects.push((
-            addr,
-            Object {
-                size,
-                birth_ms: 0,
-                site: 0,
-                tid: 1,
-                serial: i as u32,
-            },
-        ));
+        objects.push((addr, Object::new(size, 0, 0, 1, i as u32)));
         addr += size + 16;
     }
     let heap_len = (addr - base) as usize;
     let mut memory = FakeMemory::new();
     memory.map(base, heap_len);
     for (i, (a, o)) in objects.iter().enumerate() {
-        for w in 0..o.size / 8 {
+        for w in 0..o.size() / 8 {
             let value = if w % 2 == 1 {
                 objects[next() as usize % n].0
             } else {

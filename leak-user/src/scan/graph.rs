@@ -26,6 +26,7 @@ pub enum Reach {
 }
 
 /// The pointer graph of one scan, built in object order.
+#[derive(Default)]
 pub struct Graph {
     counts: Vec<u32>,
     edges: Vec<u32>,
@@ -36,13 +37,21 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(objects: usize) -> Self {
-        Self {
-            counts: vec![0; objects],
-            edges: Vec::new(),
-            last_src: 0,
-            strong_roots: vec![false; objects],
-            weak_roots: vec![false; objects],
-        }
+        let mut g = Self::default();
+        g.reset(objects);
+        g
+    }
+
+    /// Empties the graph for `objects` objects, keeping its memory.
+    pub fn reset(&mut self, objects: usize) {
+        self.counts.clear();
+        self.counts.resize(objects, 0);
+        self.edges.clear();
+        self.last_src = 0;
+        self.strong_roots.clear();
+        self.strong_roots.resize(objects, false);
+        self.weak_roots.clear();
+        self.weak_roots.resize(objects, false);
     }
 
     pub fn objects(&self) -> usize {

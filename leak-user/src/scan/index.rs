@@ -106,10 +106,10 @@ impl ObjectIndex {
         self.ranges.partition_point(|r| r.1 <= addr)
     }
 
-    /// Does `addr` fall inside [lowest start, highest end)? (Cheap first filter.)
-    #[inline]
-    pub fn in_range(&self, addr: u64) -> bool {
-        addr.wrapping_sub(self.lo) < self.width
+    /// (lowest start, highest end − lowest start): an address `a` can only be in an
+    /// object when `a - lo < width` (wrapping), the scan's cheap first filter.
+    pub fn bounds(&self) -> (u64, u64) {
+        (self.lo, self.width)
     }
 
     /// The span and granule slot of `addr` (which passed [`Self::in_range`]).

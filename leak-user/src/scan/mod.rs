@@ -187,20 +187,40 @@ fn subtract(r: Range<u64>, set: &RangeSet) -> Vec<Range<u64>> {
     out
 }
 
-/// Per-object running checksums of the words scanned.
-fn mix(h: u64, w: u64) -> u64 {
-    (h.rotate_left(5) ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+/// A checksum of an object's contents, to tell whether it changed between scans.
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.chunks_exact(8).fold(bytes.len() as u64, |h, c| {
+        let w = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
+        (h.rotate_left(5) ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    })
 }
+
+/// Buffers one scan needs, kept between scans so that a large target does not
+/// page-fault hundreds of megabytes of fresh memory at every scan.
+#[derive(Default)]
+pub struct Workspace {
+    graph: Graph,
+    read_ok: Vec<bool>,
+    buf: Vec<u8>,
+    pending: Vec<u64>,
+    sources: Vec<u32>,
+    found: Vec<Option<(u32, u64)>>,
+}
+
+/// The source of a pending word that lies in a root.
+const ROOT: u32 = u32::MAX;
 
 struct Walker<'a> {
     index: &'a ObjectIndex,
-    graph: Graph,
-    checksums: Vec<u64>,
-    read_ok: Vec<bool>,
+    lo: u64,
+    width: u64,
+    graph: &'a mut Graph,
     stats: ScanStats,
-    /// Words that may be pointers, waiting for a batched lookup.
-    pending: Vec<u64>,
-    found: Vec<Option<(u32, u64)>>,
+    /// Words that may be pointers, waiting for a batched lookup, and the object
+    /// each was found in ([`ROOT`] for roots). Batches span object boundaries.
+    pending: &'a mut Vec<u64>,
+    sources: &'a mut Vec<u32>,
+    found: &'a mut Vec<Option<(u32, u64)>>,
 }
 
 impl Walker<'_> {
@@ -210,174 +230,224 @@ impl Walker<'_> {
         let Some(bytes) = bytes.get(skip..) else {
             return;
         };
-        let words = bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")));
-        let index = self.index;
         match role {
             Role::Root => self.stats.root_bytes += bytes.len() as u64,
             Role::Object(_) => self.stats.object_bytes += bytes.len() as u64,
         }
-        let mut h = match role {
-            Role::Object(i) => self.checksums[i as usize],
-            Role::Root => 0,
+        let (lo, width) = (self.lo, self.width);
+        let source = match role {
+            Role::Root => ROOT,
+            Role::Object(i) => i,
         };
-        for w in words {
-            h = mix(h, w);
-            if w >= MIN_POINTER && index.in_range(w) {
+        for c in bytes.chunks_exact(8) {
+            let w = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
+            if w.wrapping_sub(lo) < width && w >= MIN_POINTER {
                 self.pending.push(w);
+                self.sources.push(source);
                 if self.pending.len() == index::BATCH {
-                    self.resolve(role);
+                    self.resolve();
                 }
             }
-        }
-        self.resolve(role);
-        if let Role::Object(i) = role {
-            self.checksums[i as usize] = h;
         }
     }
 
     /// Looks up the pending words and records what they point to.
-    fn resolve(&mut self, role: Role) {
+    fn resolve(&mut self) {
         if self.pending.is_empty() {
             return;
         }
-        self.index.find_batch(&self.pending, &mut self.found);
-        for (&w, &hit) in self.pending.iter().zip(&self.found) {
+        self.index.find_batch(self.pending, self.found);
+        for ((&w, &source), &hit) in self
+            .pending
+            .iter()
+            .zip(self.sources.iter())
+            .zip(self.found.iter())
+        {
             let Some((j, start)) = hit else { continue };
             let interior = w != start;
-            match role {
-                Role::Root => self.graph.add_root(j, interior),
-                Role::Object(i) => self.graph.add_edge(i, j, interior),
+            if source == ROOT {
+                self.graph.add_root(j, interior);
+            } else {
+                self.graph.add_edge(source, j, interior);
             }
         }
         self.pending.clear();
+        self.sources.clear();
     }
 }
 
-/// Runs one scan. Pure apart from reading `memory`.
+/// Runs one scan with fresh buffers. Pure apart from reading `memory`.
 pub fn scan(input: &ScanInput, memory: &dyn MemorySource) -> ScanOutput {
-    let objects = &input.snapshot.objects;
-    let started = std::time::Instant::now();
-    let index = ObjectIndex::new(objects.iter().map(|(a, o)| (*a, o.size)));
-    let plan = plan(input, &index);
-    let planned = started.elapsed();
-    let mut walker = Walker {
-        index: &index,
-        pending: Vec::with_capacity(index::BATCH),
-        found: Vec::with_capacity(index::BATCH),
-        graph: Graph::new(index.len()),
-        checksums: objects.iter().map(|(_, o)| o.size).collect(),
-        read_ok: vec![true; index.len()],
-        stats: ScanStats {
-            objects: index.len() as u64,
-            ..ScanStats::default()
-        },
-    };
-    for &o in plan.unreadable.iter().chain(&plan.unmapped) {
-        walker.read_ok[o as usize] = false;
-    }
-    for &r in &input.registers {
-        if let Some(j) = index.find(r) {
-            walker.graph.add_root(j, r != index.start(j));
-        }
-    }
-    // Read windows of up to CHUNK bytes covering consecutive pieces.
-    let pieces = &plan.pieces;
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut k = 0;
-    while k < pieces.len() {
-        let start = pieces[k].range.start;
-        let mut last = k;
-        while let Some(next) = pieces.get(last + 1)
-            && next.range.start <= pieces[last].range.end + READ_THROUGH
-            && next.range.end - start <= CHUNK
-        {
-            last += 1;
-        }
-        let end = pieces[last].range.end;
-        let got = memory.read(start, &mut buf[..(end - start) as usize]) as u64;
-        walker.stats.bytes_read += got;
-        let readable_end = start + got;
-        for piece in &pieces[k..=last] {
-            let r = &piece.range;
-            if readable_end > r.start {
-                let bytes =
-                    &buf[(r.start - start) as usize..(r.end.min(readable_end) - start) as usize];
-                walker.scan(r.start, bytes, piece.role);
-            }
-            if readable_end < r.end
-                && let Role::Object(o) = piece.role
-            {
-                walker.read_ok[o as usize] = false;
-            }
-        }
-        k = last + 1;
-    }
-    let walked = started.elapsed();
-    let out = finish(input, &index, walker, &plan.unmapped);
-    log::debug!(
-        "scan of {} objects: index and plan {planned:?}, read and walk {:?}, mark and sweep {:?}",
-        objects.len(),
-        walked - planned,
-        started.elapsed() - walked
-    );
-    out
+    Workspace::default().scan(input, memory)
 }
 
-fn finish(
-    input: &ScanInput,
-    index: &ObjectIndex,
-    mut w: Walker<'_>,
-    unmapped: &[u32],
-) -> ScanOutput {
-    let objects = &input.snapshot.objects;
-    let reach = w.graph.classify();
-    let mut candidates = Vec::new();
-    w.stats.edges = w.graph.edge_count() as u64;
-    for (i, r) in reach.iter().enumerate() {
-        if !w.read_ok[i] {
-            continue;
+impl Workspace {
+    /// Runs one scan, reusing this workspace's buffers.
+    pub fn scan(&mut self, input: &ScanInput, memory: &dyn MemorySource) -> ScanOutput {
+        let objects = &input.snapshot.objects;
+        let started = std::time::Instant::now();
+        let index = ObjectIndex::new(objects.iter().map(|(a, o)| (*a, o.size())));
+        let plan = plan(input, &index);
+        let planned = started.elapsed();
+        self.graph.reset(index.len());
+        self.read_ok.clear();
+        self.read_ok.resize(index.len(), true);
+        for &o in plan.unreadable.iter().chain(&plan.unmapped) {
+            self.read_ok[o as usize] = false;
         }
-        let kind = match r {
-            Reach::Reachable => {
-                w.stats.reachable += 1;
+        let (lo, width) = index.bounds();
+        let mut walker = Walker {
+            index: &index,
+            lo,
+            width,
+            graph: &mut self.graph,
+            stats: ScanStats {
+                objects: index.len() as u64,
+                ..ScanStats::default()
+            },
+            pending: &mut self.pending,
+            sources: &mut self.sources,
+            found: &mut self.found,
+        };
+        for &r in &input.registers {
+            if let Some(j) = index.find(r) {
+                walker.graph.add_root(j, r != index.start(j));
+            }
+        }
+        // Read windows of up to CHUNK bytes covering consecutive pieces.
+        let pieces = &plan.pieces;
+        self.buf.resize(CHUNK as usize, 0);
+        let buf = &mut self.buf;
+        let mut k = 0;
+        while k < pieces.len() {
+            let start = pieces[k].range.start;
+            let mut last = k;
+            while let Some(next) = pieces.get(last + 1)
+                && next.range.start <= pieces[last].range.end + READ_THROUGH
+                && next.range.end - start <= CHUNK
+            {
+                last += 1;
+            }
+            let end = pieces[last].range.end;
+            let got = memory.read(start, &mut buf[..(end - start) as usize]) as u64;
+            walker.stats.bytes_read += got;
+            let readable_end = start + got;
+            for piece in &pieces[k..=last] {
+                let r = &piece.range;
+                if readable_end > r.start {
+                    let bytes = &buf
+                        [(r.start - start) as usize..(r.end.min(readable_end) - start) as usize];
+                    walker.scan(r.start, bytes, piece.role);
+                }
+                if readable_end < r.end
+                    && let Role::Object(o) = piece.role
+                {
+                    self.read_ok[o as usize] = false;
+                }
+            }
+            k = last + 1;
+        }
+        walker.resolve();
+        let mut stats = walker.stats;
+        let walked = started.elapsed();
+        let mut out = self.finish(input, &index, &mut stats, &plan.unmapped);
+        self.checksum_candidates(&mut out, &index, memory);
+        out.stats = stats;
+        log::debug!(
+            "scan of {} objects: index and plan {planned:?}, read and walk {:?}, mark, sweep and checksums {:?}",
+            objects.len(),
+            walked - planned,
+            started.elapsed() - walked
+        );
+        out
+    }
+
+    fn finish(
+        &self,
+        input: &ScanInput,
+        index: &ObjectIndex,
+        stats: &mut ScanStats,
+        unmapped: &[u32],
+    ) -> ScanOutput {
+        let objects = &input.snapshot.objects;
+        let reach = self.graph.classify();
+        let mut candidates = Vec::new();
+        stats.edges = self.graph.edge_count() as u64;
+        for (i, r) in reach.iter().enumerate() {
+            if !self.read_ok[i] {
                 continue;
             }
-            Reach::Possible => {
-                w.stats.possible += 1;
-                LeakKind::Possible
-            }
-            Reach::Direct => {
-                w.stats.direct += 1;
-                LeakKind::Direct
-            }
-            Reach::Indirect { .. } => {
-                w.stats.indirect += 1;
-                LeakKind::Indirect
-            }
-        };
-        let root = match r {
-            Reach::Indirect { root } => Some(index.start(*root)),
-            _ => None,
-        };
-        candidates.push(Candidate {
-            addr: objects[i].0,
-            serial: objects[i].1.serial,
-            kind,
-            checksum: w.checksums[i],
-            root,
-        });
+            let kind = match r {
+                Reach::Reachable => {
+                    stats.reachable += 1;
+                    continue;
+                }
+                Reach::Possible => {
+                    stats.possible += 1;
+                    LeakKind::Possible
+                }
+                Reach::Direct => {
+                    stats.direct += 1;
+                    LeakKind::Direct
+                }
+                Reach::Indirect { .. } => {
+                    stats.indirect += 1;
+                    LeakKind::Indirect
+                }
+            };
+            let root = match r {
+                Reach::Indirect { root } => Some(index.start(*root)),
+                _ => None,
+            };
+            candidates.push(Candidate {
+                addr: objects[i].0,
+                serial: objects[i].1.serial,
+                kind,
+                checksum: 0,
+                root,
+            });
+        }
+        stats.unreadable =
+            self.read_ok.iter().filter(|ok| !**ok).count() as u64 - unmapped.len() as u64;
+        stats.unmapped = unmapped.len() as u64;
+        ScanOutput {
+            candidates,
+            unmapped: unmapped
+                .iter()
+                .map(|&o| (objects[o as usize].0, objects[o as usize].1.serial))
+                .collect(),
+            stats: *stats,
+        }
     }
-    w.stats.unreadable = w.read_ok.iter().filter(|ok| !**ok).count() as u64 - unmapped.len() as u64;
-    w.stats.unmapped = unmapped.len() as u64;
-    ScanOutput {
-        candidates,
-        unmapped: unmapped
-            .iter()
-            .map(|&o| (objects[o as usize].0, objects[o as usize].1.serial))
-            .collect(),
-        stats: w.stats,
+
+    /// Checksums the candidates' contents (few, usually): reachable objects need none.
+    fn checksum_candidates(
+        &mut self,
+        out: &mut ScanOutput,
+        index: &ObjectIndex,
+        memory: &dyn MemorySource,
+    ) {
+        let mut k = 0;
+        let cands = &mut out.candidates;
+        while k < cands.len() {
+            let start = cands[k].addr;
+            let end_of = |c: &Candidate| index.find(c.addr).map_or(c.addr + 1, |j| index.end(j));
+            let mut last = k;
+            while let Some(next) = cands.get(last + 1)
+                && next.addr <= end_of(&cands[last]) + READ_THROUGH
+                && end_of(next) - start <= CHUNK
+            {
+                last += 1;
+            }
+            let end = end_of(&cands[last]).min(start + CHUNK);
+            let got = memory.read(start, &mut self.buf[..(end - start) as usize]);
+            for c in &mut cands[k..=last] {
+                let from = (c.addr - start) as usize;
+                let to = ((end_of(c) - start) as usize).min(got);
+                c.checksum = self.buf.get(from..to.max(from)).map_or(0, checksum);
+            }
+            k = last + 1;
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{ScanInput, ScanOutput, ScanStats, scan, verdict::ScanVerdicts};
+use super::{ScanInput, ScanOutput, ScanStats, Workspace, verdict::ScanVerdicts};
 use crate::{
     clock,
     proc::{
@@ -21,8 +21,11 @@ use crate::{
         threads,
     },
     ptrace::{FreezeError, Frozen, PtraceHandle},
-    table::SharedTable,
+    table::{SharedTable, Snapshot},
 };
+
+/// Objects copied per lock hold while taking a snapshot.
+const SNAPSHOT_PART: usize = 1 << 16;
 
 /// How to scan.
 #[derive(Clone, Copy, Debug)]
@@ -39,7 +42,7 @@ pub struct ProcessScan {
     pub pid: u32,
     pub stats: ScanStats,
     pub verdicts: ScanVerdicts,
-    /// Lock held to take the snapshot.
+    /// Longest lock hold while taking the snapshot.
     pub snapshot_hold: Duration,
     /// Lock held to apply the verdicts.
     pub apply_hold: Duration,
@@ -72,6 +75,7 @@ pub enum ScanError {
 /// (used after a freeze).
 pub fn scan_process(
     table: &SharedTable,
+    workspace: &mut Workspace,
     pid: u32,
     options: ScanOptions,
     ptrace: Option<&PtraceHandle>,
@@ -89,7 +93,7 @@ pub fn scan_process(
         }
         _ => None,
     };
-    let result = scan_frozen_or_not(table, pid, options, frozen.as_ref());
+    let result = scan_frozen_or_not(table, workspace, pid, options, frozen.as_ref());
     let pause = match (frozen, ptrace) {
         (Some(f), Some(ptrace)) => {
             let threads = f.threads;
@@ -116,12 +120,28 @@ pub fn scan_process(
 /// Snapshot (under the lock), then read and scan (without it).
 fn scan_frozen_or_not(
     table: &SharedTable,
+    workspace: &mut Workspace,
     pid: u32,
     options: ScanOptions,
     frozen: Option<&Frozen>,
 ) -> Result<(ScanOutput, Duration, Vec<Mapping>), ScanError> {
-    let (snapshot, snapshot_hold) = table.with(|t| t.snapshot(pid));
-    let snapshot = snapshot.ok_or(ScanError::Gone(pid))?;
+    // The snapshot is taken a part at a time, releasing the lock in between, so
+    // that ingestion never waits long. Objects that change meanwhile are judged
+    // again by the next scan (the consecutive-scans rule), like every other race.
+    let mut snapshot = Snapshot::default();
+    let mut snapshot_hold = Duration::ZERO;
+    let mut from = 0;
+    loop {
+        let (next, held) = table.with(|t| {
+            t.process(pid)?;
+            Some(t.snapshot_part(pid, from, SNAPSHOT_PART, &mut snapshot))
+        });
+        snapshot_hold = snapshot_hold.max(held);
+        match next.ok_or(ScanError::Gone(pid))? {
+            Some(n) => from = n,
+            None => break,
+        }
+    }
     let io = |source| ScanError::Io { pid, source };
     let maps = proc::maps::read(pid).map_err(io)?;
     if maps.is_empty() {
@@ -144,6 +164,6 @@ fn scan_frozen_or_not(
         registers,
     };
     let memory = ProcessMemory::open(pid, options.read_method).map_err(io)?;
-    let output = scan(&input, &memory);
+    let output = workspace.scan(&input, &memory);
     Ok((output, snapshot_hold, input.maps))
 }

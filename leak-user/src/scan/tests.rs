@@ -59,16 +59,10 @@ impl Fixture {
     /// Adds a tracked object of `size` bytes at `addr`.
     fn object(&mut self, addr: u64, size: u64) {
         let serial = self.input.snapshot.objects.len() as u32 + 1;
-        self.input.snapshot.objects.push((
-            addr,
-            Object {
-                size,
-                birth_ms: 0,
-                site: 0,
-                tid: 1,
-                serial,
-            },
-        ));
+        self.input
+            .snapshot
+            .objects
+            .push((addr, Object::new(size, 0, 0, 1, serial)));
         self.input.snapshot.objects.sort_by_key(|o| o.0);
     }
 

@@ -281,13 +281,7 @@ mod tests {
     use super::*;
 
     fn object(birth_ms: u32, serial: u32) -> Object {
-        Object {
-            size: 32,
-            birth_ms,
-            site: 0,
-            tid: 1,
-            serial,
-        }
+        Object::new(32, birth_ms, 0, 1, serial)
     }
 
     fn cand(addr: u64, checksum: u64) -> Candidate {

@@ -340,10 +340,10 @@ impl Reporter {
         Leak {
             pid: f.pid,
             address: f.addr,
-            size: f.object.size,
+            size: f.object.size(),
             kind: f.kind,
             age_ms: u64::from(now_ms.saturating_sub(f.object.birth_ms)),
-            tid: f.object.tid,
+            tid: f.object.tid(),
             allocator: allocator_name(site.func),
             root: f.root,
             stack: self.stack_of(f.pid, site),
@@ -468,7 +468,7 @@ impl Reporter {
             r#type: "retraction",
             pid: r.pid,
             address: r.addr,
-            size: r.object.size,
+            size: r.object.size(),
             kind: r.kind,
             reason: r.reason,
         });
@@ -479,7 +479,7 @@ impl Reporter {
             };
             let line = format!(
                 "retracted: {} bytes at {:#x} in {} ({reason})\n",
-                r.object.size,
+                r.object.size(),
                 r.addr,
                 self.process_name(r.pid)
             );

@@ -35,6 +35,7 @@ use crate::{
     proc,
     ptrace::{ChildEvent, PtraceHandle, launch},
     scan::{
+        Workspace,
         scanner::{ScanError, ScanOptions, scan_process},
         verdict::VerdictBook,
     },
@@ -83,6 +84,8 @@ struct Session {
     started: Instant,
     last_records: (Instant, u64),
     free_losses: u64,
+    /// The scanner's buffers, lent to each scan.
+    workspace: Option<Workspace>,
 }
 
 /// Checks the targets before anything is loaded, so that a typo costs nothing.
@@ -143,6 +146,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         started: Instant::now(),
         last_records: (Instant::now(), 0),
         free_losses: 0,
+        workspace: Some(Workspace::default()),
     };
     if let Err(err) = session.attach_initial().await {
         if let Some(pid) = session.launched {
@@ -517,12 +521,17 @@ impl Session {
             stop_the_world: self.config.stop_the_world && !at_exit,
             at_exit,
         };
+        let mut workspace = self.workspace.take().unwrap_or_default();
         let result = tokio::task::spawn_blocking(move || {
-            scan_process(&table, pid, options, Some(&ptrace), &|| {
-                ingest.drain_blocking()
-            })
+            let drain = || ingest.drain_blocking();
+            let result = scan_process(&table, &mut workspace, pid, options, Some(&ptrace), &drain);
+            (result, workspace)
         })
-        .await;
+        .await
+        .map(|(result, workspace)| {
+            self.workspace = Some(workspace);
+            result
+        });
         self.status.clear();
         match result {
             Ok(Ok(scan)) => {
@@ -618,7 +627,7 @@ impl Session {
                 let func = t.sites.get(o.site).map_or("?", |s| crate::report::allocator_name(s.func));
                 lines.push_str(&format!(
                     "{{\"pid\":{pid},\"address\":\"{addr:#x}\",\"size\":{},\"allocator\":\"{func}\",\"serial\":{}}}\n",
-                    o.size, o.serial
+                    o.size(), o.serial
                 ));
             }
             lines

@@ -38,26 +38,51 @@ use crate::{
 
 const PAGE_SIZE: u64 = 4096;
 
-/// One live block. Kept small: a table holds millions of these.
+/// One live block. Kept small (20 bytes): a table holds millions of these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Object {
-    /// Requested size in bytes.
-    pub size: u64,
+    /// Low 32 bits of the requested size.
+    size_low: u32,
+    /// High 8 bits of the size (blocks up to 1 TiB), and the allocating thread
+    /// (24 bits: Linux thread ids stay below 2^22).
+    size_high_tid: u32,
     /// Milliseconds since the tracer started.
     pub birth_ms: u32,
     /// Key into the table's [`SiteInterner`].
     pub site: u32,
-    /// The allocating thread.
-    pub tid: u32,
     /// Distinguishes two lives of one address (wraps; only compared for equality
     /// across a few seconds).
     pub serial: u32,
 }
 
 impl Object {
+    const MAX_SIZE: u64 = (1 << 40) - 1;
+    const TID_MASK: u32 = (1 << 24) - 1;
+
+    pub fn new(size: u64, birth_ms: u32, site: u32, tid: u32, serial: u32) -> Self {
+        let size = size.min(Self::MAX_SIZE);
+        Self {
+            size_low: size as u32,
+            size_high_tid: ((size >> 32) as u32) << 24 | (tid & Self::TID_MASK),
+            birth_ms,
+            site,
+            serial,
+        }
+    }
+
+    /// Requested size in bytes.
+    pub fn size(&self) -> u64 {
+        u64::from(self.size_high_tid >> 24) << 32 | u64::from(self.size_low)
+    }
+
+    /// The allocating thread.
+    pub fn tid(&self) -> u32 {
+        self.size_high_tid & Self::TID_MASK
+    }
+
     /// The bytes a pointer can point into: a zero-sized block still owns one.
     pub fn span(&self) -> u64 {
-        self.size.max(1)
+        self.size().max(1)
     }
 }
 
@@ -259,13 +284,30 @@ impl Table {
         std::mem::take(&mut self.notices)
     }
 
-    pub fn snapshot(&self, pid: u32) -> Option<Snapshot> {
+    /// Part of a snapshot: up to `max` objects from address `from` on, appended to
+    /// `snapshot` (whose owned ranges are taken on the first call). Returns where to
+    /// continue, or None when done (or when the process is gone).
+    pub fn snapshot_part(
+        &self,
+        pid: u32,
+        from: u64,
+        max: usize,
+        snapshot: &mut Snapshot,
+    ) -> Option<u64> {
         let p = self.processes.get(&pid)?;
-        Some(Snapshot {
-            objects: p.objects.iter().map(|(&a, &o)| (a, o)).collect(),
-            owned: p.owned.iter().collect(),
-            attached_late: p.attached_late,
-        })
+        if from == 0 {
+            snapshot.owned = p.owned.iter().collect();
+            snapshot.attached_late = p.attached_late;
+        }
+        let mut next = None;
+        for (i, (&a, &o)) in p.objects.range(from..).enumerate() {
+            if i == max {
+                next = Some(a);
+                break;
+            }
+            snapshot.objects.push((a, o));
+        }
+        next
     }
 
     /// Applies one event, in ring order.
@@ -349,13 +391,13 @@ impl Table {
             a.size
         };
         self.next_serial = self.next_serial.wrapping_add(1);
-        Object {
+        Object::new(
             size,
-            birth_ms: self.ms_since_start(a.ts_ns),
+            self.ms_since_start(a.ts_ns),
             site,
-            tid: a.tid,
-            serial: self.next_serial,
-        }
+            a.tid,
+            self.next_serial,
+        )
     }
 
     fn apply_realloc(&mut self, alloc: &Alloc, old: u64) {
@@ -423,9 +465,9 @@ impl Table {
             self.remove(pid, a, RetractionReason::Freed);
         }
         let p = self.processes.get_mut(&pid).expect("checked above");
-        p.live_bytes += object.size;
+        p.live_bytes += object.size();
         if let Some(old) = p.objects.insert(addr, object) {
-            p.live_bytes -= old.size;
+            p.live_bytes -= old.size();
         }
     }
 
@@ -433,7 +475,7 @@ impl Table {
     fn remove(&mut self, pid: u32, addr: u64, reason: RetractionReason) -> Option<(Object, u64)> {
         let p = self.processes.get_mut(&pid)?;
         let object = p.objects.remove(&addr)?;
-        p.live_bytes -= object.size;
+        p.live_bytes -= object.size();
         if let Some(retraction) = self.verdicts.on_gone(pid, addr, &object, reason) {
             self.counters.retractions += 1;
             self.notices.push(Notice::Retraction(retraction));
@@ -511,7 +553,7 @@ mod tests {
             .unwrap()
             .objects
             .iter()
-            .map(|(&a, o)| (a, o.size))
+            .map(|(&a, o)| (a, o.size()))
             .collect()
     }
 
@@ -579,7 +621,7 @@ mod tests {
             old: 0x1000,
         });
         assert_eq!(addrs(&t), vec![(0x1000, 16), (0x5000, 64)]);
-        assert_eq!(t.process(1).unwrap().objects[&0x1000].tid, 8);
+        assert_eq!(t.process(1).unwrap().objects[&0x1000].tid(), 8);
         assert_eq!(t.counters.overlap_retired, 0);
     }
 
@@ -696,6 +738,17 @@ mod tests {
                 Notice::ProcessExeced { pid: 2 }
             ]
         );
+    }
+
+    #[test]
+    fn objects_pack_size_and_thread() {
+        let o = Object::new((1 << 39) + 12345, 7, 8, 4_194_303, 9);
+        assert_eq!(
+            (o.size(), o.tid(), o.birth_ms, o.site, o.serial),
+            ((1 << 39) + 12345, 4_194_303, 7, 8, 9)
+        );
+        assert_eq!(size_of::<Object>(), 20);
+        assert_eq!(Object::new(u64::MAX, 0, 0, 0, 0).size(), (1 << 40) - 1);
     }
 
     #[test]

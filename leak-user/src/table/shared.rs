@@ -36,6 +36,7 @@ impl SharedTable {
     }
 
     /// Runs `f` under the lock; returns its result and how long the lock was held.
+    #[track_caller]
     pub fn with<R>(&self, f: impl FnOnce(&mut Table) -> R) -> (R, Duration) {
         // A panic while holding the lock leaves the table as it was at that point;
         // keep going rather than poisoning every later report.
@@ -48,6 +49,12 @@ impl SharedTable {
         let result = f(&mut guard);
         let held = start.elapsed();
         drop(guard);
+        if held > Duration::from_millis(10) {
+            log::debug!(
+                "table lock held {held:?} at {}",
+                std::panic::Location::caller()
+            );
+        }
         self.inner
             .longest_hold_ns
             .fetch_max(held.as_nanos() as u64, Ordering::Relaxed);
@@ -55,6 +62,7 @@ impl SharedTable {
     }
 
     /// Runs `f` under the lock, ignoring the hold time.
+    #[track_caller]
     pub fn lock<R>(&self, f: impl FnOnce(&mut Table) -> R) -> R {
         self.with(f).0
     }
