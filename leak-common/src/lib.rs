@@ -39,6 +39,9 @@ pub mod names {
     pub const FOLLOW_FORKS: &str = "FOLLOW_FORKS";
     /// Global: wake the reader only once this many bytes wait in the ring.
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
+    /// Global: kernel mode samples one object in 2^SAMPLE_SHIFT (by address, so an
+    /// object's allocation and free are both seen or both skipped).
+    pub const SAMPLE_SHIFT: &str = "SAMPLE_SHIFT";
     /// Global: non-zero when allocation stacks are captured.
     pub const CAPTURE_STACKS: &str = "CAPTURE_STACKS";
     /// Global: non-zero when kernel mode traces only the processes in `TARGETS`.
@@ -193,7 +196,7 @@ pub struct KernelRecord {
     /// Process (tgid) and thread of the task that was running.
     pub tgid: u32,
     pub tid: u32,
-    /// Non-zero when the record was made in interrupt (irq/softirq/NMI) context.
+    /// Reserved (0): a tracepoint program cannot tell interrupt context.
     pub in_irq: u32,
     pub ts_ns: u64,
     pub ptr: u64,

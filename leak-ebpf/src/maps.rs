@@ -60,6 +60,10 @@ static FOLLOW_FORKS: u32 = 0;
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 1 << 20;
 
+/// Set by the daemon (`--sample N`): kernel mode keeps one object in 2^shift.
+#[unsafe(no_mangle)]
+static SAMPLE_SHIFT: u32 = 0;
+
 /// Set by the daemon: capture allocation stacks (`--no-stacks` clears it).
 #[unsafe(no_mangle)]
 static CAPTURE_STACKS: u32 = 1;
@@ -85,6 +89,18 @@ pub fn follow_forks() -> bool {
 
 pub fn wakeup_bytes() -> u64 {
     unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) }
+}
+
+/// Is the kernel object at `ptr` in the sample? The same answer for its allocation
+/// and its free.
+#[inline(always)]
+pub fn sampled(ptr: u64) -> bool {
+    let shift = unsafe { core::ptr::read_volatile(&raw const SAMPLE_SHIFT) };
+    if shift == 0 || shift >= 32 {
+        return true;
+    }
+    let mixed = (ptr ^ (ptr >> 21)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    mixed & ((1u64 << shift) - 1) == 0
 }
 
 pub fn capture_stacks() -> bool {

@@ -126,6 +126,12 @@ pub struct Args {
     #[arg(long)]
     pub no_stacks: bool,
 
+    /// Kernel mode: record one object in N (a power of two), chosen by address so
+    /// that an object's allocation and free are both kept or both dropped; counts
+    /// are scaled back up. For machines whose allocation rate loses events.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "kernel")]
+    pub sample: u64,
+
     /// Kernel mode: how frees are traced.
     #[arg(long, value_enum, default_value_t = FreeProbesArg::Raw, requires = "kernel")]
     pub free_probes: FreeProbesArg,

@@ -43,6 +43,8 @@ pub struct KernelConfig {
     pub caches: Vec<String>,
     pub pages: bool,
     pub raw_frees: bool,
+    /// Keep one object in 2^sample_shift.
+    pub sample_shift: u32,
 }
 
 /// Everything the daemon needs, validated.
@@ -84,6 +86,8 @@ pub enum ConfigError {
     BadPid(u32),
     #[error("{0}")]
     Suppressions(String),
+    #[error("--sample must be a power of two between 1 and 65536, not {0}")]
+    Sample(u64),
 }
 
 /// Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.
@@ -147,6 +151,9 @@ impl Config {
                 what: "--stack-map-entries",
             });
         }
+        if args.sample == 0 || args.sample > 65536 || !args.sample.is_power_of_two() {
+            return Err(ConfigError::Sample(args.sample));
+        }
         let mut suppressions = if args.no_default_suppressions {
             Suppressions::default()
         } else {
@@ -174,6 +181,7 @@ impl Config {
                 caches: args.caches,
                 pages: args.pages,
                 raw_frees: args.free_probes == FreeProbesArg::Raw,
+                sample_shift: args.sample.trailing_zeros(),
             },
             mode,
             follow_forks: args.follow_forks,

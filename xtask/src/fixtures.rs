@@ -18,6 +18,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("cxx", "cxx.cc", &[]),
     ("hog", "hog.c", &[]),
     ("malloc-loop", "malloc_loop.c", &[]),
+    ("kobjects", "kobjects.c", &[]),
 ];
 
 pub fn dir() -> PathBuf {

@@ -24,14 +24,13 @@ use leak_common::{KernelRecord, Loss, RecordKind, TracepointLayout, UserRecord};
 
 use crate::{
     maps::{
-        CGROUPS, EVENTS, KSTACKS, capture_stacks, kernel_filter_cgroups, kernel_filter_pids, layout,
+        CGROUPS, EVENTS, KSTACKS, capture_stacks, kernel_filter_cgroups, kernel_filter_pids,
+        layout, sampled,
     },
     record::{capture_stack, count, current_ids, emit, is_target, now_ns, wakeup_flags},
 };
 
 const ABSENT: u32 = TracepointLayout::ABSENT;
-/// `common_flags` bits set by the tracing core: hard irq, soft irq, NMI.
-const IRQ_FLAGS: u8 = 0x08 | 0x10 | 0x40;
 const PAGE_SHIFT: u64 = 12;
 
 /// The fields of one allocation tracepoint.
@@ -50,18 +49,16 @@ fn read<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
     unsafe { ctx.read_at::<T>(offset as usize) }.ok()
 }
 
-fn in_irq(ctx: &TracePointContext) -> bool {
-    read::<u8>(ctx, 2).unwrap_or(0) & IRQ_FLAGS != 0
-}
-
-/// Does the allocation belong to what the user asked to watch?
-fn wanted(tgid: u32, irq: bool) -> bool {
-    if kernel_filter_pids() && (irq || !is_target(tgid)) {
+/// Does the allocation belong to what the user asked to watch? (BPF programs cannot
+/// tell interrupt context from the tracepoint record: an allocation in an interrupt
+/// is attributed to the task it interrupted, as perf does.)
+fn wanted(tgid: u32) -> bool {
+    if kernel_filter_pids() && !is_target(tgid) {
         return false;
     }
     if kernel_filter_cgroups() {
         let cgroup = unsafe { bpf_get_current_cgroup_id() };
-        if irq || CGROUPS.get_ptr(&cgroup).is_none() {
+        if CGROUPS.get_ptr(&cgroup).is_none() {
             return false;
         }
     }
@@ -72,19 +69,18 @@ fn kernel_alloc(ctx: &TracePointContext, kind: RecordKind, f: AllocFields) {
     let Some(ptr) = read::<u64>(ctx, f.ptr) else {
         return;
     };
-    if ptr == 0 {
+    if ptr == 0 || !sampled(ptr) {
         return;
     }
     let (tgid, tid) = current_ids();
-    let irq = in_irq(ctx);
-    if !wanted(tgid, irq) {
+    if !wanted(tgid) {
         return;
     }
     let mut record = KernelRecord {
         kind: kind as u32,
         tgid,
         tid,
-        in_irq: irq as u32,
+        in_irq: 0,
         ts_ns: now_ns(),
         ptr,
         call_site: read::<u64>(ctx, f.call_site).unwrap_or(0),
@@ -112,8 +108,8 @@ fn kernel_alloc(ctx: &TracePointContext, kind: RecordKind, f: AllocFields) {
     }
 }
 
-fn kernel_free(kind: RecordKind, ptr: u64, irq: bool) {
-    if ptr == 0 {
+fn kernel_free(kind: RecordKind, ptr: u64) {
+    if ptr == 0 || !sampled(ptr) {
         return;
     }
     let (tgid, tid) = current_ids();
@@ -121,7 +117,6 @@ fn kernel_free(kind: RecordKind, ptr: u64, irq: bool) {
         kind: kind as u32,
         tgid,
         tid,
-        func: irq as u32,
         ts_ns: now_ns(),
         addr: ptr,
         ..UserRecord::default()
@@ -160,14 +155,14 @@ pub fn kmem_cache_alloc(ctx: TracePointContext) -> u32 {
 /// kfree(call_site, ptr) as a raw tracepoint.
 #[raw_tracepoint(tracepoint = "kfree")]
 pub fn kfree_raw(ctx: RawTracePointContext) -> u32 {
-    kernel_free(RecordKind::KernelFree, ctx.arg::<u64>(1), false);
+    kernel_free(RecordKind::KernelFree, ctx.arg::<u64>(1));
     0
 }
 
 /// kmem_cache_free(call_site, ptr, cache) as a raw tracepoint.
 #[raw_tracepoint(tracepoint = "kmem_cache_free")]
 pub fn kmem_cache_free_raw(ctx: RawTracePointContext) -> u32 {
-    kernel_free(RecordKind::KernelFree, ctx.arg::<u64>(1), false);
+    kernel_free(RecordKind::KernelFree, ctx.arg::<u64>(1));
     0
 }
 
@@ -175,7 +170,7 @@ pub fn kmem_cache_free_raw(ctx: RawTracePointContext) -> u32 {
 #[tracepoint]
 pub fn kfree(ctx: TracePointContext) -> u32 {
     let ptr = read::<u64>(&ctx, layout().kfree_ptr).unwrap_or(0);
-    kernel_free(RecordKind::KernelFree, ptr, in_irq(&ctx));
+    kernel_free(RecordKind::KernelFree, ptr);
     0
 }
 
@@ -183,7 +178,7 @@ pub fn kfree(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn kmem_cache_free(ctx: TracePointContext) -> u32 {
     let ptr = read::<u64>(&ctx, layout().cache_free_ptr).unwrap_or(0);
-    kernel_free(RecordKind::KernelFree, ptr, in_irq(&ctx));
+    kernel_free(RecordKind::KernelFree, ptr);
     0
 }
 
@@ -195,13 +190,12 @@ pub fn mm_page_alloc(ctx: TracePointContext) -> u32 {
         read::<u32>(&ctx, l.page_alloc_order),
     ) {
         let (tgid, tid) = current_ids();
-        let irq = in_irq(&ctx);
-        if pfn != u64::MAX && wanted(tgid, irq) {
+        if pfn != u64::MAX && sampled(pfn << PAGE_SHIFT) && wanted(tgid) {
             let record = KernelRecord {
                 kind: RecordKind::PageAlloc as u32,
                 tgid,
                 tid,
-                in_irq: irq as u32,
+                in_irq: 0,
                 ts_ns: now_ns(),
                 ptr: pfn << PAGE_SHIFT,
                 call_site: 0,
@@ -230,7 +224,7 @@ pub fn mm_page_alloc(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn mm_page_free(ctx: TracePointContext) -> u32 {
     if let Some(pfn) = read::<u64>(&ctx, layout().page_free_pfn) {
-        kernel_free(RecordKind::PageFree, pfn << PAGE_SHIFT, in_irq(&ctx));
+        kernel_free(RecordKind::PageFree, pfn << PAGE_SHIFT);
     }
     0
 }

@@ -65,6 +65,8 @@ pub struct LoadOptions {
     pub stack_entries: u32,
     pub follow_forks: bool,
     pub capture_stacks: bool,
+    /// Kernel mode: keep one object in 2^sample_shift.
+    pub sample_shift: u32,
     pub kernel_filter_pids: bool,
     pub kernel_filter_cgroups: bool,
 }
@@ -137,6 +139,7 @@ impl Probes {
             .override_global(names::FOLLOW_FORKS, &follow, true)
             .override_global(names::CAPTURE_STACKS, &stacks, true)
             .override_global(names::WAKEUP_BYTES, &wakeup, true)
+            .override_global(names::SAMPLE_SHIFT, &options.sample_shift, true)
             .override_global(names::KERNEL_FILTER_PIDS, &filter_pids, true)
             .override_global(names::KERNEL_FILTER_CGROUPS, &filter_cgroups, true)
             .override_global(names::TP_LAYOUT, &layout, true)

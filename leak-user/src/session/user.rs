@@ -115,6 +115,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         stack_entries: config.stack_entries,
         follow_forks: config.follow_forks,
         capture_stacks: config.stacks,
+        sample_shift: 0,
         kernel_filter_pids: false,
         kernel_filter_cgroups: false,
     })?;

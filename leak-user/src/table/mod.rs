@@ -25,7 +25,7 @@ use rustc_hash::FxHashMap;
 
 pub use self::{
     ranges::RangeSet,
-    shared::SharedTable,
+    shared::{Shared, SharedTable},
     sites::{AllocSite, SiteInterner},
 };
 use crate::{

@@ -1,4 +1,5 @@
-//! The one lock around the table, with hold-time accounting.
+//! The one lock around a table (the user-mode object table, or the kernel-mode
+//! one), with hold-time accounting.
 //!
 //! Every holder goes through [`SharedTable::with`], which measures how long the
 //! lock was held; the longest hold is reported (a long hold stalls ingestion and
@@ -14,19 +15,29 @@ use std::{
 
 use super::Table;
 
-/// `Arc<Mutex<Table>>` plus the longest time anyone held it.
-#[derive(Clone)]
-pub struct SharedTable {
-    inner: Arc<Inner>,
+/// `Arc<Mutex<T>>` plus the longest time anyone held it.
+pub struct Shared<T> {
+    inner: Arc<Inner<T>>,
 }
 
-struct Inner {
-    table: Mutex<Table>,
+/// The user-mode table behind its lock.
+pub type SharedTable = Shared<Table>;
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<T> {
+    table: Mutex<T>,
     longest_hold_ns: AtomicU64,
 }
 
-impl SharedTable {
-    pub fn new(table: Table) -> Self {
+impl<T> Shared<T> {
+    pub fn new(table: T) -> Self {
         Self {
             inner: Arc::new(Inner {
                 table: Mutex::new(table),
@@ -37,7 +48,7 @@ impl SharedTable {
 
     /// Runs `f` under the lock; returns its result and how long the lock was held.
     #[track_caller]
-    pub fn with<R>(&self, f: impl FnOnce(&mut Table) -> R) -> (R, Duration) {
+    pub fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> (R, Duration) {
         // A panic while holding the lock leaves the table as it was at that point;
         // keep going rather than poisoning every later report.
         let mut guard = self
@@ -63,7 +74,7 @@ impl SharedTable {
 
     /// Runs `f` under the lock, ignoring the hold time.
     #[track_caller]
-    pub fn lock<R>(&self, f: impl FnOnce(&mut Table) -> R) -> R {
+    pub fn lock<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         self.with(f).0
     }
 
