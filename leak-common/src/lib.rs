@@ -42,6 +42,11 @@ pub mod names {
     /// Global: kernel mode samples one object in 2^SAMPLE_SHIFT (by address, so an
     /// object's allocation and free are both seen or both skipped).
     pub const SAMPLE_SHIFT: &str = "SAMPLE_SHIFT";
+    /// Global: non-zero when kernel mode attaches both a raw and a classic program
+    /// to each free tracepoint (see [`super::FreeProbeCount`]).
+    pub const DUAL_FREE_PROBES: &str = "DUAL_FREE_PROBES";
+    /// Per-CPU counters of how the two free probes shared the frees.
+    pub const FREE_PROBES: &str = "FREE_PROBES";
     /// Global: non-zero when allocation stacks are captured.
     pub const CAPTURE_STACKS: &str = "CAPTURE_STACKS";
     /// Global: non-zero when kernel mode traces only the processes in `TARGETS`.
@@ -210,6 +215,29 @@ pub struct KernelRecord {
     /// Slab cache name (NUL-padded), empty for kmalloc.
     pub cache: [u8; 32],
     pub comm: [u8; 16],
+}
+
+/// Kernel mode with both free probes attached: a free is recorded by whichever of
+/// the two programs runs first, and the other one, seeing the same pointer in a
+/// per-CPU slot, defers. When the kernel skips one program (it never re-enters a
+/// raw tracepoint program, and never runs a classic one inside another tracing
+/// program), the other still records the free. Indexes into `FREE_PROBES`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FreeProbeCount {
+    /// The raw tracepoint program recorded a free.
+    RawRecorded = 0,
+    /// The raw tracepoint program found the free already recorded.
+    RawDeferred = 1,
+    /// The classic tracepoint program recorded a free.
+    ClassicRecorded = 2,
+    /// The classic tracepoint program found the free already recorded.
+    ClassicDeferred = 3,
+}
+
+impl FreeProbeCount {
+    /// How many counters there are (size of the `FREE_PROBES` array).
+    pub const COUNT: u32 = 4;
 }
 
 /// Reasons a record could not be made, as indexes into the `LOSSES` per-CPU array.

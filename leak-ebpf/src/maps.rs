@@ -7,7 +7,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use leak_common::{
-    HintKey, Loss, PendingCall, PendingSyscall, Stack, TargetFlags, TracepointLayout,
+    FreeProbeCount, HintKey, Loss, PendingCall, PendingSyscall, Stack, TargetFlags,
+    TracepointLayout,
 };
 
 /// Every record of every program, in reservation order.
@@ -50,6 +51,14 @@ pub static STACK_SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 
 #[map]
 pub static CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
 
+/// Kernel mode, both free probes: the last pointer recorded as freed on this CPU.
+#[map]
+pub static FREE_SLOT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Kernel mode, both free probes: how they shared the frees, by [`FreeProbeCount`].
+#[map]
+pub static FREE_PROBES: PerCpuArray<u64> = PerCpuArray::with_max_entries(FreeProbeCount::COUNT, 0);
+
 /// Set by the daemon: trace the children of traced processes.
 #[unsafe(no_mangle)]
 static FOLLOW_FORKS: u32 = 0;
@@ -75,6 +84,11 @@ static KERNEL_FILTER_PIDS: u32 = 0;
 /// Set by the daemon: kernel mode traces only the cgroups in `CGROUPS`.
 #[unsafe(no_mangle)]
 static KERNEL_FILTER_CGROUPS: u32 = 0;
+
+/// Set by the daemon: kernel mode has a raw and a classic program on each free
+/// tracepoint, which share the work through `FREE_SLOT`.
+#[unsafe(no_mangle)]
+static DUAL_FREE_PROBES: u32 = 0;
 
 /// Set by the daemon from tracefs: where the tracepoint fields are on this kernel.
 #[unsafe(no_mangle)]
@@ -113,6 +127,10 @@ pub fn kernel_filter_pids() -> bool {
 
 pub fn kernel_filter_cgroups() -> bool {
     unsafe { core::ptr::read_volatile(&raw const KERNEL_FILTER_CGROUPS) != 0 }
+}
+
+pub fn dual_free_probes() -> bool {
+    unsafe { core::ptr::read_volatile(&raw const DUAL_FREE_PROBES) != 0 }
 }
 
 pub fn layout() -> TracepointLayout {

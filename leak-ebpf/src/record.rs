@@ -9,6 +9,8 @@ use aya_ebpf::{
 };
 use leak_common::{Loss, STACK_DEPTH, Stack, UserRecord};
 
+use aya_ebpf::maps::PerCpuArray;
+
 use crate::maps::{EVENTS, LOSSES, STACK_SCRATCH, TARGETS, wakeup_bytes};
 
 /// `bpf_get_stack` flag: walk the user stack instead of the kernel one.
@@ -34,8 +36,16 @@ pub fn now_ns() -> u64 {
 /// Counts one record that could not be made.
 #[inline(always)]
 pub fn count(loss: Loss) {
-    if let Some(counter) = LOSSES.get_ptr_mut(loss as u32) {
-        // Per-CPU slot: no other CPU writes it, and programs do not nest on a CPU.
+    bump(&LOSSES, loss as u32);
+}
+
+/// Adds one to a per-CPU counter. No other CPU writes the slot; in kernel mode a
+/// program nested on the same CPU between the load and the store (a window of two
+/// instructions) could lose one count. The BPF target has no atomic add in `core`.
+#[inline(always)]
+pub fn bump(counters: &PerCpuArray<u64>, index: u32) {
+    if let Some(counter) = counters.get_ptr_mut(index) {
+        // SAFETY: the map value is a live, aligned u64 for the program's duration.
         unsafe { *counter += 1 };
     }
 }

@@ -132,8 +132,11 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1, requires = "kernel")]
     pub sample: u64,
 
-    /// Kernel mode: how frees are traced.
-    #[arg(long, value_enum, default_value_t = FreeProbesArg::Raw, requires = "kernel")]
+    /// Kernel mode: which tracepoint programs see frees. A skipped free is a false
+    /// leak, and the kernel skips a program that would nest on a CPU; `both` attaches
+    /// a raw and a classic program to each free tracepoint so that one covers for
+    /// the other.
+    #[arg(long, value_enum, default_value_t = FreeProbesArg::Both, requires = "kernel")]
     pub free_probes: FreeProbesArg,
 
     /// For tests: append every live object to FILE (NDJSON) when a target's final
@@ -159,10 +162,13 @@ pub enum ColorArg {
     Never,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum FreeProbesArg {
-    /// Raw tracepoints: not skipped when another BPF program runs on the CPU.
+    /// A raw and a classic tracepoint program on each free tracepoint.
+    #[default]
+    Both,
+    /// Raw tracepoints only: skipped when the same program already runs on the CPU.
     Raw,
-    /// Classic tracepoints (for comparison).
+    /// Classic tracepoints only: skipped when any tracing program runs on the CPU.
     Classic,
 }

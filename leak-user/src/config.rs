@@ -42,7 +42,7 @@ pub struct KernelConfig {
     pub cgroup: Option<PathBuf>,
     pub caches: Vec<String>,
     pub pages: bool,
-    pub raw_frees: bool,
+    pub free_probes: FreeProbesArg,
     /// Keep one object in 2^sample_shift.
     pub sample_shift: u32,
 }
@@ -180,7 +180,7 @@ impl Config {
                 cgroup: args.cgroup,
                 caches: args.caches,
                 pages: args.pages,
-                raw_frees: args.free_probes == FreeProbesArg::Raw,
+                free_probes: args.free_probes,
                 sample_shift: args.sample.trailing_zeros(),
             },
             mode,

@@ -2,7 +2,9 @@
 //! known truth. They need root; run them with `sudo -E cargo xtask test`.
 
 mod cli;
+mod kernel;
 mod reports;
 mod scanning;
+mod schema;
 mod tracking;
 mod util;

@@ -7,6 +7,8 @@
 //!   needs kernel headers this machine kind lacks);
 //! * scanning: leaktrace's scan rate over a heap of a million objects, against a plain
 //!   sequential read of the same process's memory (the physical limit);
+//! * kernel slab mode: eventfd open/close untraced and under `leaktrace --kernel`,
+//!   with the event rate sustained and the events lost;
 //! * table memory: leaktrace's resident memory per tracked object at a million
 //!   objects, and the longest lock holds of those scans.
 
@@ -90,6 +92,22 @@ impl Tracer {
             .spawn()?;
         let mut t = Self { child, out };
         t.wait(|r| r.iter().any(|x| x["type"] == "hooks"))?;
+        Ok(t)
+    }
+
+    /// `leaktrace --kernel ARGS`, system-wide unless ARGS filter.
+    fn kernel(leaktrace: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        let out = util::root().join("target/bench-kernel.json");
+        let _ = std::fs::remove_file(&out);
+        let child = Command::new(leaktrace)
+            .args(["--kernel", "--json", "--output"])
+            .arg(&out)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()?;
+        let mut t = Self { child, out };
+        t.wait(|r| r.iter().any(|x| x["type"] == "start"))?;
         Ok(t)
     }
 
@@ -240,6 +258,62 @@ fn overhead(leaktrace: &Path, fixtures: &Path, pairs: u64) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Kernel slab mode: eventfd open/close as fast as one process can, untraced and
+/// under `leaktrace --kernel` system-wide; the event rate it sustains and the
+/// events it loses.
+fn kernel(leaktrace: &Path, fixtures: &Path, seconds: u64) -> anyhow::Result<()> {
+    step(&format!(
+        "kernel slab mode: {seconds} s of eventfd open/close"
+    ));
+    let storm = fixtures.join("kobjects");
+    let secs = seconds.to_string();
+    let run = || -> anyhow::Result<f64> {
+        let mut f = Fixture::start(&storm, &["storm", &secs])?;
+        f.go()?;
+        let line = f.wait_for("OPS_PER_SEC")?;
+        f.finish();
+        line.strip_prefix("OPS_PER_SEC ")
+            .and_then(|n| n.trim().parse().ok())
+            .with_context(|| format!("unexpected line {line:?}"))
+    };
+    let untraced = run()?;
+    println!(
+        "  {:<24} {:>9.0} ops/s {:>6.2}x {:>12} {:>8} {:>8}",
+        "untraced", untraced, 1.0, "events/s", "lost", "missed"
+    );
+    for extra in [&[][..], &["--no-stacks"], &["--sample", "16"]] {
+        let mut args = vec!["--interval", "1s"];
+        args.extend_from_slice(extra);
+        let tracer = Tracer::kernel(leaktrace, &args)?;
+        let records_before = tracer
+            .records()
+            .iter()
+            .rev()
+            .find_map(|r| r["records"].as_u64())
+            .unwrap_or(0);
+        let ops = run()?;
+        let records = tracer.stop();
+        let end = records
+            .iter()
+            .rfind(|r| r["type"] == "kernel_end")
+            .context("no kernel_end record")?;
+        let events = end["records"].as_u64().unwrap_or(0) - records_before;
+        println!(
+            "  {:<24} {:>9.0} ops/s {:>6.2}x {:>12.0} {:>8} {:>8}",
+            format!("leaktrace {}", extra.join(" ")),
+            ops,
+            untraced / ops,
+            events as f64 / seconds as f64,
+            end["lost_total"],
+            end["frees_missed"]
+        );
+    }
+    println!(
+        "  (events/s: ring-buffer records read per second of load; slowdown = untraced/traced)"
+    );
+    Ok(())
+}
+
 /// Sequential read of every readable, writable mapping of `pid`, 1 MiB at a time.
 fn sequential_read_mb_s(pid: u32) -> anyhow::Result<(f64, u64)> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
@@ -376,7 +450,19 @@ fn scanning(leaktrace: &Path, fixtures: &Path, objects: u64, every: u32) -> anyh
     Ok(())
 }
 
-pub fn run(quick: bool) -> anyhow::Result<()> {
+/// The benchmarks, for `--only`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Bench {
+    /// malloc/free tracing overhead against untraced and bpftrace.
+    Overhead,
+    /// Kernel slab mode event rate and losses.
+    Kernel,
+    /// Scan rate, table memory and lock holds at a million objects.
+    Scan,
+}
+
+pub fn run(quick: bool, only: &[Bench]) -> anyhow::Result<()> {
+    let wanted = |b: Bench| only.is_empty() || only.contains(&b);
     if !util::is_root() {
         bail!("the benchmarks load eBPF programs and need root: run `sudo -E cargo xtask bench`");
     }
@@ -391,9 +477,16 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         (2_000_000, 1_000_000)
     };
     println!("leaktrace benchmarks (ratios are measured side by side in this run)");
-    overhead(&leaktrace, &fixtures, pairs)?;
-    // Struct-like heaps (a quarter of the words are pointers), and pointer arrays.
-    scanning(&leaktrace, &fixtures, objects, 4)?;
-    scanning(&leaktrace, &fixtures, objects, 2)?;
+    if wanted(Bench::Overhead) {
+        overhead(&leaktrace, &fixtures, pairs)?;
+    }
+    if wanted(Bench::Kernel) {
+        kernel(&leaktrace, &fixtures, if quick { 2 } else { 5 })?;
+    }
+    if wanted(Bench::Scan) {
+        // Struct-like heaps (a quarter of the words are pointers), and pointer arrays.
+        scanning(&leaktrace, &fixtures, objects, 4)?;
+        scanning(&leaktrace, &fixtures, objects, 2)?;
+    }
     Ok(())
 }

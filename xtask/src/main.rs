@@ -51,6 +51,9 @@ enum Task {
         /// Fewer iterations (quick look, noisier figures).
         #[arg(long)]
         quick: bool,
+        /// Only these benchmarks (repeatable; all by default).
+        #[arg(long, value_enum)]
+        only: Vec<bench::Bench>,
     },
 }
 
@@ -61,7 +64,7 @@ fn main() {
         Task::Ebpf { check, update } => ebpf::run(check, update),
         Task::Fixtures => fixtures::build().map(drop),
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
-        Task::Bench { quick } => bench::run(quick),
+        Task::Bench { quick, only } => bench::run(quick, &only),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -2,12 +2,15 @@
 //! allocations) with their frees, system-wide.
 //!
 //! Field offsets come from tracefs at start-up ([`leak_common::TracepointLayout`]):
-//! they change between kernel versions. Frees are also offered as raw tracepoints:
-//! a classic tracepoint program is skipped when another BPF program is already
-//! running on the CPU (a kfree in an interrupt that hits while one of our programs
-//! runs), and a skipped free is a false leak. Raw tracepoints only refuse to re-enter
-//! the same program. The free's pointer is the second `TP_PROTO` argument of both
-//! kfree and kmem_cache_free; the daemon checks that against the format file.
+//! they change between kernel versions. A skipped free is a false leak, and the
+//! kernel skips programs that would nest on a CPU: a classic tracepoint program
+//! when any tracing program already runs there (a kfree in an interrupt that hits
+//! while one of our programs runs), a raw tracepoint program only when that same
+//! program already runs there (an RCU callback in the softirq at the end of that
+//! interrupt freeing a batch of objects). So each free tracepoint gets both kinds,
+//! and they share the work (see [`slab_free`]). The free's pointer is the second
+//! `TP_PROTO` argument of both kfree and kmem_cache_free; the daemon checks that
+//! against the format file.
 //!
 //! Allocations are filtered by pid and cgroup when asked; frees never are: RCU frees
 //! run later in softirq context on whatever task is current.
@@ -20,14 +23,14 @@ use aya_ebpf::{
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
-use leak_common::{KernelRecord, Loss, RecordKind, TracepointLayout, UserRecord};
+use leak_common::{FreeProbeCount, KernelRecord, Loss, RecordKind, TracepointLayout, UserRecord};
 
 use crate::{
     maps::{
-        CGROUPS, EVENTS, KSTACKS, capture_stacks, kernel_filter_cgroups, kernel_filter_pids,
-        layout, sampled,
+        CGROUPS, EVENTS, FREE_PROBES, FREE_SLOT, KSTACKS, capture_stacks, dual_free_probes,
+        kernel_filter_cgroups, kernel_filter_pids, layout, sampled,
     },
-    record::{capture_stack, count, current_ids, emit, is_target, now_ns, wakeup_flags},
+    record::{bump, capture_stack, count, current_ids, emit, is_target, now_ns, wakeup_flags},
 };
 
 const ABSENT: u32 = TracepointLayout::ABSENT;
@@ -109,9 +112,6 @@ fn kernel_alloc(ctx: &TracePointContext, kind: RecordKind, f: AllocFields) {
 }
 
 fn kernel_free(kind: RecordKind, ptr: u64) {
-    if ptr == 0 || !sampled(ptr) {
-        return;
-    }
     let (tgid, tid) = current_ids();
     let record = UserRecord {
         kind: kind as u32,
@@ -122,6 +122,52 @@ fn kernel_free(kind: RecordKind, ptr: u64) {
         ..UserRecord::default()
     };
     emit(&record, Loss::RingFullKernel);
+}
+
+/// Which program on a free tracepoint is running.
+#[derive(Clone, Copy)]
+enum FreeProbe {
+    Raw,
+    Classic,
+}
+
+/// A kfree or kmem_cache_free. With both probes attached, the first of the two
+/// programs to run records it and leaves the pointer in `FREE_SLOT`; the second
+/// finds it there and only clears the slot. When the kernel skips one of them
+/// (nested on this CPU), the other still records the free. A free nested between
+/// the two programs can be recorded twice, which is harmless: the object is not
+/// released before the tracepoint returns, so no allocation of the same address
+/// can come between the two records.
+fn slab_free(probe: FreeProbe, ptr: u64) {
+    if ptr == 0 || !sampled(ptr) {
+        return;
+    }
+    if !dual_free_probes() {
+        kernel_free(RecordKind::KernelFree, ptr);
+        return;
+    }
+    let Some(slot) = FREE_SLOT.get_ptr_mut(0) else {
+        kernel_free(RecordKind::KernelFree, ptr);
+        return;
+    };
+    let (recorded, deferred) = match probe {
+        FreeProbe::Raw => (FreeProbeCount::RawRecorded, FreeProbeCount::RawDeferred),
+        FreeProbe::Classic => (
+            FreeProbeCount::ClassicRecorded,
+            FreeProbeCount::ClassicDeferred,
+        ),
+    };
+    // SAFETY: the per-CPU slot is a live u64; only programs on this CPU touch it.
+    unsafe {
+        if core::ptr::read_volatile(slot) == ptr {
+            core::ptr::write_volatile(slot, 0);
+            bump(&FREE_PROBES, deferred as u32);
+            return;
+        }
+        kernel_free(RecordKind::KernelFree, ptr);
+        core::ptr::write_volatile(slot, ptr);
+    }
+    bump(&FREE_PROBES, recorded as u32);
 }
 
 #[tracepoint]
@@ -155,30 +201,30 @@ pub fn kmem_cache_alloc(ctx: TracePointContext) -> u32 {
 /// kfree(call_site, ptr) as a raw tracepoint.
 #[raw_tracepoint(tracepoint = "kfree")]
 pub fn kfree_raw(ctx: RawTracePointContext) -> u32 {
-    kernel_free(RecordKind::KernelFree, ctx.arg::<u64>(1));
+    slab_free(FreeProbe::Raw, ctx.arg::<u64>(1));
     0
 }
 
 /// kmem_cache_free(call_site, ptr, cache) as a raw tracepoint.
 #[raw_tracepoint(tracepoint = "kmem_cache_free")]
 pub fn kmem_cache_free_raw(ctx: RawTracePointContext) -> u32 {
-    kernel_free(RecordKind::KernelFree, ctx.arg::<u64>(1));
+    slab_free(FreeProbe::Raw, ctx.arg::<u64>(1));
     0
 }
 
-/// kfree as a classic tracepoint (`--free-probes classic`, for comparison).
+/// kfree as a classic tracepoint.
 #[tracepoint]
 pub fn kfree(ctx: TracePointContext) -> u32 {
     let ptr = read::<u64>(&ctx, layout().kfree_ptr).unwrap_or(0);
-    kernel_free(RecordKind::KernelFree, ptr);
+    slab_free(FreeProbe::Classic, ptr);
     0
 }
 
-/// kmem_cache_free as a classic tracepoint (`--free-probes classic`).
+/// kmem_cache_free as a classic tracepoint.
 #[tracepoint]
 pub fn kmem_cache_free(ctx: TracePointContext) -> u32 {
     let ptr = read::<u64>(&ctx, layout().cache_free_ptr).unwrap_or(0);
-    kernel_free(RecordKind::KernelFree, ptr);
+    slab_free(FreeProbe::Classic, ptr);
     0
 }
 
@@ -223,7 +269,9 @@ pub fn mm_page_alloc(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn mm_page_free(ctx: TracePointContext) -> u32 {
-    if let Some(pfn) = read::<u64>(&ctx, layout().page_free_pfn) {
+    if let Some(pfn) = read::<u64>(&ctx, layout().page_free_pfn)
+        && sampled(pfn << PAGE_SHIFT)
+    {
         kernel_free(RecordKind::PageFree, pfn << PAGE_SHIFT);
     }
     0

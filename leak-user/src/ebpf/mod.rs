@@ -17,7 +17,9 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
-use leak_common::{HintKey, Loss, STACK_DEPTH, Stack, TargetFlags, TracepointLayout, names};
+use leak_common::{
+    FreeProbeCount, HintKey, Loss, STACK_DEPTH, Stack, TargetFlags, TracepointLayout, names,
+};
 
 use crate::allocator::HookPlan;
 
@@ -69,6 +71,8 @@ pub struct LoadOptions {
     pub sample_shift: u32,
     pub kernel_filter_pids: bool,
     pub kernel_filter_cgroups: bool,
+    /// Kernel mode: a raw and a classic program share each free tracepoint.
+    pub dual_free_probes: bool,
 }
 
 /// Which processes a uprobe fires for.
@@ -132,6 +136,7 @@ impl Probes {
         let wakeup = u64::from(options.ring_bytes / 8);
         let filter_pids = flag(options.kernel_filter_pids);
         let filter_cgroups = flag(options.kernel_filter_cgroups);
+        let dual_frees = flag(options.dual_free_probes);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::EVENTS, options.ring_bytes)
             .map_max_entries(names::STACKS, options.stack_entries)
@@ -142,6 +147,7 @@ impl Probes {
             .override_global(names::SAMPLE_SHIFT, &options.sample_shift, true)
             .override_global(names::KERNEL_FILTER_PIDS, &filter_pids, true)
             .override_global(names::KERNEL_FILTER_CGROUPS, &filter_cgroups, true)
+            .override_global(names::DUAL_FREE_PROBES, &dual_frees, true)
             .override_global(names::TP_LAYOUT, &layout, true)
             .load(OBJECT)
             .map_err(|e| {
@@ -403,8 +409,14 @@ impl Probes {
             .ebpf
             .take_map(names::KSTACKS)
             .expect("the object defines KSTACKS");
+        let free_probes = self
+            .ebpf
+            .take_map(names::FREE_PROBES)
+            .expect("the object defines FREE_PROBES");
         Ok(MapReaders {
             losses: PerCpuArray::try_from(losses).map_err(|e| EbpfError::Map(names::LOSSES, e))?,
+            free_probes: PerCpuArray::try_from(free_probes)
+                .map_err(|e| EbpfError::Map(names::FREE_PROBES, e))?,
             stacks: HashMap::try_from(stacks).map_err(|e| EbpfError::Map(names::STACKS, e))?,
             kstacks: HashMap::try_from(kstacks).map_err(|e| EbpfError::Map(names::KSTACKS, e))?,
         })
@@ -506,8 +518,20 @@ fn prog_info_u64(fd: i32, offset: usize) -> io::Result<u64> {
 /// The maps the daemon reads while it runs.
 pub struct MapReaders {
     losses: PerCpuArray<MapData, u64>,
+    free_probes: PerCpuArray<MapData, u64>,
     stacks: HashMap<MapData, u64, Stack>,
     kstacks: HashMap<MapData, u64, Stack>,
+}
+
+/// Every counter of a per-CPU array, summed over CPUs.
+fn sum_per_cpu<const N: usize>(counters: &PerCpuArray<MapData, u64>) -> [u64; N] {
+    let mut out = [0; N];
+    for (i, slot) in out.iter_mut().enumerate() {
+        if let Ok(values) = counters.get(&(i as u32), 0) {
+            *slot = values.iter().sum();
+        }
+    }
+    out
 }
 
 /// Loss counters summed over CPUs, indexed by [`Loss`].
@@ -515,13 +539,12 @@ pub type LossCounts = [u64; Loss::COUNT as usize];
 
 impl MapReaders {
     pub fn losses(&self) -> LossCounts {
-        let mut out = [0; Loss::COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            if let Ok(values) = self.losses.get(&(i as u32), 0) {
-                *slot = values.iter().sum();
-            }
-        }
-        out
+        sum_per_cpu(&self.losses)
+    }
+
+    /// Kernel mode: how the two free probes shared the frees, by [`FreeProbeCount`].
+    pub fn free_probe_counts(&self) -> [u64; FreeProbeCount::COUNT as usize] {
+        sum_per_cpu(&self.free_probes)
     }
 
     /// The frames of a user (or kernel) stack, innermost first.

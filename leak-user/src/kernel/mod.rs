@@ -14,6 +14,7 @@ pub mod report;
 pub mod table;
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -26,10 +27,11 @@ use tokio::{
 
 use self::{
     growth::GrowthTracker,
-    report::{KernelOptions, KernelReporter, KernelStats, SiteView},
+    report::{FreeProbeShare, KernelOptions, KernelReporter, KernelStats, KernelView},
     table::KernelTable,
 };
 use crate::{
+    cli::FreeProbesArg,
     clock,
     config::Config,
     ebpf::{LoadOptions, Probes, tracefs},
@@ -48,6 +50,13 @@ use crate::{
 const MIN_GROWTH: u64 = 20;
 
 struct KernelSink(Shared<KernelTable>);
+
+/// Outstanding counts over time, per stack and per call site.
+#[derive(Default)]
+struct Growth {
+    stacks: GrowthTracker,
+    call_sites: GrowthTracker,
+}
 
 impl EventSink for KernelSink {
     fn apply(&mut self, events: &[Event]) -> bool {
@@ -107,6 +116,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         sample_shift: k.sample_shift,
         kernel_filter_pids: !k.pids.is_empty(),
         kernel_filter_cgroups: cgroups.is_some(),
+        dual_free_probes: k.free_probes == FreeProbesArg::Both,
     })?;
     for &pid in &k.pids {
         probes.add_target(pid)?;
@@ -130,16 +140,20 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
             .map(String::as_str)
             == Some("ptr")
     });
-    let raw = k.raw_frees && raw_ok;
-    if k.raw_frees && !raw_ok {
-        log::warn!(
-            "the kfree tracepoints have an unexpected layout: using classic tracepoints for frees"
-        );
-    }
-    if raw {
+    let free_probes = match k.free_probes {
+        FreeProbesArg::Both | FreeProbesArg::Raw if !raw_ok => {
+            log::warn!(
+                "the kfree tracepoints have an unexpected layout: using classic tracepoints only for frees"
+            );
+            FreeProbesArg::Classic
+        }
+        other => other,
+    };
+    if free_probes != FreeProbesArg::Classic {
         probes.attach_raw_tracepoint("kfree_raw", "kfree")?;
         probes.attach_raw_tracepoint("kmem_cache_free_raw", "kmem_cache_free")?;
-    } else {
+    }
+    if free_probes != FreeProbesArg::Raw {
         probes.attach_tracepoint("kfree", "kmem", "kfree")?;
         probes.attach_tracepoint("kmem_cache_free", "kmem", "kmem_cache_free")?;
     }
@@ -155,6 +169,12 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         spawn_logger(logger);
     }
     let readers = probes.take_readers()?;
+    // Until both free programs were attached, one recorded frees alone: count
+    // only from here.
+    let share_at_start = FreeProbeShare::new(
+        readers.free_probe_counts(),
+        &probes.recursion_misses().into_iter().collect(),
+    );
     let ring = probes.take_ring()?;
     let table = Shared::new(KernelTable::new(epoch, k.caches.clone()));
     let ingest =
@@ -168,13 +188,17 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
             caches: k.caches.clone(),
             cgroup: k.cgroup.as_ref().map(|p| p.display().to_string()),
             pages: k.pages,
-            free_probes: if raw { "raw" } else { "classic" },
+            free_probes: match free_probes {
+                FreeProbesArg::Both => "both",
+                FreeProbesArg::Raw => "raw",
+                FreeProbesArg::Classic => "classic",
+            },
             sample: scale,
             interval_ms: config.interval.as_millis() as u64,
             min_age_ms: config.verdict.min_age_ms,
         },
     );
-    let mut growth = GrowthTracker::default();
+    let mut growth = Growth::default();
     let mut status = StatusLine::new(config.output.status);
     let mut report_tick = interval(config.interval);
     report_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -190,6 +214,9 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
             .records
             .load(std::sync::atomic::Ordering::Relaxed);
         let (lost, lost_total) = lost_map(&reporter.readers.losses());
+        let recursion_misses = probes.recursion_misses().into_iter().collect();
+        let share = FreeProbeShare::new(reporter.readers.free_probe_counts(), &recursion_misses)
+            .since(&share_at_start);
         KernelStats {
             elapsed_ms: started.elapsed().as_millis() as u64,
             records,
@@ -203,36 +230,53 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
                 .decode_errors
                 .load(std::sync::atomic::Ordering::Relaxed),
             counters,
-            recursion_misses: probes.recursion_misses().into_iter().collect(),
+            frees_missed: match free_probes {
+                FreeProbesArg::Both => share.missed_by_both(),
+                FreeProbesArg::Raw => share.raw_skipped,
+                FreeProbesArg::Classic => share.classic_skipped,
+            },
+            free_probes: (free_probes == FreeProbesArg::Both).then_some(share),
+            recursion_misses,
             longest_lock_hold_us: table.take_longest_hold().as_micros() as u64,
         }
     };
-    let report_now = |growth: &mut GrowthTracker, reporter: &mut KernelReporter| {
-        let (summaries, counts, cgroups) = table.lock(|t| {
-            let s = t.summaries(clock::now_ns(), config.verdict.min_age_ms);
-            let cgroups: std::collections::HashMap<u32, u64> = s
+    let min_growth = MIN_GROWTH.div_ceil(scale);
+    let view_now = |growth: &mut Growth| {
+        let (call_sites, by_site, by_call_site, cgroups) = table.lock(|t| {
+            let call_sites = t.summaries(clock::now_ns(), config.verdict.min_age_ms);
+            let cgroups: HashMap<u32, u64> = call_sites
                 .iter()
-                .flat_map(|x| x.top_pids.iter().map(|p| p.0))
+                .flat_map(|c| c.figures.top_pids.iter().map(|p| p.0))
                 .filter_map(|pid| Some((pid, t.cgroup_of(pid)?)))
                 .collect();
-            (s, t.outstanding_by_site(), cgroups)
+            (
+                call_sites,
+                t.outstanding_by_site(),
+                t.outstanding_by_call_site(),
+                cgroups,
+            )
         });
-        growth.record(started.elapsed().as_secs_f64(), &counts);
-        let views: Vec<SiteView<'_>> = summaries
-            .iter()
-            .map(|s| SiteView {
-                summary: s,
-                trend: growth.trend(s.site, MIN_GROWTH.div_ceil(scale)),
-                cgroups: cgroups.clone(),
-            })
-            .collect();
-        reporter.report(&views);
-        (summaries, cgroups)
+        let now = started.elapsed().as_secs_f64();
+        growth.stacks.record(now, &by_site);
+        growth.call_sites.record(now, &by_call_site);
+        KernelView {
+            call_site_trends: call_sites
+                .iter()
+                .filter_map(|c| Some((c.index, growth.call_sites.trend(c.index, min_growth)?)))
+                .collect(),
+            stack_trends: call_sites
+                .iter()
+                .flat_map(|c| &c.stacks)
+                .filter_map(|s| Some((s.site, growth.stacks.trend(s.site, min_growth)?)))
+                .collect(),
+            call_sites,
+            cgroups,
+        }
     };
     let reason = loop {
         tokio::select! {
             _ = report_tick.tick() => {
-                report_now(&mut growth, &mut reporter);
+                reporter.report(&view_now(&mut growth));
                 let s = stats(&probes, &reporter);
                 reporter.stats(&s);
             }
@@ -261,16 +305,9 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     };
     status.clear();
     ingest.drain().await;
-    let (summaries, cgroups) = report_now(&mut growth, &mut reporter);
-    let views: Vec<SiteView<'_>> = summaries
-        .iter()
-        .map(|s| SiteView {
-            summary: s,
-            trend: growth.trend(s.site, MIN_GROWTH.div_ceil(scale)),
-            cgroups: cgroups.clone(),
-        })
-        .collect();
+    let view = view_now(&mut growth);
+    reporter.report(&view);
     let s = stats(&probes, &reporter);
-    reporter.end(reason, &views, &s);
+    reporter.end(reason, &view, &s);
     Ok(0)
 }

@@ -24,6 +24,25 @@ pub struct KernelSite {
     pub page: bool,
 }
 
+impl KernelSite {
+    /// The call site this stack belongs to.
+    fn call_site_key(&self) -> CallSiteKey {
+        CallSiteKey {
+            call_site: self.call_site,
+            cache: self.cache.clone(),
+            page: self.page,
+        }
+    }
+}
+
+/// A call site: the allocating instruction (and slab cache), whatever the stack.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CallSiteKey {
+    pub call_site: u64,
+    pub cache: String,
+    pub page: bool,
+}
+
 /// One outstanding object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct KernelObject {
@@ -35,13 +54,13 @@ struct KernelObject {
 
 /// Totals of one site.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SiteTotals {
-    pub outstanding: u64,
-    pub bytes: u64,
-    pub allocated: u64,
-    pub freed: u64,
-    /// Outstanding objects by the process that allocated them (0: interrupt context).
-    pub by_pid: FxHashMap<u32, u64>,
+struct SiteTotals {
+    outstanding: u64,
+    bytes: u64,
+    allocated: u64,
+    freed: u64,
+    /// Outstanding objects by the process that allocated them (0: the idle task).
+    by_pid: FxHashMap<u32, u64>,
 }
 
 /// Counters of the kernel event stream.
@@ -57,11 +76,9 @@ pub struct KernelCounters {
     pub filtered: u64,
 }
 
-/// A site's figures at one moment, for reports.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SiteSummary {
-    pub site: u32,
-    pub key: KernelSite,
+/// The figures of a stack or a call site at one moment, for reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Figures {
     pub outstanding: u64,
     pub bytes: u64,
     pub allocated: u64,
@@ -73,8 +90,26 @@ pub struct SiteSummary {
     pub age_p50_ms: u64,
     pub age_p90_ms: u64,
     pub age_max_ms: u64,
-    /// (pid, comm, outstanding objects), most first.
+    /// (pid, comm, outstanding objects), most first, at most three.
     pub top_pids: Vec<(u32, String, u64)>,
+}
+
+/// One allocation stack (of one call site) with outstanding objects.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SiteSummary {
+    pub site: u32,
+    pub key: KernelSite,
+    pub figures: Figures,
+}
+
+/// One call site with outstanding objects, all its stacks together.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallSiteSummary {
+    pub index: u32,
+    pub key: CallSiteKey,
+    pub figures: Figures,
+    /// Its stacks with outstanding objects, largest first.
+    pub stacks: Vec<SiteSummary>,
 }
 
 /// All outstanding kernel objects we saw being allocated.
@@ -84,9 +119,14 @@ pub struct KernelTable {
     sites: Vec<KernelSite>,
     site_index: FxHashMap<KernelSite, u32>,
     totals: Vec<SiteTotals>,
+    /// The call site (index into `call_sites`) of each site.
+    call_site_of: Vec<u32>,
+    call_sites: Vec<CallSiteKey>,
+    call_site_index: FxHashMap<CallSiteKey, u32>,
     comms: FxHashMap<u32, String>,
     cgroups: FxHashMap<u32, u64>,
     caches: Vec<String>,
+    outstanding_bytes: u64,
     pub counters: KernelCounters,
 }
 
@@ -99,9 +139,13 @@ impl KernelTable {
             sites: Vec::new(),
             site_index: FxHashMap::default(),
             totals: Vec::new(),
+            call_site_of: Vec::new(),
+            call_sites: Vec::new(),
+            call_site_index: FxHashMap::default(),
             comms: FxHashMap::default(),
             cgroups: FxHashMap::default(),
             caches,
+            outstanding_bytes: 0,
             counters: KernelCounters::default(),
         }
     }
@@ -110,15 +154,9 @@ impl KernelTable {
         u32::try_from(ts_ns.saturating_sub(self.epoch_ns) / 1_000_000).unwrap_or(u32::MAX)
     }
 
+    /// Outstanding objects and their bytes.
     pub fn outstanding(&self) -> (u64, u64) {
-        (
-            self.objects.len() as u64,
-            self.objects.values().map(|o| u64::from(o.bytes)).sum(),
-        )
-    }
-
-    pub fn site(&self, site: u32) -> Option<&KernelSite> {
-        self.sites.get(site as usize)
+        (self.objects.len() as u64, self.outstanding_bytes)
     }
 
     /// The cgroup id of a process, as last seen.
@@ -134,32 +172,47 @@ impl KernelTable {
         }
     }
 
+    fn intern(&mut self, key: KernelSite) -> u32 {
+        if let Some(&s) = self.site_index.get(&key) {
+            return s;
+        }
+        let group = self.call_site_key_index(key.call_site_key());
+        let s = self.sites.len() as u32;
+        self.sites.push(key.clone());
+        self.site_index.insert(key, s);
+        self.totals.push(SiteTotals::default());
+        self.call_site_of.push(group);
+        s
+    }
+
+    fn call_site_key_index(&mut self, key: CallSiteKey) -> u32 {
+        if let Some(&g) = self.call_site_index.get(&key) {
+            return g;
+        }
+        let g = self.call_sites.len() as u32;
+        self.call_sites.push(key.clone());
+        self.call_site_index.insert(key, g);
+        g
+    }
+
     fn alloc(&mut self, k: &KernelAlloc) {
         if !self.caches.is_empty() && !self.caches.contains(&k.cache) {
             self.counters.filtered += 1;
             return;
         }
         self.counters.allocs += 1;
-        let key = KernelSite {
+        let site = self.intern(KernelSite {
             call_site: k.call_site,
             stack_id: k.stack_id,
             cache: k.cache.clone(),
             page: k.page,
-        };
-        let site = match self.site_index.get(&key) {
-            Some(&s) => s,
-            None => {
-                let s = self.sites.len() as u32;
-                self.sites.push(key.clone());
-                self.site_index.insert(key, s);
-                self.totals.push(SiteTotals::default());
-                s
-            }
-        };
+        });
         // pid 0: the idle task (an allocation in an interrupt that hit it).
         let pid = k.tgid;
         if pid != 0 {
-            self.comms.insert(pid, k.comm.clone());
+            if self.comms.get(&pid) != Some(&k.comm) {
+                self.comms.insert(pid, k.comm.clone());
+            }
             self.cgroups.insert(pid, k.cgroup_id);
         }
         let object = KernelObject {
@@ -172,6 +225,7 @@ impl KernelTable {
             self.counters.replaced += 1;
             self.release(old);
         }
+        self.outstanding_bytes += u64::from(object.bytes);
         let t = &mut self.totals[site as usize];
         t.outstanding += 1;
         t.bytes += u64::from(object.bytes);
@@ -180,6 +234,7 @@ impl KernelTable {
     }
 
     fn release(&mut self, o: KernelObject) {
+        self.outstanding_bytes -= u64::from(o.bytes);
         let t = &mut self.totals[o.site as usize];
         t.outstanding -= 1;
         t.bytes -= u64::from(o.bytes);
@@ -200,13 +255,69 @@ impl KernelTable {
         }
     }
 
-    /// Outstanding counts of every site (for the growth tracker).
+    /// Outstanding counts of every stack site, by site index (for the growth tracker).
     pub fn outstanding_by_site(&self) -> Vec<u64> {
         self.totals.iter().map(|t| t.outstanding).collect()
     }
 
-    /// Summaries of the sites with outstanding objects, largest first.
-    pub fn summaries(&self, now_ns: u64, min_age_ms: u32) -> Vec<SiteSummary> {
+    /// Outstanding counts of every call site, by call-site index.
+    pub fn outstanding_by_call_site(&self) -> Vec<u64> {
+        let mut out = vec![0; self.call_sites.len()];
+        for (t, &g) in self.totals.iter().zip(&self.call_site_of) {
+            out[g as usize] += t.outstanding;
+        }
+        out
+    }
+
+    fn comm(&self, pid: u32) -> String {
+        if pid == 0 {
+            "[idle]".to_owned()
+        } else {
+            self.comms.get(&pid).cloned().unwrap_or_default()
+        }
+    }
+
+    /// The figures of a set of sites, whose outstanding objects' ages are `ages`.
+    fn figures<'a>(
+        &self,
+        totals: impl Iterator<Item = &'a SiteTotals>,
+        ages: &mut [u32],
+        aged: (u64, u64),
+    ) -> Figures {
+        let mut f = Figures::default();
+        let mut by_pid: FxHashMap<u32, u64> = FxHashMap::default();
+        for t in totals {
+            f.outstanding += t.outstanding;
+            f.bytes += t.bytes;
+            f.allocated += t.allocated;
+            f.freed += t.freed;
+            for (&pid, &n) in &t.by_pid {
+                *by_pid.entry(pid).or_default() += n;
+            }
+        }
+        ages.sort_unstable();
+        let pct = |p: usize| {
+            if ages.is_empty() {
+                0
+            } else {
+                u64::from(ages[(ages.len() - 1) * p / 100])
+            }
+        };
+        (f.age_p50_ms, f.age_p90_ms, f.age_max_ms) = (pct(50), pct(90), pct(100));
+        (f.aged, f.aged_bytes) = aged;
+        let mut top: Vec<(u32, String, u64)> = by_pid
+            .into_iter()
+            .map(|(pid, n)| (pid, self.comm(pid), n))
+            .collect();
+        top.sort_by(|x, y| y.2.cmp(&x.2).then(x.0.cmp(&y.0)));
+        top.truncate(3);
+        f.top_pids = top;
+        f
+    }
+
+    /// Summaries of the call sites with outstanding objects, largest (in bytes)
+    /// first, each with its stacks.
+    pub fn summaries(&self, now_ns: u64, min_age_ms: u32) -> Vec<CallSiteSummary> {
         let now = self.ms(now_ns);
         let mut ages: Vec<Vec<u32>> = vec![Vec::new(); self.sites.len()];
         let mut aged = vec![(0u64, 0u64); self.sites.len()];
@@ -219,44 +330,50 @@ impl KernelTable {
                 a.1 += u64::from(o.bytes);
             }
         }
+        let mut members: Vec<Vec<u32>> = vec![Vec::new(); self.call_sites.len()];
+        for (site, t) in self.totals.iter().enumerate() {
+            if t.outstanding > 0 {
+                members[self.call_site_of[site] as usize].push(site as u32);
+            }
+        }
         let mut out = Vec::new();
-        for (i, t) in self.totals.iter().enumerate() {
-            if t.outstanding == 0 {
+        for (g, sites) in members.iter().enumerate() {
+            if sites.is_empty() {
                 continue;
             }
-            let a = &mut ages[i];
-            a.sort_unstable();
-            let pct = |p: usize| u64::from(a.get((a.len() - 1) * p / 100).copied().unwrap_or(0));
-            let mut top: Vec<(u32, String, u64)> = t
-                .by_pid
+            let mut group_ages: Vec<u32> = sites
                 .iter()
-                .map(|(&pid, &n)| {
-                    let comm = if pid == 0 {
-                        "[idle]".to_owned()
-                    } else {
-                        self.comms.get(&pid).cloned().unwrap_or_default()
-                    };
-                    (pid, comm, n)
+                .flat_map(|&s| ages[s as usize].iter().copied())
+                .collect();
+            let group_aged = sites.iter().fold((0, 0), |(n, b), &s| {
+                (n + aged[s as usize].0, b + aged[s as usize].1)
+            });
+            let figures = self.figures(
+                sites.iter().map(|&s| &self.totals[s as usize]),
+                &mut group_ages,
+                group_aged,
+            );
+            let mut stacks: Vec<SiteSummary> = sites
+                .iter()
+                .map(|&s| SiteSummary {
+                    site: s,
+                    key: self.sites[s as usize].clone(),
+                    figures: self.figures(
+                        std::iter::once(&self.totals[s as usize]),
+                        &mut ages[s as usize],
+                        aged[s as usize],
+                    ),
                 })
                 .collect();
-            top.sort_by(|x, y| y.2.cmp(&x.2).then(x.0.cmp(&y.0)));
-            top.truncate(3);
-            out.push(SiteSummary {
-                site: i as u32,
-                key: self.sites[i].clone(),
-                outstanding: t.outstanding,
-                bytes: t.bytes,
-                allocated: t.allocated,
-                freed: t.freed,
-                aged: aged[i].0,
-                aged_bytes: aged[i].1,
-                age_p50_ms: pct(50),
-                age_p90_ms: pct(90),
-                age_max_ms: pct(100),
-                top_pids: top,
+            stacks.sort_by(|a, b| (b.figures.bytes, a.site).cmp(&(a.figures.bytes, b.site)));
+            out.push(CallSiteSummary {
+                index: g as u32,
+                key: self.call_sites[g].clone(),
+                figures,
+                stacks,
             });
         }
-        out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.site.cmp(&b.site)));
+        out.sort_by(|a, b| (b.figures.bytes, a.index).cmp(&(a.figures.bytes, b.index)));
         out
     }
 }
@@ -304,10 +421,12 @@ mod tests {
         assert_eq!(t.counters.untracked_frees, 1);
         let s = t.summaries(2_000_000_000, 1500);
         assert_eq!(s.len(), 2);
-        assert_eq!((s[0].outstanding, s[0].allocated, s[0].freed), (9, 10, 1));
-        assert_eq!(s[0].top_pids, vec![(5, "proc5".into(), 9)]);
-        assert_eq!(s[0].age_max_ms, 1900);
-        assert_eq!(s[0].aged, 5, "born at 100..=500 ms");
+        let f = &s[0].figures;
+        assert_eq!((f.outstanding, f.allocated, f.freed), (9, 10, 1));
+        assert_eq!(f.top_pids, vec![(5, "proc5".into(), 9)]);
+        assert_eq!(f.age_max_ms, 1900);
+        assert_eq!(f.age_p50_ms, 1500);
+        assert_eq!(f.aged, 5, "born at 100..=500 ms");
         assert_eq!(t.cgroup_of(5), Some(7));
     }
 
@@ -331,5 +450,38 @@ mod tests {
         t.apply(&Event::KernelAlloc(k));
         assert_eq!(t.outstanding().0, 1);
         assert_eq!(t.counters.filtered, 1);
+    }
+
+    #[test]
+    fn call_sites_gather_their_stacks() {
+        let mut t = KernelTable::new(0, Vec::new());
+        let with_stack = |ptr, call_site, stack_id, pid| {
+            let Event::KernelAlloc(mut k) = alloc(ptr, call_site, pid, 0) else {
+                unreachable!()
+            };
+            k.stack_id = stack_id;
+            Event::KernelAlloc(k)
+        };
+        t.apply(&with_stack(0x1000, 1, 10, 5));
+        t.apply(&with_stack(0x2000, 1, 10, 5));
+        t.apply(&with_stack(0x3000, 1, 11, 6));
+        t.apply(&with_stack(0x4000, 2, 12, 6));
+        t.apply(&free(0x4000));
+        assert_eq!(t.outstanding_by_site(), vec![2, 1, 0]);
+        assert_eq!(t.outstanding_by_call_site(), vec![3, 0]);
+        let s = t.summaries(1_000_000_000, 0);
+        assert_eq!(s.len(), 1, "call site 2 has nothing outstanding");
+        assert_eq!(s[0].figures.outstanding, 3);
+        assert_eq!(s[0].figures.bytes, 192);
+        assert_eq!(
+            s[0].figures.top_pids,
+            vec![(5, "proc5".into(), 2), (6, "proc6".into(), 1)]
+        );
+        let stacks: Vec<(u64, u64)> = s[0]
+            .stacks
+            .iter()
+            .map(|x| (x.key.stack_id, x.figures.outstanding))
+            .collect();
+        assert_eq!(stacks, vec![(10, 2), (11, 1)]);
     }
 }

@@ -118,6 +118,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         sample_shift: 0,
         kernel_filter_pids: false,
         kernel_filter_cgroups: false,
+        dual_free_probes: false,
     })?;
     probes.attach_process_tracepoints()?;
     if let Some(logger) = probes.take_logger() {
