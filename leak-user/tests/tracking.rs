@@ -260,3 +260,80 @@ fn a_target_that_exits_mid_trace_ends_the_trace() {
     assert_eq!(exit[0]["pid"], pid);
     assert_eq!(run.end()["reason"], "targets_exited");
 }
+
+#[test]
+fn follow_forks_traces_a_child_from_its_first_instruction() {
+    util::require_root();
+    let _s = serial();
+    let args = ["1000", "10", "--hold-ms", "1500"];
+    let fast = ["--interval", "100ms", "--min-age", "0s"];
+    let mut with_flag = fast.to_vec();
+    with_flag.push("--follow-forks");
+    let run = launch("forks", &args, &with_flag);
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    let child: u64 = run
+        .fixture_stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("CHILD ")?.trim().parse().ok())
+        .expect("the fixture names its child");
+    let parent = run.of_type("start")[0]["targets"][0]["pid"]
+        .as_u64()
+        .unwrap();
+    let fork = run
+        .of_type("process")
+        .into_iter()
+        .find(|r| r["event"] == "fork")
+        .unwrap_or_else(|| panic!("no fork record; stderr:\n{}", run.stderr));
+    assert_eq!(fork["pid"], child);
+    assert_eq!(fork["parent"], parent);
+    let truth: BTreeMap<u64, u64> = run
+        .truth
+        .iter()
+        .filter(|t| t.tag == "LEAK")
+        .map(|t| (t.addr, t.size))
+        .collect();
+    assert_eq!(truth.len(), 10);
+    let leaks: BTreeMap<u64, u64> = run
+        .leaks()
+        .into_iter()
+        .map(|(addr, r)| {
+            assert_eq!(r["pid"], child, "only the child leaks: {r}");
+            assert_eq!(r["kind"], "direct");
+            (addr, r["size"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(leaks, truth, "the child's leaks, exactly");
+    assert!(run.end()["counters"]["allocs"].as_u64().unwrap() >= 1001);
+    assert_eq!(run.lost_total(), 0);
+
+    // Without the flag the child is not traced at all.
+    let run = launch("forks", &args, &fast);
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.of_type("process").iter().all(|r| r["event"] != "fork"));
+    assert!(run.leaks().is_empty(), "{:?}", run.leaks());
+    assert_eq!(run.end()["counters"]["allocs"], 1, "the parent's one block");
+}
+
+#[test]
+fn under_sudo_the_command_runs_as_the_invoking_user() {
+    util::require_root();
+    let _s = serial();
+    let out = std::process::Command::new(util::leaktrace())
+        .args(["--interval", "1s", "--", "/bin/sh", "-c", "id -u; id -g"])
+        .env("SUDO_UID", "65534")
+        .env("SUDO_GID", "65533")
+        .env("SUDO_USER", "nobody")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr:\n{stderr}");
+    assert!(
+        stdout.lines().any(|l| l.trim() == "65534"),
+        "id printed its uid: {stdout}"
+    );
+    assert!(
+        stdout.lines().any(|l| l.trim() == "65533"),
+        "id printed its gid: {stdout}"
+    );
+}

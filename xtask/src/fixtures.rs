@@ -19,6 +19,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("hog", "hog.c", &[]),
     ("malloc-loop", "malloc_loop.c", &[]),
     ("kobjects", "kobjects.c", &[]),
+    ("forks", "forks.c", &[]),
 ];
 
 pub fn dir() -> PathBuf {

@@ -48,6 +48,19 @@ const READ_THROUGH: u64 = 16 << 10;
 /// LSan's filter: smaller values are never pointers.
 const MIN_POINTER: u64 = 16 << 10;
 
+/// Where ptmalloc's header of the chunk after a `size`-byte block lies, as an offset
+/// into the block, when that is inside it (glibc lends the next chunk's first word,
+/// `prev_size`, to the block). glibc's arena keeps pointers to chunk headers — the
+/// top chunk, bins, the last remainder — so without this rule the block just before
+/// the top chunk or a free chunk would look "possibly" reachable. jemalloc and
+/// tcmalloc have no headers; a real interior pointer at exactly this offset is rare.
+fn next_chunk_offset(size: u64) -> Option<u64> {
+    const HEADER: u64 = 16;
+    let chunk = ((size + 8 + 15) & !15).max(32);
+    let offset = chunk - HEADER;
+    (offset > 0 && offset < size).then_some(offset)
+}
+
 /// Everything one scan of one process needs.
 #[derive(Clone, Debug, Default)]
 pub struct ScanInput {
@@ -265,6 +278,10 @@ impl Walker<'_> {
         {
             let Some((j, start)) = hit else { continue };
             let interior = w != start;
+            if interior && Some(w - start) == next_chunk_offset(self.index.end(j) - start) {
+                // The allocator's own pointer to the next chunk, not the program's.
+                continue;
+            }
             if source == ROOT {
                 self.graph.add_root(j, interior);
             } else {

@@ -121,6 +121,29 @@ fn interior_pointer_makes_a_possible_leak() {
 }
 
 #[test]
+fn glibc_next_chunk_header_pointers_do_not_keep_a_block() {
+    let mut f = Fixture::new();
+    // 24 bytes: chunk of 32, the next chunk's header 16 bytes in (its prev_size
+    // word is the block's last 8 bytes). main_arena.top points there.
+    f.object(A, 24);
+    f.memory.write_u64(DATA, A + 16);
+    // 40 bytes: chunk of 48, next header at +32.
+    f.object(B, 40);
+    f.memory.write_u64(DATA + 8, B + 32);
+    // 48 bytes: chunk of 64, next header at +48, outside the block: +40 is real.
+    f.object(C, 48);
+    f.memory.write_u64(DATA + 16, C + 40);
+    assert_eq!(
+        f.kinds(),
+        vec![
+            (A, LeakKind::Direct),
+            (B, LeakKind::Direct),
+            (C, LeakKind::Possible)
+        ]
+    );
+}
+
+#[test]
 fn allocator_owned_gaps_are_not_roots_but_other_heap_gaps_are() {
     let mut f = Fixture::new();
     f.object(A, 32);
