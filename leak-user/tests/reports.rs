@@ -88,6 +88,12 @@ fn every_ndjson_line_follows_the_documented_schema() {
         }
     }
     assert!(errors.is_empty(), "{}", errors.join("\n"));
+    // One target: its exit totals are the run's, possible leaks outside both.
+    let launched = &runs[0];
+    assert_eq!(
+        launched.of_type("process_exit")[0]["leaks"],
+        launched.end()["leaks"]
+    );
     for t in [
         "hooks",
         "start",
