@@ -394,7 +394,14 @@ fn scanning(leaktrace: &Path, fixtures: &Path, objects: u64, every: u32) -> anyh
             .count()
             >= 3
     })?;
-    let (read_mb_s, read_bytes) = sequential_read_mb_s(f.pid())?;
+    // The best of three, as the scan figure is the best of its scans.
+    let mut read_mb_s = 0.0f64;
+    let mut read_bytes = 0;
+    for _ in 0..3 {
+        let (rate, bytes) = sequential_read_mb_s(f.pid())?;
+        read_mb_s = read_mb_s.max(rate);
+        read_bytes = bytes;
+    }
     let records = t.stop();
     f.finish();
     let scans: Vec<&Value> = records.iter().filter(|r| r["type"] == "scan").collect();

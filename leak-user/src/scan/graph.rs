@@ -28,9 +28,11 @@ pub enum Reach {
 /// The pointer graph of one scan, built in object order.
 #[derive(Default)]
 pub struct Graph {
-    counts: Vec<u32>,
+    objects: usize,
+    /// `edges[starts[i]..starts[i + 1]]` are object i's edges. Filled up to the
+    /// latest source as edges arrive, and for the rest by [`Self::classify`].
+    starts: Vec<u32>,
     edges: Vec<u32>,
-    last_src: u32,
     strong_roots: Vec<bool>,
     weak_roots: Vec<bool>,
 }
@@ -44,10 +46,9 @@ impl Graph {
 
     /// Empties the graph for `objects` objects, keeping its memory.
     pub fn reset(&mut self, objects: usize) {
-        self.counts.clear();
-        self.counts.resize(objects, 0);
+        self.objects = objects;
+        self.starts.clear();
         self.edges.clear();
-        self.last_src = 0;
         self.strong_roots.clear();
         self.strong_roots.resize(objects, false);
         self.weak_roots.clear();
@@ -55,7 +56,7 @@ impl Graph {
     }
 
     pub fn objects(&self) -> usize {
-        self.counts.len()
+        self.objects
     }
 
     pub fn edge_count(&self) -> usize {
@@ -66,17 +67,22 @@ impl Graph {
     /// order (the scanner walks memory upwards). Self pointers do not count.
     #[inline]
     pub fn add_edge(&mut self, src: u32, dst: u32, interior: bool) {
-        debug_assert!(src >= self.last_src, "edges must be added in source order");
-        if src == dst {
+        let src = src as usize;
+        debug_assert!(
+            src + 1 >= self.starts.len(),
+            "edges must be added in source order"
+        );
+        if src == dst as usize {
             return;
         }
         let edge = dst | if interior { INTERIOR } else { 0 };
-        if self.last_src == src && self.counts[src as usize] > 0 && self.edges.last() == Some(&edge)
-        {
+        let len = self.edges.len() as u32;
+        if self.starts.len() <= src {
+            // src's first edge: objects up to it have all theirs.
+            self.starts.resize(src + 1, len);
+        } else if len > self.starts[src] && self.edges.last() == Some(&edge) {
             return; // the same pointer again in the same object
         }
-        self.last_src = src;
-        self.counts[src as usize] += 1;
         self.edges.push(edge);
     }
 
@@ -91,37 +97,37 @@ impl Graph {
     }
 
     /// Runs mark and sweep; one [`Reach`] per object.
-    pub fn classify(&self) -> Vec<Reach> {
-        let n = self.counts.len();
-        let mut offsets = Vec::with_capacity(n + 1);
-        let mut total = 0usize;
-        for &c in &self.counts {
-            offsets.push(total);
-            total += c as usize;
-        }
-        offsets.push(total);
-        let out = |i: usize| &self.edges[offsets[i]..offsets[i + 1]];
+    pub fn classify(&mut self) -> Vec<Reach> {
+        let n = self.objects;
+        self.starts.resize(n + 1, self.edges.len() as u32);
+        let (starts, edges) = (&self.starts, &self.edges);
+        let out = |i: usize| &edges[starts[i] as usize..starts[i + 1] as usize];
 
-        // Strong: start pointers only.
+        // Strong: start pointers only. Interior edges met on the way seed the weak
+        // pass, so that pass walks only what the strong one did not reach.
         let mut strong = self.strong_roots.clone();
         let mut stack: Vec<usize> = (0..n).filter(|&i| strong[i]).collect();
+        let mut weak_seeds: Vec<usize> = (0..n)
+            .filter(|&i| self.weak_roots[i] && !strong[i])
+            .collect();
         while let Some(i) = stack.pop() {
             for &e in out(i) {
                 let j = (e & !INTERIOR) as usize;
-                if e & INTERIOR == 0 && !strong[j] {
+                if strong[j] {
+                    continue;
+                }
+                if e & INTERIOR == 0 {
                     strong[j] = true;
                     stack.push(j);
+                } else {
+                    weak_seeds.push(j);
                 }
             }
         }
-        // Weak: any pointer, from strong objects and interior root hits.
+        // Weak: any pointer, from the interior hits on objects not strongly reached.
         let mut reached = strong.clone();
-        let mut stack: Vec<usize> = (0..n)
-            .filter(|&i| strong[i] || self.weak_roots[i])
-            .collect();
-        for &i in &stack {
-            reached[i] = true;
-        }
+        let mut stack = weak_seeds;
+        stack.retain(|&i| !std::mem::replace(&mut reached[i], true));
         while let Some(i) = stack.pop() {
             for &e in out(i) {
                 let j = (e & !INTERIOR) as usize;
@@ -131,50 +137,48 @@ impl Graph {
                 }
             }
         }
-        let mut reach: Vec<Option<Reach>> = (0..n)
+        /// Not classified yet (an unreachable object before the sweep reaches it).
+        const UNSWEPT: Reach = Reach::Indirect { root: u32::MAX };
+        let mut reach: Vec<Reach> = (0..n)
             .map(|i| {
                 if strong[i] {
-                    Some(Reach::Reachable)
+                    Reach::Reachable
                 } else if reached[i] {
-                    Some(Reach::Possible)
+                    Reach::Possible
                 } else {
-                    None
+                    UNSWEPT
                 }
             })
             .collect();
 
         // Sweep: leaked objects pointed to by other leaked objects are indirect.
+        let leaked: Vec<usize> = (0..n).filter(|&i| !reached[i]).collect();
         let mut has_leaked_parent = vec![false; n];
-        for i in (0..n).filter(|&i| !reached[i]) {
+        for &i in &leaked {
             for &e in out(i) {
                 has_leaked_parent[(e & !INTERIOR) as usize] = true;
             }
         }
-        let heads = (0..n).filter(|&i| !reached[i] && !has_leaked_parent[i]);
+        let heads = leaked.iter().filter(|&&i| !has_leaked_parent[i]);
         // Then every leaked cycle not reached from a head, lowest address first.
-        let cycles: Vec<usize> = (0..n)
-            .filter(|&i| !reached[i] && has_leaked_parent[i])
-            .collect();
-        for head in heads.chain(cycles) {
-            if reach[head].is_some() {
+        let cycles = leaked.iter().filter(|&&i| has_leaked_parent[i]);
+        for &head in heads.chain(cycles) {
+            if reach[head] != UNSWEPT {
                 continue;
             }
-            reach[head] = Some(Reach::Direct);
+            reach[head] = Reach::Direct;
             let mut stack = vec![head];
             while let Some(i) = stack.pop() {
                 for &e in out(i) {
                     let j = (e & !INTERIOR) as usize;
-                    if reach[j].is_none() {
-                        reach[j] = Some(Reach::Indirect { root: head as u32 });
+                    if reach[j] == UNSWEPT {
+                        reach[j] = Reach::Indirect { root: head as u32 };
                         stack.push(j);
                     }
                 }
             }
         }
         reach
-            .into_iter()
-            .map(|r| r.expect("every object classified"))
-            .collect()
     }
 }
 
@@ -206,6 +210,27 @@ mod tests {
                 Reach::Indirect { root: 0 },
                 Reach::Indirect { root: 0 },
                 Reach::Indirect { root: 0 }
+            ]
+        );
+    }
+
+    #[test]
+    fn objects_without_edges_between_sources_keep_edge_lists_apart() {
+        // 1 and 4 have no edges of their own; 0's and 3's must not leak into them.
+        let r = graph(
+            6,
+            &[(0, 2, false), (0, 2, false), (3, 5, false), (3, 4, false)],
+            &[(0, false)],
+        );
+        assert_eq!(
+            r,
+            vec![
+                Reach::Reachable,
+                Reach::Direct,
+                Reach::Reachable,
+                Reach::Direct,
+                Reach::Indirect { root: 3 },
+                Reach::Indirect { root: 3 }
             ]
         );
     }

@@ -1,13 +1,16 @@
-//! "Which tracked object contains this address?" in O(1) expected time.
+//! "Which tracked object contains this address?" in O(1) time, without branches
+//! that depend on the heap's layout.
 //!
 //! Every aligned word of scanned memory asks this question, so it must not degrade
 //! with the number of objects. Words outside [lowest start, highest end) are
 //! rejected with one subtraction and one compare. The rest go through a per-span
 //! granule table: objects are grouped into spans (a gap of more than 1 MiB
-//! starts a new one), and each 256-byte granule of a span records the first object
-//! that ends after the granule's start. A lookup is then a table read and a short
-//! forward walk (at most the objects that start inside one granule).
-
+//! starts a new one), and each 256-byte granule of a span records how many objects
+//! start before it and a bitmap of the 8-byte slots where objects start inside it.
+//! The object containing an address is then that count plus the starts at or below
+//! its slot (a popcount), minus one: one table read, one object read, no walk.
+//! (Allocators return 8-byte aligned blocks; if two objects ever start in one slot,
+//! lookups fall back to a short walk from the count.)
 /// Lookups resolved together by [`ObjectIndex::find_batch`].
 pub const BATCH: usize = 32;
 
@@ -24,6 +27,8 @@ fn prefetch<T>(p: *const T) {
 
 /// log2 of the granule size.
 const GRANULE_SHIFT: u32 = 8;
+/// log2 of a start slot's size: 32 slots per granule, one bit each.
+const SLOT_SHIFT: u32 = 3;
 /// A larger gap between objects starts a new span (bounds wasted table space to
 /// 16 KiB per gap).
 const SPAN_GAP: u64 = 1 << 20;
@@ -31,8 +36,16 @@ const SPAN_GAP: u64 = 1 << 20;
 struct Span {
     base: u64,
     end: u64,
-    /// first[g] = index of the first object whose end is above granule g's start.
-    first: Vec<u32>,
+    granules: Vec<Granule>,
+}
+
+/// What one granule of a span knows.
+#[derive(Clone, Copy, Default)]
+struct Granule {
+    /// Index of the first object starting at or after the granule's start.
+    before: u32,
+    /// Bit k: an object starts in the granule's slot k.
+    starts: u32,
 }
 
 /// Sorted, non-overlapping object ranges and the granule tables over them.
@@ -42,6 +55,8 @@ pub struct ObjectIndex {
     lo: u64,
     width: u64,
     spans: Vec<Span>,
+    /// No two objects start in one slot: the popcount lookup is exact.
+    exact_slots: bool,
 }
 
 impl ObjectIndex {
@@ -55,6 +70,7 @@ impl ObjectIndex {
         let lo = ranges.first().map_or(0, |r| r.0);
         let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
         let mut spans = Vec::new();
+        let mut exact_slots = true;
         let mut i = 0;
         while i < ranges.len() {
             let first_obj = i;
@@ -65,23 +81,31 @@ impl ObjectIndex {
                 i += 1;
             }
             let base = ranges[first_obj].0 & !((1 << GRANULE_SHIFT) - 1);
-            let granules = ((end - base) >> GRANULE_SHIFT) as usize + 1;
-            let mut first = Vec::with_capacity(granules);
+            let count = ((end - base) >> GRANULE_SHIFT) as usize + 1;
+            let mut granules = vec![Granule::default(); count];
             let mut k = first_obj;
-            for g in 0..granules {
+            for (g, granule) in granules.iter_mut().enumerate() {
                 let granule_start = base + ((g as u64) << GRANULE_SHIFT);
-                while k < i && ranges[k].1 <= granule_start {
+                granule.before = k as u32;
+                while k < i && ranges[k].0 < granule_start + (1 << GRANULE_SHIFT) {
+                    let bit = 1 << ((ranges[k].0 - granule_start) >> SLOT_SHIFT);
+                    exact_slots &= granule.starts & bit == 0;
+                    granule.starts |= bit;
                     k += 1;
                 }
-                first.push(k as u32);
             }
-            spans.push(Span { base, end, first });
+            spans.push(Span {
+                base,
+                end,
+                granules,
+            });
         }
         Self {
             ranges,
             lo,
             width: hi.saturating_sub(lo),
             spans,
+            exact_slots,
         }
     }
 
@@ -112,9 +136,9 @@ impl ObjectIndex {
         (self.lo, self.width)
     }
 
-    /// The span and granule slot of `addr` (which passed [`Self::in_range`]).
+    /// The span and granule of `addr` (which passed the bounds filter).
     #[inline]
-    fn slot(&self, addr: u64) -> Option<(&Span, usize)> {
+    fn granule_of(&self, addr: u64) -> Option<(&Span, usize)> {
         let span = if self.spans.len() == 1 {
             &self.spans[0]
         } else {
@@ -124,49 +148,71 @@ impl ObjectIndex {
         (addr < span.end).then(|| (span, ((addr - span.base) >> GRANULE_SHIFT) as usize))
     }
 
-    /// Looks up a batch of in-range addresses at once, prefetching each step's
-    /// memory for the whole batch before using it: lookups into a big heap miss the
-    /// cache, and a batch keeps many misses in flight instead of one. Each hit is
-    /// (object index, object start).
-    pub fn find_batch(&self, addrs: &[u64], out: &mut Vec<Option<(u32, u64)>>) {
-        out.clear();
-        let mut firsts = [u32::MAX; BATCH];
-        let mut slots: [Option<(&Span, usize)>; BATCH] = [None; BATCH];
-        for (k, &a) in addrs.iter().enumerate() {
-            slots[k] = self.slot(a);
-            if let Some((span, g)) = slots[k] {
-                prefetch(span.first.as_ptr().wrapping_add(g));
-            }
-        }
-        for (k, slot) in slots.iter().take(addrs.len()).enumerate() {
-            if let Some((span, g)) = *slot {
-                firsts[k] = span.first[g];
-                prefetch(self.ranges.as_ptr().wrapping_add(firsts[k] as usize));
-            }
-        }
-        for (k, &a) in addrs.iter().enumerate() {
-            out.push(
-                self.walk_from(firsts[k], a)
-                    .map(|j| (j, self.ranges[j as usize].0)),
-            );
-        }
+    /// The one object that can contain `addr`, from its granule: the last one
+    /// starting at or below it (`u32::MAX` when none does).
+    #[inline]
+    fn candidate(&self, granule: Granule, addr: u64) -> u32 {
+        let slot = (addr >> SLOT_SHIFT) & ((1 << (GRANULE_SHIFT - SLOT_SHIFT)) - 1);
+        let at_or_below = granule.starts & (u32::MAX >> (31 - slot));
+        (granule.before + at_or_below.count_ones()).wrapping_sub(1)
     }
 
+    /// Whether object `i` (a [`Self::candidate`]) contains `addr`; corrects for an
+    /// object starting later inside the slot, or two sharing it.
     #[inline]
-    fn walk_from(&self, first: u32, addr: u64) -> Option<u32> {
-        if first == u32::MAX {
-            return None;
+    fn check(&self, i: u32, addr: u64) -> Option<u32> {
+        let (start, end) = *self.ranges.get(i as usize)?;
+        if start <= addr {
+            return (addr < end).then_some(i);
         }
-        let mut i = first as usize;
-        while let Some(&(start, end)) = self.ranges.get(i)
-            && start <= addr
-        {
-            if addr < end {
-                return Some(i as u32);
+        self.walk_back_from(i, addr)
+    }
+
+    /// The slow path: starts not 8-byte aligned (never from a real allocator).
+    #[cold]
+    fn walk_back_from(&self, i: u32, addr: u64) -> Option<u32> {
+        let i = self.ranges[..i as usize].partition_point(|r| r.0 <= addr);
+        let j = i.checked_sub(1)?;
+        (addr < self.ranges[j].1).then_some(j as u32)
+    }
+
+    /// Looks up a batch of in-range addresses at once, prefetching each step's
+    /// memory for the whole batch before using it: lookups into a big heap miss the
+    /// cache, and a batch keeps many misses in flight instead of one. Calls
+    /// `hit(k, object index, object start, object end)` for each `addrs[k]` inside
+    /// an object, in order.
+    #[inline]
+    pub fn find_batch(&self, addrs: &[u64], mut hit: impl FnMut(usize, u32, u64, u64)) {
+        debug_assert!(addrs.len() <= BATCH);
+        let mut found = [u32::MAX; BATCH];
+        if self.exact_slots {
+            let mut slots: [Option<&Granule>; BATCH] = [None; BATCH];
+            for (k, &a) in addrs.iter().enumerate() {
+                if let Some((span, g)) = self.granule_of(a) {
+                    let granule = &span.granules[g];
+                    prefetch(granule);
+                    slots[k] = Some(granule);
+                }
             }
-            i += 1;
+            for (k, &a) in addrs.iter().enumerate() {
+                if let Some(granule) = slots[k] {
+                    found[k] = self.candidate(*granule, a);
+                    prefetch(self.ranges.as_ptr().wrapping_add(found[k] as usize));
+                }
+            }
+            for (k, &a) in addrs.iter().enumerate() {
+                found[k] = self.check(found[k], a).unwrap_or(u32::MAX);
+            }
+        } else {
+            for (k, &a) in addrs.iter().enumerate() {
+                found[k] = self.find(a).unwrap_or(u32::MAX);
+            }
         }
-        None
+        for (k, &j) in found.iter().take(addrs.len()).enumerate() {
+            if let Some(&(start, end)) = self.ranges.get(j as usize) {
+                hit(k, j, start, end);
+            }
+        }
     }
 
     /// The object containing `addr`, if any.
@@ -175,16 +221,13 @@ impl ObjectIndex {
         if addr.wrapping_sub(self.lo) >= self.width {
             return None;
         }
-        let span = if self.spans.len() == 1 {
-            &self.spans[0]
-        } else {
-            let k = self.spans.partition_point(|s| s.base <= addr);
-            &self.spans[k.checked_sub(1)?]
-        };
-        if addr >= span.end {
-            return None;
+        let (span, g) = self.granule_of(addr)?;
+        let granule = span.granules[g];
+        if self.exact_slots {
+            return self.check(self.candidate(granule, addr), addr);
         }
-        let mut i = span.first[((addr - span.base) >> GRANULE_SHIFT) as usize] as usize;
+        // Walk from the object that may reach into the granule.
+        let mut i = granule.before.saturating_sub(1) as usize;
         while let Some(&(start, end)) = self.ranges.get(i)
             && start <= addr
         {
@@ -238,9 +281,9 @@ mod tests {
         assert_eq!(index.spans.len(), 2);
     }
 
-    #[test]
-    fn agrees_with_brute_force_on_a_random_heap() {
-        // Deterministic pseudo-random layout: small and large blocks, gaps, far spans.
+    /// A pseudo-random heap (small and large blocks, gaps, far spans), starts
+    /// rounded to `align`; checks every kind of lookup against brute force.
+    fn agrees_with_brute_force(align: u64, exact_slots: bool) {
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move || {
             x ^= x << 13;
@@ -260,10 +303,19 @@ mod tests {
             } else {
                 next() % 512
             };
+            addr = addr.next_multiple_of(align);
             ranges.push((addr, len));
             addr += len.max(1);
         }
+        if !exact_slots {
+            // Tiny objects back to back: several start in one 8-byte slot.
+            for len in [1, 2, 0, 3, 9, 1, 1] {
+                ranges.push((addr, len));
+                addr += len.max(1);
+            }
+        }
         let index = ObjectIndex::new(ranges.clone());
+        assert_eq!(index.exact_slots, exact_slots);
         let (lo, hi) = (ranges[0].0 - 100, addr + 100);
         for _ in 0..20_000 {
             let probe = lo + next() % (hi - lo);
@@ -277,6 +329,34 @@ mod tests {
             assert!(index.find(s).is_some());
             assert_eq!(index.find(s + l.max(1) - 1), index.find(s));
         }
+        for probes in ranges.chunks(BATCH) {
+            let addrs: Vec<u64> = probes.iter().map(|&(s, l)| s + l / 2).collect();
+            let mut found = vec![None; addrs.len()];
+            index.find_batch(&addrs, |k, j, _, _| found[k] = Some(j));
+            let single: Vec<Option<u32>> = addrs.iter().map(|&a| index.find(a)).collect();
+            assert_eq!(found, single);
+        }
+    }
+
+    #[test]
+    fn agrees_with_brute_force_on_an_allocator_like_heap() {
+        agrees_with_brute_force(16, true);
+    }
+
+    #[test]
+    fn agrees_with_brute_force_with_odd_starts_and_shared_slots() {
+        // Byte-aligned starts: some objects start mid-slot, some share a slot.
+        agrees_with_brute_force(1, false);
+    }
+
+    #[test]
+    fn odd_starts_in_distinct_slots_stay_exact() {
+        let ranges = vec![(0x1003, 4), (0x100b, 20), (0x1104, 8)];
+        let index = ObjectIndex::new(ranges.clone());
+        assert!(index.exact_slots);
+        for addr in 0x1000..0x1120 {
+            assert_eq!(index.find(addr), brute(&ranges, addr), "address {addr:#x}");
+        }
     }
 
     #[test]
@@ -286,9 +366,11 @@ mod tests {
             .collect();
         let index = ObjectIndex::new(ranges);
         let addrs: Vec<u64> = (0..BATCH as u64).map(|k| 0x10000 + k * 0x5d3).collect();
-        let mut out = Vec::new();
-        index.find_batch(&addrs, &mut out);
-        let out: Vec<Option<u32>> = out.iter().map(|h| h.map(|(j, _)| j)).collect();
+        let mut out = vec![None; addrs.len()];
+        index.find_batch(&addrs, |k, j, start, end| {
+            assert!(start <= addrs[k] && addrs[k] < end);
+            out[k] = Some(j);
+        });
         let single: Vec<Option<u32>> = addrs.iter().map(|&a| index.find(a)).collect();
         assert_eq!(out, single);
         assert!(out.iter().any(Option::is_some) && out.iter().any(Option::is_none));

@@ -105,6 +105,9 @@ pub struct ScanOutput {
 enum Role {
     Root,
     Object(u32),
+    /// Objects `first..=last`, each wholly inside the piece; what lies between them
+    /// is not a root (allocator headers, free chunks).
+    Objects(u32, u32),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,15 +116,17 @@ struct Piece {
     role: Role,
 }
 
-/// The pieces of memory to read, in address order, and the objects no readable
-/// mapping holds.
+/// The pieces of memory to read, in address order (in `pieces`), and the objects
+/// no readable mapping holds.
 struct Plan {
-    pieces: Vec<Piece>,
     unmapped: Vec<u32>,
     unreadable: Vec<u32>,
 }
 
-fn plan(input: &ScanInput, index: &ObjectIndex) -> Plan {
+/// Plans the reads of one scan into `pieces`. Runs of objects with nothing but
+/// non-root memory between them become one piece: a heap of millions of small
+/// objects is a few hundred pieces, not millions.
+fn plan(input: &ScanInput, index: &ObjectIndex, pieces: &mut Vec<Piece>) -> Plan {
     let mut not_roots = RangeSet::new();
     for r in &input.snapshot.owned {
         not_roots.insert(r.clone());
@@ -132,26 +137,30 @@ fn plan(input: &ScanInput, index: &ObjectIndex) -> Plan {
             not_roots.insert(m.start..sp.saturating_sub(RED_ZONE).max(m.start));
         }
     }
-    let mut pieces = Vec::new();
+    let mut holes = Holes {
+        ranges: not_roots.iter().collect(),
+        next: 0,
+    };
+    pieces.clear();
     let mut covered = vec![false; index.len()];
     let mut unreadable = Vec::new();
     for m in &input.maps {
         let mut i = index.first_ending_after(m.start);
         let readable = m.read && !m.is_unscannable();
         let mut cursor = m.start;
+        // Whether the last piece is an object run this mapping may extend.
+        let mut run_open = false;
         while cursor < m.end {
             // The next object starting at or after the cursor, clipped to the mapping.
             let next = (i < index.len() && index.start(i as u32) < m.end).then_some(i as u32);
             let gap_end = next.map_or(m.end, |o| index.start(o).max(cursor));
             if readable && m.write && cursor < gap_end {
-                for r in subtract(cursor..gap_end, &not_roots) {
-                    push_split(&mut pieces, r, Role::Root);
-                }
+                run_open &= !holes.push_roots(cursor..gap_end, pieces);
             }
             let Some(o) = next else { break };
             let obj_end = index.end(o).min(m.end);
             if readable {
-                push_split(&mut pieces, gap_end..obj_end, Role::Object(o));
+                run_open = push_object(pieces, run_open, o, gap_end..obj_end);
             } else if !covered[o as usize] {
                 unreadable.push(o);
             }
@@ -164,14 +173,77 @@ fn plan(input: &ScanInput, index: &ObjectIndex) -> Plan {
         .filter(|&o| !covered[o as usize])
         .collect();
     Plan {
-        pieces,
         unmapped,
         unreadable,
     }
 }
 
-/// Adds `range` as pieces of at most one read window each (kept in order, so an
-/// object's checksum sees its words in order).
+/// Memory that is never a root (sorted, disjoint), consumed in address order.
+struct Holes {
+    ranges: Vec<Range<u64>>,
+    /// The first hole that may still overlap what comes next.
+    next: usize,
+}
+
+impl Holes {
+    /// Adds the root parts of `gap` (it minus the holes); the gaps come in address
+    /// order. Returns whether any part was a root.
+    fn push_roots(&mut self, gap: Range<u64>, pieces: &mut Vec<Piece>) -> bool {
+        while self
+            .ranges
+            .get(self.next)
+            .is_some_and(|h| h.end <= gap.start)
+        {
+            self.next += 1;
+        }
+        let mut cursor = gap.start;
+        let mut any = false;
+        for hole in &self.ranges[self.next..] {
+            if hole.start >= gap.end {
+                break;
+            }
+            if hole.start > cursor {
+                push_split(pieces, cursor..hole.start, Role::Root);
+                any = true;
+            }
+            cursor = cursor.max(hole.end);
+        }
+        if cursor < gap.end {
+            push_split(pieces, cursor..gap.end, Role::Root);
+            any = true;
+        }
+        any
+    }
+}
+
+/// Adds object `o` at `range`: to the open run of objects before it when the run
+/// stays within one read window, else as a piece of its own (split when larger
+/// than a window). Returns whether a run is open after it.
+fn push_object(pieces: &mut Vec<Piece>, run_open: bool, o: u32, range: Range<u64>) -> bool {
+    if range.end - range.start > CHUNK {
+        push_split(pieces, range, Role::Object(o));
+        return false;
+    }
+    if run_open
+        && let Some(last) = pieces.last_mut()
+        && range.end - last.range.start <= CHUNK
+    {
+        let first = match last.role {
+            Role::Object(f) | Role::Objects(f, _) => f,
+            Role::Root => unreachable!("an open run ends with an object"),
+        };
+        last.range.end = range.end;
+        last.role = Role::Objects(first, o);
+        return true;
+    }
+    pieces.push(Piece {
+        range,
+        role: Role::Object(o),
+    });
+    true
+}
+
+/// Adds `range` as pieces of at most one read window each.
 fn push_split(pieces: &mut Vec<Piece>, range: Range<u64>, role: Role) {
     let mut from = range.start;
     while from < range.end {
@@ -182,22 +254,6 @@ fn push_split(pieces: &mut Vec<Piece>, range: Range<u64>, role: Role) {
         });
         from = to;
     }
-}
-
-/// `r` minus the ranges of `set`.
-fn subtract(r: Range<u64>, set: &RangeSet) -> Vec<Range<u64>> {
-    let mut out = Vec::new();
-    let mut cursor = r.start;
-    for hole in set.overlapping(r.clone()) {
-        if hole.start > cursor {
-            out.push(cursor..hole.start.min(r.end));
-        }
-        cursor = cursor.max(hole.end);
-    }
-    if cursor < r.end {
-        out.push(cursor..r.end);
-    }
-    out
 }
 
 /// A checksum of an object's contents, to tell whether it changed between scans.
@@ -215,9 +271,7 @@ pub struct Workspace {
     graph: Graph,
     read_ok: Vec<bool>,
     buf: Vec<u8>,
-    pending: Vec<u64>,
-    sources: Vec<u32>,
-    found: Vec<Option<(u32, u64)>>,
+    pieces: Vec<Piece>,
 }
 
 /// The source of a pending word that lies in a root.
@@ -231,9 +285,9 @@ struct Walker<'a> {
     stats: ScanStats,
     /// Words that may be pointers, waiting for a batched lookup, and the object
     /// each was found in ([`ROOT`] for roots). Batches span object boundaries.
-    pending: &'a mut Vec<u64>,
-    sources: &'a mut Vec<u32>,
-    found: &'a mut Vec<Option<(u32, u64)>>,
+    pending: [u64; index::BATCH],
+    sources: [u32; index::BATCH],
+    pending_len: usize,
 }
 
 impl Walker<'_> {
@@ -243,21 +297,25 @@ impl Walker<'_> {
         let Some(bytes) = bytes.get(skip..) else {
             return;
         };
-        match role {
-            Role::Root => self.stats.root_bytes += bytes.len() as u64,
-            Role::Object(_) => self.stats.object_bytes += bytes.len() as u64,
-        }
-        let (lo, width) = (self.lo, self.width);
         let source = match role {
-            Role::Root => ROOT,
-            Role::Object(i) => i,
+            Role::Root => {
+                self.stats.root_bytes += bytes.len() as u64;
+                ROOT
+            }
+            Role::Object(i) => {
+                self.stats.object_bytes += bytes.len() as u64;
+                i
+            }
+            Role::Objects(..) => unreachable!("runs are walked object by object"),
         };
+        let (lo, width) = (self.lo, self.width);
         for c in bytes.chunks_exact(8) {
             let w = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
             if w.wrapping_sub(lo) < width && w >= MIN_POINTER {
-                self.pending.push(w);
-                self.sources.push(source);
-                if self.pending.len() == index::BATCH {
+                self.pending[self.pending_len] = w;
+                self.sources[self.pending_len] = source;
+                self.pending_len += 1;
+                if self.pending_len == index::BATCH {
                     self.resolve();
                 }
             }
@@ -266,30 +324,23 @@ impl Walker<'_> {
 
     /// Looks up the pending words and records what they point to.
     fn resolve(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        self.index.find_batch(self.pending, self.found);
-        for ((&w, &source), &hit) in self
-            .pending
-            .iter()
-            .zip(self.sources.iter())
-            .zip(self.found.iter())
-        {
-            let Some((j, start)) = hit else { continue };
-            let interior = w != start;
-            if interior && Some(w - start) == next_chunk_offset(self.index.end(j) - start) {
-                // The allocator's own pointer to the next chunk, not the program's.
-                continue;
-            }
-            if source == ROOT {
-                self.graph.add_root(j, interior);
-            } else {
-                self.graph.add_edge(source, j, interior);
-            }
-        }
-        self.pending.clear();
-        self.sources.clear();
+        let (pending, sources) = (&self.pending, &self.sources);
+        let graph = &mut *self.graph;
+        self.index
+            .find_batch(&pending[..self.pending_len], |k, j, start, end| {
+                let w = pending[k];
+                let interior = w != start;
+                if interior && Some(w - start) == next_chunk_offset(end - start) {
+                    // The allocator's own pointer to the next chunk, not the program's.
+                    return;
+                }
+                if sources[k] == ROOT {
+                    graph.add_root(j, interior);
+                } else {
+                    graph.add_edge(sources[k], j, interior);
+                }
+            });
+        self.pending_len = 0;
     }
 }
 
@@ -304,7 +355,7 @@ impl Workspace {
         let objects = &input.snapshot.objects;
         let started = std::time::Instant::now();
         let index = ObjectIndex::new(objects.iter().map(|(a, o)| (*a, o.size())));
-        let plan = plan(input, &index);
+        let plan = plan(input, &index, &mut self.pieces);
         let planned = started.elapsed();
         self.graph.reset(index.len());
         self.read_ok.clear();
@@ -322,9 +373,9 @@ impl Workspace {
                 objects: index.len() as u64,
                 ..ScanStats::default()
             },
-            pending: &mut self.pending,
-            sources: &mut self.sources,
-            found: &mut self.found,
+            pending: [0; index::BATCH],
+            sources: [0; index::BATCH],
+            pending_len: 0,
         };
         for &r in &input.registers {
             if let Some(j) = index.find(r) {
@@ -332,7 +383,7 @@ impl Workspace {
             }
         }
         // Read windows of up to CHUNK bytes covering consecutive pieces.
-        let pieces = &plan.pieces;
+        let pieces = &self.pieces;
         self.buf.resize(CHUNK as usize, 0);
         let buf = &mut self.buf;
         let mut k = 0;
@@ -349,17 +400,30 @@ impl Workspace {
             let got = memory.read(start, &mut buf[..(end - start) as usize]) as u64;
             walker.stats.bytes_read += got;
             let readable_end = start + got;
+            let window = |r: Range<u64>| {
+                let from = r.start.min(readable_end);
+                &buf[(from - start) as usize..(r.end.min(readable_end) - start) as usize]
+            };
             for piece in &pieces[k..=last] {
                 let r = &piece.range;
-                if readable_end > r.start {
-                    let bytes = &buf
-                        [(r.start - start) as usize..(r.end.min(readable_end) - start) as usize];
-                    walker.scan(r.start, bytes, piece.role);
-                }
-                if readable_end < r.end
-                    && let Role::Object(o) = piece.role
-                {
-                    self.read_ok[o as usize] = false;
+                match piece.role {
+                    Role::Objects(first, last) => {
+                        for o in first..=last {
+                            let range = index.start(o).max(r.start)..index.end(o).min(r.end);
+                            walker.scan(range.start, window(range.clone()), Role::Object(o));
+                            if readable_end < range.end {
+                                self.read_ok[o as usize] = false;
+                            }
+                        }
+                    }
+                    role => {
+                        walker.scan(r.start, window(r.clone()), role);
+                        if readable_end < r.end
+                            && let Role::Object(o) = role
+                        {
+                            self.read_ok[o as usize] = false;
+                        }
+                    }
                 }
             }
             k = last + 1;
@@ -380,7 +444,7 @@ impl Workspace {
     }
 
     fn finish(
-        &self,
+        &mut self,
         input: &ScanInput,
         index: &ObjectIndex,
         stats: &mut ScanStats,
