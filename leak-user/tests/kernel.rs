@@ -219,7 +219,18 @@ fn held_kernel_objects_are_attributed_and_released() {
     assert_eq!(end["type"], "kernel_end");
     assert_eq!(end["reason"], "signal");
     assert_eq!(end["lost_total"], 0, "{end}");
-    assert_eq!(end["frees_missed"], 0, "{end}");
+    // System-wide, a free in an interrupt that lands while both free programs are
+    // busy on that CPU is skipped by both (seen: 0 to 3 in 50,000 frees on a
+    // loaded machine). It must be counted, and rare; the fixture's own objects
+    // all went away above.
+    let missed = end["frees_missed"]
+        .as_u64()
+        .expect("frees_missed is counted");
+    let frees = end["counters"]["frees"].as_u64().unwrap();
+    assert!(
+        missed * 1000 <= frees,
+        "{missed} of {frees} frees missed: {end}"
+    );
     assert!(end["free_probes"]["raw_recorded"].as_u64().unwrap() > 0);
 }
 
