@@ -89,6 +89,44 @@ fn attach_scenarios(args: &[&str]) -> Run {
 }
 
 #[test]
+fn a_process_in_another_mount_namespace() {
+    util::require_root();
+    let _s = serial();
+    // The target runs from a tmpfs only its own mount namespace has: the tracer must
+    // find its binary (probes, symbols) through /proc/PID/root.
+    let script = format!(
+        "mount -t tmpfs leaktrace-test /mnt && cp {} /mnt/app && exec /mnt/app --wait-go",
+        util::fixture("scenarios").display()
+    );
+    let mut command = Command::new("unshare");
+    command.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    let mut fixture = Fixture::spawn(command);
+    let pid = fixture.pid();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(maps.contains("/mnt/app"), "the target runs /mnt/app");
+    assert!(
+        !std::path::Path::new("/mnt/app").exists(),
+        "/mnt/app is not in the tracer's namespace"
+    );
+    let mut tracer = Tracer::attach(pid, FAST);
+    fixture.go();
+    fixture.wait_for("READY");
+    tracer.wait_scans(4);
+    let run = tracer.stop(&fixture.stdout.clone());
+    let (status, _) = fixture.finish();
+    assert!(status.success());
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert_matches_truth(&run);
+    let (_, leak) = run.leaks().into_iter().next().expect("leaks");
+    let frame = &leak["stack"][0];
+    assert_eq!(frame["module"], "/mnt/app", "{leak}");
+    assert!(
+        frame["function"].is_string() && frame["line"].is_u64(),
+        "{leak}"
+    );
+}
+
+#[test]
 fn scenarios_in_pid_mode() {
     util::require_root();
     let _s = serial();

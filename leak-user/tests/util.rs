@@ -236,10 +236,18 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(fixture(name))
+        let mut command = Command::new(fixture(name));
+        command
             .arg("--wait-go")
             .args(args)
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        Self::spawn(command)
+    }
+
+    /// Runs `command`, which must end up running a fixture with `--wait-go` in
+    /// its own process (`exec`).
+    pub fn spawn(mut command: Command) -> Self {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
