@@ -246,19 +246,25 @@ fn frames_of(
         ci.map(|c| (Some(c.to_path().display().to_string()), c.line))
             .unwrap_or((None, None))
     };
-    let mut frames = Vec::new();
-    // Innermost first: the inlined chain, deepest last in blazesym's order.
-    let (mut file, mut line) = location(sym.code_info.as_deref());
-    for inlined in sym.inlined.iter().rev() {
-        frames.push(Frame {
-            function: Some(inlined.name.to_string()),
-            file: file.clone(),
-            line,
-            inlined: true,
-            ..base.clone()
-        });
-        (file, line) = location(inlined.code_info.as_ref());
-    }
+    // Innermost first: the inlined chain, deepest last in blazesym's order. Each
+    // frame's location is where in *that* function the address is (for the outer
+    // ones, the line of the call that was inlined).
+    let mut frames: Vec<Frame> = sym
+        .inlined
+        .iter()
+        .rev()
+        .map(|inlined| {
+            let (file, line) = location(inlined.code_info.as_ref());
+            Frame {
+                function: Some(inlined.name.to_string()),
+                file,
+                line,
+                inlined: true,
+                ..base.clone()
+            }
+        })
+        .collect();
+    let (file, line) = location(sym.code_info.as_deref());
     frames.push(Frame {
         function: Some(sym.name.to_string()),
         file,

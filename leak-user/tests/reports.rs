@@ -38,13 +38,30 @@ fn leak_stacks_name_the_allocating_function_file_and_line() {
 
     let run = launch("cxx", &["--hold-ms", "500"], FAST);
     let line = util::source_line("cxx.cc", "ALLOC:make_node");
-    let leak = run
-        .leaks()
-        .into_values()
-        .find(|r| r["kind"] == "direct")
-        .expect("the C++ leak");
-    assert_eq!(leak["stack"][0]["function"], "make_node(Node*)");
+    let leaks = run.leaks();
+    let by_function = |function: &str| {
+        leaks
+            .values()
+            .find(|r| r["kind"] == "direct" && r["stack"][0]["function"] == function)
+            .unwrap_or_else(|| panic!("no direct leak from {function}: {leaks:?}"))
+    };
+    let leak = by_function("make_node(Node*)");
     assert_eq!(leak["stack"][0]["line"], line);
+    // Inlined: each frame at its own line, as addr2line -i says.
+    let leak = by_function("make_inlined");
+    let (inner, outer) = (&leak["stack"][0], &leak["stack"][1]);
+    assert_eq!(inner["inlined"], true, "{leak}");
+    assert_eq!(
+        inner["line"],
+        util::source_line("cxx.cc", "ALLOC:make_inlined"),
+        "{leak}"
+    );
+    assert_eq!(outer["function"], "leak_through_an_inlined_helper()");
+    assert_eq!(
+        outer["line"],
+        util::source_line("cxx.cc", "CALL:make_inlined"),
+        "{leak}"
+    );
 }
 
 #[test]

@@ -26,6 +26,9 @@ pub enum FreezeError {
         #[source]
         source: std::io::Error,
     },
+    /// The launched command has not reached its entry point yet.
+    #[error("process {0} is still starting; scanned without stopping the world")]
+    Starting(u32),
     /// A thread did not stop in time (e.g. in uninterruptible sleep).
     #[error("thread {0} did not stop within 2 s; scanned without stopping the world")]
     Timeout(u32),

@@ -9,6 +9,7 @@
 //! stopped, and when the worker ends it detaches from the launched command (if the
 //! tracer dies instead, the kernel detaches for us).
 
+mod entry;
 pub mod freeze;
 pub mod launch;
 mod sys;
@@ -21,14 +22,15 @@ use std::{
 
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
-pub use self::{
-    freeze::{FreezeError, Frozen},
-    launch::{LaunchError, LaunchSpec},
-};
 use self::{
+    entry::EntryBreak,
     freeze::{Ours, StopKind},
     launch::GatedChild,
     sys::{Wait, pid_t},
+};
+pub use self::{
+    freeze::{FreezeError, Frozen},
+    launch::{LaunchError, LaunchSpec},
 };
 
 /// What happened to the launched command.
@@ -36,6 +38,9 @@ use self::{
 pub enum ChildEvent {
     /// It called execve and is held stopped until [`PtraceHandle::resume`].
     Exec { pid: u32 },
+    /// It reached its entry point (the loader has mapped its libraries) and is held
+    /// stopped until [`PtraceHandle::resume`].
+    Entry { pid: u32 },
     /// It is exiting and is held stopped (memory intact) until resumed.
     Exiting { pid: u32 },
     /// It is gone; `status` is its exit code, or 128 + the signal that killed it.
@@ -97,7 +102,7 @@ impl PtraceHandle {
         rx.await.map_err(|_| LaunchError::WorkerGone)?
     }
 
-    /// Lets the launched command continue after an exec or exit stop.
+    /// Lets the launched command continue after an exec, entry or exit stop.
     pub fn resume(&self) {
         let _ = self.tx.send(Request::Resume);
     }
@@ -126,12 +131,27 @@ impl PtraceHandle {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Held {
     Exec,
+    Entry,
     Exit,
 }
 
 struct Child {
     gated: GatedChild,
     held: Option<Held>,
+    /// Set at each exec stop, until the command gets to its entry point.
+    entry: Option<EntryBreak>,
+}
+
+impl Child {
+    /// At an exec stop: break at the new image's entry point.
+    fn arm_entry(&mut self) {
+        let pid = self.gated.pid;
+        self.entry = EntryBreak::arm(pid as pid_t)
+            .inspect_err(|err| {
+                log::warn!("pid {pid}: cannot stop at the entry point ({err}); wrappers' callers may be missed at start")
+            })
+            .ok();
+    }
 }
 
 struct Worker {
@@ -164,7 +184,11 @@ impl Worker {
             Request::Launch { spec, reply } => {
                 let result = launch::fork_gated(&spec).map(|gated| {
                     let pid = gated.pid;
-                    self.child = Some(Child { gated, held: None });
+                    self.child = Some(Child {
+                        gated,
+                        held: None,
+                        entry: None,
+                    });
                     pid
                 });
                 let _ = reply.send(result);
@@ -180,6 +204,16 @@ impl Worker {
                 }
             }
             Request::Freeze { pid, reply } => {
+                self.poll_child();
+                if self
+                    .child
+                    .as_ref()
+                    .is_some_and(|c| c.gated.pid == pid && c.entry.is_some() && c.held.is_none())
+                {
+                    // Stopping it now could swallow the entry breakpoint's trap.
+                    let _ = reply.send(Err(FreezeError::Starting(pid)));
+                    return;
+                }
                 let ours = self
                     .child
                     .as_ref()
@@ -220,6 +254,7 @@ impl Worker {
                     ..
                 }) => {
                     child.held = Some(Held::Exec);
+                    child.arm_entry();
                     return Ok(());
                 }
                 Ok(Wait::Stopped { signal, event: 0 }) => {
@@ -260,6 +295,7 @@ impl Worker {
                 Ok(Wait::Stopped { signal, event }) => match event {
                     sys::EVENT_EXEC => {
                         child.held = Some(Held::Exec);
+                        child.arm_entry();
                         let _ = self.events.send(ChildEvent::Exec { pid });
                         return;
                     }
@@ -271,6 +307,17 @@ impl Worker {
                     sys::EVENT_STOP if sys::is_stop_signal(signal) => {
                         // Group-stop (Ctrl-Z): stay stopped, but let SIGCONT through.
                         let _ = sys::listen(pid as pid_t);
+                    }
+                    0 if signal == libc::SIGTRAP
+                        && child
+                            .entry
+                            .as_ref()
+                            .is_some_and(|b| b.hit(pid as pid_t).unwrap_or(false)) =>
+                    {
+                        child.entry = None;
+                        child.held = Some(Held::Entry);
+                        let _ = self.events.send(ChildEvent::Entry { pid });
+                        return;
                     }
                     0 => {
                         let _ = sys::cont(pid as pid_t, signal);
@@ -291,12 +338,23 @@ impl Worker {
         let _ = self.events.send(ChildEvent::Exited { pid, status });
     }
 
-    /// Leaves the launched command running on its own.
+    /// Leaves the launched command running on its own (without our breakpoint).
     fn detach_child(&mut self) {
         let Some(child) = self.child.take() else {
             return;
         };
         let pid = child.gated.pid as pid_t;
+        let release = |pending: i32| {
+            let mut pending = pending;
+            if let Some(b) = &child.entry {
+                if pending == libc::SIGTRAP && b.hit(pid).unwrap_or(false) {
+                    pending = 0; // our trap, undone
+                } else {
+                    let _ = b.disarm(pid);
+                }
+            }
+            let _ = sys::detach(pid, pending);
+        };
         if child.held.is_none() {
             // A running tracee must be stopped before it can be detached.
             if sys::interrupt(pid).is_err() {
@@ -306,16 +364,14 @@ impl Worker {
             while Instant::now() < deadline {
                 match sys::wait(pid, false) {
                     Ok(Wait::Stopped { signal, event }) => {
-                        let pending = if event == 0 { signal } else { 0 };
-                        let _ = sys::detach(pid, pending);
-                        return;
+                        return release(if event == 0 { signal } else { 0 });
                     }
                     Ok(Wait::Nothing) => thread::sleep(Duration::from_millis(1)),
                     _ => return,
                 }
             }
         } else {
-            let _ = sys::detach(pid, 0);
+            release(0);
         }
     }
 }

@@ -57,6 +57,16 @@ pub fn get_regs(tid: pid_t) -> io::Result<libc::user_regs_struct> {
     Ok(regs)
 }
 
+pub fn set_regs(tid: pid_t, regs: &libc::user_regs_struct) -> io::Result<()> {
+    request(
+        libc::PTRACE_SETREGS,
+        tid,
+        0,
+        std::ptr::from_ref(regs) as usize,
+    )
+    .map(drop)
+}
+
 /// What `waitpid` said about a thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {

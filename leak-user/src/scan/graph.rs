@@ -159,23 +159,38 @@ impl Graph {
                 has_leaked_parent[(e & !INTERIOR) as usize] = true;
             }
         }
+        // Leaders, valgrind's way: first every leaked object nothing leaked points
+        // to, then the rest in address order (leaked cycles). Each leader takes what
+        // it reaches; a cycle's leader reached from a later leader is absorbed, so
+        // the blocks a lost structure holds are never direct leaks of their own.
         let heads = leaked.iter().filter(|&&i| !has_leaked_parent[i]);
-        // Then every leaked cycle not reached from a head, lowest address first.
         let cycles = leaked.iter().filter(|&&i| has_leaked_parent[i]);
-        for &head in heads.chain(cycles) {
-            if reach[head] != UNSWEPT {
+        for &leader in heads.chain(cycles) {
+            if reach[leader] != UNSWEPT {
                 continue;
             }
-            reach[head] = Reach::Direct;
-            let mut stack = vec![head];
+            reach[leader] = Reach::Direct;
+            let mut stack = vec![leader];
             while let Some(i) = stack.pop() {
                 for &e in out(i) {
                     let j = (e & !INTERIOR) as usize;
-                    if reach[j] == UNSWEPT {
-                        reach[j] = Reach::Indirect { root: head as u32 };
+                    let absorb = reach[j] == UNSWEPT || (reach[j] == Reach::Direct && j != leader);
+                    if absorb {
+                        reach[j] = Reach::Indirect {
+                            root: leader as u32,
+                        };
                         stack.push(j);
                     }
                 }
+            }
+        }
+        // Objects of an absorbed leader: their root is where the chain ends.
+        for &i in &leaked {
+            if let Reach::Indirect { mut root } = reach[i] {
+                while let Reach::Indirect { root: up } = reach[root as usize] {
+                    root = up;
+                }
+                reach[i] = Reach::Indirect { root };
             }
         }
         reach
@@ -233,6 +248,33 @@ mod tests {
                 Reach::Indirect { root: 3 }
             ]
         );
+    }
+
+    #[test]
+    fn a_lost_structure_with_a_cycle_owns_what_it_points_to() {
+        // A session (1) owns a string (0, lower address, pointing nowhere) and a
+        // map node (2) that points back into the session (its header): no object
+        // is free of leaked parents, yet the session is the one lost block.
+        let r = graph(3, &[(1, 0, false), (1, 2, false), (2, 1, true)], &[]);
+        assert_eq!(
+            r,
+            vec![
+                Reach::Indirect { root: 1 },
+                Reach::Direct,
+                Reach::Indirect { root: 1 }
+            ]
+        );
+        // The same with a tail behind the string: the absorbed leader's own
+        // objects move to the session too.
+        let r = graph(
+            4,
+            &[(0, 3, false), (1, 0, false), (1, 2, false), (2, 1, true)],
+            &[],
+        );
+        assert_eq!(r[1], Reach::Direct);
+        for i in [0, 2, 3] {
+            assert_eq!(r[i], Reach::Indirect { root: 1 }, "object {i}");
+        }
     }
 
     #[test]

@@ -375,6 +375,12 @@ impl Session {
                 }
                 self.ptrace.resume();
             }
+            ChildEvent::Entry { pid } => {
+                // Every library is mapped: the wrappers' call sites can be resolved
+                // before the program's first instruction.
+                self.install_hints(pid);
+                self.ptrace.resume();
+            }
             ChildEvent::Exiting { pid } => {
                 // Every record up to the exit is in the ring: apply it, then scan
                 // the memory one last time before the kernel tears it down.
