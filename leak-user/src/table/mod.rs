@@ -93,6 +93,10 @@ pub struct ProcessTable {
     pub live_bytes: u64,
     /// Memory the allocator mapped for itself since we attached.
     pub owned: RangeSet,
+    /// Attached late only: blocks freed since we attached and not allocated again.
+    /// Free chunks keep their old contents, stale pointers to blocks that may be
+    /// live again, so this memory is never a root.
+    pub freed: RangeSet,
     /// The last program break we saw.
     pub brk: Option<u64>,
     /// The process allocated before we attached (pid mode), so untracked heap memory
@@ -156,6 +160,8 @@ pub enum Notice {
 pub struct Snapshot {
     /// (address, object), sorted by address.
     pub objects: Vec<(u64, Object)>,
+    /// Memory that is never a root: what the allocator mapped for itself since we
+    /// attached, and (attached late) blocks freed since then. Not sorted.
     pub owned: Vec<Range<u64>>,
     pub attached_late: bool,
 }
@@ -296,7 +302,8 @@ impl Table {
     ) -> Option<u64> {
         let p = self.processes.get(&pid)?;
         if from == 0 {
-            snapshot.owned = p.owned.iter().collect();
+            // Never roots, either way (the scanner merges the two).
+            snapshot.owned = p.owned.iter().chain(p.freed.iter()).collect();
             snapshot.attached_late = p.attached_late;
         }
         let mut next = None;
@@ -320,14 +327,12 @@ impl Table {
             }
             Event::Free { tgid, addr, .. } => {
                 self.counters.frees += 1;
-                if self.remove(tgid, addr, RetractionReason::Freed).is_none() {
+                if self.release(tgid, addr).is_none() {
                     self.counters.untracked_frees += 1;
                 }
             }
             Event::ReallocDetach { tgid, tid, old } => {
-                let object = self
-                    .remove(tgid, old, RetractionReason::Freed)
-                    .map(|(o, _)| o);
+                let object = self.release(tgid, old);
                 self.pending_reallocs
                     .insert((tgid, tid), Detached { old, object });
             }
@@ -341,6 +346,7 @@ impl Table {
                 let end = addr.saturating_add(len);
                 if let Some(p) = self.processes.get_mut(&tgid) {
                     p.owned.remove(addr..end);
+                    p.freed.remove(addr..end);
                 }
                 self.drop_range(tgid, addr..end);
             }
@@ -358,6 +364,7 @@ impl Table {
                         objects: p.objects.clone(),
                         live_bytes: p.live_bytes,
                         owned: p.owned.clone(),
+                        freed: p.freed.clone(),
                         brk: p.brk,
                         attached_late: p.attached_late,
                     })
@@ -408,9 +415,7 @@ impl Table {
             // The detach record was lost: the old block is released now.
             _ => Detached {
                 old,
-                object: self
-                    .remove(alloc.tgid, old, RetractionReason::Freed)
-                    .map(|(o, _)| o),
+                object: self.release(alloc.tgid, old),
             },
         };
         if alloc.addr != 0 {
@@ -438,6 +443,7 @@ impl Table {
             p.owned.insert(previous..brk);
         } else if brk < previous {
             p.owned.remove(brk..previous);
+            p.freed.remove(brk..previous);
             self.drop_range(tgid, brk..previous);
         }
     }
@@ -465,6 +471,9 @@ impl Table {
             self.remove(pid, a, RetractionReason::Freed);
         }
         let p = self.processes.get_mut(&pid).expect("checked above");
+        if !p.freed.is_empty() {
+            p.freed.remove(addr..end);
+        }
         p.live_bytes += object.size();
         if let Some(old) = p.objects.insert(addr, object) {
             p.live_bytes -= old.size();
@@ -472,6 +481,19 @@ impl Table {
     }
 
     /// Removes the object at exactly `addr`, retracting it if it was reported.
+    /// The program freed the block at `addr`: removes it and, when we attached
+    /// late, remembers its memory as free.
+    fn release(&mut self, pid: u32, addr: u64) -> Option<Object> {
+        let (object, _) = self.remove(pid, addr, RetractionReason::Freed)?;
+        if let Some(p) = self.processes.get_mut(&pid)
+            && p.attached_late
+        {
+            p.freed
+                .insert(addr..addr.saturating_add(object.span().next_multiple_of(8)));
+        }
+        Some(object)
+    }
+
     fn remove(&mut self, pid: u32, addr: u64, reason: RetractionReason) -> Option<(Object, u64)> {
         let p = self.processes.get_mut(&pid)?;
         let object = p.objects.remove(&addr)?;
@@ -698,6 +720,37 @@ mod tests {
         assert_eq!(t.counters.unmapped_dropped, 2);
         let owned: Vec<_> = t.process(1).unwrap().owned.iter().collect();
         assert_eq!(owned, vec![0x10000..0x18000]);
+    }
+
+    #[test]
+    fn attached_late_freed_blocks_are_not_roots_until_reused() {
+        let freed = |t: &Table| t.process(1).unwrap().freed.iter().collect::<Vec<_>>();
+        let mut t = Table::new(0, VerdictBook::new(VerdictParams::default()));
+        t.add_process(1, true);
+        t.apply(&alloc(0x1000, 20));
+        t.apply(&alloc(0x1020, 32));
+        for addr in [0x1000, 0x1020] {
+            t.apply(&Event::Free {
+                tgid: 1,
+                tid: 7,
+                addr,
+            });
+        }
+        assert_eq!(freed(&t), vec![0x1000..0x1018, 0x1020..0x1040]);
+        t.apply(&alloc(0x1020, 16));
+        assert_eq!(freed(&t), vec![0x1000..0x1018, 0x1030..0x1040]);
+        let mut snapshot = Snapshot::default();
+        t.snapshot_part(1, 0, 10, &mut snapshot);
+        assert_eq!(snapshot.owned, freed(&t));
+        // Launch mode: every heap is the allocator's since we attached anyway.
+        let mut t = table();
+        t.apply(&alloc(0x1000, 20));
+        t.apply(&Event::Free {
+            tgid: 1,
+            tid: 7,
+            addr: 0x1000,
+        });
+        assert!(freed(&t).is_empty());
     }
 
     #[test]
