@@ -93,9 +93,11 @@ pub struct ProcessTable {
     pub live_bytes: u64,
     /// Memory the allocator mapped for itself since we attached.
     pub owned: RangeSet,
-    /// Attached late only: blocks freed since we attached and not allocated again.
-    /// Free chunks keep their old contents, stale pointers to blocks that may be
-    /// live again, so this memory is never a root.
+    /// Attached late only: memory of blocks freed since we attached. Free chunks
+    /// keep their old contents, stale pointers to blocks that may be live again, so
+    /// this memory is never a root. Where it holds a block again, the block is
+    /// scanned as an object, so nothing is removed on allocation (the ingest path
+    /// stays one lookup per free of memory already freed once).
     pub freed: RangeSet,
     /// The last program break we saw.
     pub brk: Option<u64>,
@@ -471,9 +473,6 @@ impl Table {
             self.remove(pid, a, RetractionReason::Freed);
         }
         let p = self.processes.get_mut(&pid).expect("checked above");
-        if !p.freed.is_empty() {
-            p.freed.remove(addr..end);
-        }
         p.live_bytes += object.size();
         if let Some(old) = p.objects.insert(addr, object) {
             p.live_bytes -= old.size();
@@ -482,7 +481,7 @@ impl Table {
 
     /// Removes the object at exactly `addr`, retracting it if it was reported.
     /// The program freed the block at `addr`: removes it and, when we attached
-    /// late, remembers its memory as free.
+    /// late, remembers its memory as freed.
     fn release(&mut self, pid: u32, addr: u64) -> Option<Object> {
         let (object, _) = self.remove(pid, addr, RetractionReason::Freed)?;
         if let Some(p) = self.processes.get_mut(&pid)
@@ -723,7 +722,7 @@ mod tests {
     }
 
     #[test]
-    fn attached_late_freed_blocks_are_not_roots_until_reused() {
+    fn attached_late_freed_blocks_are_not_roots() {
         let freed = |t: &Table| t.process(1).unwrap().freed.iter().collect::<Vec<_>>();
         let mut t = Table::new(0, VerdictBook::new(VerdictParams::default()));
         t.add_process(1, true);
@@ -737,11 +736,23 @@ mod tests {
             });
         }
         assert_eq!(freed(&t), vec![0x1000..0x1018, 0x1020..0x1040]);
+        // Allocated and freed again: nothing changes.
         t.apply(&alloc(0x1020, 16));
-        assert_eq!(freed(&t), vec![0x1000..0x1018, 0x1030..0x1040]);
+        t.apply(&Event::Free {
+            tgid: 1,
+            tid: 7,
+            addr: 0x1020,
+        });
+        assert_eq!(freed(&t), vec![0x1000..0x1018, 0x1020..0x1040]);
         let mut snapshot = Snapshot::default();
         t.snapshot_part(1, 0, 10, &mut snapshot);
         assert_eq!(snapshot.owned, freed(&t));
+        t.apply(&Event::Unmap {
+            tgid: 1,
+            addr: 0x1000,
+            len: 0x1000,
+        });
+        assert!(freed(&t).is_empty());
         // Launch mode: every heap is the allocator's since we attached anyway.
         let mut t = table();
         t.apply(&alloc(0x1000, 20));

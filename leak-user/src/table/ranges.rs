@@ -24,6 +24,14 @@ impl RangeSet {
             return;
         }
         let (mut start, mut end) = (r.start, r.end);
+        if self
+            .ranges
+            .range(..=start)
+            .next_back()
+            .is_some_and(|(_, &e)| e >= end)
+        {
+            return; // already covered: the common case, cheaply
+        }
         // A range starting at or before `start` that reaches it.
         if let Some((&s, &e)) = self.ranges.range(..=start).next_back()
             && e >= start
