@@ -1,5 +1,5 @@
 //! Launch mode: start a command so that the tracer is attached before its first
-//! allocation.
+//! allocation (and, following forks, before its children's).
 //!
 //! We fork; the child waits on a pipe (the gate) while the parent seizes it with
 //! ptrace (exec and exit stops on) and makes it a target; then the gate opens and the
@@ -30,6 +30,8 @@ pub struct LaunchSpec {
     pub args: Vec<OsString>,
     /// Run as this (uid, gid, supplementary groups) instead of as ourselves.
     pub run_as: Option<Credentials>,
+    /// Trace the processes it forks too (with their own exec, entry and exit stops).
+    pub follow_forks: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -202,7 +204,10 @@ pub fn fork_gated(spec: &LaunchSpec) -> Result<GatedChild, LaunchError> {
     }
     drop(gate_r);
     drop(err_w);
-    let options = libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_TRACEEXIT;
+    let mut options = libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_TRACEEXIT;
+    if spec.follow_forks {
+        options |= libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACEVFORK;
+    }
     if let Err(source) = sys::seize(pid, options) {
         // SAFETY: killing the child we just forked.
         unsafe { libc::kill(pid, libc::SIGKILL) };

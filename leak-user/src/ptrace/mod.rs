@@ -1,12 +1,13 @@
 //! Everything that needs ptrace, on one dedicated thread.
 //!
 //! Linux ties a ptrace relationship to the tracer *thread*: every request must come
-//! from the thread that attached. So one worker thread owns the launched command
-//! (exec and exit stops) and performs every stop-the-world freeze and thaw; the rest
-//! of the daemon talks to it through [`PtraceHandle`].
+//! from the thread that attached. So one worker thread owns the launched command and,
+//! with `--follow-forks`, every process it forks (exec, entry and exit stops), and
+//! performs every stop-the-world freeze and thaw; the rest of the daemon talks to it
+//! through [`PtraceHandle`].
 //!
 //! The worker never leaves a thread stopped: a freeze that fails resumes what it had
-//! stopped, and when the worker ends it detaches from the launched command (if the
+//! stopped, and when the worker ends it detaches from every process it traces (if the
 //! tracer dies instead, the kernel detaches for us).
 
 mod entry;
@@ -15,6 +16,7 @@ pub mod launch;
 mod sys;
 
 use std::{
+    collections::BTreeMap,
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -33,7 +35,7 @@ pub use self::{
     launch::{LaunchError, LaunchSpec},
 };
 
-/// What happened to the launched command.
+/// What happened to the launched command (or a process it forked, when followed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChildEvent {
     /// It called execve and is held stopped until [`PtraceHandle::resume`].
@@ -56,7 +58,9 @@ enum Request {
     Start {
         reply: oneshot::Sender<Result<(), LaunchError>>,
     },
-    Resume,
+    Resume {
+        pid: u32,
+    },
     Freeze {
         pid: u32,
         reply: oneshot::Sender<Result<Frozen, FreezeError>>,
@@ -102,9 +106,9 @@ impl PtraceHandle {
         rx.await.map_err(|_| LaunchError::WorkerGone)?
     }
 
-    /// Lets the launched command continue after an exec, entry or exit stop.
-    pub fn resume(&self) {
-        let _ = self.tx.send(Request::Resume);
+    /// Lets `pid` continue after an exec, entry or exit stop.
+    pub fn resume(&self, pid: u32) {
+        let _ = self.tx.send(Request::Resume { pid });
     }
 
     /// Stops every thread of `pid` (blocking; call from a blocking thread).
@@ -127,7 +131,7 @@ impl PtraceHandle {
     }
 }
 
-/// Why the launched command is stopped, when we hold it.
+/// Why a traced process is stopped, when we hold it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Held {
     Exec,
@@ -135,17 +139,19 @@ enum Held {
     Exit,
 }
 
+/// A process the worker traces: the launched command, or one it forked.
+#[derive(Default)]
 struct Child {
-    gated: GatedChild,
     held: Option<Held>,
-    /// Set at each exec stop, until the command gets to its entry point.
+    /// Set at each exec stop, until the process gets to its entry point.
     entry: Option<EntryBreak>,
+    /// Auto-attached at a fork and not yet past its first stop.
+    fresh: bool,
 }
 
 impl Child {
     /// At an exec stop: break at the new image's entry point.
-    fn arm_entry(&mut self) {
-        let pid = self.gated.pid;
+    fn arm_entry(&mut self, pid: u32) {
         self.entry = EntryBreak::arm(pid as pid_t)
             .inspect_err(|err| {
                 log::warn!("pid {pid}: cannot stop at the entry point ({err}); wrappers' callers may be missed at start")
@@ -156,14 +162,17 @@ impl Child {
 
 struct Worker {
     events: UnboundedSender<ChildEvent>,
-    child: Option<Child>,
+    /// The launched command before its first exec (its gate and exec errors).
+    gated: Option<GatedChild>,
+    children: BTreeMap<u32, Child>,
 }
 
 impl Worker {
     fn new(events: UnboundedSender<ChildEvent>) -> Self {
         Self {
             events,
-            child: None,
+            gated: None,
+            children: BTreeMap::new(),
         }
     }
 
@@ -174,9 +183,9 @@ impl Worker {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            self.poll_child();
+            self.poll_children();
         }
-        self.detach_child();
+        self.detach_all();
     }
 
     fn handle(&mut self, request: Request) {
@@ -184,11 +193,8 @@ impl Worker {
             Request::Launch { spec, reply } => {
                 let result = launch::fork_gated(&spec).map(|gated| {
                     let pid = gated.pid;
-                    self.child = Some(Child {
-                        gated,
-                        held: None,
-                        entry: None,
-                    });
+                    self.gated = Some(gated);
+                    self.children.insert(pid, Child::default());
                     pid
                 });
                 let _ = reply.send(result);
@@ -196,47 +202,39 @@ impl Worker {
             Request::Start { reply } => {
                 let _ = reply.send(self.start());
             }
-            Request::Resume => {
-                if let Some(child) = &mut self.child
+            Request::Resume { pid } => {
+                if let Some(child) = self.children.get_mut(&pid)
                     && child.held.take().is_some()
                 {
-                    let _ = sys::cont(child.gated.pid as pid_t, 0);
+                    let _ = sys::cont(pid as pid_t, 0);
                 }
             }
             Request::Freeze { pid, reply } => {
-                self.poll_child();
-                if self
-                    .child
-                    .as_ref()
-                    .is_some_and(|c| c.gated.pid == pid && c.entry.is_some() && c.held.is_none())
-                {
+                self.poll_children();
+                let child = self.children.get(&pid);
+                if child.is_some_and(|c| c.entry.is_some() && c.held.is_none()) {
                     // Stopping it now could swallow the entry breakpoint's trap.
                     let _ = reply.send(Err(FreezeError::Starting(pid)));
                     return;
                 }
-                let ours = self
-                    .child
-                    .as_ref()
-                    .filter(|c| c.gated.pid == pid)
-                    .map(|c| Ours {
-                        tid: pid,
-                        held: c.held.is_some(),
-                    });
+                let ours = child.map(|c| Ours {
+                    tid: pid,
+                    held: c.held.is_some(),
+                });
                 let _ = reply.send(freeze::freeze(pid, ours));
             }
             Request::Thaw { frozen, reply } => {
                 freeze::resume(&frozen.stopped);
                 let paused = frozen.since.elapsed();
-                // Our child may have reached its exit while frozen: hold it there.
-                let exiting = frozen
-                    .stopped
-                    .iter()
-                    .any(|t| !t.seized_here && t.stop == StopKind::Exiting);
-                if exiting && let Some(child) = &mut self.child {
-                    child.held = Some(Held::Exit);
-                    let _ = self.events.send(ChildEvent::Exiting {
-                        pid: child.gated.pid,
-                    });
+                // A traced process may have reached its exit while frozen: hold it.
+                for t in &frozen.stopped {
+                    if !t.seized_here
+                        && t.stop == StopKind::Exiting
+                        && let Some(child) = self.children.get_mut(&t.tid)
+                    {
+                        child.held = Some(Held::Exit);
+                        let _ = self.events.send(ChildEvent::Exiting { pid: t.tid });
+                    }
                 }
                 let _ = reply.send(paused);
             }
@@ -244,65 +242,87 @@ impl Worker {
     }
 
     fn start(&mut self) -> Result<(), LaunchError> {
-        let child = self.child.as_mut().ok_or(LaunchError::WorkerGone)?;
-        child.gated.open_gate();
-        let pid = child.gated.pid as pid_t;
+        let gated = self.gated.as_mut().ok_or(LaunchError::WorkerGone)?;
+        gated.open_gate();
+        let pid = gated.pid;
         loop {
-            match sys::wait(pid, true) {
+            match sys::wait(pid as pid_t, true) {
                 Ok(Wait::Stopped {
                     event: sys::EVENT_EXEC,
                     ..
                 }) => {
+                    let child = self.children.entry(pid).or_default();
                     child.held = Some(Held::Exec);
-                    child.arm_entry();
+                    child.arm_entry(pid);
                     return Ok(());
                 }
                 Ok(Wait::Stopped { signal, event: 0 }) => {
-                    let _ = sys::cont(pid, signal);
+                    let _ = sys::cont(pid as pid_t, signal);
                 }
                 Ok(Wait::Stopped { .. }) | Ok(Wait::Nothing) => {
-                    let _ = sys::cont(pid, 0);
+                    let _ = sys::cont(pid as pid_t, 0);
                 }
                 Ok(Wait::Exited(_) | Wait::Signaled(_)) | Err(_) => {
-                    let program = child.gated.program.display().to_string();
-                    let source = child
-                        .gated
+                    let program = gated.program.display().to_string();
+                    let source = gated
                         .exec_error()
                         .unwrap_or_else(|| std::io::Error::other("it exited before execve"));
-                    self.child = None;
+                    self.gated = None;
+                    self.children.remove(&pid);
                     return Err(LaunchError::Exec { program, source });
                 }
             }
         }
     }
 
-    /// Handles whatever happened to the launched command since the last look.
-    fn poll_child(&mut self) {
-        let Some(child) = &mut self.child else {
-            return;
-        };
-        if child.held.is_some() {
-            return;
+    /// Handles whatever happened to the traced processes since the last look.
+    fn poll_children(&mut self) {
+        let pids: Vec<u32> = self.children.keys().copied().collect();
+        for pid in pids {
+            self.poll_child(pid);
         }
-        let pid = child.gated.pid;
+    }
+
+    fn poll_child(&mut self, pid: u32) {
         loop {
+            let Some(child) = self.children.get_mut(&pid) else {
+                return;
+            };
+            if child.held.is_some() {
+                return;
+            }
             let waited = sys::wait(pid as pid_t, false);
             if !matches!(waited, Ok(Wait::Nothing)) {
-                log::debug!("launched command {pid}: {waited:?}");
+                log::debug!("traced process {pid}: {waited:?}");
             }
+            let hold = |child: &mut Child, held: Held, event: ChildEvent| {
+                child.held = Some(held);
+                let _ = self.events.send(event);
+            };
             match waited {
                 Ok(Wait::Nothing) => return,
                 Ok(Wait::Stopped { signal, event }) => match event {
                     sys::EVENT_EXEC => {
-                        child.held = Some(Held::Exec);
-                        child.arm_entry();
-                        let _ = self.events.send(ChildEvent::Exec { pid });
-                        return;
+                        child.arm_entry(pid);
+                        return hold(child, Held::Exec, ChildEvent::Exec { pid });
                     }
                     sys::EVENT_EXIT => {
-                        child.held = Some(Held::Exit);
-                        let _ = self.events.send(ChildEvent::Exiting { pid });
-                        return;
+                        return hold(child, Held::Exit, ChildEvent::Exiting { pid });
+                    }
+                    sys::EVENT_FORK | sys::EVENT_VFORK => {
+                        // The new process is traced already; it starts stopped.
+                        if let Ok(new) = sys::event_message(pid as pid_t) {
+                            let fresh = Child {
+                                fresh: true,
+                                ..Child::default()
+                            };
+                            self.children.insert(new as u32, fresh);
+                        }
+                        let _ = sys::cont(pid as pid_t, 0);
+                    }
+                    sys::EVENT_STOP if child.fresh => {
+                        child.fresh = false;
+                        let _ = sys::cont(pid as pid_t, 0);
                     }
                     sys::EVENT_STOP if sys::is_stop_signal(signal) => {
                         // Group-stop (Ctrl-Z): stay stopped, but let SIGCONT through.
@@ -315,9 +335,7 @@ impl Worker {
                             .is_some_and(|b| b.hit(pid as pid_t).unwrap_or(false)) =>
                     {
                         child.entry = None;
-                        child.held = Some(Held::Entry);
-                        let _ = self.events.send(ChildEvent::Entry { pid });
-                        return;
+                        return hold(child, Held::Entry, ChildEvent::Entry { pid });
                     }
                     0 => {
                         let _ = sys::cont(pid as pid_t, signal);
@@ -334,44 +352,49 @@ impl Worker {
     }
 
     fn child_gone(&mut self, pid: u32, status: i32) {
-        self.child = None;
+        self.children.remove(&pid);
+        if self.gated.as_ref().is_some_and(|g| g.pid == pid) {
+            self.gated = None;
+        }
         let _ = self.events.send(ChildEvent::Exited { pid, status });
     }
 
-    /// Leaves the launched command running on its own (without our breakpoint).
-    fn detach_child(&mut self) {
-        let Some(child) = self.child.take() else {
-            return;
-        };
-        let pid = child.gated.pid as pid_t;
-        let release = |pending: i32| {
-            let mut pending = pending;
-            if let Some(b) = &child.entry {
-                if pending == libc::SIGTRAP && b.hit(pid).unwrap_or(false) {
-                    pending = 0; // our trap, undone
-                } else {
-                    let _ = b.disarm(pid);
-                }
+    /// Leaves every traced process running on its own (without our breakpoints).
+    fn detach_all(&mut self) {
+        for (pid, child) in std::mem::take(&mut self.children) {
+            detach(pid as pid_t, &child);
+        }
+    }
+}
+
+/// Detaches from one traced process, undoing its entry breakpoint.
+fn detach(pid: pid_t, child: &Child) {
+    let release = |pending: i32| {
+        let mut pending = pending;
+        if let Some(b) = &child.entry {
+            if pending == libc::SIGTRAP && b.hit(pid).unwrap_or(false) {
+                pending = 0; // our trap, undone
+            } else {
+                let _ = b.disarm(pid);
             }
-            let _ = sys::detach(pid, pending);
-        };
-        if child.held.is_none() {
-            // A running tracee must be stopped before it can be detached.
-            if sys::interrupt(pid).is_err() {
-                return;
+        }
+        let _ = sys::detach(pid, pending);
+    };
+    if child.held.is_some() {
+        return release(0);
+    }
+    // A running tracee must be stopped before it can be detached.
+    if sys::interrupt(pid).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match sys::wait(pid, false) {
+            Ok(Wait::Stopped { signal, event }) => {
+                return release(if event == 0 { signal } else { 0 });
             }
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline {
-                match sys::wait(pid, false) {
-                    Ok(Wait::Stopped { signal, event }) => {
-                        return release(if event == 0 { signal } else { 0 });
-                    }
-                    Ok(Wait::Nothing) => thread::sleep(Duration::from_millis(1)),
-                    _ => return,
-                }
-            }
-        } else {
-            release(0);
+            Ok(Wait::Nothing) => thread::sleep(Duration::from_millis(1)),
+            _ => return,
         }
     }
 }

@@ -8,6 +8,8 @@ pub use libc::pid_t;
 pub const EVENT_EXEC: i32 = libc::PTRACE_EVENT_EXEC;
 pub const EVENT_EXIT: i32 = libc::PTRACE_EVENT_EXIT;
 pub const EVENT_STOP: i32 = libc::PTRACE_EVENT_STOP;
+pub const EVENT_FORK: i32 = libc::PTRACE_EVENT_FORK;
+pub const EVENT_VFORK: i32 = libc::PTRACE_EVENT_VFORK;
 
 fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
     if ret == -1 {
@@ -48,6 +50,13 @@ pub fn listen(tid: pid_t) -> io::Result<()> {
 
 pub fn detach(tid: pid_t, signal: i32) -> io::Result<()> {
     request(libc::PTRACE_DETACH, tid, 0, signal as usize).map(drop)
+}
+
+/// The message of the last ptrace event stop (for a fork: the new pid).
+pub fn event_message(tid: pid_t) -> io::Result<u64> {
+    let mut message: libc::c_ulong = 0;
+    request(libc::PTRACE_GETEVENTMSG, tid, 0, &raw mut message as usize)?;
+    Ok(message as u64)
 }
 
 pub fn get_regs(tid: pid_t) -> io::Result<libc::user_regs_struct> {

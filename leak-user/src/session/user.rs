@@ -225,7 +225,7 @@ impl Session {
                 let infos = [TargetInfo::of(pid)];
                 self.reporter.start("launch", &infos, &self.config);
                 self.hook_new_image(pid)?;
-                self.ptrace.resume();
+                self.ptrace.resume(pid);
             }
             Mode::Kernel => unreachable!("kernel mode has its own session"),
         }
@@ -259,6 +259,7 @@ impl Session {
             program,
             args: argv.to_vec(),
             run_as: launch::sudo_user(),
+            follow_forks: self.config.follow_forks,
         };
         let pid = self.ptrace.launch(spec).await?;
         self.launched = Some(pid);
@@ -373,13 +374,13 @@ impl Session {
                 if let Err(err) = self.hook_new_image(pid) {
                     log::warn!("pid {pid}: cannot hook the new image: {err:#}");
                 }
-                self.ptrace.resume();
+                self.ptrace.resume(pid);
             }
             ChildEvent::Entry { pid } => {
                 // Every library is mapped: the wrappers' call sites can be resolved
                 // before the program's first instruction.
                 self.install_hints(pid);
-                self.ptrace.resume();
+                self.ptrace.resume(pid);
             }
             ChildEvent::Exiting { pid } => {
                 // Every record up to the exit is in the ring: apply it, then scan
@@ -391,10 +392,12 @@ impl Session {
                 if let Some(t) = self.targets.get_mut(&pid) {
                     t.finished = true;
                 }
-                self.ptrace.resume();
+                self.ptrace.resume(pid);
             }
             ChildEvent::Exited { pid, status } => {
-                self.exit_status = Some(status);
+                if Some(pid) == self.launched {
+                    self.exit_status = Some(status);
+                }
                 self.ingest.drain().await;
                 self.handle_notices();
                 self.end_target(pid, Some(status));
