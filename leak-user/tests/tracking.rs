@@ -158,6 +158,29 @@ fn jemalloc_preloaded() {
         "jemalloc hooked: {hooked:?}"
     );
     assert_table_matches(&run);
+
+    // Preloaded by the command itself (`env LD_PRELOAD=... fixture`): the
+    // environment that counts is the new image's, not ours.
+    let fixture = util::fixture("family");
+    let preload = format!("LD_PRELOAD={JEMALLOC}");
+    let argv = [
+        "/usr/bin/env",
+        &preload,
+        fixture.to_str().unwrap(),
+        "--hold-ms",
+        "300",
+        "--no-pvalloc",
+    ];
+    let run = util::launch_command("family-env", &argv, &["--interval", "100ms"], &[]);
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(
+        run.of_type("hooks")
+            .iter()
+            .flat_map(|h| h["objects"].as_array().unwrap())
+            .any(|o| o["object"].as_str().unwrap().contains("jemalloc")),
+        "jemalloc hooked at the second exec"
+    );
+    assert_table_matches(&run);
 }
 
 #[test]

@@ -190,7 +190,16 @@ pub fn launch_with_env(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> Run {
-    let dir = scratch(fixture_name);
+    let program = fixture(fixture_name);
+    let mut argv = vec![program.to_str().unwrap()];
+    argv.extend_from_slice(fixture_args);
+    launch_command(fixture_name, &argv, args, env)
+}
+
+/// Runs `leaktrace ARGS -- ARGV` (ARGV ends up running a fixture), with `env`
+/// added to leaktrace's environment.
+pub fn launch_command(name: &str, argv: &[&str], args: &[&str], env: &[(&str, &str)]) -> Run {
+    let dir = scratch(name);
     let out = dir.join("out.json");
     let dump = dir.join("objects.json");
     let mut cmd = Command::new(leaktrace());
@@ -201,8 +210,7 @@ pub fn launch_with_env(
         .arg(&dump)
         .args(args)
         .arg("--")
-        .arg(fixture(fixture_name))
-        .args(fixture_args)
+        .args(argv)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -37,6 +37,26 @@ pub struct LoaderEnv {
 impl LoaderEnv {
     /// The environment this process would pass to a child.
     pub fn from_current() -> Self {
+        Self::from_vars(
+            std::env::var("LD_PRELOAD").ok(),
+            std::env::var("LD_LIBRARY_PATH").ok(),
+        )
+    }
+
+    /// The environment process `pid` runs with (at an exec stop: the new image's,
+    /// which may differ from ours, e.g. `env LD_PRELOAD=... cmd`).
+    pub fn of_process(pid: u32) -> std::io::Result<Self> {
+        let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+        let var = |name: &str| {
+            environ.split(|&b| b == 0).find_map(|entry| {
+                let value = entry.strip_prefix(name.as_bytes())?.strip_prefix(b"=")?;
+                Some(String::from_utf8_lossy(value).into_owned())
+            })
+        };
+        Ok(Self::from_vars(var("LD_PRELOAD"), var("LD_LIBRARY_PATH")))
+    }
+
+    fn from_vars(preload: Option<String>, library_path: Option<String>) -> Self {
         let split = |v: Option<String>, seps: &[char]| -> Vec<String> {
             v.map(|v| {
                 v.split(seps)
@@ -47,8 +67,8 @@ impl LoaderEnv {
             .unwrap_or_default()
         };
         Self {
-            ld_preload: split(std::env::var("LD_PRELOAD").ok(), &[' ', ':']),
-            ld_library_path: split(std::env::var("LD_LIBRARY_PATH").ok(), &[':', ';']),
+            ld_preload: split(preload, &[' ', ':']),
+            ld_library_path: split(library_path, &[':', ';']),
             global_preload: split(
                 std::fs::read_to_string("/etc/ld.so.preload").ok(),
                 &[' ', ':', '\n', '\t'],

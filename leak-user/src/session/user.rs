@@ -89,6 +89,14 @@ struct Session {
 }
 
 /// Checks the targets before anything is loaded, so that a typo costs nothing.
+/// The loader environment of `pid` at its exec stop (ours if it cannot be read).
+fn env_of(pid: u32) -> LoaderEnv {
+    LoaderEnv::of_process(pid).unwrap_or_else(|err| {
+        log::warn!("pid {pid}: cannot read its environment ({err}); assuming ours");
+        LoaderEnv::from_current()
+    })
+}
+
 fn check_targets(mode: &Mode) -> anyhow::Result<()> {
     match mode {
         Mode::Pids(pids) => {
@@ -272,8 +280,7 @@ impl Session {
     fn hook_new_image(&mut self, pid: u32) -> anyhow::Result<()> {
         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
             .with_context(|| format!("cannot read /proc/{pid}/exe"))?;
-        let plan =
-            discover::for_command(&proc::path_in_root(pid, &exe), &LoaderEnv::from_current());
+        let plan = discover::for_command(&proc::path_in_root(pid, &exe), &env_of(pid));
         if plan.is_empty() {
             log::warn!(
                 "{}: no object defines malloc and free (a stripped static binary?); nothing is traced",
