@@ -54,6 +54,13 @@ impl EntryBreak {
     /// Puts the breakpoint on `pid`'s entry point (`pid` must be stopped).
     pub fn arm(pid: pid_t) -> io::Result<Self> {
         let addr = entry_point(pid)?;
+        // Only ever patch code: a 32-bit image's auxiliary vector reads differently.
+        let maps = crate::proc::maps::read(pid as u32)?;
+        if !maps.iter().any(|m| m.exec && m.contains(addr)) {
+            return Err(io::Error::other(format!(
+                "entry point {addr:#x} is not in executable memory"
+            )));
+        }
         let mem = memory(pid)?;
         let mut byte = [0u8];
         mem.read_exact_at(&mut byte, addr)?;
