@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    io::{self, Write},
+    io,
 };
 
 use serde::Serialize;
@@ -16,7 +16,7 @@ use crate::{
     config::OutputConfig,
     ebpf::MapReaders,
     report::{
-        json::{NdjsonWriter, SCHEMA_VERSION, hex},
+        json::{Output, SCHEMA_VERSION, hex},
         text::{age, bytes},
     },
     session::reporter::{EndReason, TargetInfo},
@@ -207,14 +207,30 @@ impl FreeProbeShare {
     }
 }
 
-enum Sink {
-    Json(NdjsonWriter),
-    Text(Box<dyn Write + Send>),
+/// How kernel records name a call site: its address, function and slab cache.
+#[derive(Serialize)]
+struct SiteName<'a> {
+    #[serde(serialize_with = "hex")]
+    call_site: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    function: Option<&'a str>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    cache: &'a str,
+}
+
+impl<'a> SiteName<'a> {
+    fn new(c: &'a CallSiteSummary, call: &'a Frame) -> Self {
+        Self {
+            call_site: c.key.call_site,
+            function: call.function.as_deref(),
+            cache: &c.key.cache,
+        }
+    }
 }
 
 /// Writes kernel-mode reports.
 pub struct KernelReporter {
-    sink: Sink,
+    sink: Output,
     out: OutputConfig,
     pub readers: MapReaders,
     symbolizer: Symbolizer,
@@ -227,18 +243,8 @@ pub struct KernelReporter {
 
 impl KernelReporter {
     pub fn new(out: &OutputConfig, readers: MapReaders, scale: u64) -> io::Result<Self> {
-        let w: Box<dyn Write + Send> = match &out.path {
-            Some(p) => Box::new(std::fs::File::create(p).map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot create {}: {e}", p.display()))
-            })?),
-            None => Box::new(io::stdout()),
-        };
         Ok(Self {
-            sink: if out.json {
-                Sink::Json(NdjsonWriter::new(w))
-            } else {
-                Sink::Text(w)
-            },
+            sink: Output::open(out)?,
             out: out.clone(),
             readers,
             symbolizer: Symbolizer::new(),
@@ -249,23 +255,9 @@ impl KernelReporter {
         })
     }
 
+    /// True once the NDJSON reader went away (`| head`).
     pub fn output_closed(&self) -> bool {
-        matches!(&self.sink, Sink::Json(w) if w.is_broken())
-    }
-
-    fn json<T: Serialize>(&mut self, record: &T) {
-        if let Sink::Json(w) = &mut self.sink
-            && let Err(err) = w.write(record)
-        {
-            log::error!("cannot write the JSON stream: {err}");
-        }
-    }
-
-    fn text(&mut self, s: &str) {
-        if let Sink::Text(w) = &mut self.sink {
-            let _ = w.write_all(s.as_bytes());
-            let _ = w.flush();
-        }
+        self.sink.is_closed()
     }
 
     pub fn start(&mut self, targets: &[TargetInfo], options: &KernelOptions) {
@@ -279,7 +271,7 @@ impl KernelReporter {
             targets: &'a [TargetInfo],
             kernel: &'a KernelOptions,
         }
-        self.json(&Start {
+        self.sink.json(&Start {
             r#type: "start",
             schema: SCHEMA_VERSION,
             version: env!("CARGO_PKG_VERSION"),
@@ -333,12 +325,8 @@ impl KernelReporter {
             struct CallSiteRecord<'a> {
                 r#type: &'static str,
                 seq: u64,
-                #[serde(serialize_with = "hex")]
-                call_site: u64,
-                #[serde(skip_serializing_if = "Option::is_none")]
-                function: Option<&'a str>,
-                #[serde(skip_serializing_if = "str::is_empty")]
-                cache: &'a str,
+                #[serde(flatten)]
+                site: SiteName<'a>,
                 #[serde(skip_serializing_if = "std::ops::Not::not")]
                 page: bool,
                 #[serde(flatten)]
@@ -348,12 +336,10 @@ impl KernelReporter {
                 stacks_total: usize,
                 stacks: &'a [StackRecord<'a>],
             }
-            self.json(&CallSiteRecord {
+            self.sink.json(&CallSiteRecord {
                 r#type: "kernel_call_site",
                 seq: self.seq,
-                call_site: c.key.call_site,
-                function: call.function.as_deref(),
-                cache: &c.key.cache,
+                site: SiteName::new(c, &call),
                 page: c.key.page,
                 figures: FiguresRecord::new(&c.figures, scale, &view.cgroups),
                 trend: view.call_site_trends.get(&c.index),
@@ -372,7 +358,7 @@ impl KernelReporter {
             }
         }
         if !text.is_empty() {
-            self.text(&text);
+            self.sink.text(&text);
         }
     }
 
@@ -398,12 +384,8 @@ impl KernelReporter {
         #[derive(Serialize)]
         struct Suspect<'a> {
             r#type: &'static str,
-            #[serde(serialize_with = "hex")]
-            call_site: u64,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            function: Option<&'a str>,
-            #[serde(skip_serializing_if = "str::is_empty")]
-            cache: &'a str,
+            #[serde(flatten)]
+            site: SiteName<'a>,
             confidence: Confidence,
             slope_per_s: f64,
             r2: f64,
@@ -417,11 +399,9 @@ impl KernelReporter {
         }
         let scale = self.scale;
         let figures = FiguresRecord::new(&c.figures, scale, &view.cgroups);
-        self.json(&Suspect {
+        self.sink.json(&Suspect {
             r#type: "kernel_suspect",
-            call_site: c.key.call_site,
-            function: call.function.as_deref(),
-            cache: &c.key.cache,
+            site: SiteName::new(c, call),
             confidence,
             slope_per_s: t.slope_per_s * scale as f64,
             r2: t.r2,
@@ -450,7 +430,7 @@ impl KernelReporter {
             #[serde(flatten)]
             stats: &'a KernelStats,
         }
-        self.json(&Record {
+        self.sink.json(&Record {
             r#type: "kernel_stats",
             stats,
         });
@@ -467,13 +447,13 @@ impl KernelReporter {
             stats: &'a KernelStats,
         }
         let suspected = self.suspected.len();
-        self.json(&End {
+        self.sink.json(&End {
             r#type: "kernel_end",
             reason,
             suspected,
             stats,
         });
-        if matches!(self.sink, Sink::Json(_)) {
+        if self.sink.is_json() {
             return;
         }
         let scale = self.scale;
@@ -521,7 +501,7 @@ impl KernelReporter {
             stats.frees_missed,
             stats.recursion_misses.values().sum::<u64>()
         ));
-        self.text(&text);
+        self.sink.text(&text);
     }
 }
 

@@ -7,6 +7,8 @@ use std::io::{self, Write};
 
 use serde::{Serialize, Serializer};
 
+use crate::config::OutputConfig;
+
 /// Bumped when a field changes meaning or disappears.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -51,6 +53,54 @@ impl NdjsonWriter {
                 Ok(())
             }
             other => other,
+        }
+    }
+}
+
+/// Where a report goes: the NDJSON stream or text, on stdout or `--output FILE`.
+pub enum Output {
+    Json(NdjsonWriter),
+    Text(Box<dyn Write + Send>),
+}
+
+impl Output {
+    pub fn open(config: &OutputConfig) -> io::Result<Self> {
+        let out: Box<dyn Write + Send> = match &config.path {
+            Some(path) => Box::new(std::fs::File::create(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
+            })?),
+            None => Box::new(io::stdout()),
+        };
+        Ok(if config.json {
+            Self::Json(NdjsonWriter::new(out))
+        } else {
+            Self::Text(out)
+        })
+    }
+
+    pub fn is_json(&self) -> bool {
+        matches!(self, Self::Json(_))
+    }
+
+    /// True once the NDJSON reader went away (`| head`).
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Self::Json(w) if w.is_broken())
+    }
+
+    /// Writes a record (NDJSON only).
+    pub fn json<T: Serialize>(&mut self, record: &T) {
+        if let Self::Json(w) = self
+            && let Err(err) = w.write(record)
+        {
+            log::error!("cannot write the JSON stream: {err}");
+        }
+    }
+
+    /// Writes report text (text only).
+    pub fn text(&mut self, s: &str) {
+        if let Self::Text(w) = self {
+            let _ = w.write_all(s.as_bytes());
+            let _ = w.flush();
         }
     }
 }

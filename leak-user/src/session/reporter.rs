@@ -7,8 +7,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fs::File,
-    io::{self, Write},
+    io,
     sync::Arc,
 };
 
@@ -21,7 +20,7 @@ use crate::{
     proc::maps::Mapping,
     report::{
         self, Leak, Totals, allocator_name,
-        json::{NdjsonWriter, SCHEMA_VERSION, hex},
+        json::{Output, SCHEMA_VERSION, hex},
         suppress::Suppressions,
         text,
     },
@@ -33,11 +32,6 @@ use crate::{
     symbolize::{Frame, Symbolizer},
     table::{AllocSite, Counters, SharedTable},
 };
-
-enum Sink {
-    Json(NdjsonWriter),
-    Text(Box<dyn Write + Send>),
-}
 
 /// A hooked function, as the start and hooks records list it.
 #[derive(Serialize)]
@@ -177,7 +171,7 @@ pub enum EndReason {
 
 /// The reporter.
 pub struct Reporter {
-    sink: Sink,
+    sink: Output,
     out: OutputConfig,
     readers: MapReaders,
     symbolizer: Symbolizer,
@@ -190,25 +184,10 @@ pub struct Reporter {
     comms: HashMap<u32, String>,
 }
 
-fn open_output(config: &OutputConfig) -> io::Result<Box<dyn Write + Send>> {
-    Ok(match &config.path {
-        Some(path) => Box::new(File::create(path).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
-        })?),
-        None => Box::new(io::stdout()),
-    })
-}
-
 impl Reporter {
     pub fn new(config: &Config, readers: MapReaders) -> io::Result<Self> {
-        let out = open_output(&config.output)?;
-        let sink = if config.output.json {
-            Sink::Json(NdjsonWriter::new(out))
-        } else {
-            Sink::Text(out)
-        };
         Ok(Self {
-            sink,
+            sink: Output::open(&config.output)?,
             out: config.output.clone(),
             readers,
             symbolizer: Symbolizer::new(),
@@ -227,22 +206,7 @@ impl Reporter {
 
     /// True once the NDJSON reader went away (`| head`).
     pub fn output_closed(&self) -> bool {
-        matches!(&self.sink, Sink::Json(w) if w.is_broken())
-    }
-
-    fn json<T: Serialize>(&mut self, record: &T) {
-        if let Sink::Json(w) = &mut self.sink
-            && let Err(err) = w.write(record)
-        {
-            log::error!("cannot write the JSON stream: {err}");
-        }
-    }
-
-    fn text(&mut self, s: &str) {
-        if let Sink::Text(w) = &mut self.sink {
-            let _ = w.write_all(s.as_bytes());
-            let _ = w.flush();
-        }
+        self.sink.is_closed()
     }
 
     /// Something worth saying on stderr (text mode) — the hooks, process events.
@@ -284,7 +248,7 @@ impl Reporter {
                 follow_forks: config.follow_forks,
             },
         };
-        self.json(&record);
+        self.sink.json(&record);
     }
 
     /// Probes were attached for `pid` (0: for every process).
@@ -295,7 +259,7 @@ impl Reporter {
             pid: u32,
             objects: Vec<HookedObjectRecord>,
         }
-        self.json(&Hooks {
+        self.sink.json(&Hooks {
             r#type: "hooks",
             pid,
             objects: hook_records(plan),
@@ -387,7 +351,7 @@ impl Reporter {
             } else {
                 "leak"
             };
-            self.json(&Record { r#type: kind, leak });
+            self.sink.json(&Record { r#type: kind, leak });
             self.reported.insert((leak.pid, leak.address), leak.clone());
         }
         #[derive(Serialize)]
@@ -424,7 +388,7 @@ impl Reporter {
             pause_ms: scan.pause.map(|(d, _)| d.as_secs_f64() * 1e3),
             threads_frozen: scan.pause.map(|(_, n)| n),
         };
-        self.json(&record);
+        self.sink.json(&record);
         if scan.verdicts.withheld > 0 {
             log::warn!(
                 "pid {}: {} unreferenced blocks withheld: events were lost while they lived \
@@ -440,7 +404,7 @@ impl Reporter {
         if !confirmed.is_empty() {
             let title = format!("pid {}, new", scan.pid);
             let body = text::render(&title, &confirmed, self.out.top, self.out.color);
-            self.text(&body);
+            self.sink.text(&body);
         }
     }
 
@@ -464,7 +428,7 @@ impl Reporter {
             kind: LeakKind,
             reason: RetractionReason,
         }
-        self.json(&Record {
+        self.sink.json(&Record {
             r#type: "retraction",
             pid: r.pid,
             address: r.addr,
@@ -483,7 +447,7 @@ impl Reporter {
                 r.addr,
                 self.process_name(r.pid)
             );
-            self.text(&line);
+            self.sink.text(&line);
         }
     }
 
@@ -506,7 +470,7 @@ impl Reporter {
             #[serde(skip_serializing_if = "Option::is_none")]
             leaks: Option<Totals>,
         }
-        self.json(&Record {
+        self.sink.json(&Record {
             r#type: if event == "exit" {
                 "process_exit"
             } else {
@@ -532,7 +496,7 @@ impl Reporter {
             #[serde(flatten)]
             stats: &'a Stats,
         }
-        self.json(&Record {
+        self.sink.json(&Record {
             r#type: "stats",
             stats,
         });
@@ -583,7 +547,7 @@ impl Reporter {
             stats: &'a Stats,
         }
         let totals = report::totals(&confirmed);
-        self.json(&End {
+        self.sink.json(&End {
             r#type: "end",
             reason,
             exit_status,
@@ -617,7 +581,7 @@ impl Reporter {
                 "events: {} records, {} lost, {} undecodable; {} retractions\n",
                 stats.records, stats.lost_total, stats.decode_errors, self.retractions
             ));
-            self.text(&body);
+            self.sink.text(&body);
         }
         let mut first_error = None;
         if let Some(path) = self.out.pprof.clone() {
