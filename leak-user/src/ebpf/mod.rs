@@ -424,32 +424,24 @@ impl Probes {
 
     /// Run counts of the programs (only counted while kernel.bpf_stats_enabled=1).
     pub fn run_counts(&self) -> Vec<(String, u64)> {
-        self.ebpf
-            .programs()
-            .filter_map(|(name, program)| {
-                let fd = program.fd().ok()?;
-                Some((
-                    name.to_owned(),
-                    prog_info_u64(fd.as_fd().as_raw_fd(), 200).ok()?,
-                ))
-            })
-            .collect()
+        self.program_info(RUN_CNT_OFFSET).collect()
     }
 
     /// How many times the kernel skipped each attached program because another BPF
     /// program was running on the same CPU.
     pub fn recursion_misses(&self) -> Vec<(String, u64)> {
-        self.ebpf
-            .programs()
-            .filter_map(|(name, program)| {
-                let fd = program.fd().ok()?;
-                Some((
-                    name.to_owned(),
-                    prog_info_u64(fd.as_fd().as_raw_fd(), RECURSION_MISSES_OFFSET).ok()?,
-                ))
-            })
+        self.program_info(RECURSION_MISSES_OFFSET)
             .filter(|(_, misses)| *misses > 0)
             .collect()
+    }
+
+    /// One u64 field of every loaded program's `struct bpf_prog_info`, by name.
+    fn program_info(&self, offset: usize) -> impl Iterator<Item = (String, u64)> + '_ {
+        self.ebpf.programs().filter_map(move |(name, program)| {
+            let fd = program.fd().ok()?;
+            let value = prog_info_u64(fd.as_fd().as_raw_fd(), offset).ok()?;
+            Some((name.to_owned(), value))
+        })
     }
 }
 
@@ -478,7 +470,9 @@ impl Loadable for RawTracePoint {
     }
 }
 
-/// Offset of `recursion_misses` (kernel 5.12+) in `struct bpf_prog_info`.
+/// Offsets in `struct bpf_prog_info`: `run_cnt` (5.1+) and `recursion_misses`
+/// (5.12+).
+const RUN_CNT_OFFSET: usize = 200;
 const RECURSION_MISSES_OFFSET: usize = 208;
 
 /// A u64 field of `struct bpf_prog_info`, read with BPF_OBJ_GET_INFO_BY_FD: aya's
