@@ -104,9 +104,9 @@ pub struct ScanOutput {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
     Root,
-    Object(u32),
-    /// Objects `first..=last`, each wholly inside the piece; what lies between them
-    /// is not a root (allocator headers, free chunks).
+    /// Objects `first..=last`, each inside the piece or clipped to it (a large one
+    /// is split); what lies between them is not a root (allocator headers, free
+    /// chunks).
     Objects(u32, u32),
 }
 
@@ -221,24 +221,21 @@ impl Holes {
 /// than a window). Returns whether a run is open after it.
 fn push_object(pieces: &mut Vec<Piece>, run_open: bool, o: u32, range: Range<u64>) -> bool {
     if range.end - range.start > CHUNK {
-        push_split(pieces, range, Role::Object(o));
+        push_split(pieces, range, Role::Objects(o, o));
         return false;
     }
     if run_open
         && let Some(last) = pieces.last_mut()
+        && let Role::Objects(first, _) = last.role
         && range.end - last.range.start <= CHUNK
     {
-        let first = match last.role {
-            Role::Object(f) | Role::Objects(f, _) => f,
-            Role::Root => unreachable!("an open run ends with an object"),
-        };
         last.range.end = range.end;
         last.role = Role::Objects(first, o);
         return true;
     }
     pieces.push(Piece {
         range,
-        role: Role::Object(o),
+        role: Role::Objects(o, o),
     });
     true
 }
@@ -291,23 +288,18 @@ struct Walker<'a> {
 }
 
 impl Walker<'_> {
-    /// Scans the aligned words of `bytes`, which hold target memory at `addr`.
-    fn scan(&mut self, addr: u64, bytes: &[u8], role: Role) {
+    /// Scans the aligned words of `bytes`, which hold target memory at `addr`, as
+    /// words of object `source` (or of a root, [`ROOT`]).
+    fn scan(&mut self, addr: u64, bytes: &[u8], source: u32) {
         let skip = (addr.next_multiple_of(8) - addr) as usize;
         let Some(bytes) = bytes.get(skip..) else {
             return;
         };
-        let source = match role {
-            Role::Root => {
-                self.stats.root_bytes += bytes.len() as u64;
-                ROOT
-            }
-            Role::Object(i) => {
-                self.stats.object_bytes += bytes.len() as u64;
-                i
-            }
-            Role::Objects(..) => unreachable!("runs are walked object by object"),
-        };
+        if source == ROOT {
+            self.stats.root_bytes += bytes.len() as u64;
+        } else {
+            self.stats.object_bytes += bytes.len() as u64;
+        }
         let (lo, width) = (self.lo, self.width);
         for c in bytes.chunks_exact(8) {
             let w = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
@@ -407,21 +399,14 @@ impl Workspace {
             for piece in &pieces[k..=last] {
                 let r = &piece.range;
                 match piece.role {
+                    Role::Root => walker.scan(r.start, window(r.clone()), ROOT),
                     Role::Objects(first, last) => {
                         for o in first..=last {
                             let range = index.start(o).max(r.start)..index.end(o).min(r.end);
-                            walker.scan(range.start, window(range.clone()), Role::Object(o));
+                            walker.scan(range.start, window(range.clone()), o);
                             if readable_end < range.end {
                                 self.read_ok[o as usize] = false;
                             }
-                        }
-                    }
-                    role => {
-                        walker.scan(r.start, window(r.clone()), role);
-                        if readable_end < r.end
-                            && let Role::Object(o) = role
-                        {
-                            self.read_ok[o as usize] = false;
                         }
                     }
                 }

@@ -24,18 +24,13 @@ impl RangeSet {
             return;
         }
         let (mut start, mut end) = (r.start, r.end);
-        if self
-            .ranges
-            .range(..=start)
-            .next_back()
-            .is_some_and(|(_, &e)| e >= end)
-        {
-            return; // already covered: the common case, cheaply
-        }
         // A range starting at or before `start` that reaches it.
         if let Some((&s, &e)) = self.ranges.range(..=start).next_back()
             && e >= start
         {
+            if e >= end {
+                return; // already covered: the common case, one lookup
+            }
             start = s;
             end = end.max(e);
             self.ranges.remove(&s);
