@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::{
     schema::{check_records, documented_schema},
-    util::{self, Fixture, read_json_lines, scratch, serial},
+    util::{self, Fixture, complete_records, read_json_lines, scratch, serial, wait_for_records},
 };
 
 /// A `leaktrace --kernel` run writing NDJSON to a file.
@@ -45,29 +45,11 @@ impl KernelTracer {
 
     /// The complete lines written so far.
     fn records(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        complete_records(&self.out)
     }
 
     fn wait_for(&mut self, done: impl Fn(&[Value]) -> bool, what: &str) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let records = self.records();
-            if done(&records) {
-                return records;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let mut err = String::new();
-                let _ =
-                    std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err);
-                panic!("leaktrace --kernel exited ({status}) before {what}: {err}");
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_records(&mut self.child, &self.out, done, what)
     }
 
     /// Waits for a report that begins after now, and returns its call sites.

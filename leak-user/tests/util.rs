@@ -113,6 +113,39 @@ pub fn read_json_lines(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The complete lines a running leaktrace has written to `path` so far.
+pub fn complete_records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits until `done` holds for the records leaktrace (`child`) has written to
+/// `out`; fails if it exits first or after a minute. Returns those records.
+pub fn wait_for_records(
+    child: &mut Child,
+    out: &Path,
+    done: impl Fn(&[Value]) -> bool,
+    what: &str,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let records = complete_records(out);
+        if done(&records) {
+            return records;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+            panic!("leaktrace exited ({status}) before {what}: {err}");
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn hex(v: &Value) -> u64 {
     let s = v
         .as_str()
@@ -357,26 +390,7 @@ impl Tracer {
 
     /// Waits until `done` holds for the records written so far.
     pub fn wait_records(&mut self, done: impl Fn(&[Value]) -> bool, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            // Only complete lines count.
-            let text = std::fs::read_to_string(&self.out).unwrap_or_default();
-            let records: Vec<Value> = text
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
-            if done(&records) {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let mut err = String::new();
-                let _ =
-                    std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err);
-                panic!("leaktrace exited ({status}) before {what}: {err}");
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_records(&mut self.child, &self.out, done, what);
     }
 
     /// Waits for `n` more scan records of `pid` than there are now.
