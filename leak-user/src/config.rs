@@ -7,7 +7,7 @@ use crate::{
     cli::{Args, ColorArg, FreeProbesArg, ReadMethodArg},
     proc::mem::ReadMethod,
     report::suppress::Suppressions,
-    scan::verdict::VerdictParams,
+    table::verdict::VerdictParams,
 };
 
 /// What to trace.
@@ -35,6 +35,39 @@ pub struct OutputConfig {
     pub status: bool,
 }
 
+/// Which tracepoint programs see kernel frees (`--free-probes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FreeProbes {
+    /// A raw and a classic program on each free tracepoint: one covers for the other.
+    #[default]
+    Both,
+    /// Raw tracepoints only.
+    Raw,
+    /// Classic tracepoints only.
+    Classic,
+}
+
+impl FreeProbes {
+    pub fn raw(self) -> bool {
+        self != Self::Classic
+    }
+
+    pub fn classic(self) -> bool {
+        self != Self::Raw
+    }
+}
+
+impl From<FreeProbesArg> for FreeProbes {
+    fn from(arg: FreeProbesArg) -> Self {
+        match arg {
+            FreeProbesArg::Both => Self::Both,
+            FreeProbesArg::Raw => Self::Raw,
+            FreeProbesArg::Classic => Self::Classic,
+        }
+    }
+}
+
 /// Kernel-mode options.
 #[derive(Clone, Debug, Default)]
 pub struct KernelConfig {
@@ -42,7 +75,7 @@ pub struct KernelConfig {
     pub cgroup: Option<PathBuf>,
     pub caches: Vec<String>,
     pub pages: bool,
-    pub free_probes: FreeProbesArg,
+    pub free_probes: FreeProbes,
     /// Keep one object in 2^sample_shift.
     pub sample_shift: u32,
 }
@@ -180,7 +213,7 @@ impl Config {
                 cgroup: args.cgroup,
                 caches: args.caches,
                 pages: args.pages,
-                free_probes: args.free_probes,
+                free_probes: args.free_probes.into(),
                 sample_shift: args.sample.trailing_zeros(),
             },
             mode,

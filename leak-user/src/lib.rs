@@ -19,3 +19,4 @@ pub mod scan;
 pub mod session;
 pub mod symbolize;
 pub mod table;
+pub mod user;

@@ -7,7 +7,7 @@ use clap::Parser as _;
 use leaktrace::{
     cli::Args,
     config::{Config, Mode},
-    kernel, session,
+    kernel, user,
 };
 
 fn init_logging(verbose: u8) {
@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match config.mode {
             Mode::Kernel => kernel::run(config).await,
-            _ => session::user::run(config).await,
+            _ => user::run(config).await,
         }
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

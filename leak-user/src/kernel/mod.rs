@@ -31,16 +31,16 @@ use self::{
     table::KernelTable,
 };
 use crate::{
-    cli::FreeProbesArg,
     clock,
-    config::Config,
+    config::{Config, FreeProbes, KernelConfig},
     ebpf::{LoadOptions, Probes, tracefs},
     events::Event,
     proc,
     session::{
-        ingest::{self, EventSink},
-        reporter::{EndReason, TargetInfo, lost_map},
-        spawn_logger,
+        EndReason, TargetInfo,
+        figures::EventFigures,
+        ingest::{self, EventSink, IngestHandle},
+        logging::spawn_logger,
         status::{Status, StatusLine},
     },
     table::Shared,
@@ -108,63 +108,8 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let cgroups = k.cgroup.as_deref().map(cgroup_ids).transpose()?;
     let epoch = clock::now_ns();
     let started = Instant::now();
-    let mut probes = Probes::load(&LoadOptions {
-        ring_bytes: config.ring_bytes,
-        stack_entries: config.stack_entries,
-        follow_forks: false,
-        capture_stacks: config.stacks,
-        sample_shift: k.sample_shift,
-        kernel_filter_pids: !k.pids.is_empty(),
-        kernel_filter_cgroups: cgroups.is_some(),
-        dual_free_probes: k.free_probes == FreeProbesArg::Both,
-    })?;
-    for &pid in &k.pids {
-        probes.add_target(pid)?;
-    }
-    if let Some(ids) = &cgroups {
-        probes.add_cgroups(ids)?;
-    }
-    if probes.layout.kmalloc_ptr == leak_common::TracepointLayout::ABSENT {
-        bail!(
-            "this kernel has no kmem:kmalloc tracepoint with a ptr field; kernel mode needs the kmem tracepoints"
-        );
-    }
-    // Frees first: loading a program allocates and frees kernel memory (the
-    // verifier's states), and a free missed while allocations are traced would
-    // leave a false leak behind.
-    // Raw tracepoints read the free's pointer as the second TP_PROTO argument:
-    // check that against the record layout, which follows the prototype.
-    let raw_ok = ["kmem/kfree", "kmem/kmem_cache_free"].iter().all(|e| {
-        tracefs::field_order(&probes.tracefs, e)
-            .get(1)
-            .map(String::as_str)
-            == Some("ptr")
-    });
-    let free_probes = match k.free_probes {
-        FreeProbesArg::Both | FreeProbesArg::Raw if !raw_ok => {
-            log::warn!(
-                "the kfree tracepoints have an unexpected layout: using classic tracepoints only for frees"
-            );
-            FreeProbesArg::Classic
-        }
-        other => other,
-    };
-    if free_probes != FreeProbesArg::Classic {
-        probes.attach_raw_tracepoint("kfree_raw", "kfree")?;
-        probes.attach_raw_tracepoint("kmem_cache_free_raw", "kmem_cache_free")?;
-    }
-    if free_probes != FreeProbesArg::Raw {
-        probes.attach_tracepoint("kfree", "kmem", "kfree")?;
-        probes.attach_tracepoint("kmem_cache_free", "kmem", "kmem_cache_free")?;
-    }
-    if k.pages {
-        probes.attach_tracepoint("mm_page_free", "kmem", "mm_page_free")?;
-    }
-    probes.attach_tracepoint("kmalloc", "kmem", "kmalloc")?;
-    probes.attach_tracepoint("kmem_cache_alloc", "kmem", "kmem_cache_alloc")?;
-    if k.pages {
-        probes.attach_tracepoint("mm_page_alloc", "kmem", "mm_page_alloc")?;
-    }
+    let mut probes = load(&config, &k, cgroups.as_deref())?;
+    let free_probes = attach(&mut probes, &k)?;
     if let Some(logger) = probes.take_logger() {
         spawn_logger(logger);
     }
@@ -188,62 +133,200 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
             caches: k.caches.clone(),
             cgroup: k.cgroup.as_ref().map(|p| p.display().to_string()),
             pages: k.pages,
-            free_probes: match free_probes {
-                FreeProbesArg::Both => "both",
-                FreeProbesArg::Raw => "raw",
-                FreeProbesArg::Classic => "classic",
-            },
+            free_probes,
             sample: scale,
             interval_ms: config.interval.as_millis() as u64,
             min_age_ms: config.verdict.min_age_ms,
         },
     );
-    let mut growth = Growth::default();
-    let mut status = StatusLine::new(config.output.status);
-    let mut report_tick = interval(config.interval);
-    report_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    report_tick.tick().await;
-    let mut status_tick = interval(Duration::from_millis(500));
-    let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let stats = |probes: &Probes, reporter: &KernelReporter| {
-        let ((outstanding, bytes), counters) = table.lock(|t| (t.outstanding(), t.counters));
-        let records = ingest
-            .counters
-            .records
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let (lost, lost_total) = lost_map(&reporter.readers.losses());
-        let recursion_misses = probes.recursion_misses().into_iter().collect();
-        let share = FreeProbeShare::new(reporter.readers.free_probe_counts(), &recursion_misses)
-            .since(&share_at_start);
-        KernelStats {
-            elapsed_ms: started.elapsed().as_millis() as u64,
-            records,
-            records_per_sec: records as f64 / started.elapsed().as_secs_f64().max(1e-3),
-            outstanding: outstanding * scale,
-            bytes: bytes * scale,
-            lost,
-            lost_total,
-            decode_errors: ingest
-                .counters
-                .decode_errors
-                .load(std::sync::atomic::Ordering::Relaxed),
-            counters,
-            frees_missed: match free_probes {
-                FreeProbesArg::Both => share.missed_by_both(),
-                FreeProbesArg::Raw => share.raw_skipped,
-                FreeProbesArg::Classic => share.classic_skipped,
-            },
-            free_probes: (free_probes == FreeProbesArg::Both).then_some(share),
-            recursion_misses,
-            longest_lock_hold_us: table.take_longest_hold().as_micros() as u64,
-        }
+    let mut session = KernelSession {
+        probes,
+        table,
+        ingest,
+        reporter,
+        growth: Growth::default(),
+        free_probes,
+        share_at_start,
+        started,
+        scale,
+        min_age_ms: config.verdict.min_age_ms,
     };
-    let min_growth = MIN_GROWTH.div_ceil(scale);
-    let view_now = |growth: &mut Growth| {
-        let (call_sites, by_site, by_call_site, cgroups) = table.lock(|t| {
-            let call_sites = t.summaries(clock::now_ns(), config.verdict.min_age_ms);
+    let reason = session.main_loop(&config).await?;
+    session.finish(reason).await;
+    Ok(0)
+}
+
+/// Loads the programs with the kernel filters (pids, cgroups) in place.
+fn load(config: &Config, k: &KernelConfig, cgroups: Option<&[u64]>) -> anyhow::Result<Probes> {
+    let mut probes = Probes::load(&LoadOptions {
+        ring_bytes: config.ring_bytes,
+        stack_entries: config.stack_entries,
+        follow_forks: false,
+        capture_stacks: config.stacks,
+        sample_shift: k.sample_shift,
+        kernel_filter_pids: !k.pids.is_empty(),
+        kernel_filter_cgroups: cgroups.is_some(),
+        dual_free_probes: k.free_probes == FreeProbes::Both,
+    })?;
+    for &pid in &k.pids {
+        probes.add_target(pid)?;
+    }
+    if let Some(ids) = cgroups {
+        probes.add_cgroups(ids)?;
+    }
+    if probes.layout.kmalloc_ptr == leak_common::TracepointLayout::ABSENT {
+        bail!(
+            "this kernel has no kmem:kmalloc tracepoint with a ptr field; kernel mode needs the kmem tracepoints"
+        );
+    }
+    Ok(probes)
+}
+
+/// The free probes to use: raw tracepoints read the free's pointer as the second
+/// TP_PROTO argument, so they are used only when the record layout (which follows
+/// the prototype) agrees.
+fn free_probes_for(probes: &Probes, wanted: FreeProbes) -> FreeProbes {
+    let raw_ok = ["kmem/kfree", "kmem/kmem_cache_free"].iter().all(|e| {
+        tracefs::field_order(&probes.tracefs, e)
+            .get(1)
+            .map(String::as_str)
+            == Some("ptr")
+    });
+    if wanted.raw() && !raw_ok {
+        log::warn!(
+            "the kfree tracepoints have an unexpected layout: using classic tracepoints only for frees"
+        );
+        return FreeProbes::Classic;
+    }
+    wanted
+}
+
+/// Attaches the programs, frees first: loading a program allocates and frees
+/// kernel memory (the verifier's states), and a free missed while allocations are
+/// traced would leave a false leak behind. Returns the free probes in use.
+fn attach(probes: &mut Probes, k: &KernelConfig) -> anyhow::Result<FreeProbes> {
+    let free_probes = free_probes_for(probes, k.free_probes);
+    if free_probes.raw() {
+        probes.attach_raw_tracepoint("kfree_raw", "kfree")?;
+        probes.attach_raw_tracepoint("kmem_cache_free_raw", "kmem_cache_free")?;
+    }
+    if free_probes.classic() {
+        probes.attach_tracepoint("kfree", "kmem", "kfree")?;
+        probes.attach_tracepoint("kmem_cache_free", "kmem", "kmem_cache_free")?;
+    }
+    if k.pages {
+        probes.attach_tracepoint("mm_page_free", "kmem", "mm_page_free")?;
+    }
+    probes.attach_tracepoint("kmalloc", "kmem", "kmalloc")?;
+    probes.attach_tracepoint("kmem_cache_alloc", "kmem", "kmem_cache_alloc")?;
+    if k.pages {
+        probes.attach_tracepoint("mm_page_alloc", "kmem", "mm_page_alloc")?;
+    }
+    Ok(free_probes)
+}
+
+/// A running kernel-mode trace.
+struct KernelSession {
+    probes: Probes,
+    table: Shared<KernelTable>,
+    ingest: IngestHandle,
+    reporter: KernelReporter,
+    growth: Growth,
+    free_probes: FreeProbes,
+    share_at_start: FreeProbeShare,
+    started: Instant,
+    /// Every estimate is multiplied by this (the sampling factor).
+    scale: u64,
+    min_age_ms: u32,
+}
+
+impl KernelSession {
+    async fn main_loop(&mut self, config: &Config) -> anyhow::Result<EndReason> {
+        let mut status = StatusLine::new(config.output.status);
+        let mut report_tick = interval(config.interval);
+        report_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        report_tick.tick().await;
+        let mut status_tick = interval(Duration::from_millis(500));
+        let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let reason = loop {
+            tokio::select! {
+                _ = report_tick.tick() => {
+                    let view = self.view();
+                    self.reporter.report(&view);
+                    let s = self.stats();
+                    self.reporter.stats(&s);
+                }
+                _ = status_tick.tick() => status.show(&self.status()),
+                _ = sigint.recv() => break EndReason::Signal,
+                _ = sigterm.recv() => break EndReason::Signal,
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                    break EndReason::Duration;
+                }
+            }
+            if self.reporter.output_closed() {
+                break EndReason::OutputClosed;
+            }
+        };
+        status.clear();
+        Ok(reason)
+    }
+
+    /// The last report and the end record.
+    async fn finish(&mut self, reason: EndReason) {
+        self.ingest.drain().await;
+        let view = self.view();
+        self.reporter.report(&view);
+        let s = self.stats();
+        self.reporter.end(reason, &view, &s);
+    }
+
+    fn stats(&self) -> KernelStats {
+        let ((outstanding, bytes), counters) = self.table.lock(|t| (t.outstanding(), t.counters));
+        let recursion_misses: std::collections::BTreeMap<String, u64> =
+            self.probes.recursion_misses().into_iter().collect();
+        let share =
+            FreeProbeShare::new(self.reporter.readers.free_probe_counts(), &recursion_misses)
+                .since(&self.share_at_start);
+        KernelStats {
+            events: EventFigures::now(
+                self.started,
+                &self.ingest.counters,
+                &self.reporter.readers.losses(),
+                recursion_misses,
+                self.table.take_longest_hold().as_micros() as u64,
+            ),
+            outstanding: outstanding * self.scale,
+            bytes: bytes * self.scale,
+            counters,
+            frees_missed: match self.free_probes {
+                FreeProbes::Both => share.missed_by_both(),
+                FreeProbes::Raw => share.raw_skipped,
+                FreeProbes::Classic => share.classic_skipped,
+            },
+            free_probes: (self.free_probes == FreeProbes::Both).then_some(share),
+        }
+    }
+
+    fn status(&self) -> Status {
+        let s = self.stats();
+        Status {
+            objects: s.outstanding,
+            bytes: s.bytes,
+            allocs: s.counters.allocs * self.scale,
+            frees: s.counters.frees * self.scale,
+            events_per_sec: s.events.records_per_sec,
+            lost: s.events.lost_total,
+            leaks: 0,
+            leaked_bytes: 0,
+        }
+    }
+
+    /// The call sites now, with their trends (recorded into the growth trackers).
+    fn view(&mut self) -> KernelView {
+        let (call_sites, by_site, by_call_site, cgroups) = self.table.lock(|t| {
+            let call_sites = t.summaries(clock::now_ns(), self.min_age_ms);
             let cgroups: HashMap<u32, u64> = call_sites
                 .iter()
                 .flat_map(|c| c.figures.top_pids.iter().map(|p| p.0))
@@ -256,9 +339,11 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
                 cgroups,
             )
         });
-        let now = started.elapsed().as_secs_f64();
+        let now = self.started.elapsed().as_secs_f64();
+        let growth = &mut self.growth;
         growth.stacks.record(now, &by_site);
         growth.call_sites.record(now, &by_call_site);
+        let min_growth = MIN_GROWTH.div_ceil(self.scale);
         KernelView {
             call_site_trends: call_sites
                 .iter()
@@ -272,42 +357,5 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
             call_sites,
             cgroups,
         }
-    };
-    let reason = loop {
-        tokio::select! {
-            _ = report_tick.tick() => {
-                reporter.report(&view_now(&mut growth));
-                let s = stats(&probes, &reporter);
-                reporter.stats(&s);
-            }
-            _ = status_tick.tick() => {
-                let s = stats(&probes, &reporter);
-                status.show(&Status {
-                    objects: s.outstanding,
-                    bytes: s.bytes,
-                    allocs: s.counters.allocs * scale,
-                    frees: s.counters.frees * scale,
-                    events_per_sec: s.records_per_sec,
-                    lost: s.lost_total,
-                    leaks: 0,
-                    leaked_bytes: 0,
-                });
-            }
-            _ = sigint.recv() => break EndReason::Signal,
-            _ = sigterm.recv() => break EndReason::Signal,
-            _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
-                break EndReason::Duration;
-            }
-        }
-        if reporter.output_closed() {
-            break EndReason::OutputClosed;
-        }
-    };
-    status.clear();
-    ingest.drain().await;
-    let view = view_now(&mut growth);
-    reporter.report(&view);
-    let s = stats(&probes, &reporter);
-    reporter.end(reason, &view, &s);
-    Ok(0)
+    }
 }

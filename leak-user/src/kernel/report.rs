@@ -13,13 +13,13 @@ use super::{
     table::{CallSiteKey, CallSiteSummary, Figures, KernelCounters},
 };
 use crate::{
-    config::OutputConfig,
+    config::{FreeProbes, OutputConfig},
     ebpf::MapReaders,
     report::{
         json::{Output, SCHEMA_VERSION, hex},
         text::{age, bytes},
     },
-    session::reporter::{EndReason, TargetInfo},
+    session::{EndReason, TargetInfo, figures::EventFigures},
     symbolize::{Frame, Symbolizer},
 };
 
@@ -129,23 +129,17 @@ fn call_site_label(call: &Frame, key: &CallSiteKey) -> String {
 /// Figures for `kernel_stats` and `kernel_end`.
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelStats {
-    pub elapsed_ms: u64,
-    pub records: u64,
-    pub records_per_sec: f64,
+    #[serde(flatten)]
+    pub events: EventFigures,
     pub outstanding: u64,
     pub bytes: u64,
-    pub lost: BTreeMap<&'static str, u64>,
-    pub lost_total: u64,
-    pub decode_errors: u64,
     pub counters: KernelCounters,
-    pub recursion_misses: BTreeMap<String, u64>,
     /// Frees that no program recorded (each one leaves a false outstanding object).
     /// Exact with one kind of free probe; a lower bound with both.
     pub frees_missed: u64,
     /// With both free probes: how they shared the frees.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub free_probes: Option<FreeProbeShare>,
-    pub longest_lock_hold_us: u64,
 }
 
 /// How the raw and the classic free programs shared the frees.
@@ -496,10 +490,10 @@ impl KernelReporter {
         }
         text.push_str(&format!(
             "\nevents: {} records, {} lost, {} frees missed, {} recursion misses\n",
-            stats.records,
-            stats.lost_total,
+            stats.events.records,
+            stats.events.lost_total,
             stats.frees_missed,
-            stats.recursion_misses.values().sum::<u64>()
+            stats.events.recursion_misses.values().sum::<u64>()
         ));
         self.sink.text(&text);
     }
@@ -523,7 +517,7 @@ pub struct KernelOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
     pub pages: bool,
-    pub free_probes: &'static str,
+    pub free_probes: FreeProbes,
     pub sample: u64,
     pub interval_ms: u64,
     pub min_age_ms: u32,

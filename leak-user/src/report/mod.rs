@@ -15,7 +15,7 @@ use std::{collections::BTreeSet, sync::Arc};
 use leak_common::AllocFn;
 use serde::Serialize;
 
-use crate::{scan::verdict::LeakKind, symbolize::Frame};
+use crate::{symbolize::Frame, table::verdict::LeakKind};
 
 /// The name users know an allocator function by.
 pub fn allocator_name(f: AllocFn) -> &'static str {

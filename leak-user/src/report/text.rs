@@ -139,7 +139,7 @@ pub fn render(title: &str, leaks: &[Leak], top: usize, color: bool) -> String {
     let mut out = String::new();
     let (sure, possible): (Vec<&Leak>, Vec<&Leak>) = leaks
         .iter()
-        .partition(|l| l.kind != crate::scan::verdict::LeakKind::Possible);
+        .partition(|l| l.kind != crate::table::verdict::LeakKind::Possible);
     let t = totals(sure.iter().copied());
     let sure: Vec<Leak> = sure.into_iter().cloned().collect();
     let groups = group(&sure);
@@ -196,7 +196,7 @@ pub fn render(title: &str, leaks: &[Leak], top: usize, color: bool) -> String {
 pub fn render_possible(leaks: &[Leak], top: usize, color: bool) -> String {
     let possible: Vec<Leak> = leaks
         .iter()
-        .filter(|l| l.kind == crate::scan::verdict::LeakKind::Possible)
+        .filter(|l| l.kind == crate::table::verdict::LeakKind::Possible)
         .cloned()
         .collect();
     if possible.is_empty() {

@@ -15,15 +15,14 @@
 //! 2. Walk: read the planned ranges in chunks of up to 1 MiB; every aligned word that
 //!    points into a tracked object ([`index::ObjectIndex`]) is a root hit or a graph
 //!    edge ([`graph::Graph`]); each object's contents are checksummed on the way.
-//! 3. Mark and sweep ([`graph::Graph::classify`]), giving the [`verdict::Candidate`]s
-//!    that the caller applies under the lock ([`verdict::VerdictBook`]).
+//! 3. Mark and sweep ([`graph::Graph::classify`]), giving the [`Candidate`]s
+//!    that the caller applies under the lock ([`crate::table::verdict::VerdictBook`]).
 //!
 //! Everything here is pure given a [`MemorySource`]; tests run it on fake memory.
 
 pub mod graph;
 pub mod index;
 pub mod scanner;
-pub mod verdict;
 
 use std::ops::Range;
 
@@ -32,11 +31,13 @@ use serde::Serialize;
 use self::{
     graph::{Graph, Reach},
     index::ObjectIndex,
-    verdict::{Candidate, LeakKind},
 };
 use crate::{
     proc::{maps::Mapping, mem::MemorySource},
-    table::{RangeSet, Snapshot},
+    table::{
+        RangeSet, Snapshot,
+        verdict::{Candidate, LeakKind},
+    },
 };
 
 /// Bytes below the stack pointer that a leaf function may still use (x86-64 ABI).

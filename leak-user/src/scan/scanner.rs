@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{ScanInput, ScanOutput, ScanStats, Workspace, verdict::ScanVerdicts};
+use super::{ScanInput, ScanOutput, ScanStats, Workspace};
 use crate::{
     clock,
     proc::{
@@ -21,7 +21,7 @@ use crate::{
         threads,
     },
     ptrace::{FreezeError, Frozen, PtraceHandle},
-    table::{SharedTable, Snapshot},
+    table::{SharedTable, Snapshot, verdict::ScanVerdicts},
 };
 
 /// Objects copied per lock hold while taking a snapshot.
@@ -103,8 +103,15 @@ pub fn scan_process(
         _ => None,
     };
     let (out, snapshot_hold, maps) = result?;
-    let (verdicts, apply_hold) =
-        table.with(|t| t.apply_scan(pid, &out, clock::now_ns(), options.at_exit));
+    let (verdicts, apply_hold) = table.with(|t| {
+        t.apply_scan(
+            pid,
+            &out.candidates,
+            &out.unmapped,
+            clock::now_ns(),
+            options.at_exit,
+        )
+    });
     Ok(ProcessScan {
         pid,
         stats: out.stats,

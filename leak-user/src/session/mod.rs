@@ -1,44 +1,51 @@
-//! The daemon: wires the eBPF side, the ingest task, the table, the scanner and the
-//! reporter together, in user mode ([`user`]) or kernel mode ([`crate::kernel`]).
+//! What user mode ([`crate::user`]) and kernel mode ([`crate::kernel`]) share: the
+//! ingest task that drains the ring buffer into a table, the status line, the eBPF
+//! log pump, how a run ends, the traced processes' names, and the event figures of
+//! stats records.
 
+pub mod figures;
 pub mod ingest;
-pub mod reporter;
+pub mod logging;
 pub mod status;
-pub mod user;
 
-use aya_log::EbpfLogger;
-use tokio::io::{Interest, unix::AsyncFd};
+use serde::Serialize;
 
-use crate::{events::Event, table::SharedTable};
-
-/// Applies ring-buffer events to the user-mode table.
-pub struct UserSink(pub SharedTable);
-
-impl ingest::EventSink for UserSink {
-    fn apply(&mut self, events: &[Event]) -> bool {
-        self.0.lock(|t| {
-            for e in events {
-                t.apply(e);
-            }
-            t.has_notices()
-        })
-    }
+/// How the run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// Every target exited.
+    TargetsExited,
+    /// SIGINT or SIGTERM.
+    Signal,
+    /// --duration elapsed.
+    Duration,
+    /// The output reader went away.
+    OutputClosed,
 }
 
-/// Polls the eBPF log ring so that log lines of the programs reach stderr.
-pub fn spawn_logger(logger: EbpfLogger<&'static dyn log::Log>) {
-    tokio::spawn(async move {
-        // SAFETY: the logger owns its ring-buffer descriptor for its whole life.
-        let Ok(mut fd) = (unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) })
-        else {
-            return;
-        };
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            guard.clear_ready();
-            guard.get_inner_mut().flush();
+/// A traced process, for the start record.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetInfo {
+    pub pid: u32,
+    pub comm: String,
+    pub cmdline: Vec<String>,
+}
+
+impl TargetInfo {
+    pub fn of(pid: u32) -> Self {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|raw| {
+                raw.split(|b| *b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            pid,
+            comm: crate::proc::comm(pid).unwrap_or_default(),
+            cmdline,
         }
-    });
+    }
 }

@@ -17,24 +17,20 @@
 pub mod ranges;
 pub mod shared;
 pub mod sites;
+pub mod verdict;
 
 use std::{collections::BTreeMap, ops::Range};
 
 use leak_common::AllocFn;
 use rustc_hash::FxHashMap;
 
+use self::verdict::{Candidate, Retraction, RetractionReason, ScanVerdicts, VerdictBook};
 pub use self::{
     ranges::RangeSet,
     shared::{Shared, SharedTable},
     sites::{AllocSite, SiteInterner},
 };
-use crate::{
-    events::{Alloc, Event},
-    scan::{
-        ScanOutput,
-        verdict::{Retraction, RetractionReason, ScanVerdicts, VerdictBook},
-    },
-};
+use crate::events::{Alloc, Event};
 
 const PAGE_SIZE: u64 = 4096;
 
@@ -215,24 +211,30 @@ impl Table {
         self.free_loss_ms
     }
 
-    /// Applies one scan's conclusions: drops what is unmapped, then runs the verdict
-    /// rules on the candidates that are still the same objects.
+    /// Applies one scan's conclusions: drops the objects found in no mapping
+    /// (`unmapped`: address and serial), then runs the verdict rules on the
+    /// candidates that are still the same objects. The verdicts carry each
+    /// finding's allocation site and the time of judgement, so that reporting
+    /// them needs no further hold of the lock.
     pub fn apply_scan(
         &mut self,
         pid: u32,
-        out: &ScanOutput,
+        candidates: &[Candidate],
+        unmapped: &[(u64, u32)],
         now_ns: u64,
         exact: bool,
     ) -> ScanVerdicts {
-        self.drop_unmapped(pid, &out.unmapped);
+        self.drop_unmapped(pid, unmapped);
         let now_ms = self.ms_since_start(now_ns);
         let objects = self.processes.get(&pid).map(|p| &p.objects);
         let lookup =
             |addr: u64, serial: u32| objects?.get(&addr).filter(|o| o.serial == serial).copied();
+        let sites = &self.sites;
         self.verdicts.apply_scan(
             pid,
-            &out.candidates,
+            candidates,
             lookup,
+            |site| sites.get(site).copied(),
             now_ms,
             self.free_loss_ms,
             exact,
@@ -543,8 +545,8 @@ impl Table {
 
 #[cfg(test)]
 mod tests {
+    use super::verdict::VerdictParams;
     use super::*;
-    use crate::scan::verdict::VerdictParams;
 
     fn table() -> Table {
         let mut t = Table::new(0, VerdictBook::new(VerdictParams::default()));

@@ -21,26 +21,44 @@ use tokio::{
     time::{MissedTickBehavior, interval, sleep_until},
 };
 
-use super::{
-    UserSink, ingest,
-    reporter::{EndReason, Reporter, Stats, TargetInfo, lost_map},
-    spawn_logger,
-    status::{Status, StatusLine},
-};
+pub mod reporter;
+
+use self::reporter::{Reporter, Stats};
 use crate::{
     allocator::{HookPlan, WrapperObject, discover, resolve::LoaderEnv},
     clock,
     config::{Config, Mode},
     ebpf::{LoadOptions, Probes, Scope},
+    events::Event,
     proc,
     ptrace::{ChildEvent, PtraceHandle, launch},
     scan::{
         Workspace,
         scanner::{ScanError, ScanOptions, scan_process},
-        verdict::VerdictBook,
     },
-    table::{Notice, SharedTable, Table},
+    session::{
+        EndReason, TargetInfo,
+        figures::{EventFigures, lost_map},
+        ingest::{self, EventSink},
+        logging::spawn_logger,
+        status::{Status, StatusLine},
+    },
+    table::{Notice, SharedTable, Table, verdict::VerdictBook},
 };
+
+/// Applies ring-buffer events to the user-mode table.
+struct UserSink(SharedTable);
+
+impl EventSink for UserSink {
+    fn apply(&mut self, events: &[Event]) -> bool {
+        self.0.lock(|t| {
+            for e in events {
+                t.apply(e);
+            }
+            t.has_notices()
+        })
+    }
+}
 
 /// One traced process.
 struct Target {
@@ -554,8 +572,7 @@ impl Session {
         match result {
             Ok(Ok(scan)) => {
                 self.reporter.remember_maps(pid, &scan.maps);
-                let now_ms = self.table.lock(|t| t.ms_since_start(clock::now_ns()));
-                self.reporter.scan(&self.table, &scan, now_ms);
+                self.reporter.scan(&scan);
             }
             Ok(Err(ScanError::Gone(_))) => {}
             Ok(Err(err)) => log::warn!("pid {pid}: {err}"),
@@ -578,29 +595,17 @@ impl Session {
             let (n, b) = t.totals();
             (n, b, t.counters)
         });
-        let records = self
-            .ingest
-            .counters
-            .records
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let elapsed = self.started.elapsed();
-        let (lost, lost_total) = lost_map(&self.reporter.readers().losses());
         Stats {
-            elapsed_ms: elapsed.as_millis() as u64,
-            records,
-            records_per_sec: records as f64 / elapsed.as_secs_f64().max(1e-3),
+            events: EventFigures::now(
+                self.started,
+                &self.ingest.counters,
+                &self.reporter.readers().losses(),
+                self.probes.recursion_misses().into_iter().collect(),
+                self.table.take_longest_hold().as_micros() as u64,
+            ),
             objects,
             bytes,
-            lost,
-            lost_total,
-            decode_errors: self
-                .ingest
-                .counters
-                .decode_errors
-                .load(std::sync::atomic::Ordering::Relaxed),
             counters,
-            longest_lock_hold_us: self.table.take_longest_hold().as_micros() as u64,
-            recursion_misses: self.probes.recursion_misses().into_iter().collect(),
         }
     }
 

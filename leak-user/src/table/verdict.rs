@@ -16,7 +16,7 @@
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
-use crate::table::Object;
+use super::{Object, sites::AllocSite};
 
 /// How an unreachable (or weakly reachable) object is classified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -48,6 +48,16 @@ pub struct VerdictParams {
     pub require_stable_contents: bool,
 }
 
+impl VerdictParams {
+    /// The rules of an exact scan (a process stopped at its exit): no races to
+    /// guard against, so every unreachable object is confirmed at once.
+    pub const EXACT: Self = Self {
+        min_age_ms: 0,
+        min_scans: 1,
+        require_stable_contents: false,
+    };
+}
+
 impl Default for VerdictParams {
     fn default() -> Self {
         Self {
@@ -69,12 +79,13 @@ pub struct Candidate {
     pub root: Option<u64>,
 }
 
-/// A newly confirmed leak.
+/// A newly confirmed leak, with what reporting it needs (its allocation site).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Finding {
     pub pid: u32,
     pub addr: u64,
     pub object: Object,
+    pub site: AllocSite,
     pub kind: LeakKind,
     pub root: Option<u64>,
 }
@@ -102,6 +113,9 @@ pub struct Retraction {
 /// What one scan of one process decided.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ScanVerdicts {
+    /// When the verdicts were applied (ms since the tracer started): the ages of
+    /// the findings are counted to here.
+    pub now_ms: u32,
     pub findings: Vec<Finding>,
     pub retractions: Vec<Retraction>,
     /// Candidates not (yet) old enough, stable enough, or seen in enough scans.
@@ -165,93 +179,116 @@ impl VerdictBook {
     }
 
     /// Applies one scan's candidates. `lookup` answers whether the object a candidate
-    /// was computed for is still live (same address and serial). `free_loss_ms` is the
-    /// latest time at which a free may have been lost. An `exact` scan (of a process
-    /// stopped at its exit) has no races to guard against: every unreachable object
-    /// is confirmed at once, as valgrind and LeakSanitizer do at exit.
+    /// was computed for is still live (same address and serial), `site_of` names an
+    /// object's allocation site. `free_loss_ms` is the latest time at which a free
+    /// may have been lost. An `exact` scan (of a process stopped at its exit) has no
+    /// races to guard against: every unreachable object is confirmed at once, as
+    /// valgrind and LeakSanitizer do at exit.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one scan's inputs, each distinct"
+    )]
     pub fn apply_scan(
         &mut self,
         pid: u32,
         candidates: &[Candidate],
         lookup: impl Fn(u64, u32) -> Option<Object>,
+        site_of: impl Fn(u32) -> Option<AllocSite>,
         now_ms: u32,
         free_loss_ms: Option<u32>,
         exact: bool,
     ) -> ScanVerdicts {
         let params = if exact {
-            VerdictParams {
-                min_age_ms: 0,
-                min_scans: 1,
-                require_stable_contents: false,
-            }
+            VerdictParams::EXACT
         } else {
             self.params
         };
-        let mut out = ScanVerdicts::default();
-        let mut seen = FxHashSet::default();
+        let mut out = ScanVerdicts {
+            now_ms,
+            ..ScanVerdicts::default()
+        };
+        let mut unreferenced = FxHashSet::default();
         for c in candidates {
             let Some(object) = lookup(c.addr, c.serial) else {
                 continue; // freed (or replaced) while we scanned
             };
-            seen.insert(c.addr);
-            let state = self.states.entry((pid, c.addr)).or_insert(LeakState {
-                serial: c.serial,
-                scans: 0,
-                checksum: c.checksum,
-                kind: c.kind,
-                root: c.root,
-                reported: false,
-            });
-            if state.serial != c.serial {
-                *state = LeakState {
-                    serial: c.serial,
-                    scans: 0,
-                    checksum: c.checksum,
-                    kind: c.kind,
-                    root: c.root,
-                    reported: false,
-                };
-            }
-            if params.require_stable_contents && state.scans > 0 && state.checksum != c.checksum {
-                state.scans = 0; // being written to: in use
-            }
-            state.checksum = c.checksum;
-            state.scans = state.scans.saturating_add(1);
+            unreferenced.insert(c.addr);
+            let state = self.observe(pid, c, params);
             if state.reported {
                 continue;
             }
-            state.kind = c.kind;
-            state.root = c.root;
             let age = now_ms.saturating_sub(object.birth_ms);
-            if state.scans < params.min_scans || age < params.min_age_ms {
+            if !old_and_stable(state, age, params) {
                 out.pending += 1;
             } else if free_loss_ms.is_some_and(|loss| object.birth_ms <= loss) {
                 out.withheld += 1;
-            } else {
+            } else if let Some(site) = site_of(object.site) {
                 state.reported = true;
                 out.findings.push(Finding {
                     pid,
                     addr: c.addr,
                     object,
+                    site,
                     kind: c.kind,
                     root: c.root,
                 });
             }
         }
-        // Objects with state that this scan reached: no longer candidates.
-        let reached: Vec<u64> = self
+        out.retractions = self.forget_referenced(pid, &unreferenced, lookup);
+        out
+    }
+
+    /// Records that candidate `c` was unreferenced in one more scan (kmemleak's
+    /// `unreferenced_object`), restarting the count for a new life of the address
+    /// or for contents that changed since the last scan (an object being written
+    /// to is in use).
+    fn observe(&mut self, pid: u32, c: &Candidate, params: VerdictParams) -> &mut LeakState {
+        let fresh = LeakState {
+            serial: c.serial,
+            scans: 0,
+            checksum: c.checksum,
+            kind: c.kind,
+            root: c.root,
+            reported: false,
+        };
+        let state = self.states.entry((pid, c.addr)).or_insert(fresh);
+        if state.serial != c.serial {
+            *state = fresh;
+        }
+        if params.require_stable_contents && state.scans > 0 && state.checksum != c.checksum {
+            state.scans = 0;
+        }
+        state.checksum = c.checksum;
+        state.scans = state.scans.saturating_add(1);
+        if !state.reported {
+            state.kind = c.kind;
+            state.root = c.root;
+        }
+        state
+    }
+
+    /// Forgets every object of `pid` with state that this scan found referenced
+    /// (not among `unreferenced`), retracting those that were reported.
+    fn forget_referenced(
+        &mut self,
+        pid: u32,
+        unreferenced: &FxHashSet<u64>,
+        lookup: impl Fn(u64, u32) -> Option<Object>,
+    ) -> Vec<Retraction> {
+        let referenced: Vec<u64> = self
             .states
             .keys()
-            .filter(|(p, a)| *p == pid && !seen.contains(a))
+            .filter(|(p, a)| *p == pid && !unreferenced.contains(a))
             .map(|&(_, a)| a)
             .collect();
-        for addr in reached {
+        let mut retractions = Vec::new();
+        for addr in referenced {
             let state = self.states.remove(&(pid, addr)).expect("listed above");
             if !state.reported {
                 continue;
             }
             if let Some(object) = lookup(addr, state.serial) {
-                out.retractions.push(Retraction {
+                retractions.push(Retraction {
                     pid,
                     addr,
                     object,
@@ -260,7 +297,7 @@ impl VerdictBook {
                 });
             }
         }
-        out
+        retractions
     }
 
     /// Every reported (and not retracted) leak of `pid`: (address, serial, kind, root).
@@ -276,9 +313,22 @@ impl VerdictBook {
     }
 }
 
+/// Old enough and unreferenced in enough consecutive scans to be reported.
+fn old_and_stable(state: &LeakState, age_ms: u32, params: VerdictParams) -> bool {
+    state.scans >= params.min_scans && age_ms >= params.min_age_ms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn site(_: u32) -> Option<AllocSite> {
+        Some(AllocSite {
+            stack_id: 0,
+            caller: 0x40,
+            func: leak_common::AllocFn::Malloc,
+        })
+    }
 
     fn object(birth_ms: u32, serial: u32) -> Object {
         Object::new(32, birth_ms, 0, 1, serial)
@@ -306,14 +356,14 @@ mod tests {
     fn reports_after_two_stable_scans_of_an_old_object() {
         let mut book = VerdictBook::new(params());
         let live = |_: u64, s: u32| Some(object(0, s));
-        let v = book.apply_scan(1, &[cand(0x10, 5)], live, 2000, None, false);
+        let v = book.apply_scan(1, &[cand(0x10, 5)], live, site, 2000, None, false);
         assert!(v.findings.is_empty());
         assert_eq!(v.pending, 1);
-        let v = book.apply_scan(1, &[cand(0x10, 5)], live, 3000, None, false);
+        let v = book.apply_scan(1, &[cand(0x10, 5)], live, site, 3000, None, false);
         assert_eq!(v.findings.len(), 1);
         assert_eq!(v.findings[0].addr, 0x10);
         // Reported once only.
-        let v = book.apply_scan(1, &[cand(0x10, 5)], live, 4000, None, false);
+        let v = book.apply_scan(1, &[cand(0x10, 5)], live, site, 4000, None, false);
         assert!(v.findings.is_empty());
         assert_eq!(book.reported(1).len(), 1);
     }
@@ -322,15 +372,15 @@ mod tests {
     fn young_or_changing_objects_wait() {
         let mut book = VerdictBook::new(params());
         let young = |_: u64, s: u32| Some(object(2500, s));
-        book.apply_scan(1, &[cand(0x10, 1)], young, 3000, None, false);
-        let v = book.apply_scan(1, &[cand(0x10, 1)], young, 3400, None, false);
+        book.apply_scan(1, &[cand(0x10, 1)], young, site, 3000, None, false);
+        let v = book.apply_scan(1, &[cand(0x10, 1)], young, site, 3400, None, false);
         assert!(v.findings.is_empty(), "only 900 ms old");
         let old = |_: u64, s: u32| Some(object(0, s));
         let mut book = VerdictBook::new(params());
-        book.apply_scan(1, &[cand(0x10, 1)], old, 3000, None, false);
-        let v = book.apply_scan(1, &[cand(0x10, 2)], old, 4000, None, false);
+        book.apply_scan(1, &[cand(0x10, 1)], old, site, 3000, None, false);
+        let v = book.apply_scan(1, &[cand(0x10, 2)], old, site, 4000, None, false);
         assert!(v.findings.is_empty(), "contents changed");
-        let v = book.apply_scan(1, &[cand(0x10, 2)], old, 5000, None, false);
+        let v = book.apply_scan(1, &[cand(0x10, 2)], old, site, 5000, None, false);
         assert_eq!(v.findings.len(), 1);
     }
 
@@ -338,10 +388,10 @@ mod tests {
     fn objects_alive_at_a_lost_free_are_withheld() {
         let mut book = VerdictBook::new(params());
         let live = |_: u64, s: u32| Some(object(100, s));
-        book.apply_scan(1, &[cand(0x10, 1)], live, 2000, Some(500), false);
-        let v = book.apply_scan(1, &[cand(0x10, 1)], live, 3000, Some(500), false);
+        book.apply_scan(1, &[cand(0x10, 1)], live, site, 2000, Some(500), false);
+        let v = book.apply_scan(1, &[cand(0x10, 1)], live, site, 3000, Some(500), false);
         assert_eq!((v.findings.len(), v.withheld), (0, 1));
-        let v = book.apply_scan(1, &[cand(0x10, 1)], live, 3000, Some(50), false);
+        let v = book.apply_scan(1, &[cand(0x10, 1)], live, site, 3000, Some(50), false);
         assert_eq!(v.findings.len(), 1, "born after the loss");
     }
 
@@ -350,12 +400,20 @@ mod tests {
         let mut book = VerdictBook::new(params());
         let live = |_: u64, s: u32| Some(object(0, s));
         for now in [2000, 3000] {
-            book.apply_scan(1, &[cand(0x10, 1), cand(0x20, 1)], live, now, None, false);
+            book.apply_scan(
+                1,
+                &[cand(0x10, 1), cand(0x20, 1)],
+                live,
+                site,
+                now,
+                None,
+                false,
+            );
         }
         assert_eq!(book.reported(1).len(), 2);
         let r = book.on_gone(1, 0x10, &object(0, 1), RetractionReason::Freed);
         assert_eq!(r.map(|r| r.reason), Some(RetractionReason::Freed));
-        let v = book.apply_scan(1, &[], live, 4000, None, false);
+        let v = book.apply_scan(1, &[], live, site, 4000, None, false);
         assert_eq!(v.retractions.len(), 1);
         assert_eq!(v.retractions[0].reason, RetractionReason::Reachable);
         assert!(book.reported(1).is_empty());
@@ -365,7 +423,7 @@ mod tests {
     fn an_exact_scan_confirms_at_once() {
         let mut book = VerdictBook::new(params());
         let young = |_: u64, s: u32| Some(object(2900, s));
-        let v = book.apply_scan(1, &[cand(0x10, 1)], young, 3000, None, true);
+        let v = book.apply_scan(1, &[cand(0x10, 1)], young, site, 3000, None, true);
         assert_eq!(v.findings.len(), 1);
     }
 
@@ -373,14 +431,14 @@ mod tests {
     fn a_new_life_at_the_same_address_starts_over() {
         let mut book = VerdictBook::new(params());
         let first = |_: u64, _: u32| Some(object(0, 1));
-        book.apply_scan(1, &[cand(0x10, 1)], first, 2000, None, false);
+        book.apply_scan(1, &[cand(0x10, 1)], first, site, 2000, None, false);
         let mut again = cand(0x10, 1);
         again.serial = 2;
         let second = |_: u64, _: u32| Some(object(0, 2));
-        let v = book.apply_scan(1, &[again], second, 3000, None, false);
+        let v = book.apply_scan(1, &[again], second, site, 3000, None, false);
         assert!(v.findings.is_empty());
         // A candidate whose object has gone is skipped.
-        let v = book.apply_scan(1, &[again], |_, _| None, 4000, None, false);
+        let v = book.apply_scan(1, &[again], |_, _| None, site, 4000, None, false);
         assert!(v.findings.is_empty());
     }
 }

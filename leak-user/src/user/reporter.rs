@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::{
     allocator::HookPlan,
     config::{Config, OutputConfig},
-    ebpf::{LossCounts, MapReaders},
+    ebpf::MapReaders,
     proc::maps::Mapping,
     report::{
         self, Leak, Totals, allocator_name,
@@ -24,13 +24,13 @@ use crate::{
         suppress::Suppressions,
         text,
     },
-    scan::{
-        ScanStats,
-        scanner::ProcessScan,
+    scan::{ScanStats, scanner::ProcessScan},
+    session::{EndReason, TargetInfo, figures::EventFigures},
+    symbolize::{Frame, Symbolizer},
+    table::{
+        AllocSite, Counters,
         verdict::{Finding, LeakKind, Retraction, RetractionReason},
     },
-    symbolize::{Frame, Symbolizer},
-    table::{AllocSite, Counters, SharedTable},
 };
 
 /// A hooked function, as the start and hooks records list it.
@@ -72,32 +72,6 @@ fn hook_records(plan: &HookPlan) -> Vec<HookedObjectRecord> {
         .collect()
 }
 
-/// A traced process, for the start record.
-#[derive(Clone, Debug, Serialize)]
-pub struct TargetInfo {
-    pub pid: u32,
-    pub comm: String,
-    pub cmdline: Vec<String>,
-}
-
-impl TargetInfo {
-    pub fn of(pid: u32) -> Self {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|raw| {
-                raw.split(|b| *b == 0)
-                    .filter(|a| !a.is_empty())
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        Self {
-            pid,
-            comm: crate::proc::comm(pid).unwrap_or_default(),
-            cmdline,
-        }
-    }
-}
-
 /// The options a run used, echoed in the start record.
 #[derive(Serialize)]
 struct OptionsRecord {
@@ -112,38 +86,11 @@ struct OptionsRecord {
 /// Figures for a stats record (and the end record).
 #[derive(Clone, Debug, Serialize)]
 pub struct Stats {
-    pub elapsed_ms: u64,
-    pub records: u64,
-    pub records_per_sec: f64,
+    #[serde(flatten)]
+    pub events: EventFigures,
     pub objects: u64,
     pub bytes: u64,
-    pub lost: BTreeMap<&'static str, u64>,
-    pub lost_total: u64,
-    pub decode_errors: u64,
     pub counters: Counters,
-    pub longest_lock_hold_us: u64,
-    pub recursion_misses: BTreeMap<String, u64>,
-}
-
-pub fn lost_map(losses: &LossCounts) -> (BTreeMap<&'static str, u64>, u64) {
-    let map: BTreeMap<&'static str, u64> = leak_common::Loss::ALL
-        .iter()
-        .map(|l| (l.name(), losses[*l as usize]))
-        .collect();
-    // Failed stack captures lose no event; everything else does.
-    let total = leak_common::Loss::ALL
-        .iter()
-        .filter(|l| {
-            !matches!(
-                l,
-                leak_common::Loss::StackCaptureFailed
-                    | leak_common::Loss::StackMapFull
-                    | leak_common::Loss::StaleCall
-            )
-        })
-        .map(|l| losses[*l as usize])
-        .sum();
-    (map, total)
 }
 
 /// One suppression rule in the end record.
@@ -153,20 +100,6 @@ struct SuppressedRecord {
     builtin: bool,
     objects: u64,
     bytes: u64,
-}
-
-/// How the run ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EndReason {
-    /// Every target exited.
-    TargetsExited,
-    /// SIGINT or SIGTERM.
-    Signal,
-    /// --duration elapsed.
-    Duration,
-    /// The output reader went away.
-    OutputClosed,
 }
 
 /// The reporter.
@@ -300,7 +233,8 @@ impl Reporter {
         stack
     }
 
-    fn leak_of(&mut self, f: &Finding, site: AllocSite, now_ms: u32) -> Leak {
+    fn leak_of(&mut self, f: &Finding, now_ms: u32) -> Leak {
+        let site = f.site;
         Leak {
             pid: f.pid,
             address: f.addr,
@@ -315,20 +249,12 @@ impl Reporter {
     }
 
     /// Reports one scan: new leaks, retractions, and the scan summary.
-    pub fn scan(&mut self, table: &SharedTable, scan: &ProcessScan, now_ms: u32) {
+    pub fn scan(&mut self, scan: &ProcessScan) {
         self.scans += 1;
-        let sites: Vec<Option<AllocSite>> = table.lock(|t| {
-            scan.verdicts
-                .findings
-                .iter()
-                .map(|f| t.sites.get(f.object.site).copied())
-                .collect()
-        });
         let mut new = Vec::new();
         let mut suppressed = 0u64;
-        for (f, site) in scan.verdicts.findings.iter().zip(sites) {
-            let Some(site) = site else { continue };
-            let leak = self.leak_of(f, site, now_ms);
+        for f in &scan.verdicts.findings {
+            let leak = self.leak_of(f, scan.verdicts.now_ms);
             if let Some(rule) = self.suppressions.find(&leak.stack) {
                 self.suppressions.count(rule, leak.size);
                 suppressed += 1;
@@ -579,7 +505,10 @@ impl Reporter {
             }
             body.push_str(&format!(
                 "events: {} records, {} lost, {} undecodable; {} retractions\n",
-                stats.records, stats.lost_total, stats.decode_errors, self.retractions
+                stats.events.records,
+                stats.events.lost_total,
+                stats.events.decode_errors,
+                self.retractions
             ));
             self.sink.text(&body);
         }

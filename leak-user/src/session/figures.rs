@@ -1,0 +1,72 @@
+//! The event figures every stats and end record carries, in both modes: how many
+//! records came through the ring, how many were lost and why, how long the table
+//! lock was held at most.
+
+use std::{collections::BTreeMap, sync::atomic::Ordering, time::Instant};
+
+use leak_common::Loss;
+use serde::Serialize;
+
+use super::ingest::IngestCounters;
+use crate::ebpf::LossCounts;
+
+/// Figures of the event stream since the run started.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EventFigures {
+    pub elapsed_ms: u64,
+    pub records: u64,
+    pub records_per_sec: f64,
+    /// Losses by reason ([`Loss::name`]).
+    pub lost: BTreeMap<&'static str, u64>,
+    /// Events lost (failed stack captures and stale calls lose none).
+    pub lost_total: u64,
+    pub decode_errors: u64,
+    pub longest_lock_hold_us: u64,
+    /// Runs the kernel skipped, by program.
+    pub recursion_misses: BTreeMap<String, u64>,
+}
+
+impl EventFigures {
+    /// The figures now. `longest_lock_hold_us` is the table's, taken by the caller.
+    pub fn now(
+        started: Instant,
+        ingest: &IngestCounters,
+        losses: &LossCounts,
+        recursion_misses: BTreeMap<String, u64>,
+        longest_lock_hold_us: u64,
+    ) -> Self {
+        let elapsed = started.elapsed();
+        let records = ingest.records.load(Ordering::Relaxed);
+        let (lost, lost_total) = lost_map(losses);
+        Self {
+            elapsed_ms: elapsed.as_millis() as u64,
+            records,
+            records_per_sec: records as f64 / elapsed.as_secs_f64().max(1e-3),
+            lost,
+            lost_total,
+            decode_errors: ingest.decode_errors.load(Ordering::Relaxed),
+            longest_lock_hold_us,
+            recursion_misses,
+        }
+    }
+}
+
+/// Losses by name, and the number of events lost.
+pub fn lost_map(losses: &LossCounts) -> (BTreeMap<&'static str, u64>, u64) {
+    let map = Loss::ALL
+        .iter()
+        .map(|l| (l.name(), losses[*l as usize]))
+        .collect();
+    // Failed stack captures lose no event; everything else does.
+    let total = Loss::ALL
+        .iter()
+        .filter(|l| {
+            !matches!(
+                l,
+                Loss::StackCaptureFailed | Loss::StackMapFull | Loss::StaleCall
+            )
+        })
+        .map(|l| losses[*l as usize])
+        .sum();
+    (map, total)
+}
