@@ -64,6 +64,18 @@ fn leak_stacks_name_the_allocating_function_file_and_line() {
     );
 }
 
+/// The record types of the code (one enum, one home) are the ones README.md
+/// documents; the tests below hold every written record to those tables.
+#[test]
+fn the_readme_documents_every_record_type() {
+    let schema = documented_schema();
+    let missing: Vec<&str> = leaktrace::report::records::Record::TYPES
+        .into_iter()
+        .filter(|t| !schema.contains_key(*t))
+        .collect();
+    assert!(missing.is_empty(), "README.md lacks {missing:?}");
+}
+
 #[test]
 fn every_ndjson_line_follows_the_documented_schema() {
     util::require_root();
@@ -92,7 +104,10 @@ fn every_ndjson_line_follows_the_documented_schema() {
             run.records[0]["type"], "start",
             "the first record carries the schema"
         );
-        assert_eq!(run.records[0]["schema"], 1);
+        assert_eq!(
+            run.records[0]["schema"],
+            leaktrace::report::records::SCHEMA_VERSION
+        );
         for (i, r) in run.records.iter().enumerate() {
             let t = r["type"].as_str().unwrap_or("?").to_owned();
             errors.extend(check_object(

@@ -9,9 +9,7 @@
 //! Allocations are filtered by `--pid` and `--cgroup` in the kernel, frees never
 //! are: RCU frees run later on other tasks.
 
-pub mod growth;
 pub mod report;
-pub mod table;
 
 use std::{
     collections::HashMap,
@@ -25,25 +23,26 @@ use tokio::{
     time::{MissedTickBehavior, interval},
 };
 
-use self::{
-    growth::GrowthTracker,
-    report::{FreeProbeShare, KernelOptions, KernelReporter, KernelStats, KernelView},
-    table::KernelTable,
-};
+use self::report::{KernelReporter, KernelView};
 use crate::{
     clock,
     config::{Config, FreeProbes, KernelConfig},
     ebpf::{LoadOptions, Probes, tracefs},
     events::Event,
     proc,
+    report::records::{EndReason, KernelOptions, KernelStats, Target},
     session::{
-        EndReason, TargetInfo,
+        self,
         figures::EventFigures,
         ingest::{self, EventSink, IngestHandle},
         logging::spawn_logger,
         status::{Status, StatusLine},
     },
-    table::Shared,
+    table::{
+        Shared,
+        growth::GrowthTracker,
+        kernel::{FreeProbeShare, KernelTable},
+    },
 };
 
 /// Objects a site must have gained to be suspected (after scaling by sampling).
@@ -126,7 +125,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         ingest::spawn(ring, KernelSink(table.clone())).context("cannot watch the ring buffer")?;
     let scale = 1u64 << k.sample_shift;
     let mut reporter = KernelReporter::new(&config.output, readers, scale)?;
-    let targets: Vec<TargetInfo> = k.pids.iter().map(|&p| TargetInfo::of(p)).collect();
+    let targets: Vec<Target> = k.pids.iter().map(|&p| session::target(p)).collect();
     reporter.start(
         &targets,
         &KernelOptions {

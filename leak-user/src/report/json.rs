@@ -1,16 +1,14 @@
 //! The NDJSON stream: one JSON object per line, each with a `"type"`; the first
-//! record carries the schema version. Every record is written with one write of a
-//! whole line, so a consumer never sees half a line, even when we are interrupted.
-//! The schema is documented in README.md and checked by a test.
+//! record carries the schema version. The records themselves are in
+//! [`super::records`]. Every record is written with one write of a whole line, so a
+//! consumer never sees half a line, even when we are interrupted. The schema is
+//! documented in README.md and checked by a test.
 
 use std::io::{self, Write};
 
 use serde::{Serialize, Serializer};
 
 use crate::config::OutputConfig;
-
-/// Bumped when a field changes meaning or disappears.
-pub const SCHEMA_VERSION: u32 = 1;
 
 /// Addresses as `"0x…"` strings (JSON numbers lose precision above 2^53).
 pub fn hex<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {

@@ -7,6 +7,7 @@
 pub mod flamegraph;
 pub mod json;
 pub mod pprof;
+pub mod records;
 pub mod suppress;
 pub mod text;
 

@@ -14,6 +14,8 @@
 //! * a free of an address the table does not hold is counted, never fatal (in pid
 //!   mode most of those are blocks allocated before we attached).
 
+pub mod growth;
+pub mod kernel;
 pub mod ranges;
 pub mod shared;
 pub mod sites;

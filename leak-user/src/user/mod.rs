@@ -23,7 +23,7 @@ use tokio::{
 
 pub mod reporter;
 
-use self::reporter::{Reporter, Stats};
+use self::reporter::Reporter;
 use crate::{
     allocator::{HookPlan, WrapperObject, discover, resolve::LoaderEnv},
     clock,
@@ -32,12 +32,13 @@ use crate::{
     events::Event,
     proc,
     ptrace::{ChildEvent, PtraceHandle, launch},
+    report::records::{EndReason, ProcessEvent, RunMode, Stats},
     scan::{
         Workspace,
         scanner::{ScanError, ScanOptions, scan_process},
     },
     session::{
-        EndReason, TargetInfo,
+        self,
         figures::{EventFigures, lost_map},
         ingest::{self, EventSink},
         logging::spawn_logger,
@@ -61,7 +62,7 @@ impl EventSink for UserSink {
 }
 
 /// One traced process.
-struct Target {
+struct TracedProcess {
     /// Objects hooked for it (per-process scope).
     hooked: HashSet<PathBuf>,
     /// Its exec changed its image and it must be hooked again.
@@ -74,7 +75,7 @@ struct Target {
     hints: Vec<(u64, u32)>,
 }
 
-impl Target {
+impl TracedProcess {
     fn new() -> Self {
         Self {
             hooked: HashSet::new(),
@@ -86,14 +87,14 @@ impl Target {
     }
 }
 
-struct Session {
+struct UserSession {
     config: Config,
     probes: Probes,
     table: SharedTable,
     ingest: ingest::IngestHandle,
     reporter: Reporter,
     ptrace: PtraceHandle,
-    targets: BTreeMap<u32, Target>,
+    targets: BTreeMap<u32, TracedProcess>,
     /// Objects hooked for every process (with --follow-forks).
     hooked_everywhere: HashSet<PathBuf>,
     launched: Option<u32>,
@@ -159,7 +160,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let (child_tx, child_rx) = mpsc::unbounded_channel();
     let ptrace = PtraceHandle::spawn(child_tx);
     let status = StatusLine::new(config.output.status);
-    let mut session = Session {
+    let mut session = UserSession {
         config,
         probes,
         table,
@@ -186,7 +187,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     session.main_loop(child_rx).await
 }
 
-impl Session {
+impl UserSession {
     fn scope(&self, pid: u32) -> Scope {
         if self.config.follow_forks {
             Scope::AllProcesses
@@ -230,7 +231,7 @@ impl Session {
     }
 
     fn add_target(&mut self, pid: u32, attached_late: bool) -> anyhow::Result<()> {
-        self.targets.insert(pid, Target::new());
+        self.targets.insert(pid, TracedProcess::new());
         self.table.lock(|t| t.add_process(pid, attached_late));
         self.probes.add_target(pid)?;
         Ok(())
@@ -240,16 +241,16 @@ impl Session {
         let mode = self.config.mode.clone();
         match &mode {
             Mode::Pids(pids) => {
-                let infos: Vec<TargetInfo> = pids.iter().map(|&p| TargetInfo::of(p)).collect();
-                self.reporter.start("pid", &infos, &self.config);
+                let infos: Vec<_> = pids.iter().map(|&p| session::target(p)).collect();
+                self.reporter.start(RunMode::Pid, &infos, &self.config);
                 for &pid in pids {
                     self.attach_pid(pid)?;
                 }
             }
             Mode::Launch(argv) => {
                 let pid = self.launch(argv).await?;
-                let infos = [TargetInfo::of(pid)];
-                self.reporter.start("launch", &infos, &self.config);
+                let infos = [session::target(pid)];
+                self.reporter.start(RunMode::Launch, &infos, &self.config);
                 self.hook_new_image(pid)?;
                 self.ptrace.resume(pid);
             }
@@ -464,7 +465,7 @@ impl Session {
             return;
         };
         self.probes.remove_hints(pid, &target.hints);
-        self.reporter.process("exit", pid, None, status);
+        self.reporter.process(ProcessEvent::Exit, pid, None, status);
         self.probes.detach_process(pid);
         self.probes.remove_target(pid);
         self.table.lock(|t| t.remove_process(pid));
@@ -477,7 +478,7 @@ impl Session {
                 Notice::Retraction(r) => self.reporter.retraction(&r),
                 Notice::ProcessForked { parent, child } => {
                     // The child has its parent's address space, so its hints too.
-                    let mut target = Target::new();
+                    let mut target = TracedProcess::new();
                     if let Some(p) = self.targets.get(&parent) {
                         target.wrappers = p.wrappers.clone();
                         target.hints = p.hints.clone();
@@ -486,7 +487,8 @@ impl Session {
                         log::warn!("pid {child}: {err}");
                     }
                     self.targets.insert(child, target);
-                    self.reporter.process("fork", child, Some(parent), None);
+                    self.reporter
+                        .process(ProcessEvent::Fork, child, Some(parent), None);
                 }
                 Notice::ProcessExited { pid } => {
                     // The launched command's end comes with its status from ptrace.
@@ -495,7 +497,7 @@ impl Session {
                     }
                 }
                 Notice::ProcessExeced { pid } => {
-                    self.reporter.process("exec", pid, None, None);
+                    self.reporter.process(ProcessEvent::Exec, pid, None, None);
                     if Some(pid) != self.launched
                         && let Some(t) = self.targets.get_mut(&pid)
                     {

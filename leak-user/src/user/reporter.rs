@@ -8,10 +8,9 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io,
+    path::Path,
     sync::Arc,
 };
-
-use serde::Serialize;
 
 use crate::{
     allocator::HookPlan,
@@ -20,46 +19,32 @@ use crate::{
     proc::maps::Mapping,
     report::{
         self, Leak, Totals, allocator_name,
-        json::{Output, SCHEMA_VERSION, hex},
+        json::Output,
+        records::{
+            EndReason, EndRecord, HookedFunction, HookedObject, HooksRecord, ProcessEvent,
+            ProcessRecord, Record, RetractionRecord, RunMode, RunOptions, ScanRecord, StartRecord,
+            Stats, SuppressedRule, Target,
+        },
         suppress::Suppressions,
         text,
     },
-    scan::{ScanStats, scanner::ProcessScan},
-    session::{EndReason, TargetInfo, figures::EventFigures},
+    scan::scanner::ProcessScan,
     symbolize::{Frame, Symbolizer},
     table::{
-        AllocSite, Counters,
+        AllocSite,
         verdict::{Finding, LeakKind, Retraction, RetractionReason},
     },
 };
 
-/// A hooked function, as the start and hooks records list it.
-#[derive(Serialize)]
-struct HookRecord {
-    function: String,
-    allocator: &'static str,
-    #[serde(serialize_with = "hex")]
-    file_offset: u64,
-    site: String,
-    emulated: bool,
-    return_probe: bool,
-}
-
-#[derive(Serialize)]
-struct HookedObjectRecord {
-    object: String,
-    functions: Vec<HookRecord>,
-}
-
-fn hook_records(plan: &HookPlan) -> Vec<HookedObjectRecord> {
+fn hooked_objects(plan: &HookPlan) -> Vec<HookedObject> {
     plan.objects
         .iter()
-        .map(|o| HookedObjectRecord {
+        .map(|o| HookedObject {
             object: o.path.display().to_string(),
             functions: o
                 .functions
                 .iter()
-                .map(|f| HookRecord {
+                .map(|f| HookedFunction {
                     function: f.names.clone(),
                     allocator: allocator_name(f.func),
                     file_offset: f.file_offset,
@@ -70,36 +55,6 @@ fn hook_records(plan: &HookPlan) -> Vec<HookedObjectRecord> {
                 .collect(),
         })
         .collect()
-}
-
-/// The options a run used, echoed in the start record.
-#[derive(Serialize)]
-struct OptionsRecord {
-    interval_ms: u64,
-    min_age_ms: u32,
-    min_scans: u16,
-    checksum: bool,
-    stop_the_world: bool,
-    follow_forks: bool,
-}
-
-/// Figures for a stats record (and the end record).
-#[derive(Clone, Debug, Serialize)]
-pub struct Stats {
-    #[serde(flatten)]
-    pub events: EventFigures,
-    pub objects: u64,
-    pub bytes: u64,
-    pub counters: Counters,
-}
-
-/// One suppression rule in the end record.
-#[derive(Serialize)]
-struct SuppressedRecord {
-    rule: String,
-    builtin: bool,
-    objects: u64,
-    bytes: u64,
 }
 
 /// The reporter.
@@ -151,52 +106,29 @@ impl Reporter {
         }
     }
 
-    pub fn start(&mut self, mode: &str, targets: &[TargetInfo], config: &Config) {
+    pub fn start(&mut self, mode: RunMode, targets: &[Target], config: &Config) {
         for t in targets {
             self.comms.insert(t.pid, t.comm.clone());
         }
-        #[derive(Serialize)]
-        struct Start<'a> {
-            r#type: &'static str,
-            schema: u32,
-            version: &'static str,
-            ebpf_object: &'static str,
-            mode: &'a str,
-            targets: &'a [TargetInfo],
-            options: OptionsRecord,
-        }
-        let record = Start {
-            r#type: "start",
-            schema: SCHEMA_VERSION,
-            version: env!("CARGO_PKG_VERSION"),
-            ebpf_object: crate::ebpf::OBJECT_ORIGIN,
-            mode,
-            targets,
-            options: OptionsRecord {
+        self.sink.json(&Record::Start(StartRecord {
+            options: Some(RunOptions {
                 interval_ms: config.interval.as_millis() as u64,
                 min_age_ms: config.verdict.min_age_ms,
                 min_scans: config.verdict.min_scans,
                 checksum: config.verdict.require_stable_contents,
                 stop_the_world: config.stop_the_world,
                 follow_forks: config.follow_forks,
-            },
-        };
-        self.sink.json(&record);
+            }),
+            ..StartRecord::new(mode, targets)
+        }));
     }
 
     /// Probes were attached for `pid` (0: for every process).
     pub fn hooks(&mut self, pid: u32, plan: &HookPlan) {
-        #[derive(Serialize)]
-        struct Hooks {
-            r#type: &'static str,
-            pid: u32,
-            objects: Vec<HookedObjectRecord>,
-        }
-        self.sink.json(&Hooks {
-            r#type: "hooks",
+        self.sink.json(&Record::Hooks(HooksRecord {
             pid,
-            objects: hook_records(plan),
-        });
+            objects: hooked_objects(plan),
+        }));
         if !self.out.json && !plan.objects.is_empty() {
             let mut s = format!("leaktrace: probes for pid {pid}:\n");
             for o in &plan.objects {
@@ -266,40 +198,14 @@ impl Reporter {
             self.retraction(r);
         }
         for leak in &new {
-            #[derive(Serialize)]
-            struct Record<'a> {
-                r#type: &'static str,
-                #[serde(flatten)]
-                leak: &'a Leak,
-            }
-            let kind = if leak.kind == LeakKind::Possible {
-                "possible_leak"
+            self.sink.json(&if leak.kind == LeakKind::Possible {
+                Record::PossibleLeak(leak)
             } else {
-                "leak"
-            };
-            self.sink.json(&Record { r#type: kind, leak });
+                Record::Leak(leak)
+            });
             self.reported.insert((leak.pid, leak.address), leak.clone());
         }
-        #[derive(Serialize)]
-        struct ScanRecord<'a> {
-            r#type: &'static str,
-            pid: u32,
-            seq: u64,
-            duration_ms: f64,
-            #[serde(flatten)]
-            stats: &'a ScanStats,
-            new_leaks: usize,
-            suppressed: u64,
-            pending: u64,
-            withheld: u64,
-            retracted: usize,
-            snapshot_lock_us: u64,
-            apply_lock_us: u64,
-            pause_ms: Option<f64>,
-            threads_frozen: Option<usize>,
-        }
         let record = ScanRecord {
-            r#type: "scan",
             pid: scan.pid,
             seq: self.scans,
             duration_ms: scan.duration.as_secs_f64() * 1e3,
@@ -314,7 +220,7 @@ impl Reporter {
             pause_ms: scan.pause.map(|(d, _)| d.as_secs_f64() * 1e3),
             threads_frozen: scan.pause.map(|(_, n)| n),
         };
-        self.sink.json(&record);
+        self.sink.json(&Record::Scan(record));
         if scan.verdicts.withheld > 0 {
             log::warn!(
                 "pid {}: {} unreferenced blocks withheld: events were lost while they lived \
@@ -344,24 +250,13 @@ impl Reporter {
     pub fn retraction(&mut self, r: &Retraction) {
         self.retractions += 1;
         let was_reported = self.reported.remove(&(r.pid, r.addr)).is_some();
-        #[derive(Serialize)]
-        struct Record {
-            r#type: &'static str,
-            pid: u32,
-            #[serde(serialize_with = "hex")]
-            address: u64,
-            size: u64,
-            kind: LeakKind,
-            reason: RetractionReason,
-        }
-        self.sink.json(&Record {
-            r#type: "retraction",
+        self.sink.json(&Record::Retraction(RetractionRecord {
             pid: r.pid,
             address: r.addr,
             size: r.object.size(),
             kind: r.kind,
             reason: r.reason,
-        });
+        }));
         if was_reported && r.kind != LeakKind::Possible {
             let reason = match r.reason {
                 RetractionReason::Freed => "it was freed",
@@ -377,55 +272,48 @@ impl Reporter {
         }
     }
 
-    /// A process started (fork/exec) or ended.
-    pub fn process(&mut self, event: &str, pid: u32, parent: Option<u32>, status: Option<i32>) {
-        if event != "exit" {
+    /// A process forked, exec'd or ended.
+    pub fn process(
+        &mut self,
+        event: ProcessEvent,
+        pid: u32,
+        parent: Option<u32>,
+        status: Option<i32>,
+    ) {
+        if event != ProcessEvent::Exit {
             self.comms
                 .insert(pid, crate::proc::comm(pid).unwrap_or_default());
         }
-        let leaks = report::totals(self.reported.values().filter(|l| l.pid == pid));
-        #[derive(Serialize)]
-        struct Record {
-            r#type: &'static str,
-            event: String,
-            pid: u32,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            parent: Option<u32>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            status: Option<i32>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            leaks: Option<Totals>,
-        }
-        self.sink.json(&Record {
-            r#type: if event == "exit" {
-                "process_exit"
-            } else {
-                "process"
-            },
-            event: event.to_owned(),
+        let record = ProcessRecord {
+            event,
             pid,
             parent,
             status,
-            leaks: (event == "exit").then_some(leaks),
+            leaks: None,
+        };
+        self.sink.json(&if event == ProcessEvent::Exit {
+            let leaks = report::totals(self.reported.values().filter(|l| l.pid == pid));
+            Record::ProcessExit(ProcessRecord {
+                leaks: Some(leaks),
+                ..record
+            })
+        } else {
+            Record::Process(record)
         });
         let status = status.map(|s| format!(", status {s}")).unwrap_or_default();
+        let what = match event {
+            ProcessEvent::Fork => "fork",
+            ProcessEvent::Exec => "exec",
+            ProcessEvent::Exit => "exit",
+        };
         self.note(&format!(
-            "leaktrace: {} {event}{status}",
+            "leaktrace: {} {what}{status}",
             self.process_name(pid)
         ));
     }
 
     pub fn stats(&mut self, stats: &Stats) {
-        #[derive(Serialize)]
-        struct Record<'a> {
-            r#type: &'static str,
-            #[serde(flatten)]
-            stats: &'a Stats,
-        }
-        self.sink.json(&Record {
-            r#type: "stats",
-            stats,
-        });
+        self.sink.json(&Record::Stats(stats));
     }
 
     /// Totals of the confirmed leaks reported so far.
@@ -446,97 +334,86 @@ impl Reporter {
             .filter(|l| l.kind != LeakKind::Possible)
             .cloned()
             .collect();
-        let possible = leaks.len() - confirmed.len();
-        let suppressed: Vec<SuppressedRecord> = self
-            .suppressions
+        let suppressed = self.suppressed_rules();
+        self.sink.json(&Record::End(EndRecord {
+            reason,
+            exit_status,
+            leaks: report::totals(&confirmed),
+            possible_leaks: leaks.len() - confirmed.len(),
+            retractions: self.retractions,
+            suppressed: &suppressed,
+            stats,
+        }));
+        if !self.out.json {
+            let summary = self.summary_text(&leaks, &suppressed, stats);
+            self.sink.text(&summary);
+        }
+        let mut first_error = None;
+        if let Some(path) = &self.out.pprof {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i64);
+            let result = report::pprof::encode(&report::pprof::profile(&confirmed, now));
+            first_error = first_error.or(write_file(path, result).err());
+        }
+        if let Some(path) = &self.out.flamegraph {
+            let result = report::flamegraph::svg(&confirmed).map_err(io::Error::other);
+            first_error = first_error.or(write_file(path, result).err());
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// The suppression rules that matched something.
+    fn suppressed_rules(&self) -> Vec<SuppressedRule> {
+        self.suppressions
             .rules
             .iter()
             .filter(|r| r.objects > 0)
-            .map(|r| SuppressedRecord {
+            .map(|r| SuppressedRule {
                 rule: r.pattern.clone(),
                 builtin: r.builtin,
                 objects: r.objects,
                 bytes: r.bytes,
             })
-            .collect();
-        #[derive(Serialize)]
-        struct End<'a> {
-            r#type: &'static str,
-            reason: EndReason,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            exit_status: Option<i32>,
-            leaks: Totals,
-            possible_leaks: usize,
-            retractions: u64,
-            suppressed: &'a [SuppressedRecord],
-            #[serde(flatten)]
-            stats: &'a Stats,
-        }
-        let totals = report::totals(&confirmed);
-        self.sink.json(&End {
-            r#type: "end",
-            reason,
-            exit_status,
-            leaks: totals,
-            possible_leaks: possible,
-            retractions: self.retractions,
-            suppressed: &suppressed,
-            stats,
-        });
-        if !self.out.json {
-            let mut body = String::from("\n");
-            body.push_str(&text::render(
-                "leaktrace summary",
-                &leaks,
-                self.out.top,
-                self.out.color,
-            ));
-            if self.out.show_possible {
-                body.push_str(&text::render_possible(&leaks, self.out.top, self.out.color));
-            }
-            for s in &suppressed {
-                body.push_str(&format!(
-                    "suppressed by {}{}: {} objects, {}\n",
-                    s.rule,
-                    if s.builtin { " (built-in)" } else { "" },
-                    s.objects,
-                    text::bytes(s.bytes)
-                ));
-            }
-            body.push_str(&format!(
-                "events: {} records, {} lost, {} undecodable; {} retractions\n",
-                stats.events.records,
-                stats.events.lost_total,
-                stats.events.decode_errors,
-                self.retractions
-            ));
-            self.sink.text(&body);
-        }
-        let mut first_error = None;
-        if let Some(path) = self.out.pprof.clone() {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as i64);
-            let result = report::pprof::encode(&report::pprof::profile(&confirmed, now))
-                .and_then(|bytes| std::fs::write(&path, bytes));
-            if let Err(e) = result {
-                first_error.get_or_insert(io::Error::new(
-                    e.kind(),
-                    format!("cannot write {}: {e}", path.display()),
-                ));
-            }
-        }
-        if let Some(path) = self.out.flamegraph.clone() {
-            let result = report::flamegraph::svg(&confirmed)
-                .map_err(io::Error::other)
-                .and_then(|svg| std::fs::write(&path, svg));
-            if let Err(e) = result {
-                first_error.get_or_insert(io::Error::new(
-                    e.kind(),
-                    format!("cannot write {}: {e}", path.display()),
-                ));
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+            .collect()
     }
+
+    /// The text report's summary: leaks by stack, possible leaks when asked,
+    /// suppressions and event figures.
+    fn summary_text(&self, leaks: &[Leak], suppressed: &[SuppressedRule], stats: &Stats) -> String {
+        let mut body = String::from("\n");
+        body.push_str(&text::render(
+            "leaktrace summary",
+            leaks,
+            self.out.top,
+            self.out.color,
+        ));
+        if self.out.show_possible {
+            body.push_str(&text::render_possible(leaks, self.out.top, self.out.color));
+        }
+        for s in suppressed {
+            body.push_str(&format!(
+                "suppressed by {}{}: {} objects, {}\n",
+                s.rule,
+                if s.builtin { " (built-in)" } else { "" },
+                s.objects,
+                text::bytes(s.bytes)
+            ));
+        }
+        body.push_str(&format!(
+            "events: {} records, {} lost, {} undecodable; {} retractions\n",
+            stats.events.records,
+            stats.events.lost_total,
+            stats.events.decode_errors,
+            self.retractions
+        ));
+        body
+    }
+}
+
+/// Writes a rendered file, naming it in the error.
+fn write_file(path: &Path, contents: io::Result<Vec<u8>>) -> io::Result<()> {
+    contents
+        .and_then(|bytes| std::fs::write(path, bytes))
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display())))
 }

@@ -6,7 +6,7 @@
 //! where was it allocated, by whom, since when" and the growth tracker
 //! ([`super::growth`]) turns the per-site counts into suspected leaks.
 
-use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, hash_map::Entry};
 
 use rustc_hash::FxHashMap;
 use serde::Serialize;
@@ -378,6 +378,65 @@ impl KernelTable {
     }
 }
 
+/// How the raw and the classic free programs shared the frees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FreeProbeShare {
+    pub raw_recorded: u64,
+    pub raw_deferred: u64,
+    pub raw_skipped: u64,
+    pub classic_recorded: u64,
+    pub classic_deferred: u64,
+    pub classic_skipped: u64,
+}
+
+/// The programs attached to the free tracepoints, by kind.
+pub const RAW_FREE_PROGRAMS: [&str; 2] = ["kfree_raw", "kmem_cache_free_raw"];
+pub const CLASSIC_FREE_PROGRAMS: [&str; 2] = ["kfree", "kmem_cache_free"];
+
+impl FreeProbeShare {
+    /// `counts` indexed by [`leak_common::FreeProbeCount`]; `misses`: recursion
+    /// misses by program name.
+    pub fn new(counts: [u64; 4], misses: &BTreeMap<String, u64>) -> Self {
+        let skipped = |names: &[&str]| names.iter().filter_map(|n| misses.get(*n)).sum();
+        Self {
+            raw_recorded: counts[0],
+            raw_deferred: counts[1],
+            raw_skipped: skipped(&RAW_FREE_PROGRAMS),
+            classic_recorded: counts[2],
+            classic_deferred: counts[3],
+            classic_skipped: skipped(&CLASSIC_FREE_PROGRAMS),
+        }
+    }
+
+    /// The counts since `earlier`.
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            raw_recorded: self.raw_recorded.saturating_sub(earlier.raw_recorded),
+            raw_deferred: self.raw_deferred.saturating_sub(earlier.raw_deferred),
+            raw_skipped: self.raw_skipped.saturating_sub(earlier.raw_skipped),
+            classic_recorded: self
+                .classic_recorded
+                .saturating_sub(earlier.classic_recorded),
+            classic_deferred: self
+                .classic_deferred
+                .saturating_sub(earlier.classic_deferred),
+            classic_skipped: self.classic_skipped.saturating_sub(earlier.classic_skipped),
+        }
+    }
+
+    /// Frees both programs skipped, at least. Each free is run or skipped by each
+    /// program; when both run, one records and one defers; when one runs, it
+    /// records. So skips = one-run frees + 2 × no-run frees, and recorded −
+    /// deferred = one-run frees (+ 2 × the rare free recorded twice, which makes
+    /// this a lower bound).
+    pub fn missed_by_both(&self) -> u64 {
+        let skipped = self.raw_skipped + self.classic_skipped;
+        let recorded = self.raw_recorded + self.classic_recorded;
+        let deferred = self.raw_deferred + self.classic_deferred;
+        (skipped + deferred).saturating_sub(recorded) / 2
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,5 +542,34 @@ mod tests {
             .map(|x| (x.key.stack_id, x.figures.outstanding))
             .collect();
         assert_eq!(stacks, vec![(10, 2), (11, 1)]);
+    }
+}
+
+#[cfg(test)]
+mod free_probe_tests {
+    use super::*;
+
+    fn misses(raw: u64, classic: u64) -> BTreeMap<String, u64> {
+        BTreeMap::from([
+            ("kfree_raw".to_owned(), raw),
+            ("kmem_cache_free".to_owned(), classic),
+            ("kmalloc".to_owned(), 1000),
+        ])
+    }
+
+    #[test]
+    fn every_free_covered_by_one_probe_is_not_missed() {
+        // 100 frees: 90 seen by both (raw first), 7 only by classic, 3 only by raw.
+        let share = FreeProbeShare::new([93, 0, 7, 90], &misses(7, 3));
+        assert_eq!(share.missed_by_both(), 0);
+    }
+
+    #[test]
+    fn frees_skipped_by_both_are_counted() {
+        // 100 frees: 90 by both, 6 only by classic, 4 by neither.
+        let share = FreeProbeShare::new([90, 0, 6, 90], &misses(10, 4));
+        assert_eq!(share.missed_by_both(), 4);
+        assert_eq!(share.raw_skipped, 10);
+        assert_eq!(share.classic_skipped, 4);
     }
 }
