@@ -100,101 +100,139 @@ impl Graph {
     pub fn classify(&mut self) -> Vec<Reach> {
         let n = self.objects;
         self.starts.resize(n + 1, self.edges.len() as u32);
-        let (starts, edges) = (&self.starts, &self.edges);
-        let out = |i: usize| &edges[starts[i] as usize..starts[i + 1] as usize];
-
-        // Strong: start pointers only. Interior edges met on the way seed the weak
-        // pass, so that pass walks only what the strong one did not reach.
-        let mut strong = self.strong_roots.clone();
-        let mut stack: Vec<usize> = (0..n).filter(|&i| strong[i]).collect();
-        let mut weak_seeds: Vec<usize> = (0..n)
-            .filter(|&i| self.weak_roots[i] && !strong[i])
-            .collect();
-        while let Some(i) = stack.pop() {
-            for &e in out(i) {
-                let j = (e & !INTERIOR) as usize;
-                if strong[j] {
-                    continue;
-                }
-                if e & INTERIOR == 0 {
-                    strong[j] = true;
-                    stack.push(j);
-                } else {
-                    weak_seeds.push(j);
-                }
-            }
-        }
-        // Weak: any pointer, from the interior hits on objects not strongly reached.
-        let mut reached = strong.clone();
-        let mut stack = weak_seeds;
-        stack.retain(|&i| !std::mem::replace(&mut reached[i], true));
-        while let Some(i) = stack.pop() {
-            for &e in out(i) {
-                let j = (e & !INTERIOR) as usize;
-                if !reached[j] {
-                    reached[j] = true;
-                    stack.push(j);
-                }
-            }
-        }
-        /// Not classified yet (an unreachable object before the sweep reaches it).
-        const UNSWEPT: Reach = Reach::Indirect { root: u32::MAX };
-        let mut reach: Vec<Reach> = (0..n)
+        let edges = Edges {
+            starts: &self.starts,
+            edges: &self.edges,
+        };
+        let (strong, weak_seeds) = mark_strong(&edges, &self.strong_roots, &self.weak_roots);
+        let reached = mark_weak(&edges, &strong, weak_seeds);
+        let mut swept = sweep(&edges, &reached);
+        (0..n)
             .map(|i| {
                 if strong[i] {
                     Reach::Reachable
                 } else if reached[i] {
                     Reach::Possible
                 } else {
-                    UNSWEPT
+                    swept[i]
+                        .take()
+                        .expect("the sweep judges every leaked object")
                 }
             })
-            .collect();
+            .collect()
+    }
+}
 
-        // Sweep: leaked objects pointed to by other leaked objects are indirect.
-        let leaked: Vec<usize> = (0..n).filter(|&i| !reached[i]).collect();
-        let mut has_leaked_parent = vec![false; n];
-        for &i in &leaked {
-            for &e in out(i) {
-                has_leaked_parent[(e & !INTERIOR) as usize] = true;
-            }
-        }
-        // Leaders, valgrind's way: first every leaked object nothing leaked points
-        // to, then the rest in address order (leaked cycles). Each leader takes what
-        // it reaches; a cycle's leader reached from a later leader is absorbed, so
-        // the blocks a lost structure holds are never direct leaks of their own.
-        let heads = leaked.iter().filter(|&&i| !has_leaked_parent[i]);
-        let cycles = leaked.iter().filter(|&&i| has_leaked_parent[i]);
-        for &leader in heads.chain(cycles) {
-            if reach[leader] != UNSWEPT {
+/// The graph's edge lists, CSR style.
+struct Edges<'a> {
+    starts: &'a [u32],
+    edges: &'a [u32],
+}
+
+impl Edges<'_> {
+    /// Object i's edges: (target, interior).
+    fn of(&self, i: usize) -> impl Iterator<Item = (usize, bool)> + '_ {
+        self.edges[self.starts[i] as usize..self.starts[i + 1] as usize]
+            .iter()
+            .map(|&e| ((e & !INTERIOR) as usize, e & INTERIOR != 0))
+    }
+}
+
+/// Marks what start pointers reach from the strong roots. Interior edges met on
+/// the way (and interior root hits) seed the weak pass, so that it walks only what
+/// this one did not reach.
+fn mark_strong(
+    edges: &Edges,
+    strong_roots: &[bool],
+    weak_roots: &[bool],
+) -> (Vec<bool>, Vec<usize>) {
+    let n = strong_roots.len();
+    let mut strong = strong_roots.to_vec();
+    let mut stack: Vec<usize> = (0..n).filter(|&i| strong[i]).collect();
+    let mut weak_seeds: Vec<usize> = (0..n).filter(|&i| weak_roots[i] && !strong[i]).collect();
+    while let Some(i) = stack.pop() {
+        for (j, interior) in edges.of(i) {
+            if strong[j] {
                 continue;
             }
-            reach[leader] = Reach::Direct;
-            let mut stack = vec![leader];
-            while let Some(i) = stack.pop() {
-                for &e in out(i) {
-                    let j = (e & !INTERIOR) as usize;
-                    let absorb = reach[j] == UNSWEPT || (reach[j] == Reach::Direct && j != leader);
-                    if absorb {
-                        reach[j] = Reach::Indirect {
-                            root: leader as u32,
-                        };
-                        stack.push(j);
-                    }
-                }
+            if interior {
+                weak_seeds.push(j);
+            } else {
+                strong[j] = true;
+                stack.push(j);
             }
         }
-        // Objects of an absorbed leader: their root is where the chain ends.
-        for &i in &leaked {
-            if let Reach::Indirect { mut root } = reach[i] {
-                while let Reach::Indirect { root: up } = reach[root as usize] {
-                    root = up;
-                }
-                reach[i] = Reach::Indirect { root };
-            }
-        }
-        reach
     }
+    (strong, weak_seeds)
+}
+
+/// Marks what any pointer reaches from the weak seeds: every object reached at
+/// all (strongly or not).
+fn mark_weak(edges: &Edges, strong: &[bool], mut stack: Vec<usize>) -> Vec<bool> {
+    let mut reached = strong.to_vec();
+    stack.retain(|&i| !std::mem::replace(&mut reached[i], true));
+    while let Some(i) = stack.pop() {
+        for (j, _) in edges.of(i) {
+            if !reached[j] {
+                reached[j] = true;
+                stack.push(j);
+            }
+        }
+    }
+    reached
+}
+
+/// Sweeps the objects nothing reached into direct and indirect leaks (`None` for
+/// the reached ones). Leaders, valgrind's way: first every leaked object nothing
+/// leaked points to, then the rest in address order (leaked cycles). Each leader
+/// takes what it reaches; a cycle's leader reached from a later leader is
+/// absorbed, so the blocks a lost structure holds are never direct leaks of their
+/// own.
+fn sweep(edges: &Edges, reached: &[bool]) -> Vec<Option<Reach>> {
+    let n = reached.len();
+    let leaked: Vec<usize> = (0..n).filter(|&i| !reached[i]).collect();
+    let mut has_leaked_parent = vec![false; n];
+    for &i in &leaked {
+        for (j, _) in edges.of(i) {
+            has_leaked_parent[j] = true;
+        }
+    }
+    let mut verdict: Vec<Option<Reach>> = vec![None; n];
+    let heads = leaked.iter().filter(|&&i| !has_leaked_parent[i]);
+    let cycles = leaked.iter().filter(|&&i| has_leaked_parent[i]);
+    for &leader in heads.chain(cycles) {
+        if verdict[leader].is_some() {
+            continue;
+        }
+        verdict[leader] = Some(Reach::Direct);
+        let mut stack = vec![leader];
+        while let Some(i) = stack.pop() {
+            for (j, _) in edges.of(i) {
+                let absorb = !reached[j]
+                    && match verdict[j] {
+                        None => true,
+                        Some(Reach::Direct) => j != leader,
+                        Some(_) => false,
+                    };
+                if absorb {
+                    verdict[j] = Some(Reach::Indirect {
+                        root: leader as u32,
+                    });
+                    stack.push(j);
+                }
+            }
+        }
+    }
+    // Objects of an absorbed leader: their root is where the chain ends.
+    for &i in &leaked {
+        if let Some(Reach::Indirect { mut root }) = verdict[i] {
+            while let Some(Reach::Indirect { root: up }) = verdict[root as usize] {
+                root = up;
+            }
+            verdict[i] = Some(Reach::Indirect { root });
+        }
+    }
+    verdict
 }
 
 #[cfg(test)]
