@@ -1,6 +1,7 @@
 //! Scanner speed without a live target: a million objects in a fake address space
 //! shaped like the `hog` fixture (half the words point into other objects).
-//! `cargo run --release --example scan_speed [objects]` prints MB/s.
+//! `cargo run --release --features test-support --example scan_speed [objects]`
+//! prints MB/s.
 
 use std::time::Instant;
 

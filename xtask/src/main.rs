@@ -86,6 +86,8 @@ fn test(no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
                 "clippy",
                 "--workspace",
                 "--all-targets",
+                "--features",
+                "leaktrace/test-support",
                 "--",
                 "-D",
                 "warnings",

@@ -81,12 +81,14 @@ impl MemorySource for ProcessMemory {
 }
 
 /// A fake address space made of byte vectors, for tests and benchmarks of the
-/// scanner without a live target.
+/// scanner without a live target (the `test-support` feature).
+#[cfg(any(test, feature = "test-support"))]
 #[derive(Default)]
 pub struct FakeMemory {
     regions: Vec<(u64, Vec<u8>)>,
 }
 
+#[cfg(any(test, feature = "test-support"))]
 impl FakeMemory {
     pub fn new() -> Self {
         Self::default()
@@ -110,6 +112,7 @@ impl FakeMemory {
     }
 }
 
+#[cfg(any(test, feature = "test-support"))]
 impl MemorySource for FakeMemory {
     fn read(&self, addr: u64, buf: &mut [u8]) -> usize {
         let mut done = 0;
