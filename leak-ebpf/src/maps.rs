@@ -98,10 +98,12 @@ static TP_LAYOUT: TracepointLayout = TracepointLayout::absent();
 // above instead of the values the daemon wrote at load time.
 
 pub fn follow_forks() -> bool {
+    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
     unsafe { core::ptr::read_volatile(&raw const FOLLOW_FORKS) != 0 }
 }
 
 pub fn wakeup_bytes() -> u64 {
+    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
     unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) }
 }
 
@@ -109,6 +111,7 @@ pub fn wakeup_bytes() -> u64 {
 /// and its free.
 #[inline(always)]
 pub fn sampled(ptr: u64) -> bool {
+    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
     let shift = unsafe { core::ptr::read_volatile(&raw const SAMPLE_SHIFT) };
     if shift == 0 || shift >= 32 {
         return true;
@@ -118,21 +121,26 @@ pub fn sampled(ptr: u64) -> bool {
 }
 
 pub fn capture_stacks() -> bool {
+    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
     unsafe { core::ptr::read_volatile(&raw const CAPTURE_STACKS) != 0 }
 }
 
 pub fn kernel_filter_pids() -> bool {
+    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
     unsafe { core::ptr::read_volatile(&raw const KERNEL_FILTER_PIDS) != 0 }
 }
 
 pub fn kernel_filter_cgroups() -> bool {
+    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
     unsafe { core::ptr::read_volatile(&raw const KERNEL_FILTER_CGROUPS) != 0 }
 }
 
 pub fn dual_free_probes() -> bool {
+    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
     unsafe { core::ptr::read_volatile(&raw const DUAL_FREE_PROBES) != 0 }
 }
 
 pub fn layout() -> TracepointLayout {
+    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
     unsafe { core::ptr::read_volatile(&raw const TP_LAYOUT) }
 }

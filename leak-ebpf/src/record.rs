@@ -30,6 +30,7 @@ pub fn is_target(tgid: u32) -> bool {
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
+    // SAFETY: the helper takes no arguments.
     unsafe { bpf_ktime_get_ns() }
 }
 
@@ -75,6 +76,7 @@ pub fn capture_stack<C: EbpfContext>(ctx: &C, map: &HashMap<u64, Stack>, flags: 
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
+    // SAFETY: buf is this CPU's scratch value, and the write is bounded by its size.
     let copied = unsafe {
         bpf_get_stack(
             ctx.as_ptr(),
@@ -88,6 +90,7 @@ pub fn capture_stack<C: EbpfContext>(ctx: &C, map: &HashMap<u64, Stack>, flags: 
         return 0;
     }
     // bpf_get_stack zeroes what it did not fill, so a 0 frame ends the stack.
+    // SAFETY: a map value from get_ptr_mut is valid and aligned during the run.
     let frames = unsafe { &(*buf).frames };
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for frame in frames.iter().take(STACK_DEPTH) {
@@ -102,6 +105,7 @@ pub fn capture_stack<C: EbpfContext>(ctx: &C, map: &HashMap<u64, Stack>, flags: 
     }
     if map.get_ptr(&hash).is_none() {
         // EEXIST means another CPU stored the same stack first: that is fine.
+        // SAFETY: a map value from get_ptr_mut is valid and aligned during the run.
         if let Err(err) = map.insert(&hash, unsafe { &*buf }, BPF_NOEXIST as u64)
             && err != -17
         {

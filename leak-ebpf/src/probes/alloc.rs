@@ -60,6 +60,7 @@ fn mul_or_max(a: u64, b: u64) -> u64 {
 #[inline(always)]
 fn allocating_call_site(tgid: u32, sp: u64) -> u64 {
     let mut slot = sp;
+    // SAFETY: the helper checks the user address and fails cleanly.
     let mut caller = unsafe { bpf_probe_read_user(slot as *const u64) }.unwrap_or(0);
     for _ in 0..MAX_WRAPPER_DEPTH {
         let key = HintKey {
@@ -70,7 +71,9 @@ fn allocating_call_site(tgid: u32, sp: u64) -> u64 {
         let Some(offset) = HINTS.get_ptr(&key) else {
             break;
         };
+        // SAFETY: a map value from get_ptr is valid and aligned during the run.
         slot += u64::from(unsafe { *offset });
+        // SAFETY: the helper checks the user address and fails cleanly.
         match unsafe { bpf_probe_read_user(slot as *const u64) } {
             Ok(up) => caller = up,
             Err(_) => break,
@@ -84,9 +87,11 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
     if !is_target(tgid) {
         return Ok(());
     }
+    // SAFETY: a uprobe's context points at the saved registers.
     let r = unsafe { &*ctx.regs };
     let sp = regs::sp(r);
     if let Some(outer) = CALLS.get_ptr(&tid) {
+        // SAFETY: a map value from get_ptr is valid and aligned during the run.
         if sp <= unsafe { (*outer).sp } {
             return Ok(()); // nested in (or tail-called from) another allocator call
         }
@@ -94,6 +99,7 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
         count(Loss::StaleCall);
         debug!(ctx, "tid {} left an allocator call without a return", tid);
     }
+    // SAFETY: the helper only reads the program's own context.
     let func = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
     let (a0, a1, a2) = (regs::arg(r, 0), regs::arg(r, 1), regs::arg(r, 2));
     let mut call = PendingCall {

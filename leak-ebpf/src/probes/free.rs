@@ -29,12 +29,14 @@ fn try_free_enter(ctx: &ProbeContext) {
     if !is_target(tgid) {
         return;
     }
+    // SAFETY: a uprobe's context points at the saved registers.
     let r = unsafe { &*ctx.regs };
     let ptr = regs::arg(r, 0);
     if ptr == 0 {
         return;
     }
     if let Some(outer) = CALLS.get_ptr(&tid)
+        // SAFETY: a map value from get_ptr is valid and aligned during the run.
         && regs::sp(r) <= unsafe { (*outer).sp }
     {
         return;
@@ -43,6 +45,7 @@ fn try_free_enter(ctx: &ProbeContext) {
         kind: RecordKind::Free as u32,
         tgid,
         tid,
+        // SAFETY: the helper only reads the program's own context.
         func: unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32,
         ts_ns: now_ns(),
         addr: ptr,

@@ -49,6 +49,7 @@ fn read<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
     if offset == ABSENT {
         return None;
     }
+    // SAFETY: bpf_probe_read checks the address; the offset is from tracefs.
     unsafe { ctx.read_at::<T>(offset as usize) }.ok()
 }
 
@@ -60,6 +61,7 @@ fn wanted(tgid: u32) -> bool {
         return false;
     }
     if kernel_filter_cgroups() {
+        // SAFETY: the helper takes no arguments.
         let cgroup = unsafe { bpf_get_current_cgroup_id() };
         if CGROUPS.get_ptr(&cgroup).is_none() {
             return false;
@@ -94,13 +96,16 @@ fn kernel_alloc(ctx: &TracePointContext, kind: RecordKind, f: AllocFields) {
         } else {
             0
         },
+        // SAFETY: the helper takes no arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         cache: [0; 32],
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     if let Some(loc) = read::<u32>(ctx, f.name) {
         // __data_loc: offset of the string in the record (low 16 bits), length (high).
+        // SAFETY: arithmetic only: the helper below reads and checks.
         let src = unsafe { (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize) };
+        // SAFETY: the helper checks the address and bounds the copy.
         let _ = unsafe { bpf_probe_read_kernel_str_bytes(src, &mut record.cache) };
     }
     if EVENTS
@@ -252,6 +257,7 @@ pub fn mm_page_alloc(ctx: TracePointContext) -> u32 {
                 } else {
                     0
                 },
+                // SAFETY: the helper takes no arguments.
                 cgroup_id: unsafe { bpf_get_current_cgroup_id() },
                 cache: [0; 32],
                 comm: bpf_get_current_comm().unwrap_or([0; 16]),

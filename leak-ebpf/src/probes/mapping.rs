@@ -57,6 +57,7 @@ fn remember(tid: u32, pending: &PendingSyscall) {
 }
 
 fn take(tid: u32) -> Option<PendingSyscall> {
+    // SAFETY: a map value from get_ptr is valid and aligned during the run.
     let pending = unsafe { *SYSCALLS.get_ptr(&tid)? };
     let _ = SYSCALLS.remove(&tid);
     Some(pending)
@@ -66,6 +67,7 @@ fn take(tid: u32) -> Option<PendingSyscall> {
 pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
     if is_target(tgid) && inside_allocator(tid) {
+        // SAFETY: bpf_probe_read checks the address; the offset is from tracefs.
         let len = unsafe { ctx.read_at::<u64>(arg_offset(1)) }.unwrap_or(0);
         remember(
             tid,
@@ -83,6 +85,7 @@ pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
 pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
     if let Some(pending) = take(tid) {
+        // SAFETY: bpf_probe_read checks the address; the offset is from tracefs.
         let ret = unsafe { ctx.read_at::<i64>(RET_OFFSET) }.unwrap_or(-1);
         if !failed(ret) {
             let record = mapping_record(
@@ -103,7 +106,9 @@ pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
 pub fn sys_enter_munmap(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
     if is_target(tgid) {
+        // SAFETY: bpf_probe_read checks the address; the offset is from tracefs.
         let addr = unsafe { ctx.read_at::<u64>(arg_offset(0)) }.unwrap_or(0);
+        // SAFETY: bpf_probe_read checks the address; the offset is from tracefs.
         let len = unsafe { ctx.read_at::<u64>(arg_offset(1)) }.unwrap_or(0);
         let record = mapping_record(
             RecordKind::Unmap,
@@ -125,8 +130,11 @@ pub fn sys_enter_mremap(ctx: TracePointContext) -> u32 {
         let pending = PendingSyscall {
             inside_allocator: inside_allocator(tid) as u32,
             _pad: 0,
+            // SAFETY: bpf_probe_read checks the address; the offset is from tracefs.
             old_addr: unsafe { ctx.read_at::<u64>(arg_offset(0)) }.unwrap_or(0),
+            // SAFETY: bpf_probe_read checks the address; the offset is from tracefs.
             old_len: unsafe { ctx.read_at::<u64>(arg_offset(1)) }.unwrap_or(0),
+            // SAFETY: bpf_probe_read checks the address; the offset is from tracefs.
             len: unsafe { ctx.read_at::<u64>(arg_offset(2)) }.unwrap_or(0),
         };
         remember(tid, &pending);
@@ -138,6 +146,7 @@ pub fn sys_enter_mremap(ctx: TracePointContext) -> u32 {
 pub fn sys_exit_mremap(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
     if let Some(pending) = take(tid) {
+        // SAFETY: bpf_probe_read checks the address; the offset is from tracefs.
         let ret = unsafe { ctx.read_at::<i64>(RET_OFFSET) }.unwrap_or(-1);
         if !failed(ret) {
             let inside = pending.inside_allocator != 0;
@@ -170,6 +179,7 @@ pub fn sys_exit_mremap(ctx: TracePointContext) -> u32 {
 pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
     if is_target(tgid) {
+        // SAFETY: bpf_probe_read checks the address; the offset is from tracefs.
         let ret = unsafe { ctx.read_at::<i64>(RET_OFFSET) }.unwrap_or(-1);
         if !failed(ret) {
             let record = mapping_record(

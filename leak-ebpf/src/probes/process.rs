@@ -47,12 +47,14 @@ fn try_task_newtask(ctx: &TracePointContext) {
     {
         return;
     }
+    // SAFETY: bpf_probe_read checks the address; the offset is from tracefs.
     let Ok(flags) = (unsafe { ctx.read_at::<u64>(l.newtask_clone_flags as usize) }) else {
         return;
     };
     if flags & CLONE_THREAD != 0 {
         return;
     }
+    // SAFETY: bpf_probe_read checks the address; the offset is from tracefs.
     let Ok(child) = (unsafe { ctx.read_at::<i32>(l.newtask_pid as usize) }) else {
         return;
     };
@@ -80,6 +82,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) {
     let group_dead = if l.exit_group_dead == TracepointLayout::ABSENT {
         tid == tgid // older kernels: the leader's exit stands for the process
     } else {
+        // SAFETY: bpf_probe_read checks the address; the offset is from tracefs.
         unsafe { ctx.read_at::<u8>(l.exit_group_dead as usize) }.unwrap_or(0) != 0
     };
     if group_dead {

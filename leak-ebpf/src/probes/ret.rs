@@ -36,8 +36,11 @@ fn try_alloc_return(ctx: &RetProbeContext) {
     let Some(pending) = CALLS.get_ptr(&tid) else {
         return;
     };
+    // SAFETY: a map value from get_ptr is valid and aligned during the run.
     let call = unsafe { *pending };
+    // SAFETY: the helper only reads the program's own context.
     let func = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    // SAFETY: a uprobe's context points at the saved registers.
     let r = unsafe { &*ctx.regs };
     if call.func != func || call.sp.wrapping_add(8) != regs::sp(r) {
         return; // the return of a nested call
@@ -46,6 +49,7 @@ fn try_alloc_return(ctx: &RetProbeContext) {
     let ret = regs::ret(r);
     let addr = if func == POSIX_MEMALIGN {
         if ret as u32 == 0 {
+            // SAFETY: the helper checks the user address and fails cleanly.
             unsafe { bpf_probe_read_user(call.out_ptr as *const u64) }.unwrap_or(0)
         } else {
             0
