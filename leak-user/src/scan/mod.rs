@@ -90,6 +90,9 @@ pub struct ScanStats {
     pub unreadable: u64,
     /// Objects in no mapping at all (their memory is gone).
     pub unmapped: u64,
+    /// Root memory that could not be read (a mapping went away mid-scan, or the
+    /// process died): the scan is incomplete.
+    pub unreadable_root_bytes: u64,
 }
 
 /// What one scan concluded, before the verdict rules.
@@ -337,6 +340,42 @@ impl Walker<'_> {
     }
 }
 
+/// Walks `pieces`, read into `bytes` from `start` on (`bytes` may stop short of
+/// the last pieces: what it lacks is unreadable). An object not read whole gets no
+/// verdict; a root not read is counted.
+fn walk_window(
+    walker: &mut Walker,
+    read_ok: &mut [bool],
+    pieces: &[Piece],
+    start: u64,
+    bytes: &[u8],
+) {
+    let readable_end = start + bytes.len() as u64;
+    let window = |r: Range<u64>| {
+        let from = r.start.clamp(start, readable_end);
+        &bytes[(from - start) as usize..(r.end.clamp(start, readable_end) - start) as usize]
+    };
+    for piece in pieces {
+        let r = &piece.range;
+        match piece.role {
+            Role::Root => {
+                walker.scan(r.start, window(r.clone()), ROOT);
+                walker.stats.unreadable_root_bytes +=
+                    r.end.saturating_sub(r.start.max(readable_end));
+            }
+            Role::Objects(first, last) => {
+                for o in first..=last {
+                    let range = walker.index.start(o).max(r.start)..walker.index.end(o).min(r.end);
+                    walker.scan(range.start, window(range.clone()), o);
+                    if readable_end < range.end {
+                        read_ok[o as usize] = false;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Runs one scan with fresh buffers. Pure apart from reading `memory`.
 pub fn scan(input: &ScanInput, memory: &dyn MemorySource) -> ScanOutput {
     Workspace::default().scan(input, memory)
@@ -375,15 +414,21 @@ impl Workspace {
                 walker.graph.add_root(j, r != index.start(j));
             }
         }
-        // Read windows of up to CHUNK bytes covering consecutive pieces.
+        // Read windows of up to CHUNK bytes covering consecutive pieces. A window
+        // may read through small gaps between pieces; when such a read stops short
+        // (a gap between two mappings is not readable), the pieces after the stop
+        // are read again one window each, so that only memory that really cannot be
+        // read is missed.
         let pieces = &self.pieces;
         self.buf.resize(CHUNK as usize, 0);
         let buf = &mut self.buf;
         let mut k = 0;
+        let mut read_through = true;
         while k < pieces.len() {
             let start = pieces[k].range.start;
             let mut last = k;
-            while let Some(next) = pieces.get(last + 1)
+            while read_through
+                && let Some(next) = pieces.get(last + 1)
                 && next.range.start <= pieces[last].range.end + READ_THROUGH
                 && next.range.end - start <= CHUNK
             {
@@ -393,26 +438,32 @@ impl Workspace {
             let got = memory.read(start, &mut buf[..(end - start) as usize]) as u64;
             walker.stats.bytes_read += got;
             let readable_end = start + got;
-            let window = |r: Range<u64>| {
-                let from = r.start.min(readable_end);
-                &buf[(from - start) as usize..(r.end.min(readable_end) - start) as usize]
-            };
-            for piece in &pieces[k..=last] {
-                let r = &piece.range;
-                match piece.role {
-                    Role::Root => walker.scan(r.start, window(r.clone()), ROOT),
-                    Role::Objects(first, last) => {
-                        for o in first..=last {
-                            let range = index.start(o).max(r.start)..index.end(o).min(r.end);
-                            walker.scan(range.start, window(range.clone()), o);
-                            if readable_end < range.end {
-                                self.read_ok[o as usize] = false;
-                            }
-                        }
-                    }
-                }
+            if readable_end < end && last > k {
+                // Walk the pieces read whole; read the rest again, piece by piece.
+                let whole = pieces[k..=last]
+                    .iter()
+                    .take_while(|p| p.range.end <= readable_end)
+                    .count();
+                walk_window(
+                    &mut walker,
+                    &mut self.read_ok,
+                    &pieces[k..k + whole],
+                    start,
+                    &buf[..got as usize],
+                );
+                k += whole;
+                read_through = false;
+                continue;
             }
+            walk_window(
+                &mut walker,
+                &mut self.read_ok,
+                &pieces[k..=last],
+                start,
+                &buf[..got as usize],
+            );
             k = last + 1;
+            read_through = true;
         }
         walker.resolve();
         let mut stats = walker.stats;
