@@ -20,6 +20,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("malloc-loop", "malloc_loop.c", &[]),
     ("kobjects", "kobjects.c", &[]),
     ("forks", "forks.c", &[]),
+    ("lifetimes", "lifetimes.c", &[]),
 ];
 
 pub fn dir() -> PathBuf {

@@ -208,6 +208,11 @@ pub struct ScanRecord<'a> {
     pub pending: u64,
     pub withheld: u64,
     pub retracted: usize,
+    /// Every root was read and the process was alive at the end of the scan; an
+    /// incomplete scan decides nothing.
+    pub complete: bool,
+    /// Reported leaks reached only through stale copies of their address.
+    pub stale_references: u64,
     pub snapshot_lock_us: u64,
     pub apply_lock_us: u64,
     pub pause_ms: Option<f64>,
@@ -263,6 +268,9 @@ pub struct EndRecord<'a> {
     pub leaks: Totals,
     pub possible_leaks: usize,
     pub retractions: u64,
+    /// Scans that decided nothing (a target died or exited mid-scan): the verdicts
+    /// of each process's last complete scan stand.
+    pub incomplete_scans: u64,
     pub suppressed: &'a [SuppressedRule],
     #[serde(flatten)]
     pub stats: &'a Stats,

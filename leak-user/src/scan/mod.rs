@@ -71,6 +71,8 @@ pub struct ScanInput {
     pub stack_pointers: Vec<u64>,
     /// Register values of frozen threads: roots like any memory word.
     pub registers: Vec<u64>,
+    /// Stacks of exited threads that glibc keeps for reuse: not roots.
+    pub idle_stacks: Vec<Range<u64>>,
 }
 
 /// Figures of one scan.
@@ -101,6 +103,10 @@ pub struct ScanOutput {
     pub candidates: Vec<Candidate>,
     /// (address, serial) of objects whose memory is no longer mapped.
     pub unmapped: Vec<(u64, u32)>,
+    /// Objects whose memory could not be read: no verdict either way.
+    pub unjudged: Vec<u64>,
+    /// Watched objects (reported leaks) found reachable: (address, checksum).
+    pub watched_reached: Vec<(u64, u64)>,
     pub stats: ScanStats,
 }
 
@@ -133,6 +139,9 @@ struct Plan {
 fn plan(input: &ScanInput, index: &ObjectIndex, pieces: &mut Vec<Piece>) -> Plan {
     let mut not_roots = RangeSet::new();
     for r in &input.snapshot.owned {
+        not_roots.insert(r.clone());
+    }
+    for r in &input.idle_stacks {
         not_roots.insert(r.clone());
     }
     // The dead part of each stack whose pointer we know.
@@ -270,6 +279,8 @@ fn checksum(bytes: &[u8]) -> u64 {
 #[derive(Default)]
 pub struct Workspace {
     graph: Graph,
+    /// Indices of the watched objects the last scan found reachable.
+    watched: Vec<usize>,
     read_ok: Vec<bool>,
     buf: Vec<u8>,
     pieces: Vec<Piece>,
@@ -490,14 +501,27 @@ impl Workspace {
         let objects = &input.snapshot.objects;
         let reach = self.graph.classify();
         let mut candidates = Vec::new();
+        let mut unjudged = Vec::new();
+        let mut watched = Vec::new();
+        let mut is_unmapped = vec![false; objects.len()];
+        for &o in unmapped {
+            is_unmapped[o as usize] = true;
+        }
         stats.edges = self.graph.edge_count() as u64;
         for (i, r) in reach.iter().enumerate() {
+            let addr = objects[i].0;
             if !self.read_ok[i] {
+                if !is_unmapped[i] {
+                    unjudged.push(addr);
+                }
                 continue;
             }
             let kind = match r {
                 Reach::Reachable => {
                     stats.reachable += 1;
+                    if input.snapshot.watched.binary_search(&addr).is_ok() {
+                        watched.push(i);
+                    }
                     continue;
                 }
                 Reach::Possible => {
@@ -518,54 +542,111 @@ impl Workspace {
                 _ => None,
             };
             candidates.push(Candidate {
-                addr: objects[i].0,
+                addr,
                 serial: objects[i].1.serial,
                 kind,
                 checksum: 0,
                 root,
             });
         }
-        stats.unreadable =
-            self.read_ok.iter().filter(|ok| !**ok).count() as u64 - unmapped.len() as u64;
+        stats.unreadable = unjudged.len() as u64;
         stats.unmapped = unmapped.len() as u64;
+        self.watched = watched;
         ScanOutput {
             candidates,
             unmapped: unmapped
                 .iter()
                 .map(|&o| (objects[o as usize].0, objects[o as usize].1.serial))
                 .collect(),
+            unjudged,
+            watched_reached: Vec::new(),
             stats: *stats,
         }
     }
 
-    /// Checksums the candidates' contents (few, usually): reachable objects need none.
+    /// Checksums the contents of the candidates and of the watched objects found
+    /// reachable (few, usually: other reachable objects need none). An object that
+    /// can no longer be read gets no verdict.
     fn checksum_candidates(
         &mut self,
         out: &mut ScanOutput,
         index: &ObjectIndex,
         memory: &dyn MemorySource,
     ) {
+        let ranges: Vec<Range<u64>> = out
+            .candidates
+            .iter()
+            .map(|c| c.addr..index.find(c.addr).map_or(c.addr + 1, |j| index.end(j)))
+            .collect();
+        let sums = self.checksums(&ranges, memory);
+        let mut kept = Vec::with_capacity(out.candidates.len());
+        for (c, sum) in out.candidates.iter().zip(sums) {
+            match sum {
+                Some(sum) => kept.push(Candidate {
+                    checksum: sum,
+                    ..*c
+                }),
+                None => out.unjudged.push(c.addr),
+            }
+        }
+        out.candidates = kept;
+        let ranges: Vec<Range<u64>> = self
+            .watched
+            .iter()
+            .map(|&i| index.start(i as u32)..index.end(i as u32))
+            .collect();
+        let sums = self.checksums(&ranges, memory);
+        out.watched_reached = ranges
+            .iter()
+            .zip(sums)
+            .filter_map(|(r, sum)| Some((r.start, sum?)))
+            .collect();
+    }
+
+    /// Checksums of `ranges` (sorted, disjoint), read in windows; None for a range
+    /// that could not be read whole.
+    fn checksums(&mut self, ranges: &[Range<u64>], memory: &dyn MemorySource) -> Vec<Option<u64>> {
+        let mut sums = Vec::with_capacity(ranges.len());
         let mut k = 0;
-        let cands = &mut out.candidates;
-        while k < cands.len() {
-            let start = cands[k].addr;
-            let end_of = |c: &Candidate| index.find(c.addr).map_or(c.addr + 1, |j| index.end(j));
+        let mut read_through = true;
+        while k < ranges.len() {
+            let start = ranges[k].start;
             let mut last = k;
-            while let Some(next) = cands.get(last + 1)
-                && next.addr <= end_of(&cands[last]) + READ_THROUGH
-                && end_of(next) - start <= CHUNK
+            while read_through
+                && let Some(next) = ranges.get(last + 1)
+                && next.start <= ranges[last].end + READ_THROUGH
+                && next.end - start <= CHUNK
             {
                 last += 1;
             }
-            let end = end_of(&cands[last]).min(start + CHUNK);
-            let got = memory.read(start, &mut self.buf[..(end - start) as usize]);
-            for c in &mut cands[k..=last] {
-                let from = (c.addr - start) as usize;
-                let to = ((end_of(c) - start) as usize).min(got);
-                c.checksum = self.buf.get(from..to.max(from)).map_or(0, checksum);
+            let end = ranges[last].end.min(start + CHUNK);
+            let got = memory.read(start, &mut self.buf[..(end - start) as usize]) as u64;
+            let whole = ranges[k..=last]
+                .iter()
+                .take_while(|r| r.end <= start + got)
+                .count();
+            for r in &ranges[k..k + whole] {
+                let bytes = &self.buf[(r.start - start) as usize..(r.end - start) as usize];
+                sums.push(Some(checksum(bytes)));
             }
-            k = last + 1;
+            if whole == 0 {
+                // Unreadable on its own (or larger than a window: judged by its head).
+                let r = &ranges[k];
+                let head = (start + got).min(r.end);
+                sums.push(
+                    (head == end && r.end > end)
+                        .then(|| checksum(&self.buf[..(head - start) as usize])),
+                );
+                k += 1;
+                read_through = true;
+            } else {
+                // A short read: the range after the stop is read on its own next.
+                let short = k + whole <= last;
+                k += whole;
+                read_through = !short;
+            }
         }
+        sums
     }
 }
 

@@ -26,7 +26,7 @@ use std::{collections::BTreeMap, ops::Range};
 use leak_common::AllocFn;
 use rustc_hash::FxHashMap;
 
-use self::verdict::{Candidate, Retraction, RetractionReason, ScanVerdicts, VerdictBook};
+use self::verdict::{Observation, Retraction, RetractionReason, ScanVerdicts, VerdictBook};
 pub use self::{
     ranges::RangeSet,
     shared::{Shared, SharedTable},
@@ -164,6 +164,9 @@ pub struct Snapshot {
     /// attached, and (attached late) blocks freed since then. Not sorted.
     pub owned: Vec<Range<u64>>,
     pub attached_late: bool,
+    /// Reported leaks (sorted addresses): the scan checksums them even when it
+    /// finds them reachable, to tell a stale copy of their address from use.
+    pub watched: Vec<u64>,
 }
 
 /// A realloc between its entry and its return.
@@ -214,14 +217,14 @@ impl Table {
     }
 
     /// Applies one scan's conclusions: drops the objects found in no mapping
-    /// (`unmapped`: address and serial), then runs the verdict rules on the
-    /// candidates that are still the same objects. The verdicts carry each
-    /// finding's allocation site and the time of judgement, so that reporting
+    /// (`unmapped`: address and serial), then runs the verdict rules on what the
+    /// scan observed of the objects that are still the same. The verdicts carry
+    /// each finding's allocation site and the time of judgement, so that reporting
     /// them needs no further hold of the lock.
     pub fn apply_scan(
         &mut self,
         pid: u32,
-        candidates: &[Candidate],
+        seen: &Observation,
         unmapped: &[(u64, u32)],
         now_ns: u64,
         exact: bool,
@@ -234,7 +237,7 @@ impl Table {
         let sites = &self.sites;
         self.verdicts.apply_scan(
             pid,
-            candidates,
+            seen,
             lookup,
             |site| sites.get(site).copied(),
             now_ms,
@@ -311,6 +314,7 @@ impl Table {
             // Never roots, either way (the scanner merges the two).
             snapshot.owned = p.owned.iter().chain(p.freed.iter()).collect();
             snapshot.attached_late = p.attached_late;
+            snapshot.watched = self.verdicts.reported(pid).iter().map(|r| r.0).collect();
         }
         let mut next = None;
         for (i, (&a, &o)) in p.objects.range(from..).enumerate() {

@@ -69,6 +69,7 @@ pub struct Reporter {
     reported: BTreeMap<(u32, u64), Leak>,
     retractions: u64,
     scans: u64,
+    incomplete_scans: u64,
     comms: HashMap<u32, String>,
 }
 
@@ -84,6 +85,7 @@ impl Reporter {
             reported: BTreeMap::new(),
             retractions: 0,
             scans: 0,
+            incomplete_scans: 0,
             comms: HashMap::new(),
         })
     }
@@ -183,6 +185,14 @@ impl Reporter {
     /// Reports one scan: new leaks, retractions, and the scan summary.
     pub fn scan(&mut self, scan: &ProcessScan) {
         self.scans += 1;
+        if scan.verdicts.incomplete {
+            self.incomplete_scans += 1;
+            log::info!(
+                "pid {}: the scan could not read all of its memory (it ended mid-scan): \
+                 the last complete scan stands",
+                scan.pid
+            );
+        }
         let mut new = Vec::new();
         let mut suppressed = 0u64;
         for f in &scan.verdicts.findings {
@@ -215,6 +225,8 @@ impl Reporter {
             pending: scan.verdicts.pending,
             withheld: scan.verdicts.withheld,
             retracted: scan.verdicts.retractions.len(),
+            complete: !scan.verdicts.incomplete,
+            stale_references: scan.verdicts.stale_references,
             snapshot_lock_us: scan.snapshot_hold.as_micros() as u64,
             apply_lock_us: scan.apply_hold.as_micros() as u64,
             pause_ms: scan.pause.map(|(d, _)| d.as_secs_f64() * 1e3),
@@ -341,6 +353,7 @@ impl Reporter {
             leaks: report::totals(&confirmed),
             possible_leaks: leaks.len() - confirmed.len(),
             retractions: self.retractions,
+            incomplete_scans: self.incomplete_scans,
             suppressed: &suppressed,
             stats,
         }));
