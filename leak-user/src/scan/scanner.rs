@@ -172,8 +172,9 @@ fn scan_frozen_or_not(
         }
     };
     let memory = ProcessMemory::open(pid, options.read_method).map_err(io)?;
-    // Exited threads' cached stacks are certain only when every thread is placed.
-    let idle_stacks = if every_sp {
+    // Exited threads' cached stacks are certain only when every thread is placed,
+    // and not at the exit stop: the other threads died with the exit itself.
+    let idle_stacks = if every_sp && !options.at_exit {
         threads::idle_thread_stacks(&maps, &stack_pointers, &memory)
     } else {
         Vec::new()
