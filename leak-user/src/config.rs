@@ -7,6 +7,7 @@ use crate::{
     cli::{Args, ColorArg, FreeProbesArg, ReadMethodArg},
     proc::mem::ReadMethod,
     report::suppress::Suppressions,
+    scan::heuristics::Heuristics,
     table::verdict::VerdictParams,
 };
 
@@ -78,6 +79,10 @@ pub struct KernelConfig {
     pub free_probes: FreeProbes,
     /// Keep one object in 2^sample_shift.
     pub sample_shift: u32,
+    /// How long a call site must be watched before it can be suspected.
+    pub min_growth_window: Duration,
+    /// Count leaktrace's own allocations too.
+    pub include_tracer: bool,
 }
 
 /// Everything the daemon needs, validated.
@@ -89,6 +94,9 @@ pub struct Config {
     pub interval: Duration,
     pub duration: Option<Duration>,
     pub verdict: VerdictParams,
+    /// valgrind's leak-check heuristics (interior pointers that count as start
+    /// pointers).
+    pub heuristics: Heuristics,
     pub stop_the_world: bool,
     pub ring_bytes: u32,
     pub stack_entries: u32,
@@ -121,6 +129,8 @@ pub enum ConfigError {
     Suppressions(String),
     #[error("--sample must be a power of two between 1 and 65536, not {0}")]
     Sample(u64),
+    #[error("--leak-check-heuristics: {0}")]
+    Heuristics(#[from] crate::scan::heuristics::UnknownHeuristic),
 }
 
 /// Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.
@@ -215,6 +225,8 @@ impl Config {
                 pages: args.pages,
                 free_probes: args.free_probes.into(),
                 sample_shift: args.sample.trailing_zeros(),
+                min_growth_window: parse_duration("--min-growth-window", &args.min_growth_window)?,
+                include_tracer: args.include_tracer,
             },
             mode,
             follow_forks: args.follow_forks,
@@ -235,6 +247,7 @@ impl Config {
                 min_scans: args.min_scans,
                 require_stable_contents: !args.no_checksum,
             },
+            heuristics: Heuristics::parse(&args.leak_check_heuristics)?,
             stop_the_world: args.stop_the_world,
             ring_bytes: args.ring_buffer << 20,
             stack_entries: args.stack_map_entries,

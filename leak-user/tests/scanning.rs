@@ -7,7 +7,14 @@ use std::process::Command;
 
 use crate::util::{self, Fixture, Run, Tracer, launch, serial};
 
-const FAST: &[&str] = &["--interval", "200ms", "--min-age", "200ms"];
+/// Short intervals, and possible leaks one by one (the truth lists them).
+const FAST: &[&str] = &[
+    "--interval",
+    "200ms",
+    "--min-age",
+    "200ms",
+    "--show-possible",
+];
 
 /// Every true leak found with its kind, every possible leak found as possible,
 /// nothing kept reported. Objects the fixture did not make (the C runtime's) may
@@ -275,4 +282,52 @@ fn leaks_of_exited_threads_stay_leaks() {
         .count();
     assert_eq!(missing, 0, "leaks not reported as direct");
     assert_eq!(run.end()["retractions"], 0, "no leak was taken back");
+}
+
+/// valgrind's leak-check heuristics: blocks held only through the interior
+/// pointers they recognise are reachable by default, possible leaks without them;
+/// an interior pointer no heuristic accepts stays a possible leak either way.
+#[test]
+fn leak_check_heuristics_as_valgrind_applies_them() {
+    util::require_root();
+    let _s = serial();
+    let run = launch("heuristics", &["--hold-ms", "1500"], FAST);
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    let heuristic = |t: &&util::Truth| t.tag == "KEEP" && t.kind != "-";
+    assert_eq!(
+        run.truth.iter().filter(heuristic).count(),
+        4,
+        "{}",
+        run.fixture_stdout
+    );
+    let leaks = run.leaks();
+    let kind_of = |addr: u64| {
+        leaks
+            .get(&addr)
+            .map(|r| r["kind"].as_str().unwrap().to_owned())
+    };
+    for t in &run.truth {
+        let expected = (t.tag == "POSSIBLE").then(|| "possible".to_owned());
+        assert_eq!(
+            kind_of(t.addr),
+            expected,
+            "{} {} {:#x}",
+            t.tag,
+            t.kind,
+            t.addr
+        );
+    }
+    let mut args = FAST.to_vec();
+    args.extend(["--leak-check-heuristics", "none"]);
+    let run = launch("heuristics", &["--hold-ms", "1500"], &args);
+    let leaks = run.leaks();
+    for t in run.truth.iter().filter(heuristic) {
+        assert_eq!(
+            leaks.get(&t.addr).map(|r| r["kind"].as_str().unwrap()),
+            Some("possible"),
+            "without heuristics, {} {:#x}",
+            t.kind,
+            t.addr
+        );
+    }
 }

@@ -201,9 +201,12 @@ fn cxx_operator_new_and_delete() {
             .get(&leak.addr)
             .unwrap_or_else(|| panic!("leak {:#x} not reported: {leaks:?}", leak.addr));
         assert_eq!(record["kind"], "direct");
+        // Seen through to malloc, and named by the wrapper that called it: a
+        // block of operator new's is one (valgrind's heuristics need that).
+        let expected = if leak.size == 6 { "malloc" } else { "operator new" };
         assert_eq!(
-            record["allocator"], "malloc",
-            "operator new and strdup are seen through to malloc"
+            record["allocator"], expected,
+            "strdup's block is malloc's, the others operator new's: {record}"
         );
         callers.push(record["stack"][0]["function"].as_str().unwrap().to_owned());
     }

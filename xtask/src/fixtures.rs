@@ -21,6 +21,11 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("kobjects", "kobjects.c", &[]),
     ("forks", "forks.c", &[]),
     ("lifetimes", "lifetimes.c", &[]),
+    (
+        "heuristics",
+        "heuristics.cc",
+        &["-D_GLIBCXX_USE_CXX11_ABI=0"],
+    ),
 ];
 
 pub fn dir() -> PathBuf {

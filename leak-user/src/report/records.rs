@@ -33,8 +33,11 @@ pub enum Record<'a> {
     Hooks(HooksRecord),
     /// A confirmed leak (direct or indirect).
     Leak(&'a Leak),
-    /// A block reachable only through interior pointers.
+    /// A block reachable only through interior pointers (`--show-possible`).
     PossibleLeak(&'a Leak),
+    /// Possible leaks that share an allocation stack, at the end of a run
+    /// (valgrind's loss records).
+    PossibleLeakGroup(PossibleLeakGroupRecord<'a>),
     /// A reported leak taken back.
     Retraction(RetractionRecord),
     /// One scan of one process.
@@ -59,11 +62,12 @@ pub enum Record<'a> {
 
 impl Record<'_> {
     /// Every record type, as written in `"type"`.
-    pub const TYPES: [&'static str; 14] = [
+    pub const TYPES: [&'static str; 15] = [
         "start",
         "hooks",
         "leak",
         "possible_leak",
+        "possible_leak_group",
         "retraction",
         "scan",
         "process",
@@ -145,6 +149,8 @@ pub struct RunOptions {
     pub checksum: bool,
     pub stop_the_world: bool,
     pub follow_forks: bool,
+    /// valgrind's leak-check heuristics in force.
+    pub heuristics: String,
 }
 
 /// The options of a kernel-mode run.
@@ -158,6 +164,10 @@ pub struct KernelOptions {
     pub sample: u64,
     pub interval_ms: u64,
     pub min_age_ms: u32,
+    /// `--min-growth-window`.
+    pub min_growth_window_ms: u64,
+    /// `--include-tracer`.
+    pub include_tracer: bool,
 }
 
 #[derive(Serialize)]
@@ -184,6 +194,15 @@ pub struct HookedFunction {
     pub site: String,
     pub emulated: bool,
     pub return_probe: bool,
+}
+
+#[derive(Serialize)]
+pub struct PossibleLeakGroupRecord<'a> {
+    pub objects: u64,
+    pub bytes: u64,
+    pub allocator: &'static str,
+    pub pids: Vec<u32>,
+    pub stack: &'a [Frame],
 }
 
 #[derive(Serialize)]

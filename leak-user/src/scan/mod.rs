@@ -21,6 +21,7 @@
 //! Everything here is pure given a [`MemorySource`]; tests run it on fake memory.
 
 pub mod graph;
+pub mod heuristics;
 pub mod index;
 pub mod scanner;
 
@@ -28,8 +29,11 @@ use std::ops::Range;
 
 use serde::Serialize;
 
+use rustc_hash::FxHashMap;
+
 use self::{
     graph::{Graph, Reach},
+    heuristics::{Block, Heuristics},
     index::ObjectIndex,
 };
 use crate::{
@@ -73,6 +77,8 @@ pub struct ScanInput {
     pub registers: Vec<u64>,
     /// Stacks of exited threads that glibc keeps for reuse: not roots.
     pub idle_stacks: Vec<Range<u64>>,
+    /// valgrind's leak-check heuristics in force.
+    pub heuristics: Heuristics,
 }
 
 /// Figures of one scan.
@@ -85,6 +91,8 @@ pub struct ScanStats {
     pub bytes_read: u64,
     pub edges: u64,
     pub reachable: u64,
+    /// Of the reachable: through an interior pointer a heuristic recognised.
+    pub heuristic: u64,
     pub possible: u64,
     pub direct: u64,
     pub indirect: u64,
@@ -286,6 +294,46 @@ pub struct Workspace {
     pieces: Vec<Piece>,
 }
 
+/// Words of objects an interior pointer points into, read on demand for the
+/// heuristics (only for pointers into objects no start pointer reached).
+struct Contents<'a> {
+    memory: &'a dyn MemorySource,
+    /// The first words of each object read so far, by start address.
+    heads: FxHashMap<u64, [u64; HEAD_WORDS]>,
+}
+
+/// Words of an object's head read at once.
+const HEAD_WORDS: usize = 4;
+
+impl Contents<'_> {
+    /// The word `offset` bytes into the object at `start` of `size` bytes.
+    fn word(&mut self, start: u64, size: u64, offset: u64) -> Option<u64> {
+        if offset.checked_add(8)? > size {
+            return None;
+        }
+        let read = |addr: u64, buf: &mut [u8]| self.memory.read(addr, buf) == buf.len();
+        let index = (offset / 8) as usize;
+        if offset.is_multiple_of(8) && index < HEAD_WORDS {
+            if let Some(head) = self.heads.get(&start) {
+                return Some(head[index]);
+            }
+            let len = size.min((HEAD_WORDS * 8) as u64) as usize / 8 * 8;
+            let mut buf = [0u8; HEAD_WORDS * 8];
+            if !read(start, &mut buf[..len]) {
+                return None;
+            }
+            let mut head = [0u64; HEAD_WORDS];
+            for (w, chunk) in head.iter_mut().zip(buf.chunks_exact(8)) {
+                *w = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+            }
+            self.heads.insert(start, head);
+            return Some(head[index]);
+        }
+        let mut buf = [0u8; 8];
+        read(start + offset, &mut buf).then(|| u64::from_ne_bytes(buf))
+    }
+}
+
 /// The source of a pending word that lies in a root.
 const ROOT: u32 = u32::MAX;
 
@@ -342,9 +390,9 @@ impl Walker<'_> {
                     return;
                 }
                 if sources[k] == ROOT {
-                    graph.add_root(j, interior);
+                    graph.add_root(j, w - start);
                 } else {
-                    graph.add_edge(sources[k], j, interior);
+                    graph.add_edge(sources[k], j, w - start);
                 }
             });
         self.pending_len = 0;
@@ -422,7 +470,7 @@ impl Workspace {
         };
         for &r in &input.registers {
             if let Some(j) = index.find(r) {
-                walker.graph.add_root(j, r != index.start(j));
+                walker.graph.add_root(j, r - index.start(j));
             }
         }
         // Read windows of up to CHUNK bytes covering consecutive pieces. A window
@@ -479,7 +527,7 @@ impl Workspace {
         walker.resolve();
         let mut stats = walker.stats;
         let walked = started.elapsed();
-        let mut out = self.finish(input, &index, &mut stats, &plan.unmapped);
+        let mut out = self.finish(input, &index, &mut stats, &plan.unmapped, memory);
         self.checksum_candidates(&mut out, &index, memory);
         out.stats = stats;
         log::debug!(
@@ -497,9 +545,39 @@ impl Workspace {
         index: &ObjectIndex,
         stats: &mut ScanStats,
         unmapped: &[u32],
+        memory: &dyn MemorySource,
     ) -> ScanOutput {
         let objects = &input.snapshot.objects;
-        let reach = self.graph.classify();
+        let mut contents = Contents {
+            memory,
+            heads: FxHashMap::default(),
+        };
+        let maps = &input.maps;
+        let is_vtable = |v: u64| {
+            let at = maps.partition_point(|m| m.end <= v);
+            maps.get(at)
+                .is_some_and(|m| m.contains(v) && m.read && !m.write && m.file().is_some())
+        };
+        let by_new = &input.snapshot.by_new;
+        let heuristics = input.heuristics;
+        let recognize = |j: usize, offset: u32| {
+            if !heuristics.any() {
+                return false;
+            }
+            let (start, size) = (index.start(j as u32), objects[j].1.size());
+            let block = Block {
+                size,
+                by_new: by_new.get(j).copied().unwrap_or(false),
+            };
+            heuristics.recognize(
+                &block,
+                u64::from(offset),
+                |at| contents.word(start, size, at),
+                is_vtable,
+            )
+        };
+        let (reach, by_heuristic) = self.graph.classify(recognize);
+        stats.heuristic = by_heuristic;
         let mut candidates = Vec::new();
         let mut unjudged = Vec::new();
         let mut watched = Vec::new();

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{ScanInput, ScanOutput, ScanStats, Workspace};
+use super::{ScanInput, ScanOutput, ScanStats, Workspace, heuristics::Heuristics};
 use crate::{
     clock,
     proc::{
@@ -37,6 +37,8 @@ pub struct ScanOptions {
     pub stop_the_world: bool,
     /// The target is stopped at its exit: confirm every unreachable object at once.
     pub at_exit: bool,
+    /// valgrind's leak-check heuristics in force.
+    pub heuristics: Heuristics,
 }
 
 /// Everything one scan of one process produced, for reports.
@@ -185,6 +187,7 @@ fn scan_frozen_or_not(
         stack_pointers,
         registers,
         idle_stacks,
+        heuristics: options.heuristics,
     };
     let output = workspace.scan(&input, &memory);
     Ok((output, snapshot_hold, input.maps))

@@ -167,6 +167,9 @@ pub struct Snapshot {
     /// Reported leaks (sorted addresses): the scan checksums them even when it
     /// finds them reachable, to tell a stale copy of their address from use.
     pub watched: Vec<u64>,
+    /// For each object: allocated by `operator new` (valgrind applies some of its
+    /// heuristics to those only).
+    pub by_new: Vec<bool>,
 }
 
 /// A realloc between its entry and its return.
@@ -323,6 +326,11 @@ impl Table {
                 break;
             }
             snapshot.objects.push((a, o));
+            snapshot
+                .by_new
+                .push(self.sites.get(o.site).is_some_and(|s| {
+                    matches!(s.func, AllocFn::OperatorNew | AllocFn::OperatorNewAligned)
+                }));
         }
         next
     }

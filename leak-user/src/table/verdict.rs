@@ -235,17 +235,26 @@ impl VerdictBook {
             self.params
         };
         let mut unreferenced: FxHashSet<u64> = seen.unjudged.iter().copied().collect();
-        for c in seen.candidates {
+        // Indirect leaks last: one is reported only once the direct leak it is
+        // lost through is (a young or withheld root keeps its blocks pending).
+        let (indirect, others): (Vec<&Candidate>, Vec<&Candidate>) = seen
+            .candidates
+            .iter()
+            .partition(|c| c.kind == LeakKind::Indirect);
+        for c in others.into_iter().chain(indirect) {
             let Some(object) = lookup(c.addr, c.serial) else {
                 continue; // freed (or replaced) while we scanned
             };
             unreferenced.insert(c.addr);
+            let root_reported = c.kind != LeakKind::Indirect
+                || c.root
+                    .is_some_and(|r| self.states.get(&(pid, r)).is_some_and(|s| s.reported));
             let state = self.observe(pid, c, params);
             if state.reported {
                 continue;
             }
             let age = now_ms.saturating_sub(object.birth_ms);
-            if !old_and_stable(state, age, params) {
+            if !old_and_stable(state, age, params) || !root_reported {
                 out.pending += 1;
             } else if free_loss_ms.is_some_and(|loss| object.birth_ms <= loss) {
                 out.withheld += 1;
@@ -586,5 +595,25 @@ mod tests {
             book.reported(1).iter().map(|r| r.0).collect::<Vec<_>>(),
             vec![0x10]
         );
+    }
+
+    #[test]
+    fn an_indirect_leak_waits_for_its_root() {
+        let mut book = VerdictBook::new(params());
+        // The root (0x10) is young; its child (0x20) is old.
+        let lookup = |a: u64, s: u32| Some(object(if a == 0x10 { 2500 } else { 0 }, s));
+        let child = Candidate {
+            kind: LeakKind::Indirect,
+            root: Some(0x10),
+            ..cand(0x20, 1)
+        };
+        let both = [cand(0x10, 1), child];
+        book.apply_scan(1, &seen(&both), lookup, site, 3000, None, false);
+        let v = book.apply_scan(1, &seen(&both), lookup, site, 3400, None, false);
+        assert!(v.findings.is_empty(), "the child waits for its root");
+        let v = book.apply_scan(1, &seen(&both), lookup, site, 4000, None, false);
+        let mut found: Vec<u64> = v.findings.iter().map(|f| f.addr).collect();
+        found.sort_unstable();
+        assert_eq!(found, vec![0x10, 0x20]);
     }
 }

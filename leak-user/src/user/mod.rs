@@ -558,6 +558,7 @@ impl UserSession {
             read_method: self.config.read_method,
             stop_the_world: self.config.stop_the_world && !at_exit,
             at_exit,
+            heuristics: self.config.heuristics,
         };
         let mut workspace = self.workspace.take().unwrap_or_default();
         let result = tokio::task::spawn_blocking(move || {

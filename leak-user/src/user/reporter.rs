@@ -21,9 +21,9 @@ use crate::{
         self, Leak, Totals, allocator_name,
         json::Output,
         records::{
-            EndReason, EndRecord, HookedFunction, HookedObject, HooksRecord, ProcessEvent,
-            ProcessRecord, Record, RetractionRecord, RunMode, RunOptions, ScanRecord, StartRecord,
-            Stats, SuppressedRule, Target,
+            EndReason, EndRecord, HookedFunction, HookedObject, HooksRecord,
+            PossibleLeakGroupRecord, ProcessEvent, ProcessRecord, Record, RetractionRecord,
+            RunMode, RunOptions, ScanRecord, StartRecord, Stats, SuppressedRule, Target,
         },
         suppress::Suppressions,
         text,
@@ -120,6 +120,7 @@ impl Reporter {
                 checksum: config.verdict.require_stable_contents,
                 stop_the_world: config.stop_the_world,
                 follow_forks: config.follow_forks,
+                heuristics: config.heuristics.to_string(),
             }),
             ..StartRecord::new(mode, targets)
         }));
@@ -208,11 +209,13 @@ impl Reporter {
             self.retraction(r);
         }
         for leak in &new {
-            self.sink.json(&if leak.kind == LeakKind::Possible {
-                Record::PossibleLeak(leak)
-            } else {
-                Record::Leak(leak)
-            });
+            // Possible leaks are aggregated by stack at the end unless asked for
+            // one by one: a real heap has thousands of them.
+            if leak.kind != LeakKind::Possible {
+                self.sink.json(&Record::Leak(leak));
+            } else if self.out.show_possible {
+                self.sink.json(&Record::PossibleLeak(leak));
+            }
             self.reported.insert((leak.pid, leak.address), leak.clone());
         }
         let record = ScanRecord {
@@ -260,8 +263,11 @@ impl Reporter {
     }
 
     pub fn retraction(&mut self, r: &Retraction) {
-        self.retractions += 1;
         let was_reported = self.reported.remove(&(r.pid, r.addr)).is_some();
+        if r.kind == LeakKind::Possible && !self.out.show_possible {
+            return; // never reported one by one
+        }
+        self.retractions += 1;
         self.sink.json(&Record::Retraction(RetractionRecord {
             pid: r.pid,
             address: r.addr,
@@ -347,6 +353,21 @@ impl Reporter {
             .cloned()
             .collect();
         let suppressed = self.suppressed_rules();
+        let possible: Vec<Leak> = leaks
+            .iter()
+            .filter(|l| l.kind == LeakKind::Possible)
+            .cloned()
+            .collect();
+        for g in report::group(&possible) {
+            self.sink
+                .json(&Record::PossibleLeakGroup(PossibleLeakGroupRecord {
+                    objects: g.objects,
+                    bytes: g.bytes,
+                    allocator: g.allocator,
+                    pids: g.pids.into_iter().collect(),
+                    stack: &g.stack,
+                }));
+        }
         self.sink.json(&Record::End(EndRecord {
             reason,
             exit_status,
