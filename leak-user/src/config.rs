@@ -161,16 +161,8 @@ pub fn parse_duration(what: &'static str, value: &str) -> Result<Duration, Confi
 
 impl Config {
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        let mode = match (args.kernel, args.pids.is_empty(), args.command.is_empty()) {
-            (true, _, _) => Mode::Kernel,
-            (false, false, false) => return Err(ConfigError::PidAndCommand),
-            (false, false, true) => Mode::Pids(args.pids.clone()),
-            (false, true, false) => Mode::Launch(args.command.clone()),
-            (false, true, true) => return Err(ConfigError::NoTarget),
-        };
-        if let Some(&pid) = args.pids.iter().find(|&&p| p == 0 || p > i32::MAX as u32) {
-            return Err(ConfigError::BadPid(pid));
-        }
+        let mode = mode_of(&args)?;
+        check_limits(&args)?;
         let interval = parse_duration("--interval", &args.interval)?;
         if interval.is_zero() {
             return Err(ConfigError::Zero { what: "--interval" });
@@ -181,65 +173,12 @@ impl Config {
             .as_deref()
             .map(|d| parse_duration("--duration", d))
             .transpose()?;
-        if args.min_scans == 0 {
-            return Err(ConfigError::Zero {
-                what: "--min-scans",
-            });
-        }
-        if args.ring_buffer == 0 || args.ring_buffer > 1024 || !args.ring_buffer.is_power_of_two() {
-            return Err(ConfigError::RingSize(args.ring_buffer));
-        }
-        if args.stack_map_entries == 0 {
-            return Err(ConfigError::Zero {
-                what: "--stack-map-entries",
-            });
-        }
-        if args.sample == 0 || args.sample > 65536 || !args.sample.is_power_of_two() {
-            return Err(ConfigError::Sample(args.sample));
-        }
-        let mut suppressions = if args.no_default_suppressions {
-            Suppressions::default()
-        } else {
-            Suppressions::builtin()
-        };
-        for file in &args.suppressions {
-            suppressions
-                .load_file(file)
-                .map_err(|e| ConfigError::Suppressions(e.to_string()))?;
-        }
-        let to_file = args.output.is_some();
-        let color = match args.color {
-            ColorArg::Always => true,
-            ColorArg::Never => false,
-            ColorArg::Auto => !to_file && !args.json && std::io::stdout().is_terminal(),
-        };
         Ok(Self {
-            kernel: KernelConfig {
-                pids: if mode == Mode::Kernel {
-                    args.pids.clone()
-                } else {
-                    Vec::new()
-                },
-                cgroup: args.cgroup,
-                caches: args.caches,
-                pages: args.pages,
-                free_probes: args.free_probes.into(),
-                sample_shift: args.sample.trailing_zeros(),
-                min_growth_window: parse_duration("--min-growth-window", &args.min_growth_window)?,
-                include_tracer: args.include_tracer,
-            },
+            kernel: kernel_of(&args, &mode)?,
+            output: output_of(&args),
+            suppressions: suppressions_of(&args)?,
             mode,
             follow_forks: args.follow_forks,
-            output: OutputConfig {
-                json: args.json,
-                path: args.output,
-                color,
-                top: args.top,
-                show_possible: args.show_possible,
-                pprof: args.pprof,
-                flamegraph: args.flamegraph,
-                status: !args.quiet && std::io::stderr().is_terminal(),
-            },
             interval,
             duration,
             verdict: VerdictParams {
@@ -255,12 +194,99 @@ impl Config {
                 ReadMethodArg::ProcessVmReadv => ReadMethod::ProcessVmReadv,
                 ReadMethodArg::ProcMem => ReadMethod::ProcMem,
             },
-            suppressions,
             stacks: !args.no_stacks,
             verbose: args.verbose,
             dump_objects: args.dump_objects,
         })
     }
+}
+
+/// What to trace: processes, a command, or the kernel.
+fn mode_of(args: &Args) -> Result<Mode, ConfigError> {
+    match (args.kernel, args.pids.is_empty(), args.command.is_empty()) {
+        (true, _, _) => Ok(Mode::Kernel),
+        (false, false, false) => Err(ConfigError::PidAndCommand),
+        (false, false, true) => Ok(Mode::Pids(args.pids.clone())),
+        (false, true, false) => Ok(Mode::Launch(args.command.clone())),
+        (false, true, true) => Err(ConfigError::NoTarget),
+    }
+}
+
+/// The numbers that must be in range.
+fn check_limits(args: &Args) -> Result<(), ConfigError> {
+    if let Some(&pid) = args.pids.iter().find(|&&p| p == 0 || p > i32::MAX as u32) {
+        return Err(ConfigError::BadPid(pid));
+    }
+    if args.min_scans == 0 {
+        return Err(ConfigError::Zero {
+            what: "--min-scans",
+        });
+    }
+    if args.ring_buffer == 0 || args.ring_buffer > 1024 || !args.ring_buffer.is_power_of_two() {
+        return Err(ConfigError::RingSize(args.ring_buffer));
+    }
+    if args.stack_map_entries == 0 {
+        return Err(ConfigError::Zero {
+            what: "--stack-map-entries",
+        });
+    }
+    if args.sample == 0 || args.sample > 65536 || !args.sample.is_power_of_two() {
+        return Err(ConfigError::Sample(args.sample));
+    }
+    Ok(())
+}
+
+/// The built-in suppressions (unless turned off) and the user's files.
+fn suppressions_of(args: &Args) -> Result<Suppressions, ConfigError> {
+    let mut suppressions = if args.no_default_suppressions {
+        Suppressions::default()
+    } else {
+        Suppressions::builtin()
+    };
+    for file in &args.suppressions {
+        suppressions
+            .load_file(file)
+            .map_err(|e| ConfigError::Suppressions(e.to_string()))?;
+    }
+    Ok(suppressions)
+}
+
+/// Where and how reports go; colour and the status line only on terminals.
+fn output_of(args: &Args) -> OutputConfig {
+    let to_file = args.output.is_some();
+    let color = match args.color {
+        ColorArg::Always => true,
+        ColorArg::Never => false,
+        ColorArg::Auto => !to_file && !args.json && std::io::stdout().is_terminal(),
+    };
+    OutputConfig {
+        json: args.json,
+        path: args.output.clone(),
+        color,
+        top: args.top,
+        show_possible: args.show_possible,
+        pprof: args.pprof.clone(),
+        flamegraph: args.flamegraph.clone(),
+        status: !args.quiet && std::io::stderr().is_terminal(),
+    }
+}
+
+/// Kernel-mode options (`--pid` filters allocations there).
+fn kernel_of(args: &Args, mode: &Mode) -> Result<KernelConfig, ConfigError> {
+    Ok(KernelConfig {
+        pids: if *mode == Mode::Kernel {
+            args.pids.clone()
+        } else {
+            Vec::new()
+        },
+        cgroup: args.cgroup.clone(),
+        caches: args.caches.clone(),
+        pages: args.pages,
+        free_probes: args.free_probes.into(),
+        sample_shift: args.sample.trailing_zeros(),
+        min_growth_window: parse_duration("--min-growth-window", &args.min_growth_window)?,
+        include_tracer: args.include_tracer,
+    })
 }
 
 #[cfg(test)]

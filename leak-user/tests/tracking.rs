@@ -203,7 +203,11 @@ fn cxx_operator_new_and_delete() {
         assert_eq!(record["kind"], "direct");
         // Seen through to malloc, and named by the wrapper that called it: a
         // block of operator new's is one (valgrind's heuristics need that).
-        let expected = if leak.size == 6 { "malloc" } else { "operator new" };
+        let expected = if leak.size == 6 {
+            "malloc"
+        } else {
+            "operator new"
+        };
         assert_eq!(
             record["allocator"], expected,
             "strdup's block is malloc's, the others operator new's: {record}"
