@@ -54,6 +54,11 @@ pub struct Args {
     #[arg(long, value_name = "SET", default_value = "all")]
     pub leak_check_heuristics: String,
 
+    /// Pid mode: do not walk the target's heap at attach time (its blocks allocated
+    /// before attaching, and their leaks, stay invisible).
+    #[arg(long)]
+    pub no_heap_walk: bool,
+
     /// Report unreferenced blocks even when their contents changed since the last scan.
     #[arg(long)]
     pub no_checksum: bool,

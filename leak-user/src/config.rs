@@ -97,6 +97,8 @@ pub struct Config {
     /// valgrind's leak-check heuristics (interior pointers that count as start
     /// pointers).
     pub heuristics: Heuristics,
+    /// Pid mode: walk the heap at attach time to find blocks allocated before.
+    pub heap_walk: bool,
     pub stop_the_world: bool,
     pub ring_bytes: u32,
     pub stack_entries: u32,
@@ -187,6 +189,7 @@ impl Config {
                 require_stable_contents: !args.no_checksum,
             },
             heuristics: Heuristics::parse(&args.leak_check_heuristics)?,
+            heap_walk: !args.no_heap_walk,
             stop_the_world: args.stop_the_world,
             ring_bytes: args.ring_buffer << 20,
             stack_entries: args.stack_map_entries,

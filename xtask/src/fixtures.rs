@@ -21,6 +21,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("kobjects", "kobjects.c", &[]),
     ("forks", "forks.c", &[]),
     ("lifetimes", "lifetimes.c", &[]),
+    ("before-attach", "before_attach.c", &[]),
     (
         "heuristics",
         "heuristics.cc",

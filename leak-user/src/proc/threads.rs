@@ -9,7 +9,9 @@
 //! leaks "reachable". Such a stack is known by its shape — an anonymous mapping
 //! right above a guard page, with glibc's thread control block (whose `tcb` and
 //! `self` fields point at itself) at its top — and by no live thread running on
-//! it. That is only certain when every thread's stack pointer is known.
+//! it. That is only certain when every thread's stack pointer is known. The
+//! control block itself stays a root: glibc keeps it, and what it points to (the
+//! thread's TLS vector), for the next thread that gets the stack.
 
 use std::{io, ops::Range};
 
@@ -57,8 +59,9 @@ pub fn blocked_stack_pointers(pid: u32) -> (Vec<u64>, bool) {
 /// Bytes at the top of a thread stack searched for glibc's thread control block.
 const TCB_SEARCH: u64 = 8 << 10;
 
-/// The cached stacks of exited threads: thread stacks (see the module header) on
-/// which none of `stack_pointers` — every live thread's — lies.
+/// The cached stacks of exited threads — thread stacks (see the module header) on
+/// which none of `stack_pointers`, every live thread's, lies — up to their
+/// thread control blocks.
 pub fn idle_thread_stacks(
     maps: &[Mapping],
     stack_pointers: &[u64],
@@ -75,25 +78,29 @@ pub fn idle_thread_stacks(
             && !m.shared
             && m.backing == Backing::Anonymous
             && m.len() > TCB_SEARCH;
-        if shaped && !stack_pointers.iter().any(|&sp| m.contains(sp)) && has_tcb(m, memory) {
-            idle.push(m.start..m.end);
+        if shaped
+            && !stack_pointers.iter().any(|&sp| m.contains(sp))
+            && let Some(tcb) = find_tcb(m, memory)
+        {
+            idle.push(m.start..tcb);
         }
     }
     idle
 }
 
-/// Whether glibc's thread control block is near the top of `m`: an address whose
-/// first word (`tcb`) and third word (`self`) hold the address itself.
-fn has_tcb(m: &Mapping, memory: &dyn MemorySource) -> bool {
+/// glibc's thread control block near the top of `m`: an address whose first word
+/// (`tcb`) and third word (`self`) hold the address itself.
+fn find_tcb(m: &Mapping, memory: &dyn MemorySource) -> Option<u64> {
     let from = m.end - TCB_SEARCH;
     let mut buf = vec![0u8; TCB_SEARCH as usize];
     if memory.read(from, &mut buf) != buf.len() {
-        return false;
+        return None;
     }
     let word = |i: usize| u64::from_ne_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
     (0..buf.len() - 24)
         .step_by(8)
-        .any(|i| word(i) == from + i as u64 && word(i + 16) == from + i as u64)
+        .find(|&i| word(i) == from + i as u64 && word(i + 16) == from + i as u64)
+        .map(|i| from + i as u64)
 }
 
 #[cfg(test)]
@@ -156,7 +163,7 @@ mod tests {
         }
         // A live thread runs on `a`.
         let idle = idle_thread_stacks(&maps, &[a + 0x800], &memory);
-        assert_eq!(idle, vec![b..b + LEN]);
+        assert_eq!(idle, vec![b..b + LEN - 0x900]);
         // Without a control block, `b` is some other guarded mapping (a coroutine's).
         let mut plain = FakeMemory::new();
         plain.map(b, LEN as usize);

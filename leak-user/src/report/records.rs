@@ -31,6 +31,8 @@ pub enum Record<'a> {
     Start(StartRecord<'a>),
     /// Probes were attached.
     Hooks(HooksRecord),
+    /// The heap walk of a process attached to (blocks allocated before).
+    HeapWalk(HeapWalkRecord),
     /// A confirmed leak (direct or indirect).
     Leak(&'a Leak),
     /// A block reachable only through interior pointers (`--show-possible`).
@@ -62,9 +64,10 @@ pub enum Record<'a> {
 
 impl Record<'_> {
     /// Every record type, as written in `"type"`.
-    pub const TYPES: [&'static str; 15] = [
+    pub const TYPES: [&'static str; 16] = [
         "start",
         "hooks",
+        "heap_walk",
         "leak",
         "possible_leak",
         "possible_leak_group",
@@ -151,6 +154,8 @@ pub struct RunOptions {
     pub follow_forks: bool,
     /// valgrind's leak-check heuristics in force.
     pub heuristics: String,
+    /// Pid mode: the heap is walked at attach time (`--no-heap-walk` turns it off).
+    pub heap_walk: bool,
 }
 
 /// The options of a kernel-mode run.
@@ -194,6 +199,23 @@ pub struct HookedFunction {
     pub site: String,
     pub emulated: bool,
     pub return_probe: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HeapWalkRecord {
+    pub pid: u32,
+    /// Live blocks found and adopted as allocated before attaching.
+    pub blocks: u64,
+    pub bytes: u64,
+    pub arenas: usize,
+    /// Chunks seen free in a tcache or a fastbin (not blocks).
+    pub cached_free: usize,
+    pub duration_ms: f64,
+    /// The table lock held to adopt the blocks.
+    pub lock_us: u64,
+    /// Why the heap was not walked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Serialize)]

@@ -102,6 +102,10 @@ pub struct ProcessTable {
     /// The process allocated before we attached (pid mode), so untracked heap memory
     /// may hold blocks we never saw.
     pub attached_late: bool,
+    /// Between the start of a heap walk and the adoption of its blocks: frees of
+    /// addresses the table does not hold (so that a block freed after the walk
+    /// read it is not adopted).
+    pub freed_during_walk: Option<rustc_hash::FxHashSet<u64>>,
 }
 
 impl ProcessTable {
@@ -347,6 +351,13 @@ impl Table {
                 self.counters.frees += 1;
                 if self.release(tgid, addr).is_none() {
                     self.counters.untracked_frees += 1;
+                    if let Some(set) = self
+                        .processes
+                        .get_mut(&tgid)
+                        .and_then(|p| p.freed_during_walk.as_mut())
+                    {
+                        set.insert(addr);
+                    }
                 }
             }
             Event::ReallocDetach { tgid, tid, old } => {
@@ -385,6 +396,7 @@ impl Table {
                         freed: p.freed.clone(),
                         brk: p.brk,
                         attached_late: p.attached_late,
+                        freed_during_walk: None,
                     })
                     .unwrap_or_default();
                 self.processes.insert(child, copy);
@@ -409,6 +421,7 @@ impl Table {
             stack_id: a.stack_id,
             caller: a.caller,
             func: a.func,
+            before_attach: false,
         });
         let size = if a.func == AllocFn::Pvalloc {
             a.size.max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE
@@ -545,6 +558,51 @@ impl Table {
                 self.remove(pid, addr, RetractionReason::Freed);
             }
         }
+    }
+
+    /// A heap walk of `pid` starts: frees of untracked addresses are remembered
+    /// until [`Self::adopt`].
+    pub fn begin_walk(&mut self, pid: u32) {
+        if let Some(p) = self.processes.get_mut(&pid) {
+            p.freed_during_walk = Some(Default::default());
+        }
+    }
+
+    /// Adds the live blocks a heap walk found as objects allocated before we
+    /// attached — except where the table already holds an object (allocated since),
+    /// where memory was freed since attaching, and blocks freed since the walk
+    /// began. Every event up to now must have been applied. Returns the blocks and
+    /// bytes adopted.
+    pub fn adopt(&mut self, pid: u32, blocks: &[(u64, u64)]) -> (u64, u64) {
+        let Some(p) = self.processes.get_mut(&pid) else {
+            return (0, 0);
+        };
+        let freed_during_walk = p.freed_during_walk.take().unwrap_or_default();
+        let site = self.sites.intern(AllocSite::BEFORE_ATTACH);
+        let (mut n, mut bytes) = (0, 0);
+        for &(addr, size) in blocks {
+            let p = self.processes.get(&pid).expect("checked above");
+            let end = addr.saturating_add(size.max(1));
+            let taken = p
+                .objects
+                .range(..end)
+                .next_back()
+                .is_some_and(|(&a, o)| a.saturating_add(o.span()) > addr);
+            if taken
+                || freed_during_walk.contains(&addr)
+                || p.freed.overlapping(addr..end).next().is_some()
+            {
+                continue;
+            }
+            self.next_serial = self.next_serial.wrapping_add(1);
+            let object = Object::new(size, 0, site, 0, self.next_serial);
+            let p = self.processes.get_mut(&pid).expect("checked above");
+            p.objects.insert(addr, object);
+            p.live_bytes += size;
+            n += 1;
+            bytes += size;
+        }
+        (n, bytes)
     }
 
     /// The object at `addr` if it is still the one with `serial`.

@@ -388,6 +388,7 @@ mod tests {
             stack_id: 0,
             caller: 0x40,
             func: leak_common::AllocFn::Malloc,
+            before_attach: false,
         })
     }
 

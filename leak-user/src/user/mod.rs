@@ -21,6 +21,7 @@ use tokio::{
     time::{MissedTickBehavior, interval, sleep_until},
 };
 
+mod heap_walk;
 pub mod reporter;
 
 use self::reporter::Reporter;
@@ -245,6 +246,17 @@ impl UserSession {
                 self.reporter.start(RunMode::Pid, &infos, &self.config);
                 for &pid in pids {
                     self.attach_pid(pid)?;
+                    if self.config.heap_walk {
+                        let record = heap_walk::walk(
+                            &self.config,
+                            &self.table,
+                            &self.ingest,
+                            &self.ptrace,
+                            pid,
+                        )
+                        .await;
+                        self.reporter.heap_walk(&record);
+                    }
                 }
             }
             Mode::Launch(argv) => {

@@ -21,7 +21,7 @@ use crate::{
         self, Leak, Totals, allocator_name,
         json::Output,
         records::{
-            EndReason, EndRecord, HookedFunction, HookedObject, HooksRecord,
+            EndReason, EndRecord, HeapWalkRecord, HookedFunction, HookedObject, HooksRecord,
             PossibleLeakGroupRecord, ProcessEvent, ProcessRecord, Record, RetractionRecord,
             RunMode, RunOptions, ScanRecord, StartRecord, Stats, SuppressedRule, Target,
         },
@@ -121,6 +121,7 @@ impl Reporter {
                 stop_the_world: config.stop_the_world,
                 follow_forks: config.follow_forks,
                 heuristics: config.heuristics.to_string(),
+                heap_walk: config.heap_walk,
             }),
             ..StartRecord::new(mode, targets)
         }));
@@ -141,6 +142,28 @@ impl Reporter {
         }
     }
 
+    /// The heap of `pid` was walked at attach time.
+    pub fn heap_walk(&mut self, record: &HeapWalkRecord) {
+        self.sink.json(&Record::HeapWalk(record.clone()));
+        let line = match &record.error {
+            Some(why) => format!("leaktrace: pid {}: heap not walked: {why}", record.pid),
+            None => format!(
+                "leaktrace: pid {}: heap walk: {} blocks ({}) allocated before attaching, in {} arenas, {:.1} ms (lock {} µs)",
+                record.pid,
+                record.blocks,
+                text::bytes(record.bytes),
+                record.arenas,
+                record.duration_ms,
+                record.lock_us
+            ),
+        };
+        if self.out.json {
+            log::info!("{}", line.trim_start_matches("leaktrace: "));
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
     pub fn remember_maps(&mut self, pid: u32, maps: &[Mapping]) {
         self.symbolizer.remember(pid, maps);
     }
@@ -149,6 +172,9 @@ impl Reporter {
     fn stack_of(&mut self, pid: u32, site: AllocSite) -> Arc<Vec<Frame>> {
         if let Some(s) = self.stacks.get(&(pid, site)) {
             return s.clone();
+        }
+        if site.before_attach {
+            return Arc::new(Vec::new()); // allocated before we attached: no stack
         }
         let frames = self.readers.stack(site.stack_id, false).unwrap_or_default();
         // frames[0] is the allocator's own entry; the caller may be missing from a
@@ -179,6 +205,7 @@ impl Reporter {
             tid: f.object.tid(),
             allocator: allocator_name(site.func),
             root: f.root,
+            before_attach: site.before_attach,
             stack: self.stack_of(f.pid, site),
         }
     }
