@@ -6,5 +6,6 @@ mod kernel;
 mod reports;
 mod scanning;
 mod schema;
+mod survival;
 mod tracking;
 mod util;

@@ -20,6 +20,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("malloc-loop", "malloc_loop.c", &[]),
     ("kobjects", "kobjects.c", &[]),
     ("forks", "forks.c", &[]),
+    ("reaper", "reaper.c", &[]),
 ];
 
 pub fn dir() -> PathBuf {

@@ -14,6 +14,13 @@ pub fn path_in_root(pid: u32, path: &std::path::Path) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/root")).join(relative)
 }
 
+/// `/proc/PID/map_files/START-END`: the file behind a mapping, which opens (as
+/// root) even when the file was deleted or replaced on disk since it was mapped,
+/// and also across mount namespaces.
+pub fn map_file(pid: u32, m: &maps::Mapping) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+}
+
 /// Does the process exist (and is it not a zombie we can no longer read)?
 pub fn is_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
