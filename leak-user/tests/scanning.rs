@@ -7,12 +7,12 @@ use std::process::Command;
 
 use crate::util::{self, Fixture, Run, Tracer, launch, serial};
 
-const FAST: &[&str] = &["--interval", "200ms", "--min-age", "200ms"];
+pub(crate) const FAST: &[&str] = &["--interval", "200ms", "--min-age", "200ms"];
 
 /// Every true leak found with its kind, every possible leak found as possible,
 /// nothing kept reported. Objects the fixture did not make (the C runtime's) may
 /// only show up as possible leaks.
-fn assert_matches_truth(run: &Run) {
+pub(crate) fn assert_matches_truth(run: &Run) {
     let leaks = run.leaks();
     assert!(
         !run.truth.is_empty(),

@@ -311,7 +311,7 @@ impl UserSession {
     fn hook_new_image(&mut self, pid: u32) -> anyhow::Result<()> {
         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
             .with_context(|| format!("cannot read /proc/{pid}/exe"))?;
-        let plan = discover::for_command(&proc::path_in_root(pid, &exe), &env_of(pid));
+        let plan = discover::for_command(&proc::executable(pid, &exe), &env_of(pid));
         if plan.is_empty() {
             log::warn!(
                 "{}: no object defines malloc and free (a stripped static binary?); nothing is traced",
