@@ -53,6 +53,12 @@ pub mod names {
     pub const KERNEL_FILTER_PIDS: &str = "KERNEL_FILTER_PIDS";
 }
 
+/// The signal the entry-point probe sends to hold a launched command at its entry
+/// point: SIGURG, whose default action is to ignore it. A traced thread stops for it
+/// (even ignored signals stop a tracee) and the tracer suppresses it; if the tracer
+/// dies first, it is delivered and ignored, so the command runs on unharmed.
+pub const ENTRY_HOLD_SIGNAL: u32 = 23;
+
 /// How many frames a captured stack holds (deeper stacks are truncated).
 pub const STACK_DEPTH: usize = 64;
 

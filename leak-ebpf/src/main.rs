@@ -8,6 +8,7 @@
 //! * `probes::alloc`   — entry of every allocating function (malloc … operator new)
 //! * `probes::ret`     — their returns, where the new block's address is known
 //! * `probes::free`    — free / operator delete
+//! * `probes::entry`   — holds a launched command at its entry point (a signal, not a breakpoint)
 //! * `probes::process` — fork, exec, exit of traced processes
 //! * `probes::mapping` — mmap/mremap/munmap/brk, to know which memory the allocator owns
 //! * `probes::kmem`    — kernel slab mode (kmalloc, kmem_cache_alloc and their frees)

@@ -2,8 +2,9 @@
 //!
 //! Frames are symbolized by (module file, file offset), from the module ranges we
 //! remember each time we read a target's maps. So a process that has exited by
-//! report time is still symbolized, and so is one in another mount namespace: its
-//! modules are opened through `/proc/PID/root` while it lives, and read through the
+//! report time is still symbolized, and so is one in another mount namespace or one
+//! whose files were deleted or replaced on disk since it mapped them: its modules
+//! are opened through `/proc/PID/map_files/` while it lives, and read through the
 //! open descriptor later. Each address is symbolized once and cached. Kernel frames
 //! go through kallsyms.
 
@@ -78,6 +79,48 @@ struct Module {
     _file: Option<File>,
 }
 
+impl Module {
+    /// Opens the very file `pid` maps, and keeps it open: the path may be deleted
+    /// or replaced on disk (a package upgrade) or live in another mount namespace,
+    /// and the process may be gone by report time. Blazesym reads it through
+    /// `/proc/self/fd/N`. Out of descriptors, a local path is the fallback.
+    fn open(pid: u32, m: &Mapping, display: String, local: bool) -> Option<Self> {
+        let opened = proc::mapped_file(pid, m).and_then(|p| File::open(p).ok());
+        let (open_path, file) = match opened {
+            Some(f) => (
+                PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())),
+                Some(f),
+            ),
+            None if local => (m.file()?.to_owned(), None),
+            None => return None,
+        };
+        Some(Self {
+            display,
+            open_path,
+            _file: file,
+        })
+    }
+}
+
+/// Which file a module is: by device and inode (two processes may map different
+/// files under one path, before and after an upgrade), or by path for the rare
+/// mapping without an inode.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum ModuleKey {
+    Inode(u64, u64),
+    Path(u32, String),
+}
+
+impl ModuleKey {
+    fn of(pid: u32, m: &Mapping, display: &str) -> Self {
+        if m.inode != 0 {
+            Self::Inode(m.dev, m.inode)
+        } else {
+            Self::Path(pid, display.to_owned())
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct ModuleRange {
     start: u64,
@@ -90,7 +133,7 @@ struct ModuleRange {
 pub struct Symbolizer {
     blaze: Blaze,
     modules: Vec<Module>,
-    module_index: HashMap<(u32, String), usize>,
+    module_index: HashMap<ModuleKey, usize>,
     ranges: HashMap<u32, Vec<ModuleRange>>,
     user_cache: HashMap<(u32, u64), Vec<Frame>>,
     kernel_cache: HashMap<u64, Vec<Frame>>,
@@ -121,31 +164,20 @@ impl Symbolizer {
 
     /// Remembers where `pid`'s modules are mapped (call while it is alive).
     pub fn remember(&mut self, pid: u32, maps: &[Mapping]) {
-        let local = same_mount_namespace(pid);
+        let mut local = None;
         let mut ranges = Vec::new();
         for m in maps.iter().filter(|m| m.exec) {
             let Some(path) = m.file() else { continue };
             let display = path.display().to_string();
-            let key = (if local { 0 } else { pid }, display.clone());
+            let key = ModuleKey::of(pid, m, &display);
             let module = match self.module_index.get(&key) {
                 Some(&i) => i,
                 None => {
-                    let (open_path, file) = if local {
-                        (path.to_owned(), None)
-                    } else {
-                        match File::open(proc::path_in_root(pid, path)) {
-                            Ok(f) => (
-                                PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())),
-                                Some(f),
-                            ),
-                            Err(_) => continue,
-                        }
+                    let local = *local.get_or_insert_with(|| same_mount_namespace(pid));
+                    let Some(module) = Module::open(pid, m, display, local) else {
+                        continue;
                     };
-                    self.modules.push(Module {
-                        display,
-                        open_path,
-                        _file: file,
-                    });
+                    self.modules.push(module);
                     self.module_index.insert(key, self.modules.len() - 1);
                     self.modules.len() - 1
                 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use crate::util::{self, Fixture, Run, Tracer, launch, serial};
 
 /// Short intervals, and possible leaks one by one (the truth lists them).
-const FAST: &[&str] = &[
+pub(crate) const FAST: &[&str] = &[
     "--interval",
     "200ms",
     "--min-age",
@@ -19,7 +19,7 @@ const FAST: &[&str] = &[
 /// Every true leak found with its kind, every possible leak found as possible,
 /// nothing kept reported. Objects the fixture did not make (the C runtime's) may
 /// only show up as possible leaks.
-fn assert_matches_truth(run: &Run) {
+pub(crate) fn assert_matches_truth(run: &Run) {
     let leaks = run.leaks();
     assert!(
         !run.truth.is_empty(),

@@ -3,9 +3,11 @@
 
 mod before_attach;
 mod cli;
+mod deleted;
 mod kernel;
 mod reports;
 mod scanning;
 mod schema;
+mod survival;
 mod tracking;
 mod util;

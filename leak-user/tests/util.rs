@@ -26,8 +26,12 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The binary under test; `LEAKTRACE_BIN` runs the tests against another build
+/// (e.g. an older one, to see a new test fail before its fix).
 pub fn leaktrace() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_leaktrace"))
+    std::env::var_os("LEAKTRACE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_leaktrace")))
 }
 
 pub fn require_root() {

@@ -27,6 +27,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
         "heuristics.cc",
         &["-D_GLIBCXX_USE_CXX11_ABI=0"],
     ),
+    ("reaper", "reaper.c", &[]),
 ];
 
 pub fn dir() -> PathBuf {

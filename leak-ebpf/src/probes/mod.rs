@@ -3,6 +3,7 @@
 //! process is not traced.
 
 pub mod alloc;
+pub mod entry;
 pub mod free;
 pub mod kmem;
 pub mod mapping;

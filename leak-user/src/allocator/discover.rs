@@ -238,11 +238,16 @@ pub fn for_process(pid: u32, maps: &[Mapping]) -> HookPlan {
     let mut plan = HookPlan::default();
     for m in maps.iter().filter(|m| m.exec) {
         let Some(path) = m.file() else { continue };
-        if seen.contains(&path) {
+        if seen.contains(&(m.dev, m.inode)) {
             continue;
         }
-        seen.push(path);
-        let attach = proc::path_in_root(pid, path);
+        seen.push((m.dev, m.inode));
+        // Through map_files: a library deleted or replaced by an upgrade since the
+        // process mapped it is still the file its code comes from (and uprobes
+        // attach to that inode).
+        let Some(attach) = proc::mapped_file(pid, m) else {
+            continue;
+        };
         let Ok(elf) = ElfFile::open(&attach, is_wanted) else {
             continue;
         };

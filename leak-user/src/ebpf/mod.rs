@@ -5,6 +5,7 @@
 //! probe and tracepoint (and if the tracer dies, the kernel closes the perf events
 //! and removes the probes for us).
 
+mod entry;
 pub mod tracefs;
 
 use std::{io, num::NonZeroU32, os::fd::AsRawFd as _, path::PathBuf};

@@ -3,37 +3,35 @@
 //!
 //! Call sites inside allocation wrappers (operator new, strdup) can only be resolved
 //! once the libraries holding them are mapped, and a short program allocates within
-//! a millisecond of starting. So at the exec stop a one-byte breakpoint (int3) goes
-//! on the entry point (`AT_ENTRY`); when the command stops there the byte goes back
-//! and the instruction pointer is rewound before it runs on. If the tracer lets go
-//! of the command before it got there, the byte goes back too.
+//! a millisecond of starting. So at the exec stop the session puts a uprobe, for this
+//! process only, on the entry point (`AT_ENTRY`); its eBPF program sends the thread
+//! [`ENTRY_HOLD_SIGNAL`], which stops a traced thread (a signal-delivery stop) before
+//! the program proper runs. The worker recognises that stop, holds the command until
+//! the hints are in, and suppresses the signal.
+//!
+//! Nothing here can harm the command if the tracer dies at any moment: its code is
+//! never written (the uprobe is the kernel's, and goes with the tracer's perf
+//! event), and the signal's default action is to ignore it, so a command left in
+//! that stop runs on. (An int3 written into the code, as this module did before,
+//! killed the command with SIGTRAP when the tracer died before taking it out.)
 
-use std::{
-    fs::{File, OpenOptions},
-    io,
-    os::unix::fs::FileExt as _,
-};
+use std::{io, path::PathBuf};
+
+pub use leak_common::ENTRY_HOLD_SIGNAL;
 
 use super::sys::{self, pid_t};
 
 /// `AT_ENTRY` in the auxiliary vector: the program's entry point.
 const AT_ENTRY: u64 = 9;
-const INT3: u8 = 0xcc;
 
-/// A breakpoint at a stopped command's entry point.
-#[derive(Debug)]
-pub struct EntryBreak {
+/// Where a stopped command's entry point is, as a uprobe needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryPoint {
     pub addr: u64,
-    /// The instruction byte the breakpoint replaced.
-    byte: u8,
-}
-
-fn memory(pid: pid_t) -> io::Result<File> {
-    // A tracer may write even read-only text through /proc/PID/mem.
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(format!("/proc/{pid}/mem"))
+    /// The mapped file, through `/proc/PID/map_files/` (which still opens when the
+    /// file was deleted or replaced on disk).
+    pub file: PathBuf,
+    pub file_offset: u64,
 }
 
 /// The entry point of the image `pid` runs, from its auxiliary vector.
@@ -50,44 +48,29 @@ fn auxv_entry(auxv: &[u8]) -> Option<u64> {
     })
 }
 
-impl EntryBreak {
-    /// Puts the breakpoint on `pid`'s entry point (`pid` must be stopped).
-    pub fn arm(pid: pid_t) -> io::Result<Self> {
-        let addr = entry_point(pid)?;
-        // Only ever patch code: a 32-bit image's auxiliary vector reads differently.
-        let maps = crate::proc::maps::read(pid as u32)?;
-        if !maps.iter().any(|m| m.exec && m.contains(addr)) {
-            return Err(io::Error::other(format!(
-                "entry point {addr:#x} is not in executable memory"
-            )));
-        }
-        let mem = memory(pid)?;
-        let mut byte = [0u8];
-        mem.read_exact_at(&mut byte, addr)?;
-        mem.write_all_at(&[INT3], addr)?;
-        Ok(Self {
-            addr,
-            byte: byte[0],
-        })
-    }
+/// Finds `pid`'s entry point in the file that maps it (`pid` must be stopped).
+pub fn locate(pid: u32) -> io::Result<EntryPoint> {
+    let addr = entry_point(pid as pid_t)?;
+    // Only ever probe code: a 32-bit image's auxiliary vector reads differently.
+    let maps = crate::proc::maps::read(pid)?;
+    let m = maps
+        .iter()
+        .find(|m| m.exec && m.contains(addr) && m.file().is_some())
+        .ok_or_else(|| {
+            io::Error::other(format!(
+                "entry point {addr:#x} is not in a file's executable mapping"
+            ))
+        })?;
+    Ok(EntryPoint {
+        addr,
+        file: crate::proc::map_file(pid, m),
+        file_offset: addr - m.start + m.offset,
+    })
+}
 
-    /// Puts the original byte back (`pid` must be stopped).
-    pub fn disarm(&self, pid: pid_t) -> io::Result<()> {
-        memory(pid)?.write_all_at(&[self.byte], self.addr)
-    }
-
-    /// For `pid` stopped by a SIGTRAP: whether this breakpoint stopped it. If so,
-    /// the breakpoint is undone and `pid` will run the entry's real instruction.
-    pub fn hit(&self, pid: pid_t) -> io::Result<bool> {
-        let mut regs = sys::get_regs(pid)?;
-        if regs.rip != self.addr + 1 {
-            return Ok(false);
-        }
-        self.disarm(pid)?;
-        regs.rip = self.addr;
-        sys::set_regs(pid, &regs)?;
-        Ok(true)
-    }
+/// For `pid` in a signal-delivery stop of `signal`: is it the entry hold's?
+pub fn is_hold(pid: pid_t, signal: i32) -> bool {
+    signal == ENTRY_HOLD_SIGNAL as i32 && sys::signal_code(pid).is_ok_and(|c| c == libc::SI_KERNEL)
 }
 
 #[cfg(test)]
@@ -103,5 +86,11 @@ mod tests {
         }
         assert_eq!(auxv_entry(&auxv), Some(0x5555_0000_1040));
         assert_eq!(auxv_entry(&auxv[..16]), None);
+    }
+
+    #[test]
+    fn the_hold_signal_is_ignored_by_default() {
+        // The whole point: if the tracer dies, the pending signal must not kill.
+        assert_eq!(ENTRY_HOLD_SIGNAL as i32, libc::SIGURG);
     }
 }

@@ -24,15 +24,15 @@ use std::{
 
 use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
+pub use self::{
+    entry::{EntryPoint, locate as locate_entry},
+    freeze::{FreezeError, Frozen},
+    launch::{LaunchError, LaunchSpec},
+};
 use self::{
-    entry::EntryBreak,
     freeze::{Ours, StopKind},
     launch::GatedChild,
     sys::{Wait, pid_t},
-};
-pub use self::{
-    freeze::{FreezeError, Frozen},
-    launch::{LaunchError, LaunchSpec},
 };
 
 /// What happened to the launched command (or a process it forked, when followed).
@@ -60,6 +60,8 @@ enum Request {
     },
     Resume {
         pid: u32,
+        /// An entry hold was armed for it (at an exec stop): expect that stop.
+        to_entry: bool,
     },
     Freeze {
         pid: u32,
@@ -108,7 +110,19 @@ impl PtraceHandle {
 
     /// Lets `pid` continue after an exec, entry or exit stop.
     pub fn resume(&self, pid: u32) {
-        let _ = self.tx.send(Request::Resume { pid });
+        let _ = self.tx.send(Request::Resume {
+            pid,
+            to_entry: false,
+        });
+    }
+
+    /// Lets `pid` continue from its exec stop to its entry point, where the entry
+    /// hold the session attached stops it again ([`ChildEvent::Entry`]).
+    pub fn resume_to_entry(&self, pid: u32) {
+        let _ = self.tx.send(Request::Resume {
+            pid,
+            to_entry: true,
+        });
     }
 
     /// Stops every thread of `pid` (blocking; call from a blocking thread).
@@ -143,21 +157,10 @@ enum Held {
 #[derive(Default)]
 struct Child {
     held: Option<Held>,
-    /// Set at each exec stop, until the process gets to its entry point.
-    entry: Option<EntryBreak>,
+    /// Between an exec stop with an entry hold and the hold's stop.
+    to_entry: bool,
     /// Auto-attached at a fork and not yet past its first stop.
     fresh: bool,
-}
-
-impl Child {
-    /// At an exec stop: break at the new image's entry point.
-    fn arm_entry(&mut self, pid: u32) {
-        self.entry = EntryBreak::arm(pid as pid_t)
-            .inspect_err(|err| {
-                log::warn!("pid {pid}: cannot stop at the entry point ({err}); wrappers' callers may be missed at start")
-            })
-            .ok();
-    }
 }
 
 struct Worker {
@@ -202,18 +205,19 @@ impl Worker {
             Request::Start { reply } => {
                 let _ = reply.send(self.start());
             }
-            Request::Resume { pid } => {
+            Request::Resume { pid, to_entry } => {
                 if let Some(child) = self.children.get_mut(&pid)
                     && child.held.take().is_some()
                 {
+                    child.to_entry = to_entry;
                     let _ = sys::cont(pid as pid_t, 0);
                 }
             }
             Request::Freeze { pid, reply } => {
                 self.poll_children();
                 let child = self.children.get(&pid);
-                if child.is_some_and(|c| c.entry.is_some() && c.held.is_none()) {
-                    // Stopping it now could swallow the entry breakpoint's trap.
+                if child.is_some_and(|c| c.to_entry && c.held.is_none()) {
+                    // Stopping it now could swallow the entry hold's stop.
                     let _ = reply.send(Err(FreezeError::Starting(pid)));
                     return;
                 }
@@ -253,7 +257,6 @@ impl Worker {
                 }) => {
                     let child = self.children.entry(pid).or_default();
                     child.held = Some(Held::Exec);
-                    child.arm_entry(pid);
                     return Ok(());
                 }
                 Ok(Wait::Stopped { signal, event: 0 }) => {
@@ -303,7 +306,7 @@ impl Worker {
                 Ok(Wait::Nothing) => return,
                 Ok(Wait::Stopped { signal, event }) => match event {
                     sys::EVENT_EXEC => {
-                        child.arm_entry(pid);
+                        child.to_entry = false;
                         return hold(child, Held::Exec, ChildEvent::Exec { pid });
                     }
                     sys::EVENT_EXIT => {
@@ -328,13 +331,9 @@ impl Worker {
                         // Group-stop (Ctrl-Z): stay stopped, but let SIGCONT through.
                         let _ = sys::listen(pid as pid_t);
                     }
-                    0 if signal == libc::SIGTRAP
-                        && child
-                            .entry
-                            .as_ref()
-                            .is_some_and(|b| b.hit(pid as pid_t).unwrap_or(false)) =>
-                    {
-                        child.entry = None;
+                    0 if child.to_entry && entry::is_hold(pid as pid_t, signal) => {
+                        // Held; the signal is suppressed when it is resumed.
+                        child.to_entry = false;
                         return hold(child, Held::Entry, ChildEvent::Entry { pid });
                     }
                     0 => {
@@ -367,18 +366,11 @@ impl Worker {
     }
 }
 
-/// Detaches from one traced process, undoing its entry breakpoint.
+/// Detaches from one traced process, suppressing the entry hold's signal.
 fn detach(pid: pid_t, child: &Child) {
     let release = |pending: i32| {
-        let mut pending = pending;
-        if let Some(b) = &child.entry {
-            if pending == libc::SIGTRAP && b.hit(pid).unwrap_or(false) {
-                pending = 0; // our trap, undone
-            } else {
-                let _ = b.disarm(pid);
-            }
-        }
-        let _ = sys::detach(pid, pending);
+        let ours = child.to_entry && entry::is_hold(pid, pending);
+        let _ = sys::detach(pid, if ours { 0 } else { pending });
     };
     if child.held.is_some() {
         return release(0);

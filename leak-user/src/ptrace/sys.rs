@@ -21,7 +21,7 @@ fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
 
 fn request(req: libc::c_uint, tid: pid_t, addr: usize, data: usize) -> io::Result<libc::c_long> {
     // SAFETY: every request used here takes integers (or a pointer we own, for
-    // GETREGS) as addr/data.
+    // GETREGS and GETSIGINFO) as addr/data.
     check(unsafe {
         libc::ptrace(
             req,
@@ -59,21 +59,19 @@ pub fn event_message(tid: pid_t) -> io::Result<u64> {
     Ok(message as u64)
 }
 
+/// The `si_code` of the signal a thread is stopped for (a signal-delivery stop).
+pub fn signal_code(tid: pid_t) -> io::Result<i32> {
+    // SAFETY: siginfo_t is plain data; zero is a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    request(libc::PTRACE_GETSIGINFO, tid, 0, &raw mut info as usize)?;
+    Ok(info.si_code)
+}
+
 pub fn get_regs(tid: pid_t) -> io::Result<libc::user_regs_struct> {
     // SAFETY: user_regs_struct is plain integers; zero is a valid value.
     let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
     request(libc::PTRACE_GETREGS, tid, 0, &raw mut regs as usize)?;
     Ok(regs)
-}
-
-pub fn set_regs(tid: pid_t, regs: &libc::user_regs_struct) -> io::Result<()> {
-    request(
-        libc::PTRACE_SETREGS,
-        tid,
-        0,
-        std::ptr::from_ref(regs) as usize,
-    )
-    .map(drop)
 }
 
 /// What `waitpid` said about a thread.

@@ -137,6 +137,12 @@ fn check_targets(mode: &Mode) -> anyhow::Result<()> {
 /// Runs user mode until the targets are gone, a signal, or --duration.
 pub async fn run(config: Config) -> anyhow::Result<i32> {
     check_targets(&config.mode)?;
+    // Catch interrupts before anything is launched or attached, so that an early
+    // Ctrl-C still ends the run through `finish` (and an `end` record).
+    let signals = Signals {
+        interrupt: signal(SignalKind::interrupt())?,
+        terminate: signal(SignalKind::terminate())?,
+    };
     let epoch = clock::now_ns();
     let mut probes = Probes::load(&LoadOptions {
         ring_bytes: config.ring_bytes,
@@ -185,7 +191,13 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         }
         return Err(err);
     }
-    session.main_loop(child_rx).await
+    session.main_loop(child_rx, signals).await
+}
+
+/// SIGINT and SIGTERM, caught from the start of the run.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
 }
 
 impl UserSession {
@@ -264,7 +276,7 @@ impl UserSession {
                 let infos = [session::target(pid)];
                 self.reporter.start(RunMode::Launch, &infos, &self.config);
                 self.hook_new_image(pid)?;
-                self.ptrace.resume(pid);
+                self.resume_exec(pid);
             }
             Mode::Kernel => unreachable!("kernel mode has its own session"),
         }
@@ -311,7 +323,7 @@ impl UserSession {
     fn hook_new_image(&mut self, pid: u32) -> anyhow::Result<()> {
         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
             .with_context(|| format!("cannot read /proc/{pid}/exe"))?;
-        let plan = discover::for_command(&proc::path_in_root(pid, &exe), &env_of(pid));
+        let plan = discover::for_command(&proc::executable(pid, &exe), &env_of(pid));
         if plan.is_empty() {
             log::warn!(
                 "{}: no object defines malloc and free (a stripped static binary?); nothing is traced",
@@ -321,9 +333,35 @@ impl UserSession {
         self.attach(pid, plan)
     }
 
+    /// Lets `pid` run on from its exec stop, held again at its entry point (see
+    /// `ptrace/entry.rs`) when its wrappers' hints must wait for its libraries.
+    fn resume_exec(&mut self, pid: u32) {
+        let wanted = self
+            .targets
+            .get(&pid)
+            .is_some_and(|t| !t.wrappers.is_empty());
+        let held = wanted
+            && crate::ptrace::locate_entry(pid)
+                .map_err(anyhow::Error::from)
+                .and_then(|e| Ok(self.probes.attach_entry_hold(pid, &e.file, e.file_offset)?))
+                .inspect_err(|err| {
+                    log::warn!(
+                        "pid {pid}: cannot hold it at its entry point ({err:#}); wrappers' \
+                         callers may be missed at start"
+                    )
+                })
+                .is_ok();
+        if held {
+            self.ptrace.resume_to_entry(pid);
+        } else {
+            self.ptrace.resume(pid);
+        }
+    }
+
     async fn main_loop(
         &mut self,
         mut child_rx: mpsc::UnboundedReceiver<ChildEvent>,
+        signals: Signals,
     ) -> anyhow::Result<i32> {
         let mut scan_tick = interval(self.config.interval);
         scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -335,8 +373,10 @@ impl UserSession {
             .config
             .duration
             .map(|d| tokio::time::Instant::now() + d);
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
+        let Signals {
+            interrupt: mut sigint,
+            terminate: mut sigterm,
+        } = signals;
         let mut stopping: Option<tokio::time::Instant> = None;
         let notices = self.ingest.notices.clone();
         let reason = loop {
@@ -412,11 +452,12 @@ impl UserSession {
                 if let Err(err) = self.hook_new_image(pid) {
                     log::warn!("pid {pid}: cannot hook the new image: {err:#}");
                 }
-                self.ptrace.resume(pid);
+                self.resume_exec(pid);
             }
             ChildEvent::Entry { pid } => {
                 // Every library is mapped: the wrappers' call sites can be resolved
                 // before the program's first instruction.
+                self.probes.detach_entry_hold(pid);
                 self.install_hints(pid);
                 self.ptrace.resume(pid);
             }
