@@ -30,7 +30,14 @@ use serde_json::Value;
 use crate::util::{self, step};
 
 /// The programs of the corpus, in the order they run.
-pub const PROGRAMS: &[&str] = &["redis", "nginx", "sqlite3", "hunspell", "python3"];
+pub const PROGRAMS: &[&str] = &[
+    "redis",
+    "nginx",
+    "sqlite3",
+    "hunspell",
+    "python3",
+    "python3-malloc",
+];
 
 /// Leaktrace's options for every run: short scans so a run takes seconds.
 const TRACE_OPTS: &[&str] = &["--interval", "1s", "--min-age", "2s"];
@@ -154,11 +161,11 @@ pub fn run(
     let mut rows = Vec::new();
     for name in names {
         let prog = program(name, &ctx)?;
-        let mut verdict = None;
+        let mut verdict = (None, None);
         if !no_valgrind {
             step(&format!("{name}: valgrind"));
             match run_valgrind(&ctx, &prog) {
-                Ok(v) => verdict = Some(v),
+                Ok(v) => verdict = v,
                 Err(err) => eprintln!("xtask: {name}: valgrind failed: {err:#}"),
             }
         }
@@ -390,17 +397,30 @@ fn program(name: &str, ctx: &Ctx) -> anyhow::Result<Program> {
                 },
             }
         }
-        "python3" => {
+        "python3" | "python3-malloc" => {
             let script = util::root().join("fixtures/corpus/workload.py");
+            let every_object = name == "python3-malloc";
             Program {
-                name: "python3",
-                heap: "CPython 3.11 (pymalloc arenas + glibc)",
+                name: if every_object {
+                    "python3-malloc"
+                } else {
+                    "python3"
+                },
+                heap: if every_object {
+                    "CPython 3.11, PYTHONMALLOC=malloc (every object a glibc block)"
+                } else {
+                    "CPython 3.11 (pymalloc arenas + glibc)"
+                },
                 cmd: s(&[
                     &debian_bin("python3"),
                     &script.display().to_string(),
                     &n(40000, 10000).to_string(),
                 ]),
-                env: vec![],
+                env: if every_object {
+                    vec![("PYTHONMALLOC".into(), "malloc".into())]
+                } else {
+                    vec![]
+                },
                 valgrind_args: vec![],
                 drive: Drive::Stdin {
                     input: b"go\n".to_vec(),
@@ -525,7 +545,7 @@ fn idle_secs(ctx: &Ctx) -> u64 {
 }
 
 /// Runs the program under valgrind memcheck with the same workload.
-fn run_valgrind(ctx: &Ctx, prog: &Program) -> anyhow::Result<Verdict> {
+fn run_valgrind(ctx: &Ctx, prog: &Program) -> anyhow::Result<(Option<Verdict>, Option<Verdict>)> {
     let dir = run_dir(ctx, prog, Mode::Valgrind)?;
     let log = dir.join("valgrind.log");
     let mut argv = s(&[
@@ -549,16 +569,43 @@ fn run_valgrind(ctx: &Ctx, prog: &Program) -> anyhow::Result<Verdict> {
         }
         load(prog, stdin, &dir, &dir.join("stdout.txt"))
     })();
-    match result {
-        Ok(stdin) => stop_target(prog, &mut child, stdin),
+    let stdin = match result {
+        Ok(stdin) => stdin,
         Err(err) => {
             let _ = child.kill();
             let _ = child.wait();
             return Err(err);
         }
-    }
+    };
+    // The same moment as leaktrace's verdict: loaded, then idle.
+    thread::sleep(Duration::from_secs(idle_secs(ctx)));
+    let idle = Command::new("vgdb")
+        .args([
+            format!("--pid={}", child.id()).as_str(),
+            "leak_check",
+            "full",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    let idle = match idle {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            fs::write(dir.join("vgdb-idle.txt"), &text)?;
+            parse_valgrind(&text)
+        }
+        Err(err) => {
+            eprintln!("xtask: vgdb: {err}");
+            None
+        }
+    };
+    stop_target(prog, &mut child, stdin);
     let text = fs::read_to_string(&log).context("valgrind wrote no log")?;
-    parse_valgrind(&text).with_context(|| format!("no leak summary in {}", log.display()))
+    let exit = parse_valgrind(&text);
+    if exit.is_none() {
+        eprintln!("xtask: no leak summary at exit in {}", log.display());
+    }
+    Ok((idle, exit))
 }
 
 /// Stops a target: a server by its signal, a stdin program by closing its stdin;
@@ -571,7 +618,9 @@ fn stop_target(prog: &Program, child: &mut Child, stdin: Option<ChildStdin>) {
     reap(child, Duration::from_secs(120), prog.name);
 }
 
-/// Reads valgrind's LEAK SUMMARY ("definitely lost: 1,234 bytes in 5 blocks").
+/// Reads valgrind's LEAK SUMMARY: "definitely lost: 1,234 bytes in 5 blocks" at exit,
+/// "possibly lost: 528 (+528) bytes in 1 (+1) blocks" from a `leak_check` monitor
+/// command.
 fn parse_valgrind(text: &str) -> Option<Verdict> {
     let mut v = Verdict::default();
     let mut seen = false;
@@ -587,10 +636,13 @@ fn parse_valgrind(text: &str) -> Option<Verdict> {
         ] {
             if let Some(rest) = line.split(label).nth(1) {
                 let w: Vec<&str> = rest.split_whitespace().collect();
-                if let (Some(bytes), Some(blocks)) = (
-                    w.first().and_then(|t| num(t)),
-                    w.get(3).and_then(|t| num(t)),
-                ) {
+                let bytes = w.first().and_then(|t| num(t));
+                let blocks = w
+                    .iter()
+                    .position(|t| *t == "in")
+                    .and_then(|i| w.get(i + 1))
+                    .and_then(|t| num(t));
+                if let (Some(bytes), Some(blocks)) = (bytes, blocks) {
                     *slot = (blocks, bytes);
                     seen = true;
                 }
@@ -763,28 +815,37 @@ fn measure(ndjson: &Path) -> anyhow::Result<Measure> {
     Ok(m)
 }
 
-fn table(rows: &[(&str, &str, Mode, Measure, Option<Verdict>)]) -> String {
+type Row<'a> = (
+    &'a str,
+    &'a str,
+    Mode,
+    Measure,
+    (Option<Verdict>, Option<Verdict>),
+);
+
+fn table(rows: &[Row]) -> String {
     let mut t = String::new();
     t.push_str(
-        "| program | heap | mode | leak records (direct/indirect, bytes) | possible-leak records | \
-         retractions (freed/reachable) | leaks at end | valgrind definitely / indirectly / possibly lost (blocks, bytes) | notes |\n",
+        "| program | heap | mode | leak records (direct / indirect, bytes) | possible-leak records \
+         | retractions (freed / reachable) | leaks at end | valgrind, loaded and idle: definitely \
+         / indirectly / possibly lost blocks | valgrind at exit | notes |\n",
     );
-    t.push_str("|---|---|---|---|---|---|---|---|---|\n");
-    for (name, heap, mode, m, v) in rows {
-        let vg = match v {
-            Some(v) => format!(
-                "{} ({} B) / {} ({} B) / {} ({} B)",
-                v.definite.0, v.definite.1, v.indirect.0, v.indirect.1, v.possible.0, v.possible.1
-            ),
-            None => "—".into(),
-        };
+    t.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    let vg = |v: &Option<Verdict>| match v {
+        Some(v) => format!(
+            "{} / {} / {} ({} B possibly)",
+            v.definite.0, v.indirect.0, v.possible.0, v.possible.1
+        ),
+        None => "—".into(),
+    };
+    for (name, heap, mode, m, (idle, exit)) in rows {
         let mut note = m.note.clone();
         if m.lost > 0 {
             let _ = write!(note, ", {} events lost", m.lost);
         }
         let _ = writeln!(
             t,
-            "| {name} | {heap} | {} | {} / {} ({} B) | {} | {} ({}/{}) | {} | {vg} | {note} |",
+            "| {name} | {heap} | {} | {} / {} ({} B) | {} | {} ({} / {}) | {} | {} | {} | {note} |",
             mode.name(),
             m.direct,
             m.indirect,
@@ -794,6 +855,8 @@ fn table(rows: &[(&str, &str, Mode, Measure, Option<Verdict>)]) -> String {
             m.retracted_freed,
             m.retracted_reachable,
             m.end_leaks,
+            vg(idle),
+            vg(exit),
         );
     }
     t
@@ -852,14 +915,20 @@ fn caller(stack: &Value) -> String {
             None => format!("{module}+{}", f["offset"].as_str().unwrap_or("?")),
         }
     };
-    let outside = frames.iter().find(|f| {
-        let m = f["module"].as_str().unwrap_or("");
-        !m.contains("libc.so") && !m.contains("libstdc++") && !m.contains("jemalloc")
-    });
-    outside
-        .or(frames.first())
+    let outside: Vec<String> = frames
+        .iter()
+        .filter(|f| {
+            let m = f["module"].as_str().unwrap_or("");
+            !m.contains("libc.so") && !m.contains("libstdc++") && !m.contains("jemalloc")
+        })
+        .take(2)
         .map(label)
-        .unwrap_or_else(|| "?".into())
+        .collect();
+    if outside.is_empty() {
+        frames.first().map(label).unwrap_or_else(|| "?".into())
+    } else {
+        outside.join(" < ")
+    }
 }
 
 fn reported(ndjson: &Path) -> Vec<Reported> {
@@ -993,11 +1062,60 @@ fn explain(pid: u32, ndjson: &Path) -> anyhow::Result<String> {
         }
         let bytes: u64 = idx.iter().map(|&i| blocks[i].size).sum();
         let _ = writeln!(out, "== {kind}: {} blocks, {bytes} bytes", idx.len());
+        // Where the chains enter: references from memory that is not a reported
+        // block. Only interior ones: the block is where a chain of possible leaks
+        // starts. One at +0: the scanner did not count that word (or it is stale).
+        // None: the block is held only by other reported blocks.
+        let mut entries: HashMap<String, (u64, u64)> = HashMap::new();
+        for &i in &idx {
+            let b = &blocks[i];
+            let ext: Vec<&&Ref> = per_block[i]
+                .iter()
+                .filter(|r| r.in_reported.is_none())
+                .collect();
+            let key = if ext.is_empty() {
+                "held only by other reported blocks".to_string()
+            } else if let Some(r) = ext.iter().find(|r| r.offset == 0) {
+                format!(
+                    "a +0 reference from {} (size {}, {})",
+                    map_label(r.mapping),
+                    b.size,
+                    b.caller
+                )
+            } else {
+                let mut offs: Vec<u64> = ext.iter().map(|r| r.offset).collect();
+                offs.sort_unstable();
+                offs.dedup();
+                offs.truncate(3);
+                let offs: Vec<String> = offs.into_iter().map(offset_class).collect();
+                format!(
+                    "entry by interior pointer only: {} {} B, at {{{}}} from {}, {}",
+                    b.allocator,
+                    b.size,
+                    offs.join(","),
+                    map_label(ext[0].mapping),
+                    b.caller
+                )
+            };
+            let e = entries.entry(key).or_default();
+            e.0 += 1;
+            e.1 += b.size;
+        }
+        let mut v: Vec<_> = entries.iter().collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1.0));
+        let _ = writeln!(
+            out,
+            "  how the chains enter (references from outside reported blocks):"
+        );
+        for (k, (n, bytes)) in v.into_iter().take(25) {
+            let _ = writeln!(out, "    {n:>7} blocks {bytes:>10} B  {k}");
+        }
         // Referrer summary: (smallest offset of an outside reference, where it is).
         let mut classes: HashMap<String, (u64, u64)> = HashMap::new();
         let mut by_alloc: HashMap<String, (u64, u64)> = HashMap::new();
         let mut by_caller: HashMap<String, (u64, u64)> = HashMap::new();
         let mut sizes: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut size_offset: HashMap<String, (u64, u64)> = HashMap::new();
         for &i in &idx {
             let b = &blocks[i];
             let rs = &per_block[i];
@@ -1041,17 +1159,30 @@ fn explain(pid: u32, ndjson: &Path) -> anyhow::Result<String> {
                 e.0 += 1;
                 e.1 += b.size;
             }
+            let min = rs.iter().map(|r| r.offset).min();
+            let key = format!(
+                "size {} <- smallest offset {}",
+                b.size,
+                min.map(offset_class).unwrap_or_else(|| "none".into())
+            );
+            let e = size_offset.entry(key).or_default();
+            e.0 += 1;
+            e.1 += b.size;
             let bucket = b.size.next_power_of_two();
             *sizes.entry(bucket).or_default() += 1;
         }
         for (title, map) in [
             ("where the references are", &classes),
             ("allocator", &by_alloc),
-            ("caller (first frame)", &by_caller),
+            (
+                "caller (first two frames outside libc, libstdc++, jemalloc)",
+                &by_caller,
+            ),
+            ("size and smallest outside offset", &size_offset),
         ] {
             let _ = writeln!(out, "  {title}:");
             let mut v: Vec<_> = map.iter().collect();
-            v.sort_by(|a, b| b.1.0.cmp(&a.1.0));
+            v.sort_by_key(|e| std::cmp::Reverse(e.1.0));
             for (k, (n, bytes)) in v.into_iter().take(15) {
                 let _ = writeln!(out, "    {n:>7} blocks {bytes:>10} B  {k}");
             }

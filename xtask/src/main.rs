@@ -57,7 +57,7 @@ enum Task {
         #[arg(long, value_enum)]
         only: Vec<bench::Bench>,
     },
-    /// Trace real programs (redis, nginx, sqlite3, hunspell, python3) in pid and
+    /// Trace real programs (redis, nginx, sqlite3, hunspell, python3, python3-malloc) in pid and
     /// launch mode under a bounded load, next to valgrind; print a table.
     Corpus {
         /// Smaller workloads and shorter idle times.
