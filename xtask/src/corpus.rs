@@ -1044,10 +1044,38 @@ fn explain(pid: u32, ndjson: &Path) -> anyhow::Result<String> {
             per_block[r.block].push(r);
         }
     }
-    let map_label = |mi: usize| {
-        let m = &maps[mi];
+    // glibc's main heap, walked chunk by chunk: is a referring word in a block in
+    // use, a free chunk, or a chunk in a tcache bin (stale contents)?
+    let chunks = maps
+        .iter()
+        .find(|m| m.name == "[heap]")
+        .map(|m| heap_chunks(&mem, m))
+        .unwrap_or_default();
+    let chunk_state = |at: u64| -> &'static str {
+        let i = chunks.partition_point(|c| c.0 <= at);
+        match i.checked_sub(1).map(|i| (i, chunks[i])) {
+            // A chunk's first word (prev_size) is the previous chunk's last word.
+            Some((i, (c, _, _))) if at < c + 8 => {
+                i.checked_sub(1).map_or("chunk header", |p| chunks[p].2)
+            }
+            Some((_, (c, size, state))) if at < c + size => {
+                if at < c + 16 {
+                    "chunk header"
+                } else {
+                    state
+                }
+            }
+            _ => "outside the chunk walk",
+        }
+    };
+    let map_label = |r: &Ref| {
+        let m = &maps[r.mapping];
         let name = if m.name.is_empty() { "[anon]" } else { &m.name };
-        format!("{name} {}", m.perms)
+        if m.name == "[heap]" && !chunks.is_empty() {
+            format!("{name} {} ({})", m.perms, chunk_state(r.at))
+        } else {
+            format!("{name} {}", m.perms)
+        }
     };
     let offset_class = |o: u64| match o {
         0..=4096 => format!("+{o}"),
@@ -1069,16 +1097,24 @@ fn explain(pid: u32, ndjson: &Path) -> anyhow::Result<String> {
         let mut entries: HashMap<String, (u64, u64)> = HashMap::new();
         for &i in &idx {
             let b = &blocks[i];
+            // Words in free or tcache chunks are stale: not references.
             let ext: Vec<&&Ref> = per_block[i]
                 .iter()
                 .filter(|r| r.in_reported.is_none())
+                .filter(|r| {
+                    maps[r.mapping].name != "[heap]"
+                        || !matches!(
+                            chunk_state(r.at),
+                            "free chunk" | "free chunk (top)" | "tcache chunk"
+                        )
+                })
                 .collect();
             let key = if ext.is_empty() {
-                "held only by other reported blocks".to_string()
+                "held only by other reported blocks (and stale words in free chunks)".to_string()
             } else if let Some(r) = ext.iter().find(|r| r.offset == 0) {
                 format!(
                     "a +0 reference from {} (size {}, {})",
-                    map_label(r.mapping),
+                    map_label(r),
                     b.size,
                     b.caller
                 )
@@ -1093,7 +1129,7 @@ fn explain(pid: u32, ndjson: &Path) -> anyhow::Result<String> {
                     b.allocator,
                     b.size,
                     offs.join(","),
-                    map_label(ext[0].mapping),
+                    map_label(ext[0]),
                     b.caller
                 )
             };
@@ -1105,7 +1141,7 @@ fn explain(pid: u32, ndjson: &Path) -> anyhow::Result<String> {
         v.sort_by_key(|e| std::cmp::Reverse(e.1.0));
         let _ = writeln!(
             out,
-            "  how the chains enter (references from outside reported blocks):"
+            "  how the chains enter (references from live memory outside reported blocks):"
         );
         for (k, (n, bytes)) in v.into_iter().take(25) {
             let _ = writeln!(out, "    {n:>7} blocks {bytes:>10} B  {k}");
@@ -1127,7 +1163,7 @@ fn explain(pid: u32, ndjson: &Path) -> anyhow::Result<String> {
                     .iter()
                     .map(|r| match r.in_reported {
                         Some(o) => format!("inside a reported {} block", blocks[o].kind),
-                        None => map_label(r.mapping),
+                        None => map_label(r),
                     })
                     .collect::<HashSet<_>>()
                     .into_iter()
@@ -1212,7 +1248,7 @@ fn explain(pid: u32, ndjson: &Path) -> anyhow::Result<String> {
                     "      word at {:#x} (+{:#x} in {}) -> block+{}{}",
                     r.at,
                     r.at - m.start,
-                    map_label(r.mapping),
+                    map_label(r),
                     r.offset,
                     r.in_reported
                         .map(|o| format!(
@@ -1226,4 +1262,65 @@ fn explain(pid: u32, ndjson: &Path) -> anyhow::Result<String> {
         let _ = writeln!(out);
     }
     Ok(out)
+}
+
+/// Walks glibc's main heap from its start: (chunk address, chunk size, state). A
+/// chunk is in use when the next chunk's PREV_INUSE bit is set; in use but holding
+/// the tcache key (the per-thread cache's address) in its second word, it sits in a
+/// tcache bin; fastbin chunks look in use.
+fn heap_chunks(mem: &fs::File, heap: &Mapping) -> Vec<(u64, u64, &'static str)> {
+    let len = (heap.end - heap.start) as usize;
+    let mut buf = vec![0u8; len];
+    let Ok(n) = mem.read_at(&mut buf, heap.start) else {
+        return vec![];
+    };
+    let word = |off: u64| -> Option<u64> {
+        let o = off as usize;
+        buf.get(o..o + 8)
+            .filter(|_| o + 8 <= n)
+            .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+    };
+    let mut raw = Vec::new();
+    let mut c = 0u64;
+    while let Some(size_word) = word(c + 8) {
+        let size = size_word & !7;
+        if size < 32 || c + size > n as u64 {
+            // The top chunk (or a walk gone wrong): free space to the end.
+            raw.push((c, n as u64 - c, false));
+            break;
+        }
+        raw.push((c, size, true));
+        c += size;
+    }
+    // glibc 2.34+ keys tcache entries with one random word: the most frequent word
+    // above the user address space in the second word of chunks.
+    let mut keys: HashMap<u64, usize> = HashMap::new();
+    for &(c, _, _) in &raw {
+        if let Some(w) = word(c + 24).filter(|w| *w >> 48 != 0) {
+            *keys.entry(w).or_default() += 1;
+        }
+    }
+    let tcache_key = keys
+        .into_iter()
+        .filter(|e| e.1 >= 2)
+        .max_by_key(|e| e.1)
+        .map(|e| e.0);
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, &(c, size, _)) in raw.iter().enumerate() {
+        let state = match raw.get(i + 1) {
+            None => "free chunk (top)",
+            Some(&(next, _, _)) => {
+                let in_use = word(next + 8).is_some_and(|w| w & 1 == 1);
+                if !in_use {
+                    "free chunk"
+                } else if tcache_key.is_some() && word(c + 24) == tcache_key {
+                    "tcache chunk"
+                } else {
+                    "in-use chunk"
+                }
+            }
+        };
+        out.push((heap.start + c, size, state));
+    }
+    out
 }
