@@ -7,8 +7,10 @@
 //! * `test`     everything CI runs: setup, eBPF check, fmt, clippy, unit and
 //!   integration tests (the latter load real eBPF programs: run as root)
 //! * `bench`    the speed and memory benchmarks, printed as side-by-side ratios
+//! * `corpus`   leaktrace against real Debian programs next to valgrind (not in CI)
 
 mod bench;
+mod corpus;
 mod ebpf;
 mod fixtures;
 mod setup;
@@ -55,6 +57,21 @@ enum Task {
         #[arg(long, value_enum)]
         only: Vec<bench::Bench>,
     },
+    /// Trace real programs (redis, nginx, sqlite3, hunspell, python3, python3-malloc) in pid and
+    /// launch mode under a bounded load, next to valgrind; print a table.
+    Corpus {
+        /// Smaller workloads and shorter idle times.
+        #[arg(long)]
+        quick: bool,
+        /// Do not apt-get install missing programs.
+        #[arg(long)]
+        no_install: bool,
+        /// Skip valgrind (much faster).
+        #[arg(long)]
+        no_valgrind: bool,
+        /// Only these programs (all by default).
+        programs: Vec<String>,
+    },
 }
 
 fn main() {
@@ -65,6 +82,12 @@ fn main() {
         Task::Fixtures => fixtures::build().map(drop),
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
         Task::Bench { quick, only } => bench::run(quick, &only),
+        Task::Corpus {
+            quick,
+            no_install,
+            no_valgrind,
+            programs,
+        } => corpus::run(quick, no_install, no_valgrind, &programs),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
