@@ -7,6 +7,7 @@ mod kernel;
 mod reports;
 mod scanning;
 mod schema;
+mod shutdown;
 mod survival;
 mod tracking;
 mod util;

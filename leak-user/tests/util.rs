@@ -30,6 +30,7 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// (e.g. an older one, to see a new test fail before its fix).
 pub fn leaktrace() -> PathBuf {
     std::env::var_os("LEAKTRACE_BIN")
+        .filter(|b| !b.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_leaktrace")))
 }

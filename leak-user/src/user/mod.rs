@@ -188,9 +188,13 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
             // SAFETY: killing the command we started and could not trace.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
+        crate::ebpf::teardown::release_after_exit();
         return Err(err);
     }
-    session.main_loop(child_rx, signals).await
+    let code = session.main_loop(child_rx, signals).await;
+    // The report is out: do not make the caller wait while the kernel detaches.
+    crate::ebpf::teardown::release_after_exit();
+    code
 }
 
 /// SIGINT and SIGTERM, caught from the start of the run.
