@@ -9,5 +9,6 @@ mod scanning;
 mod schema;
 mod shutdown;
 mod survival;
+mod targets;
 mod tracking;
 mod util;

@@ -120,9 +120,7 @@ fn check_targets(mode: &Mode) -> anyhow::Result<()> {
     match mode {
         Mode::Pids(pids) => {
             for &pid in pids {
-                if !proc::is_alive(pid) {
-                    bail!("no such process: {pid} (`pgrep NAME` finds a pid by name)");
-                }
+                proc::check_traceable(pid)?;
             }
         }
         Mode::Launch(argv) => {
@@ -260,7 +258,19 @@ impl UserSession {
                 let infos: Vec<_> = pids.iter().map(|&p| session::target(p)).collect();
                 self.reporter.start(RunMode::Pid, &infos, &self.config);
                 for &pid in pids {
-                    self.attach_pid(pid)?;
+                    if let Err(err) = self.attach_pid(pid) {
+                        // Gone meanwhile: its end is part of the run, which ends
+                        // (with an end record) once no target is left.
+                        if proc::check_traceable(pid).is_ok() {
+                            return Err(err);
+                        }
+                        log::warn!("process {pid} exited while leaktrace attached to it");
+                        if self.targets.contains_key(&pid) {
+                            self.end_target(pid, None);
+                        } else {
+                            self.reporter.process(ProcessEvent::Exit, pid, None, None);
+                        }
+                    }
                 }
             }
             Mode::Launch(argv) => {
@@ -276,9 +286,7 @@ impl UserSession {
     }
 
     fn attach_pid(&mut self, pid: u32) -> anyhow::Result<()> {
-        if !proc::is_alive(pid) {
-            bail!("no such process: {pid} (`pgrep NAME` finds a pid by name)");
-        }
+        proc::check_traceable(pid)?;
         let maps =
             proc::maps::read(pid).with_context(|| format!("cannot read /proc/{pid}/maps"))?;
         let plan = discover::for_process(pid, &maps);
