@@ -100,6 +100,13 @@ fn parse_stat(stat: &str) -> Option<(&str, u64)> {
     Some((state, flags))
 }
 
+/// The command name of a process (`/proc/PID/comm`), if it still exists.
+pub fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,11 +122,4 @@ mod tests {
         let zombie = "42 (a (b) c) Z 1 42 42 0 -1 4194564 0 0";
         assert_eq!(parse_stat(zombie), Some(("Z", 4194564)));
     }
-}
-
-/// The command name of a process (`/proc/PID/comm`), if it still exists.
-pub fn comm(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim_end().to_owned())
 }
