@@ -115,7 +115,7 @@ fn run(signal: i32, delay: Duration, group: bool) -> Fates {
 
 /// Moments after the `start` record (the command is held at its exec stop then,
 /// while the probes are attached; later ones fall on its entry point and its run).
-const MOMENTS_MS: &[u64] = &[0, 1, 2, 5, 10, 20, 40, 80, 150];
+const MOMENTS_MS: &[u64] = &[0, 2, 5, 20, 80, 150];
 
 #[test]
 fn sigkill_of_the_tracer_during_start_up_leaves_the_command_unharmed() {
@@ -141,12 +141,16 @@ fn assert_clean_interrupt(group: bool) {
     util::require_root();
     let _s = serial();
     let mut failures = Vec::new();
-    for &ms in &MOMENTS_MS[..6] {
+    for &ms in &MOMENTS_MS[..3] {
         let fates = run(libc::SIGINT, Duration::from_millis(ms), group);
         // leaktrace passes the interrupt on (or the terminal did), waits for the
-        // command to end of it, and passes its status through: 128 + SIGINT.
+        // command to end of it, and passes its status through: 128 + SIGINT. (The
+        // only other process the reaper may see is the child that releases
+        // leaktrace's probes after it exits: it exits 0.)
         let ends = fates.records.iter().filter(|r| r["type"] == "end").count();
-        if fates.tracer() != ("EXIT", 128 + libc::SIGINT) || !fates.others().is_empty() || ends != 1
+        if fates.tracer() != ("EXIT", 128 + libc::SIGINT)
+            || fates.others().iter().any(|o| *o != ("EXIT", 0))
+            || ends != 1
         {
             failures.push(format!(
                 "SIGINT {ms} ms after start: leaktrace {:?}, others {:?}, {ends} end records",
