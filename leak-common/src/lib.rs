@@ -317,7 +317,9 @@ pub struct PendingCall {
     pub sp: u64,
     /// The [`AllocFn`] of the outermost allocator call.
     pub func: u32,
-    pub _pad: u32,
+    /// 1 when the call came through `operator new` (a wrapper hint flagged
+    /// [`HINT_OPERATOR_NEW`]): the block is reported as allocated by new.
+    pub via_new: u32,
     pub size: u64,
     /// realloc: the block passed in.
     pub old_addr: u64,
@@ -351,6 +353,11 @@ pub struct HintKey {
     pub _pad: u32,
     pub ret: u64,
 }
+
+/// Set in a `HINTS` value when the wrapper is C++'s `operator new` (or `new[]`):
+/// valgrind applies some of its leak-check heuristics to such blocks only. The
+/// rest of the value is the byte offset.
+pub const HINT_OPERATOR_NEW: u32 = 1 << 31;
 
 /// How many wrapper frames the eBPF side looks through.
 pub const MAX_WRAPPER_DEPTH: usize = 4;

@@ -56,6 +56,7 @@ fn main() {
             objects,
             owned: std::iter::once(base..base + heap_len as u64).collect(),
             attached_late: false,
+            ..Snapshot::default()
         },
         maps: vec![Mapping {
             start: base,

@@ -48,6 +48,17 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub min_scans: u16,
 
+    /// valgrind's leak-check heuristics: interior pointers that count as pointers
+    /// to the block (all, none, or a list of stdstring, length64, newarray,
+    /// multipleinheritance).
+    #[arg(long, value_name = "SET", default_value = "all")]
+    pub leak_check_heuristics: String,
+
+    /// Pid mode: do not walk the target's heap at attach time (its blocks allocated
+    /// before attaching, and their leaks, stay invisible).
+    #[arg(long)]
+    pub no_heap_walk: bool,
+
     /// Report unreferenced blocks even when their contents changed since the last scan.
     #[arg(long)]
     pub no_checksum: bool,
@@ -138,6 +149,22 @@ pub struct Args {
     /// the other.
     #[arg(long, value_enum, default_value_t = FreeProbesArg::Both, requires = "kernel")]
     pub free_probes: FreeProbesArg,
+
+    /// Kernel mode: how long a call site must be watched before its growth can make
+    /// it a suspect (high confidence: half as long again). The kernel's own caches
+    /// grow in bursts; a leak keeps growing.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "60s",
+        requires = "kernel"
+    )]
+    pub min_growth_window: String,
+
+    /// Kernel mode: count leaktrace's own allocations too (loading its programs,
+    /// reading /proc), which are left out by default.
+    #[arg(long, requires = "kernel")]
+    pub include_tracer: bool,
 
     /// For tests: append every live object to FILE (NDJSON) when a target's final
     /// scan is done.

@@ -7,6 +7,7 @@ use crate::{
     cli::{Args, ColorArg, FreeProbesArg, ReadMethodArg},
     proc::mem::ReadMethod,
     report::suppress::Suppressions,
+    scan::heuristics::Heuristics,
     table::verdict::VerdictParams,
 };
 
@@ -78,6 +79,10 @@ pub struct KernelConfig {
     pub free_probes: FreeProbes,
     /// Keep one object in 2^sample_shift.
     pub sample_shift: u32,
+    /// How long a call site must be watched before it can be suspected.
+    pub min_growth_window: Duration,
+    /// Count leaktrace's own allocations too.
+    pub include_tracer: bool,
 }
 
 /// Everything the daemon needs, validated.
@@ -89,6 +94,11 @@ pub struct Config {
     pub interval: Duration,
     pub duration: Option<Duration>,
     pub verdict: VerdictParams,
+    /// valgrind's leak-check heuristics (interior pointers that count as start
+    /// pointers).
+    pub heuristics: Heuristics,
+    /// Pid mode: walk the heap at attach time to find blocks allocated before.
+    pub heap_walk: bool,
     pub stop_the_world: bool,
     pub ring_bytes: u32,
     pub stack_entries: u32,
@@ -121,6 +131,8 @@ pub enum ConfigError {
     Suppressions(String),
     #[error("--sample must be a power of two between 1 and 65536, not {0}")]
     Sample(u64),
+    #[error("--leak-check-heuristics: {0}")]
+    Heuristics(#[from] crate::scan::heuristics::UnknownHeuristic),
 }
 
 /// Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.
@@ -151,16 +163,8 @@ pub fn parse_duration(what: &'static str, value: &str) -> Result<Duration, Confi
 
 impl Config {
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        let mode = match (args.kernel, args.pids.is_empty(), args.command.is_empty()) {
-            (true, _, _) => Mode::Kernel,
-            (false, false, false) => return Err(ConfigError::PidAndCommand),
-            (false, false, true) => Mode::Pids(args.pids.clone()),
-            (false, true, false) => Mode::Launch(args.command.clone()),
-            (false, true, true) => return Err(ConfigError::NoTarget),
-        };
-        if let Some(&pid) = args.pids.iter().find(|&&p| p == 0 || p > i32::MAX as u32) {
-            return Err(ConfigError::BadPid(pid));
-        }
+        let mode = mode_of(&args)?;
+        check_limits(&args)?;
         let interval = parse_duration("--interval", &args.interval)?;
         if interval.is_zero() {
             return Err(ConfigError::Zero { what: "--interval" });
@@ -171,63 +175,12 @@ impl Config {
             .as_deref()
             .map(|d| parse_duration("--duration", d))
             .transpose()?;
-        if args.min_scans == 0 {
-            return Err(ConfigError::Zero {
-                what: "--min-scans",
-            });
-        }
-        if args.ring_buffer == 0 || args.ring_buffer > 1024 || !args.ring_buffer.is_power_of_two() {
-            return Err(ConfigError::RingSize(args.ring_buffer));
-        }
-        if args.stack_map_entries == 0 {
-            return Err(ConfigError::Zero {
-                what: "--stack-map-entries",
-            });
-        }
-        if args.sample == 0 || args.sample > 65536 || !args.sample.is_power_of_two() {
-            return Err(ConfigError::Sample(args.sample));
-        }
-        let mut suppressions = if args.no_default_suppressions {
-            Suppressions::default()
-        } else {
-            Suppressions::builtin()
-        };
-        for file in &args.suppressions {
-            suppressions
-                .load_file(file)
-                .map_err(|e| ConfigError::Suppressions(e.to_string()))?;
-        }
-        let to_file = args.output.is_some();
-        let color = match args.color {
-            ColorArg::Always => true,
-            ColorArg::Never => false,
-            ColorArg::Auto => !to_file && !args.json && std::io::stdout().is_terminal(),
-        };
         Ok(Self {
-            kernel: KernelConfig {
-                pids: if mode == Mode::Kernel {
-                    args.pids.clone()
-                } else {
-                    Vec::new()
-                },
-                cgroup: args.cgroup,
-                caches: args.caches,
-                pages: args.pages,
-                free_probes: args.free_probes.into(),
-                sample_shift: args.sample.trailing_zeros(),
-            },
+            kernel: kernel_of(&args, &mode)?,
+            output: output_of(&args),
+            suppressions: suppressions_of(&args)?,
             mode,
             follow_forks: args.follow_forks,
-            output: OutputConfig {
-                json: args.json,
-                path: args.output,
-                color,
-                top: args.top,
-                show_possible: args.show_possible,
-                pprof: args.pprof,
-                flamegraph: args.flamegraph,
-                status: !args.quiet && std::io::stderr().is_terminal(),
-            },
             interval,
             duration,
             verdict: VerdictParams {
@@ -235,6 +188,8 @@ impl Config {
                 min_scans: args.min_scans,
                 require_stable_contents: !args.no_checksum,
             },
+            heuristics: Heuristics::parse(&args.leak_check_heuristics)?,
+            heap_walk: !args.no_heap_walk,
             stop_the_world: args.stop_the_world,
             ring_bytes: args.ring_buffer << 20,
             stack_entries: args.stack_map_entries,
@@ -242,12 +197,99 @@ impl Config {
                 ReadMethodArg::ProcessVmReadv => ReadMethod::ProcessVmReadv,
                 ReadMethodArg::ProcMem => ReadMethod::ProcMem,
             },
-            suppressions,
             stacks: !args.no_stacks,
             verbose: args.verbose,
             dump_objects: args.dump_objects,
         })
     }
+}
+
+/// What to trace: processes, a command, or the kernel.
+fn mode_of(args: &Args) -> Result<Mode, ConfigError> {
+    match (args.kernel, args.pids.is_empty(), args.command.is_empty()) {
+        (true, _, _) => Ok(Mode::Kernel),
+        (false, false, false) => Err(ConfigError::PidAndCommand),
+        (false, false, true) => Ok(Mode::Pids(args.pids.clone())),
+        (false, true, false) => Ok(Mode::Launch(args.command.clone())),
+        (false, true, true) => Err(ConfigError::NoTarget),
+    }
+}
+
+/// The numbers that must be in range.
+fn check_limits(args: &Args) -> Result<(), ConfigError> {
+    if let Some(&pid) = args.pids.iter().find(|&&p| p == 0 || p > i32::MAX as u32) {
+        return Err(ConfigError::BadPid(pid));
+    }
+    if args.min_scans == 0 {
+        return Err(ConfigError::Zero {
+            what: "--min-scans",
+        });
+    }
+    if args.ring_buffer == 0 || args.ring_buffer > 1024 || !args.ring_buffer.is_power_of_two() {
+        return Err(ConfigError::RingSize(args.ring_buffer));
+    }
+    if args.stack_map_entries == 0 {
+        return Err(ConfigError::Zero {
+            what: "--stack-map-entries",
+        });
+    }
+    if args.sample == 0 || args.sample > 65536 || !args.sample.is_power_of_two() {
+        return Err(ConfigError::Sample(args.sample));
+    }
+    Ok(())
+}
+
+/// The built-in suppressions (unless turned off) and the user's files.
+fn suppressions_of(args: &Args) -> Result<Suppressions, ConfigError> {
+    let mut suppressions = if args.no_default_suppressions {
+        Suppressions::default()
+    } else {
+        Suppressions::builtin()
+    };
+    for file in &args.suppressions {
+        suppressions
+            .load_file(file)
+            .map_err(|e| ConfigError::Suppressions(e.to_string()))?;
+    }
+    Ok(suppressions)
+}
+
+/// Where and how reports go; colour and the status line only on terminals.
+fn output_of(args: &Args) -> OutputConfig {
+    let to_file = args.output.is_some();
+    let color = match args.color {
+        ColorArg::Always => true,
+        ColorArg::Never => false,
+        ColorArg::Auto => !to_file && !args.json && std::io::stdout().is_terminal(),
+    };
+    OutputConfig {
+        json: args.json,
+        path: args.output.clone(),
+        color,
+        top: args.top,
+        show_possible: args.show_possible,
+        pprof: args.pprof.clone(),
+        flamegraph: args.flamegraph.clone(),
+        status: !args.quiet && std::io::stderr().is_terminal(),
+    }
+}
+
+/// Kernel-mode options (`--pid` filters allocations there).
+fn kernel_of(args: &Args, mode: &Mode) -> Result<KernelConfig, ConfigError> {
+    Ok(KernelConfig {
+        pids: if *mode == Mode::Kernel {
+            args.pids.clone()
+        } else {
+            Vec::new()
+        },
+        cgroup: args.cgroup.clone(),
+        caches: args.caches.clone(),
+        pages: args.pages,
+        free_probes: args.free_probes.into(),
+        sample_shift: args.sample.trailing_zeros(),
+        min_growth_window: parse_duration("--min-growth-window", &args.min_growth_window)?,
+        include_tracer: args.include_tracer,
+    })
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ impl KernelTracer {
             .args(["--kernel", "--json", "--output"])
             .arg(&out)
             .args(["--interval", "500ms", "--min-age", "0s", "--top", "100"])
+            .args(["--min-growth-window", "2s"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

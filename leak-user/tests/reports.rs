@@ -86,7 +86,9 @@ fn every_ndjson_line_follows_the_documented_schema() {
         schema.keys()
     );
     let _s = serial();
-    let mut runs = vec![launch("scenarios", &["--hold-ms", "800"], FAST)];
+    let mut launch_args = FAST.to_vec();
+    launch_args.push("--show-possible");
+    let mut runs = vec![launch("scenarios", &["--hold-ms", "800"], &launch_args)];
     // pid mode with stop-the-world adds pauses and the signal ending.
     let mut fixture = Fixture::start("scenarios", &[], &[]);
     let mut args = FAST.to_vec();
@@ -131,6 +133,7 @@ fn every_ndjson_line_follows_the_documented_schema() {
         "start",
         "leak",
         "possible_leak",
+        "possible_leak_group",
         "scan",
         "stats",
         "process",

@@ -7,7 +7,14 @@ use std::process::Command;
 
 use crate::util::{self, Fixture, Run, Tracer, launch, serial};
 
-pub(crate) const FAST: &[&str] = &["--interval", "200ms", "--min-age", "200ms"];
+/// Short intervals, and possible leaks one by one (the truth lists them).
+pub(crate) const FAST: &[&str] = &[
+    "--interval",
+    "200ms",
+    "--min-age",
+    "200ms",
+    "--show-possible",
+];
 
 /// Every true leak found with its kind, every possible leak found as possible,
 /// nothing kept reported. Objects the fixture did not make (the C runtime's) may
@@ -221,4 +228,106 @@ fn valgrind_figure(text: &str, label: &str) -> (u64, u64) {
         .filter_map(|w| w.replace(',', "").parse().ok())
         .collect();
     (numbers[1], numbers[0])
+}
+
+/// A target killed while traced: its memory can no longer be read, which is no
+/// evidence that its leaks were reachable. Every reported leak stays reported.
+#[test]
+fn a_killed_target_keeps_its_leaks() {
+    util::require_root();
+    let _s = serial();
+    let mut fixture = Fixture::start("lifetimes", &["400"], &[]);
+    let mut tracer = Tracer::attach(fixture.pid(), FAST);
+    fixture.go();
+    fixture.wait_for("READY");
+    tracer.wait_records(
+        |r| r.iter().filter(|x| x["type"] == "leak").count() >= 400,
+        "the 400 leaks",
+    );
+    fixture.child.kill().unwrap();
+    let stdout = fixture.stdout.clone();
+    let _ = fixture.child.wait();
+    tracer.wait_records(|r| r.iter().any(|x| x["type"] == "end"), "the end record");
+    let run = tracer.stop(&stdout);
+    let leaks = run.leaks();
+    let missing: Vec<_> = run
+        .truth
+        .iter()
+        .filter(|t| !leaks.contains_key(&t.addr))
+        .collect();
+    assert!(missing.is_empty(), "not reported: {missing:?}");
+    assert_eq!(run.end()["retractions"], 0, "no leak was taken back");
+    assert_eq!(run.end()["leaks"]["objects"], 400);
+}
+
+/// 500 threads each leak a block and exit: stale copies of the addresses stay in
+/// the dead threads' cached stacks and in reused memory. Every leak is found and
+/// none is taken back.
+#[test]
+fn leaks_of_exited_threads_stay_leaks() {
+    util::require_root();
+    let _s = serial();
+    let run = launch(
+        "lifetimes",
+        &["--threads", "500", "--hold-ms", "2500"],
+        FAST,
+    );
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert_eq!(run.truth.len(), 500);
+    let leaks = run.leaks();
+    let missing = run
+        .truth
+        .iter()
+        .filter(|t| leaks.get(&t.addr).map(|r| &r["kind"]) != Some(&"direct".into()))
+        .count();
+    assert_eq!(missing, 0, "leaks not reported as direct");
+    assert_eq!(run.end()["retractions"], 0, "no leak was taken back");
+}
+
+/// valgrind's leak-check heuristics: blocks held only through the interior
+/// pointers they recognise are reachable by default, possible leaks without them;
+/// an interior pointer no heuristic accepts stays a possible leak either way.
+#[test]
+fn leak_check_heuristics_as_valgrind_applies_them() {
+    util::require_root();
+    let _s = serial();
+    let run = launch("heuristics", &["--hold-ms", "1500"], FAST);
+    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    let heuristic = |t: &&util::Truth| t.tag == "KEEP" && t.kind != "-";
+    assert_eq!(
+        run.truth.iter().filter(heuristic).count(),
+        4,
+        "{}",
+        run.fixture_stdout
+    );
+    let leaks = run.leaks();
+    let kind_of = |addr: u64| {
+        leaks
+            .get(&addr)
+            .map(|r| r["kind"].as_str().unwrap().to_owned())
+    };
+    for t in &run.truth {
+        let expected = (t.tag == "POSSIBLE").then(|| "possible".to_owned());
+        assert_eq!(
+            kind_of(t.addr),
+            expected,
+            "{} {} {:#x}",
+            t.tag,
+            t.kind,
+            t.addr
+        );
+    }
+    let mut args = FAST.to_vec();
+    args.extend(["--leak-check-heuristics", "none"]);
+    let run = launch("heuristics", &["--hold-ms", "1500"], &args);
+    let leaks = run.leaks();
+    for t in run.truth.iter().filter(heuristic) {
+        assert_eq!(
+            leaks.get(&t.addr).map(|r| r["kind"].as_str().unwrap()),
+            Some("possible"),
+            "without heuristics, {} {:#x}",
+            t.kind,
+            t.addr
+        );
+    }
 }

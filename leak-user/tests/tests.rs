@@ -1,6 +1,7 @@
 //! Integration tests: the real daemon, real eBPF programs, fixture programs with a
 //! known truth. They need root; run them with `sudo -E cargo xtask test`.
 
+mod before_attach;
 mod cli;
 mod deleted;
 mod kernel;

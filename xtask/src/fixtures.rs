@@ -20,6 +20,13 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("malloc-loop", "malloc_loop.c", &[]),
     ("kobjects", "kobjects.c", &[]),
     ("forks", "forks.c", &[]),
+    ("lifetimes", "lifetimes.c", &[]),
+    ("before-attach", "before_attach.c", &[]),
+    (
+        "heuristics",
+        "heuristics.cc",
+        &["-D_GLIBCXX_USE_CXX11_ABI=0"],
+    ),
     ("reaper", "reaper.c", &[]),
 ];
 

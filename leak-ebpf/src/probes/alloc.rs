@@ -14,7 +14,10 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use aya_log_ebpf::debug;
-use leak_common::{AllocFn, HintKey, Loss, MAX_WRAPPER_DEPTH, PendingCall, RecordKind, UserRecord};
+use leak_common::{
+    AllocFn, HINT_OPERATOR_NEW, HintKey, Loss, MAX_WRAPPER_DEPTH, PendingCall, RecordKind,
+    UserRecord,
+};
 
 use super::regs;
 use crate::{
@@ -56,10 +59,12 @@ fn mul_or_max(a: u64, b: u64) -> u64 {
 /// At the allocator's first instruction the return address is on top of the stack:
 /// it is the allocating call site, which frame-pointer walks often miss. When it
 /// lies in an allocation wrapper (operator new, strdup), the daemon has told us where
-/// that wrapper's own return address is: follow it, a few wrappers deep.
+/// that wrapper's own return address is: follow it, a few wrappers deep. Returns
+/// the call site and whether one of the wrappers was `operator new`.
 #[inline(always)]
-fn allocating_call_site(tgid: u32, sp: u64) -> u64 {
+fn allocating_call_site(tgid: u32, sp: u64) -> (u64, bool) {
     let mut slot = sp;
+    let mut via_new = false;
     // SAFETY: the helper checks the user address and fails cleanly.
     let mut caller = unsafe { bpf_probe_read_user(slot as *const u64) }.unwrap_or(0);
     for _ in 0..MAX_WRAPPER_DEPTH {
@@ -72,14 +77,16 @@ fn allocating_call_site(tgid: u32, sp: u64) -> u64 {
             break;
         };
         // SAFETY: a map value from get_ptr is valid and aligned during the run.
-        slot += u64::from(unsafe { *offset });
+        let hint = unsafe { *offset };
+        via_new |= hint & HINT_OPERATOR_NEW != 0;
+        slot += u64::from(hint & !HINT_OPERATOR_NEW);
         // SAFETY: the helper checks the user address and fails cleanly.
         match unsafe { bpf_probe_read_user(slot as *const u64) } {
             Ok(up) => caller = up,
             Err(_) => break,
         }
     }
-    caller
+    (caller, via_new)
 }
 
 fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
@@ -128,7 +135,9 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
     if capture_stacks() {
         call.stack_id = capture_stack(ctx, &STACKS, USER_STACK);
     }
-    call.caller = allocating_call_site(tgid, sp);
+    let (caller, via_new) = allocating_call_site(tgid, sp);
+    call.caller = caller;
+    call.via_new = u32::from(via_new);
     if CALLS.insert(&tid, &call, 0).is_err() {
         count(Loss::CallsFull);
         return Err(());

@@ -18,6 +18,8 @@ use crate::{
     record::{current_ids, emit, now_ns},
 };
 
+const MALLOC: u32 = AllocFn::Malloc as u32;
+const OPERATOR_NEW: u32 = AllocFn::OperatorNew as u32;
 const REALLOC: u32 = AllocFn::Realloc as u32;
 const REALLOCARRAY: u32 = AllocFn::Reallocarray as u32;
 const POSIX_MEMALIGN: u32 = AllocFn::PosixMemalign as u32;
@@ -63,6 +65,12 @@ fn try_alloc_return(ctx: &RetProbeContext) {
     if addr == 0 && !resized {
         return; // a failed allocation is not an object
     }
+    // malloc called by operator new: a block of new's (for valgrind's heuristics).
+    let func = if func == MALLOC && call.via_new != 0 {
+        OPERATOR_NEW
+    } else {
+        func
+    };
     let record = UserRecord {
         kind: if resized {
             RecordKind::Realloc

@@ -6,9 +6,11 @@
 //! * [`placement`]: the probe site inside each function (emulated, not single-stepped).
 //! * [`resolve`], [`ldcache`]: the loader's view, to predict a command's libraries.
 //! * [`wrappers`]: seeing through operator new and strdup to the user's call site.
+//! * [`glibc_heap`]: the live blocks of a glibc heap, read from outside (late attach).
 
 pub mod discover;
 pub mod elf;
+pub mod glibc_heap;
 pub mod ldcache;
 pub mod placement;
 pub mod resolve;

@@ -106,11 +106,17 @@ pub fn hints_for(elf: &ElfFile) -> Vec<Hint> {
         let Some(code) = elf.code(sym.vaddr, len) else {
             continue;
         };
+        // operator new and new[] are flagged: their blocks are C++ objects.
+        let flag = if name.starts_with("_Zn") {
+            leak_common::HINT_OPERATOR_NEW
+        } else {
+            0
+        };
         for (ret, offset) in call_sites(code, sym.vaddr) {
             if let Some(file_offset) = elf.file_offset(ret) {
                 hints.push(Hint {
                     ret_file_offset: file_offset,
-                    offset,
+                    offset: offset | flag,
                 });
             }
         }

@@ -40,7 +40,7 @@ use crate::{
     },
     table::{
         Shared,
-        growth::GrowthTracker,
+        growth::{Evidence, GrowthTracker},
         kernel::{FreeProbeShare, KernelTable},
     },
 };
@@ -120,7 +120,11 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         &probes.recursion_misses().into_iter().collect(),
     );
     let ring = probes.take_ring()?;
-    let table = Shared::new(KernelTable::new(epoch, k.caches.clone()));
+    let mut kernel_table = KernelTable::new(epoch, k.caches.clone());
+    if !k.include_tracer {
+        kernel_table.exclude_tracer(std::process::id());
+    }
+    let table = Shared::new(kernel_table);
     let ingest =
         ingest::spawn(ring, KernelSink(table.clone())).context("cannot watch the ring buffer")?;
     let scale = 1u64 << k.sample_shift;
@@ -136,6 +140,8 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
             sample: scale,
             interval_ms: config.interval.as_millis() as u64,
             min_age_ms: config.verdict.min_age_ms,
+            min_growth_window_ms: k.min_growth_window.as_millis() as u64,
+            include_tracer: k.include_tracer,
         },
     );
     let mut session = KernelSession {
@@ -149,6 +155,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         started,
         scale,
         min_age_ms: config.verdict.min_age_ms,
+        min_window_s: k.min_growth_window.as_secs_f64(),
     };
     let reason = session.main_loop(&config).await?;
     session.finish(reason).await;
@@ -237,6 +244,8 @@ struct KernelSession {
     /// Every estimate is multiplied by this (the sampling factor).
     scale: u64,
     min_age_ms: u32,
+    /// Seconds a site must be watched before it can be suspected.
+    min_window_s: f64,
 }
 
 impl KernelSession {
@@ -342,16 +351,19 @@ impl KernelSession {
         let growth = &mut self.growth;
         growth.stacks.record(now, &by_site);
         growth.call_sites.record(now, &by_call_site);
-        let min_growth = MIN_GROWTH.div_ceil(self.scale);
+        let evidence = Evidence {
+            min_growth: MIN_GROWTH.div_ceil(self.scale),
+            min_window_s: self.min_window_s,
+        };
         KernelView {
             call_site_trends: call_sites
                 .iter()
-                .filter_map(|c| Some((c.index, growth.call_sites.trend(c.index, min_growth)?)))
+                .filter_map(|c| Some((c.index, growth.call_sites.trend(c.index, evidence)?)))
                 .collect(),
             stack_trends: call_sites
                 .iter()
                 .flat_map(|c| &c.stacks)
-                .filter_map(|s| Some((s.site, growth.stacks.trend(s.site, min_growth)?)))
+                .filter_map(|s| Some((s.site, growth.stacks.trend(s.site, evidence)?)))
                 .collect(),
             call_sites,
             cgroups,

@@ -83,6 +83,8 @@ pub struct KernelReporter {
     symbolizer: Symbolizer,
     stacks: HashMap<u64, Vec<Frame>>,
     suspected: HashMap<u32, Confidence>,
+    /// Slab caches known to be reclaimable (or not), by name.
+    reclaimable: HashMap<String, bool>,
     /// Every estimate is multiplied by this (the sampling factor).
     scale: u64,
     seq: u64,
@@ -97,6 +99,7 @@ impl KernelReporter {
             symbolizer: Symbolizer::new(),
             stacks: HashMap::new(),
             suspected: HashMap::new(),
+            reclaimable: HashMap::new(),
             scale,
             seq: 0,
         })
@@ -137,9 +140,17 @@ impl KernelReporter {
         let scale = self.scale;
         let mut text = String::new();
         for (rank, c) in view.call_sites.iter().enumerate() {
-            let suspected = view.suspected(c);
+            let mut suspected = view.suspected(c);
             if rank >= self.out.top && suspected.is_none() {
                 continue;
+            }
+            let call = self.call_frame(c.key.call_site);
+            if let Some((confidence, _)) = &mut suspected
+                && self.is_kernel_cache(c, &call)
+            {
+                // The kernel's own caches grow with use and shrink under memory
+                // pressure: growth there is weak evidence.
+                *confidence = Confidence::Low;
             }
             let stacks: Vec<StackFigures> = c
                 .stacks
@@ -152,7 +163,6 @@ impl KernelReporter {
                     frames: self.stack_frames(st.key.stack_id),
                 })
                 .collect();
-            let call = self.call_frame(c.key.call_site);
             self.sink
                 .json(&Record::KernelCallSite(KernelCallSiteRecord {
                     seq: self.seq,
@@ -177,6 +187,37 @@ impl KernelReporter {
         if !text.is_empty() {
             self.sink.text(&text);
         }
+    }
+
+    /// Whether a call site fills one of the kernel's reclaimable caches: its slab
+    /// cache is reclaimable (`/sys/kernel/slab/NAME/reclaim_account`: dentries,
+    /// inodes, radix-tree nodes, extent status, buffer heads), or the call site is
+    /// one of the functions that fill such caches with kmalloc'd parts (a dentry's
+    /// long name) or that cycle through regions (DAMON's monitoring thread).
+    fn is_kernel_cache(&mut self, c: &CallSiteSummary, call: &Frame) -> bool {
+        const CACHE_FILLERS: &[&str] = &[
+            "__d_alloc",
+            "d_alloc",
+            "alloc_inode",
+            "xas_alloc",
+            "radix_tree_node_alloc",
+            "__es_insert_extent",
+            "alloc_buffer_head",
+            "alloc_slab_obj_exts",
+            "damon_",
+        ];
+        let cache = &c.key.cache;
+        let reclaimable = !cache.is_empty()
+            && *self.reclaimable.entry(cache.clone()).or_insert_with(|| {
+                std::fs::read_to_string(format!("/sys/kernel/slab/{cache}/reclaim_account"))
+                    .is_ok_and(|v| v.trim() == "1")
+            });
+        reclaimable
+            || call.function.as_deref().is_some_and(|f| {
+                CACHE_FILLERS
+                    .iter()
+                    .any(|filler| f.starts_with(filler) || f.ends_with("_alloc_inode"))
+            })
     }
 
     fn call_frame(&mut self, call_site: u64) -> Frame {

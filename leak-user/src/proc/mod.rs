@@ -100,6 +100,12 @@ fn parse_stat(stat: &str) -> Option<(&str, u64)> {
     Some((state, flags))
 }
 
+/// Is the process alive with its address space still there (not exiting)? A
+/// process past the point where its memory is torn down has an empty maps file.
+pub fn has_memory(pid: u32) -> bool {
+    is_alive(pid) && std::fs::read(format!("/proc/{pid}/maps")).is_ok_and(|maps| !maps.is_empty())
+}
+
 /// The command name of a process (`/proc/PID/comm`), if it still exists.
 pub fn comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))

@@ -3,8 +3,22 @@
 //! A thread blocked in a system call shows its stack pointer in
 //! `/proc/PID/task/TID/syscall` without any ptrace; a running thread does not, and
 //! then its whole stack mapping is scanned.
+//!
+//! glibc keeps the stacks of exited threads mapped, for reuse: their memory holds
+//! stale copies of whatever the dead threads had in hand, which would keep their
+//! leaks "reachable". Such a stack is known by its shape — an anonymous mapping
+//! right above a guard page, with glibc's thread control block (whose `tcb` and
+//! `self` fields point at itself) at its top — and by no live thread running on
+//! it. That is only certain when every thread's stack pointer is known. The
+//! control block itself stays a root: glibc keeps it, and what it points to (the
+//! thread's TLS vector), for the next thread that gets the stack.
 
-use std::io;
+use std::{io, ops::Range};
+
+use super::{
+    maps::{Backing, Mapping},
+    mem::MemorySource,
+};
 
 /// Thread ids of a process.
 pub fn list(pid: u32) -> io::Result<Vec<u32>> {
@@ -27,16 +41,66 @@ pub fn parse_syscall_sp(line: &str) -> Option<u64> {
     u64::from_str_radix(sp.strip_prefix("0x").unwrap_or(sp), 16).ok()
 }
 
-/// Stack pointers of the threads that are blocked right now.
-pub fn blocked_stack_pointers(pid: u32) -> Vec<u64> {
-    list(pid)
-        .unwrap_or_default()
-        .into_iter()
+/// Stack pointers of the threads that are blocked right now, and whether that is
+/// every thread.
+pub fn blocked_stack_pointers(pid: u32) -> (Vec<u64>, bool) {
+    let tids = list(pid).unwrap_or_default();
+    let sps: Vec<u64> = tids
+        .iter()
         .filter_map(|tid| {
             let line = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
             parse_syscall_sp(&line)
         })
-        .collect()
+        .collect();
+    let all = !tids.is_empty() && sps.len() == tids.len();
+    (sps, all)
+}
+
+/// Bytes at the top of a thread stack searched for glibc's thread control block.
+const TCB_SEARCH: u64 = 8 << 10;
+
+/// The cached stacks of exited threads — thread stacks (see the module header) on
+/// which none of `stack_pointers`, every live thread's, lies — up to their
+/// thread control blocks.
+pub fn idle_thread_stacks(
+    maps: &[Mapping],
+    stack_pointers: &[u64],
+    memory: &dyn MemorySource,
+) -> Vec<Range<u64>> {
+    let mut idle = Vec::new();
+    for pair in maps.windows(2) {
+        let (guard, m) = (&pair[0], &pair[1]);
+        let shaped = guard.end == m.start
+            && !guard.read
+            && !guard.write
+            && m.read
+            && m.write
+            && !m.shared
+            && m.backing == Backing::Anonymous
+            && m.len() > TCB_SEARCH;
+        if shaped
+            && !stack_pointers.iter().any(|&sp| m.contains(sp))
+            && let Some(tcb) = find_tcb(m, memory)
+        {
+            idle.push(m.start..tcb);
+        }
+    }
+    idle
+}
+
+/// glibc's thread control block near the top of `m`: an address whose first word
+/// (`tcb`) and third word (`self`) hold the address itself.
+fn find_tcb(m: &Mapping, memory: &dyn MemorySource) -> Option<u64> {
+    let from = m.end - TCB_SEARCH;
+    let mut buf = vec![0u8; TCB_SEARCH as usize];
+    if memory.read(from, &mut buf) != buf.len() {
+        return None;
+    }
+    let word = |i: usize| u64::from_ne_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
+    (0..buf.len() - 24)
+        .step_by(8)
+        .find(|&i| word(i) == from + i as u64 && word(i + 16) == from + i as u64)
+        .map(|i| from + i as u64)
 }
 
 #[cfg(test)]
@@ -54,5 +118,55 @@ mod tests {
             Some(0x7ffc_3a9e_1b48)
         );
         assert_eq!(parse_syscall_sp("running\n"), None);
+    }
+
+    fn map(start: u64, len: u64, rw: bool) -> Mapping {
+        Mapping {
+            start,
+            end: start + len,
+            read: rw,
+            write: rw,
+            exec: false,
+            shared: false,
+            offset: 0,
+            dev: 0,
+            inode: 0,
+            backing: Backing::Anonymous,
+        }
+    }
+
+    #[test]
+    fn a_cached_stack_with_no_thread_on_it_is_idle() {
+        use crate::proc::mem::FakeMemory;
+        const LEN: u64 = 64 << 10;
+        let (guard_a, a, guard_b, b, c) = (
+            0x1000_0000,
+            0x1000_1000,
+            0x2000_0000,
+            0x2000_1000,
+            0x3000_0000,
+        );
+        let maps = vec![
+            map(guard_a, 0x1000, false),
+            map(a, LEN, true),
+            map(guard_b, 0x1000, false),
+            map(b, LEN, true),
+            map(c, LEN, true), // no guard below: not a thread stack
+        ];
+        let mut memory = FakeMemory::new();
+        for m in &maps[1..] {
+            memory.map(m.start, LEN as usize);
+            // A thread control block near the top of each.
+            let tcb = m.end - 0x900;
+            memory.write_u64(tcb, tcb);
+            memory.write_u64(tcb + 16, tcb);
+        }
+        // A live thread runs on `a`.
+        let idle = idle_thread_stacks(&maps, &[a + 0x800], &memory);
+        assert_eq!(idle, vec![b..b + LEN - 0x900]);
+        // Without a control block, `b` is some other guarded mapping (a coroutine's).
+        let mut plain = FakeMemory::new();
+        plain.map(b, LEN as usize);
+        assert!(idle_thread_stacks(&maps[2..4], &[], &plain).is_empty());
     }
 }

@@ -52,6 +52,9 @@ pub struct Leak {
         serialize_with = "json::hex_opt"
     )]
     pub root: Option<u64>,
+    /// Allocated before leaktrace attached (found by the heap walk): no stack.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub before_attach: bool,
     pub stack: Arc<Vec<Frame>>,
 }
 
@@ -84,7 +87,14 @@ pub fn group(leaks: &[Leak]) -> Vec<Group> {
     let mut index: std::collections::HashMap<(StackKey, &str), usize> =
         std::collections::HashMap::new();
     for leak in leaks {
-        let key = (stack_key(&leak.stack), leak.allocator);
+        // Blocks from before attaching have no stack: group them by size.
+        let mut key = (stack_key(&leak.stack), leak.allocator);
+        if leak.before_attach {
+            key.0 = vec![(
+                format!("allocated before attaching, {} bytes", leak.size),
+                None,
+            )];
+        }
         let i = *index.entry(key).or_insert_with(|| {
             groups.push(Group {
                 stack: leak.stack.clone(),
@@ -181,6 +191,7 @@ pub(crate) mod tests {
             tid: 42,
             allocator: "malloc",
             root: None,
+            before_attach: false,
             stack: stack.clone(),
         }
     }

@@ -31,10 +31,15 @@ pub enum Record<'a> {
     Start(StartRecord<'a>),
     /// Probes were attached.
     Hooks(HooksRecord),
+    /// The heap walk of a process attached to (blocks allocated before).
+    HeapWalk(HeapWalkRecord),
     /// A confirmed leak (direct or indirect).
     Leak(&'a Leak),
-    /// A block reachable only through interior pointers.
+    /// A block reachable only through interior pointers (`--show-possible`).
     PossibleLeak(&'a Leak),
+    /// Possible leaks that share an allocation stack, at the end of a run
+    /// (valgrind's loss records).
+    PossibleLeakGroup(PossibleLeakGroupRecord<'a>),
     /// A reported leak taken back.
     Retraction(RetractionRecord),
     /// One scan of one process.
@@ -59,11 +64,13 @@ pub enum Record<'a> {
 
 impl Record<'_> {
     /// Every record type, as written in `"type"`.
-    pub const TYPES: [&'static str; 14] = [
+    pub const TYPES: [&'static str; 16] = [
         "start",
         "hooks",
+        "heap_walk",
         "leak",
         "possible_leak",
+        "possible_leak_group",
         "retraction",
         "scan",
         "process",
@@ -145,6 +152,10 @@ pub struct RunOptions {
     pub checksum: bool,
     pub stop_the_world: bool,
     pub follow_forks: bool,
+    /// valgrind's leak-check heuristics in force.
+    pub heuristics: String,
+    /// Pid mode: the heap is walked at attach time (`--no-heap-walk` turns it off).
+    pub heap_walk: bool,
 }
 
 /// The options of a kernel-mode run.
@@ -158,6 +169,10 @@ pub struct KernelOptions {
     pub sample: u64,
     pub interval_ms: u64,
     pub min_age_ms: u32,
+    /// `--min-growth-window`.
+    pub min_growth_window_ms: u64,
+    /// `--include-tracer`.
+    pub include_tracer: bool,
 }
 
 #[derive(Serialize)]
@@ -186,6 +201,32 @@ pub struct HookedFunction {
     pub return_probe: bool,
 }
 
+#[derive(Clone, Debug, Serialize)]
+pub struct HeapWalkRecord {
+    pub pid: u32,
+    /// Live blocks found and adopted as allocated before attaching.
+    pub blocks: u64,
+    pub bytes: u64,
+    pub arenas: usize,
+    /// Chunks seen free in a tcache or a fastbin (not blocks).
+    pub cached_free: usize,
+    pub duration_ms: f64,
+    /// The table lock held to adopt the blocks.
+    pub lock_us: u64,
+    /// Why the heap was not walked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct PossibleLeakGroupRecord<'a> {
+    pub objects: u64,
+    pub bytes: u64,
+    pub allocator: &'static str,
+    pub pids: Vec<u32>,
+    pub stack: &'a [Frame],
+}
+
 #[derive(Serialize)]
 pub struct RetractionRecord {
     pub pid: u32,
@@ -208,6 +249,11 @@ pub struct ScanRecord<'a> {
     pub pending: u64,
     pub withheld: u64,
     pub retracted: usize,
+    /// Every root was read and the process was alive at the end of the scan; an
+    /// incomplete scan decides nothing.
+    pub complete: bool,
+    /// Reported leaks reached only through stale copies of their address.
+    pub stale_references: u64,
     pub snapshot_lock_us: u64,
     pub apply_lock_us: u64,
     pub pause_ms: Option<f64>,
@@ -263,6 +309,9 @@ pub struct EndRecord<'a> {
     pub leaks: Totals,
     pub possible_leaks: usize,
     pub retractions: u64,
+    /// Scans that decided nothing (a target died or exited mid-scan): the verdicts
+    /// of each process's last complete scan stand.
+    pub incomplete_scans: u64,
     pub suppressed: &'a [SuppressedRule],
     #[serde(flatten)]
     pub stats: &'a Stats,

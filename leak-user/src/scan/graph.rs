@@ -6,6 +6,11 @@
 //! * Strongly reachable: reached from a root through start pointers only.
 //! * Possibly leaked: reachable only along a path with an interior pointer
 //!   (valgrind's "possibly lost"); not a leak, listed apart.
+//! * Interior pointers that one of valgrind's leak-check heuristics recognises
+//!   (a `std::string`'s characters, a length-prefixed block, a `new[]` array, a
+//!   secondary base class) count as start pointers: the caller's `recognize`
+//!   decides, from the target's contents, and only for pointers from strongly
+//!   reachable memory (as valgrind does).
 //! * Unreachable objects are leaks. Those pointed to by another leaked object are
 //!   indirect; the rest are direct. A leaked cycle with no way in gets one direct
 //!   leak (its lowest address), so every lost structure shows a head.
@@ -35,6 +40,10 @@ pub struct Graph {
     edges: Vec<u32>,
     strong_roots: Vec<bool>,
     weak_roots: Vec<bool>,
+    /// (edge index, offset into the target) of every interior edge, in edge order.
+    interior_edges: Vec<(u32, u32)>,
+    /// (object, offset) of every interior root hit.
+    interior_roots: Vec<(u32, u32)>,
 }
 
 impl Graph {
@@ -53,6 +62,8 @@ impl Graph {
         self.strong_roots.resize(objects, false);
         self.weak_roots.clear();
         self.weak_roots.resize(objects, false);
+        self.interior_edges.clear();
+        self.interior_roots.clear();
     }
 
     pub fn objects(&self) -> usize {
@@ -63,10 +74,12 @@ impl Graph {
         self.edges.len()
     }
 
-    /// Object `src` holds a pointer to `dst`. Sources must come in non-decreasing
-    /// order (the scanner walks memory upwards). Self pointers do not count.
+    /// Object `src` holds a pointer `offset` bytes into `dst` (0: its start).
+    /// Sources must come in non-decreasing order (the scanner walks memory
+    /// upwards). Self pointers do not count.
     #[inline]
-    pub fn add_edge(&mut self, src: u32, dst: u32, interior: bool) {
+    pub fn add_edge(&mut self, src: u32, dst: u32, offset: u64) {
+        let interior = offset != 0;
         let src = src as usize;
         debug_assert!(
             src + 1 >= self.starts.len(),
@@ -83,31 +96,46 @@ impl Graph {
         } else if len > self.starts[src] && self.edges.last() == Some(&edge) {
             return; // the same pointer again in the same object
         }
+        if interior {
+            self.interior_edges
+                .push((len, offset.min(u64::from(u32::MAX)) as u32));
+        }
         self.edges.push(edge);
     }
 
-    /// A root (memory outside tracked objects, or a register) points to `dst`.
+    /// A root (memory outside tracked objects, or a register) points `offset`
+    /// bytes into `dst`.
     #[inline]
-    pub fn add_root(&mut self, dst: u32, interior: bool) {
-        if interior {
+    pub fn add_root(&mut self, dst: u32, offset: u64) {
+        if offset != 0 {
             self.weak_roots[dst as usize] = true;
+            self.interior_roots
+                .push((dst, offset.min(u64::from(u32::MAX)) as u32));
         } else {
             self.strong_roots[dst as usize] = true;
         }
     }
 
-    /// Runs mark and sweep; one [`Reach`] per object.
-    pub fn classify(&mut self) -> Vec<Reach> {
+    /// Runs mark and sweep; one [`Reach`] per object, and how many objects a
+    /// heuristic made reachable. `recognize(object, offset)` says whether an
+    /// interior pointer that far into the object is one a heuristic accepts.
+    pub fn classify(&mut self, recognize: impl FnMut(usize, u32) -> bool) -> (Vec<Reach>, u64) {
         let n = self.objects;
         self.starts.resize(n + 1, self.edges.len() as u32);
         let edges = Edges {
             starts: &self.starts,
             edges: &self.edges,
+            interior: &self.interior_edges,
         };
-        let (strong, weak_seeds) = mark_strong(&edges, &self.strong_roots, &self.weak_roots);
+        let roots = Roots {
+            strong: &self.strong_roots,
+            weak: &self.weak_roots,
+            interior: &self.interior_roots,
+        };
+        let (strong, weak_seeds, by_heuristic) = mark_strong(&edges, &roots, recognize);
         let reached = mark_weak(&edges, &strong, weak_seeds);
         let mut swept = sweep(&edges, &reached);
-        (0..n)
+        let reach = (0..n)
             .map(|i| {
                 if strong[i] {
                     Reach::Reachable
@@ -119,51 +147,89 @@ impl Graph {
                         .expect("the sweep judges every leaked object")
                 }
             })
-            .collect()
+            .collect();
+        (reach, by_heuristic)
     }
+}
+
+/// What roots point to.
+struct Roots<'a> {
+    strong: &'a [bool],
+    weak: &'a [bool],
+    interior: &'a [(u32, u32)],
 }
 
 /// The graph's edge lists, CSR style.
 struct Edges<'a> {
     starts: &'a [u32],
     edges: &'a [u32],
+    /// (edge index, offset) of the interior edges, in edge order.
+    interior: &'a [(u32, u32)],
 }
 
 impl Edges<'_> {
     /// Object i's edges: (target, interior).
     fn of(&self, i: usize) -> impl Iterator<Item = (usize, bool)> + '_ {
-        self.edges[self.starts[i] as usize..self.starts[i + 1] as usize]
+        self.indexed(i).map(|(_, j, interior)| (j, interior))
+    }
+
+    /// Object i's edges with their indices: (edge index, target, interior).
+    fn indexed(&self, i: usize) -> impl Iterator<Item = (u32, usize, bool)> + '_ {
+        let (from, to) = (self.starts[i], self.starts[i + 1]);
+        self.edges[from as usize..to as usize]
             .iter()
-            .map(|&e| ((e & !INTERIOR) as usize, e & INTERIOR != 0))
+            .zip(from..to)
+            .map(|(&e, k)| (k, (e & !INTERIOR) as usize, e & INTERIOR != 0))
+    }
+
+    /// The offset of interior edge `k`.
+    fn offset(&self, k: u32) -> u32 {
+        self.interior
+            .binary_search_by_key(&k, |e| e.0)
+            .map_or(0, |at| self.interior[at].1)
     }
 }
 
-/// Marks what start pointers reach from the strong roots. Interior edges met on
-/// the way (and interior root hits) seed the weak pass, so that it walks only what
-/// this one did not reach.
+/// Marks what start pointers (and interior pointers a heuristic recognises)
+/// reach from the roots. Other interior edges met on the way (and interior root
+/// hits) seed the weak pass, so that it walks only what this one did not reach.
+/// Returns the marks, the weak seeds and how many objects a heuristic made
+/// reachable.
 fn mark_strong(
     edges: &Edges,
-    strong_roots: &[bool],
-    weak_roots: &[bool],
-) -> (Vec<bool>, Vec<usize>) {
-    let n = strong_roots.len();
-    let mut strong = strong_roots.to_vec();
+    roots: &Roots,
+    mut recognize: impl FnMut(usize, u32) -> bool,
+) -> (Vec<bool>, Vec<usize>, u64) {
+    let n = roots.strong.len();
+    let mut strong = roots.strong.to_vec();
+    let mut by_heuristic = 0;
+    for &(j, offset) in roots.interior {
+        let j = j as usize;
+        if !strong[j] && recognize(j, offset) {
+            strong[j] = true;
+            by_heuristic += 1;
+        }
+    }
     let mut stack: Vec<usize> = (0..n).filter(|&i| strong[i]).collect();
-    let mut weak_seeds: Vec<usize> = (0..n).filter(|&i| weak_roots[i] && !strong[i]).collect();
+    let mut weak_seeds: Vec<usize> = (0..n).filter(|&i| roots.weak[i] && !strong[i]).collect();
     while let Some(i) = stack.pop() {
-        for (j, interior) in edges.of(i) {
+        for (k, j, interior) in edges.indexed(i) {
             if strong[j] {
                 continue;
             }
-            if interior {
-                weak_seeds.push(j);
-            } else {
+            if !interior {
                 strong[j] = true;
                 stack.push(j);
+            } else if recognize(j, edges.offset(k)) {
+                strong[j] = true;
+                by_heuristic += 1;
+                stack.push(j);
+            } else {
+                weak_seeds.push(j);
             }
         }
     }
-    (strong, weak_seeds)
+    (strong, weak_seeds, by_heuristic)
 }
 
 /// Marks what any pointer reaches from the weak seeds: every object reached at
@@ -244,12 +310,12 @@ mod tests {
         let mut edges = edges.to_vec();
         edges.sort_by_key(|e| e.0);
         for (s, d, i) in edges {
-            g.add_edge(s, d, i);
+            g.add_edge(s, d, u64::from(i) * 8);
         }
         for &(d, i) in roots {
-            g.add_root(d, i);
+            g.add_root(d, u64::from(i) * 8);
         }
-        g.classify()
+        g.classify(|_, _| false).0
     }
 
     #[test]
@@ -362,7 +428,7 @@ mod tests {
     fn duplicate_edges_are_stored_once() {
         let mut g = Graph::new(2);
         for _ in 0..5 {
-            g.add_edge(0, 1, false);
+            g.add_edge(0, 1, 0);
         }
         assert_eq!(g.edge_count(), 1);
     }

@@ -21,6 +21,7 @@
 //! Everything here is pure given a [`MemorySource`]; tests run it on fake memory.
 
 pub mod graph;
+pub mod heuristics;
 pub mod index;
 pub mod scanner;
 
@@ -28,8 +29,11 @@ use std::ops::Range;
 
 use serde::Serialize;
 
+use rustc_hash::FxHashMap;
+
 use self::{
     graph::{Graph, Reach},
+    heuristics::{Block, Heuristics},
     index::ObjectIndex,
 };
 use crate::{
@@ -71,6 +75,10 @@ pub struct ScanInput {
     pub stack_pointers: Vec<u64>,
     /// Register values of frozen threads: roots like any memory word.
     pub registers: Vec<u64>,
+    /// Stacks of exited threads that glibc keeps for reuse: not roots.
+    pub idle_stacks: Vec<Range<u64>>,
+    /// valgrind's leak-check heuristics in force.
+    pub heuristics: Heuristics,
 }
 
 /// Figures of one scan.
@@ -83,6 +91,8 @@ pub struct ScanStats {
     pub bytes_read: u64,
     pub edges: u64,
     pub reachable: u64,
+    /// Of the reachable: through an interior pointer a heuristic recognised.
+    pub heuristic: u64,
     pub possible: u64,
     pub direct: u64,
     pub indirect: u64,
@@ -90,6 +100,9 @@ pub struct ScanStats {
     pub unreadable: u64,
     /// Objects in no mapping at all (their memory is gone).
     pub unmapped: u64,
+    /// Root memory that could not be read (a mapping went away mid-scan, or the
+    /// process died): the scan is incomplete.
+    pub unreadable_root_bytes: u64,
 }
 
 /// What one scan concluded, before the verdict rules.
@@ -98,6 +111,10 @@ pub struct ScanOutput {
     pub candidates: Vec<Candidate>,
     /// (address, serial) of objects whose memory is no longer mapped.
     pub unmapped: Vec<(u64, u32)>,
+    /// Objects whose memory could not be read: no verdict either way.
+    pub unjudged: Vec<u64>,
+    /// Watched objects (reported leaks) found reachable: (address, checksum).
+    pub watched_reached: Vec<(u64, u64)>,
     pub stats: ScanStats,
 }
 
@@ -130,6 +147,9 @@ struct Plan {
 fn plan(input: &ScanInput, index: &ObjectIndex, pieces: &mut Vec<Piece>) -> Plan {
     let mut not_roots = RangeSet::new();
     for r in &input.snapshot.owned {
+        not_roots.insert(r.clone());
+    }
+    for r in &input.idle_stacks {
         not_roots.insert(r.clone());
     }
     // The dead part of each stack whose pointer we know.
@@ -267,9 +287,51 @@ fn checksum(bytes: &[u8]) -> u64 {
 #[derive(Default)]
 pub struct Workspace {
     graph: Graph,
+    /// Indices of the watched objects the last scan found reachable.
+    watched: Vec<usize>,
     read_ok: Vec<bool>,
     buf: Vec<u8>,
     pieces: Vec<Piece>,
+}
+
+/// Words of objects an interior pointer points into, read on demand for the
+/// heuristics (only for pointers into objects no start pointer reached).
+struct Contents<'a> {
+    memory: &'a dyn MemorySource,
+    /// The first words of each object read so far, by start address.
+    heads: FxHashMap<u64, [u64; HEAD_WORDS]>,
+}
+
+/// Words of an object's head read at once.
+const HEAD_WORDS: usize = 4;
+
+impl Contents<'_> {
+    /// The word `offset` bytes into the object at `start` of `size` bytes.
+    fn word(&mut self, start: u64, size: u64, offset: u64) -> Option<u64> {
+        if offset.checked_add(8)? > size {
+            return None;
+        }
+        let read = |addr: u64, buf: &mut [u8]| self.memory.read(addr, buf) == buf.len();
+        let index = (offset / 8) as usize;
+        if offset.is_multiple_of(8) && index < HEAD_WORDS {
+            if let Some(head) = self.heads.get(&start) {
+                return Some(head[index]);
+            }
+            let len = size.min((HEAD_WORDS * 8) as u64) as usize / 8 * 8;
+            let mut buf = [0u8; HEAD_WORDS * 8];
+            if !read(start, &mut buf[..len]) {
+                return None;
+            }
+            let mut head = [0u64; HEAD_WORDS];
+            for (w, chunk) in head.iter_mut().zip(buf.chunks_exact(8)) {
+                *w = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+            }
+            self.heads.insert(start, head);
+            return Some(head[index]);
+        }
+        let mut buf = [0u8; 8];
+        read(start + offset, &mut buf).then(|| u64::from_ne_bytes(buf))
+    }
 }
 
 /// The source of a pending word that lies in a root.
@@ -328,12 +390,48 @@ impl Walker<'_> {
                     return;
                 }
                 if sources[k] == ROOT {
-                    graph.add_root(j, interior);
+                    graph.add_root(j, w - start);
                 } else {
-                    graph.add_edge(sources[k], j, interior);
+                    graph.add_edge(sources[k], j, w - start);
                 }
             });
         self.pending_len = 0;
+    }
+}
+
+/// Walks `pieces`, read into `bytes` from `start` on (`bytes` may stop short of
+/// the last pieces: what it lacks is unreadable). An object not read whole gets no
+/// verdict; a root not read is counted.
+fn walk_window(
+    walker: &mut Walker,
+    read_ok: &mut [bool],
+    pieces: &[Piece],
+    start: u64,
+    bytes: &[u8],
+) {
+    let readable_end = start + bytes.len() as u64;
+    let window = |r: Range<u64>| {
+        let from = r.start.clamp(start, readable_end);
+        &bytes[(from - start) as usize..(r.end.clamp(start, readable_end) - start) as usize]
+    };
+    for piece in pieces {
+        let r = &piece.range;
+        match piece.role {
+            Role::Root => {
+                walker.scan(r.start, window(r.clone()), ROOT);
+                walker.stats.unreadable_root_bytes +=
+                    r.end.saturating_sub(r.start.max(readable_end));
+            }
+            Role::Objects(first, last) => {
+                for o in first..=last {
+                    let range = walker.index.start(o).max(r.start)..walker.index.end(o).min(r.end);
+                    walker.scan(range.start, window(range.clone()), o);
+                    if readable_end < range.end {
+                        read_ok[o as usize] = false;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -372,18 +470,24 @@ impl Workspace {
         };
         for &r in &input.registers {
             if let Some(j) = index.find(r) {
-                walker.graph.add_root(j, r != index.start(j));
+                walker.graph.add_root(j, r - index.start(j));
             }
         }
-        // Read windows of up to CHUNK bytes covering consecutive pieces.
+        // Read windows of up to CHUNK bytes covering consecutive pieces. A window
+        // may read through small gaps between pieces; when such a read stops short
+        // (a gap between two mappings is not readable), the pieces after the stop
+        // are read again one window each, so that only memory that really cannot be
+        // read is missed.
         let pieces = &self.pieces;
         self.buf.resize(CHUNK as usize, 0);
         let buf = &mut self.buf;
         let mut k = 0;
+        let mut read_through = true;
         while k < pieces.len() {
             let start = pieces[k].range.start;
             let mut last = k;
-            while let Some(next) = pieces.get(last + 1)
+            while read_through
+                && let Some(next) = pieces.get(last + 1)
                 && next.range.start <= pieces[last].range.end + READ_THROUGH
                 && next.range.end - start <= CHUNK
             {
@@ -393,31 +497,37 @@ impl Workspace {
             let got = memory.read(start, &mut buf[..(end - start) as usize]) as u64;
             walker.stats.bytes_read += got;
             let readable_end = start + got;
-            let window = |r: Range<u64>| {
-                let from = r.start.min(readable_end);
-                &buf[(from - start) as usize..(r.end.min(readable_end) - start) as usize]
-            };
-            for piece in &pieces[k..=last] {
-                let r = &piece.range;
-                match piece.role {
-                    Role::Root => walker.scan(r.start, window(r.clone()), ROOT),
-                    Role::Objects(first, last) => {
-                        for o in first..=last {
-                            let range = index.start(o).max(r.start)..index.end(o).min(r.end);
-                            walker.scan(range.start, window(range.clone()), o);
-                            if readable_end < range.end {
-                                self.read_ok[o as usize] = false;
-                            }
-                        }
-                    }
-                }
+            if readable_end < end && last > k {
+                // Walk the pieces read whole; read the rest again, piece by piece.
+                let whole = pieces[k..=last]
+                    .iter()
+                    .take_while(|p| p.range.end <= readable_end)
+                    .count();
+                walk_window(
+                    &mut walker,
+                    &mut self.read_ok,
+                    &pieces[k..k + whole],
+                    start,
+                    &buf[..got as usize],
+                );
+                k += whole;
+                read_through = false;
+                continue;
             }
+            walk_window(
+                &mut walker,
+                &mut self.read_ok,
+                &pieces[k..=last],
+                start,
+                &buf[..got as usize],
+            );
             k = last + 1;
+            read_through = true;
         }
         walker.resolve();
         let mut stats = walker.stats;
         let walked = started.elapsed();
-        let mut out = self.finish(input, &index, &mut stats, &plan.unmapped);
+        let mut out = self.finish(input, &index, &mut stats, &plan.unmapped, memory);
         self.checksum_candidates(&mut out, &index, memory);
         out.stats = stats;
         log::debug!(
@@ -435,18 +545,61 @@ impl Workspace {
         index: &ObjectIndex,
         stats: &mut ScanStats,
         unmapped: &[u32],
+        memory: &dyn MemorySource,
     ) -> ScanOutput {
         let objects = &input.snapshot.objects;
-        let reach = self.graph.classify();
+        let mut contents = Contents {
+            memory,
+            heads: FxHashMap::default(),
+        };
+        let maps = &input.maps;
+        let is_vtable = |v: u64| {
+            let at = maps.partition_point(|m| m.end <= v);
+            maps.get(at)
+                .is_some_and(|m| m.contains(v) && m.read && !m.write && m.file().is_some())
+        };
+        let by_new = &input.snapshot.by_new;
+        let heuristics = input.heuristics;
+        let recognize = |j: usize, offset: u32| {
+            if !heuristics.any() {
+                return false;
+            }
+            let (start, size) = (index.start(j as u32), objects[j].1.size());
+            let block = Block {
+                size,
+                by_new: by_new.get(j).copied().unwrap_or(false),
+            };
+            heuristics.recognize(
+                &block,
+                u64::from(offset),
+                |at| contents.word(start, size, at),
+                is_vtable,
+            )
+        };
+        let (reach, by_heuristic) = self.graph.classify(recognize);
+        stats.heuristic = by_heuristic;
         let mut candidates = Vec::new();
+        let mut unjudged = Vec::new();
+        let mut watched = Vec::new();
+        let mut is_unmapped = vec![false; objects.len()];
+        for &o in unmapped {
+            is_unmapped[o as usize] = true;
+        }
         stats.edges = self.graph.edge_count() as u64;
         for (i, r) in reach.iter().enumerate() {
+            let addr = objects[i].0;
             if !self.read_ok[i] {
+                if !is_unmapped[i] {
+                    unjudged.push(addr);
+                }
                 continue;
             }
             let kind = match r {
                 Reach::Reachable => {
                     stats.reachable += 1;
+                    if input.snapshot.watched.binary_search(&addr).is_ok() {
+                        watched.push(i);
+                    }
                     continue;
                 }
                 Reach::Possible => {
@@ -467,54 +620,111 @@ impl Workspace {
                 _ => None,
             };
             candidates.push(Candidate {
-                addr: objects[i].0,
+                addr,
                 serial: objects[i].1.serial,
                 kind,
                 checksum: 0,
                 root,
             });
         }
-        stats.unreadable =
-            self.read_ok.iter().filter(|ok| !**ok).count() as u64 - unmapped.len() as u64;
+        stats.unreadable = unjudged.len() as u64;
         stats.unmapped = unmapped.len() as u64;
+        self.watched = watched;
         ScanOutput {
             candidates,
             unmapped: unmapped
                 .iter()
                 .map(|&o| (objects[o as usize].0, objects[o as usize].1.serial))
                 .collect(),
+            unjudged,
+            watched_reached: Vec::new(),
             stats: *stats,
         }
     }
 
-    /// Checksums the candidates' contents (few, usually): reachable objects need none.
+    /// Checksums the contents of the candidates and of the watched objects found
+    /// reachable (few, usually: other reachable objects need none). An object that
+    /// can no longer be read gets no verdict.
     fn checksum_candidates(
         &mut self,
         out: &mut ScanOutput,
         index: &ObjectIndex,
         memory: &dyn MemorySource,
     ) {
+        let ranges: Vec<Range<u64>> = out
+            .candidates
+            .iter()
+            .map(|c| c.addr..index.find(c.addr).map_or(c.addr + 1, |j| index.end(j)))
+            .collect();
+        let sums = self.checksums(&ranges, memory);
+        let mut kept = Vec::with_capacity(out.candidates.len());
+        for (c, sum) in out.candidates.iter().zip(sums) {
+            match sum {
+                Some(sum) => kept.push(Candidate {
+                    checksum: sum,
+                    ..*c
+                }),
+                None => out.unjudged.push(c.addr),
+            }
+        }
+        out.candidates = kept;
+        let ranges: Vec<Range<u64>> = self
+            .watched
+            .iter()
+            .map(|&i| index.start(i as u32)..index.end(i as u32))
+            .collect();
+        let sums = self.checksums(&ranges, memory);
+        out.watched_reached = ranges
+            .iter()
+            .zip(sums)
+            .filter_map(|(r, sum)| Some((r.start, sum?)))
+            .collect();
+    }
+
+    /// Checksums of `ranges` (sorted, disjoint), read in windows; None for a range
+    /// that could not be read whole.
+    fn checksums(&mut self, ranges: &[Range<u64>], memory: &dyn MemorySource) -> Vec<Option<u64>> {
+        let mut sums = Vec::with_capacity(ranges.len());
         let mut k = 0;
-        let cands = &mut out.candidates;
-        while k < cands.len() {
-            let start = cands[k].addr;
-            let end_of = |c: &Candidate| index.find(c.addr).map_or(c.addr + 1, |j| index.end(j));
+        let mut read_through = true;
+        while k < ranges.len() {
+            let start = ranges[k].start;
             let mut last = k;
-            while let Some(next) = cands.get(last + 1)
-                && next.addr <= end_of(&cands[last]) + READ_THROUGH
-                && end_of(next) - start <= CHUNK
+            while read_through
+                && let Some(next) = ranges.get(last + 1)
+                && next.start <= ranges[last].end + READ_THROUGH
+                && next.end - start <= CHUNK
             {
                 last += 1;
             }
-            let end = end_of(&cands[last]).min(start + CHUNK);
-            let got = memory.read(start, &mut self.buf[..(end - start) as usize]);
-            for c in &mut cands[k..=last] {
-                let from = (c.addr - start) as usize;
-                let to = ((end_of(c) - start) as usize).min(got);
-                c.checksum = self.buf.get(from..to.max(from)).map_or(0, checksum);
+            let end = ranges[last].end.min(start + CHUNK);
+            let got = memory.read(start, &mut self.buf[..(end - start) as usize]) as u64;
+            let whole = ranges[k..=last]
+                .iter()
+                .take_while(|r| r.end <= start + got)
+                .count();
+            for r in &ranges[k..k + whole] {
+                let bytes = &self.buf[(r.start - start) as usize..(r.end - start) as usize];
+                sums.push(Some(checksum(bytes)));
             }
-            k = last + 1;
+            if whole == 0 {
+                // Unreadable on its own (or larger than a window: judged by its head).
+                let r = &ranges[k];
+                let head = (start + got).min(r.end);
+                sums.push(
+                    (head == end && r.end > end)
+                        .then(|| checksum(&self.buf[..(head - start) as usize])),
+                );
+                k += 1;
+                read_through = true;
+            } else {
+                // A short read: the range after the stop is read on its own next.
+                let short = k + whole <= last;
+                k += whole;
+                read_through = !short;
+            }
         }
+        sums
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{ScanInput, ScanOutput, ScanStats, Workspace};
+use super::{ScanInput, ScanOutput, ScanStats, Workspace, heuristics::Heuristics};
 use crate::{
     clock,
     proc::{
@@ -21,7 +21,10 @@ use crate::{
         threads,
     },
     ptrace::{FreezeError, Frozen, PtraceHandle},
-    table::{SharedTable, Snapshot, verdict::ScanVerdicts},
+    table::{
+        SharedTable, Snapshot,
+        verdict::{Observation, ScanVerdicts},
+    },
 };
 
 /// Objects copied per lock hold while taking a snapshot.
@@ -34,6 +37,8 @@ pub struct ScanOptions {
     pub stop_the_world: bool,
     /// The target is stopped at its exit: confirm every unreachable object at once.
     pub at_exit: bool,
+    /// valgrind's leak-check heuristics in force.
+    pub heuristics: Heuristics,
 }
 
 /// Everything one scan of one process produced, for reports.
@@ -103,15 +108,16 @@ pub fn scan_process(
         _ => None,
     };
     let (out, snapshot_hold, maps) = result?;
-    let (verdicts, apply_hold) = table.with(|t| {
-        t.apply_scan(
-            pid,
-            &out.candidates,
-            &out.unmapped,
-            clock::now_ns(),
-            options.at_exit,
-        )
-    });
+    // Memory that could not be read because the process died (or exited) while
+    // we read it is no evidence either way: such a scan decides nothing.
+    let seen = Observation {
+        candidates: &out.candidates,
+        unjudged: &out.unjudged,
+        watched_reached: &out.watched_reached,
+        complete: proc::has_memory(pid),
+    };
+    let (verdicts, apply_hold) =
+        table.with(|t| t.apply_scan(pid, &seen, &out.unmapped, clock::now_ns(), options.at_exit));
     Ok(ProcessScan {
         pid,
         stats: out.stats,
@@ -160,17 +166,29 @@ fn scan_frozen_or_not(
         snapshot.objects.len(),
         maps.len()
     );
-    let (stack_pointers, registers) = match frozen {
-        Some(f) => (f.stack_pointers.clone(), f.registers.clone()),
-        None => (threads::blocked_stack_pointers(pid), Vec::new()),
+    let (stack_pointers, registers, every_sp) = match frozen {
+        Some(f) => (f.stack_pointers.clone(), f.registers.clone(), true),
+        None => {
+            let (sps, all) = threads::blocked_stack_pointers(pid);
+            (sps, Vec::new(), all)
+        }
+    };
+    let memory = ProcessMemory::open(pid, options.read_method).map_err(io)?;
+    // Exited threads' cached stacks are certain only when every thread is placed,
+    // and not at the exit stop: the other threads died with the exit itself.
+    let idle_stacks = if every_sp && !options.at_exit {
+        threads::idle_thread_stacks(&maps, &stack_pointers, &memory)
+    } else {
+        Vec::new()
     };
     let input = ScanInput {
         snapshot,
         maps,
         stack_pointers,
         registers,
+        idle_stacks,
+        heuristics: options.heuristics,
     };
-    let memory = ProcessMemory::open(pid, options.read_method).map_err(io)?;
     let output = workspace.scan(&input, &memory);
     Ok((output, snapshot_hold, input.maps))
 }

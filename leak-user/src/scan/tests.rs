@@ -224,3 +224,29 @@ fn big_objects_spanning_several_read_windows_are_scanned_whole() {
         vec![(A, LeakKind::Possible), (big, LeakKind::Possible)]
     );
 }
+
+/// Two small mappings with an unmapped gap between them, both roots: the window
+/// that reads through the gap stops short, and the second mapping must still be
+/// read (a program's own mmap next to the loader's was missed this way).
+#[test]
+fn roots_after_an_unreadable_gap_are_still_read() {
+    let mut f = Fixture::new();
+    let first = ANON + LEN + 0x1000;
+    let second = first + 0x2000 + 0x3000; // 12 KiB gap, within read-through distance
+    for (base, len) in [(first, 0x2000u64), (second, 0x1000)] {
+        f.memory.map(base, len as usize);
+        f.input.maps.push(Mapping {
+            start: base,
+            end: base + len,
+            ..mapping(base, Backing::Anonymous, true)
+        });
+    }
+    f.input.maps.sort_by_key(|m| m.start);
+    f.object(A, 32);
+    f.object(B, 32);
+    f.memory.write_u64(second + 16, A);
+    let out = scan(&f.input, &f.memory);
+    let kinds: Vec<_> = out.candidates.iter().map(|c| (c.addr, c.kind)).collect();
+    assert_eq!(kinds, vec![(B, LeakKind::Direct)]);
+    assert_eq!(out.stats.unreadable_root_bytes, 0);
+}

@@ -84,8 +84,22 @@ fn fit(points: &[(f64, f64)]) -> (f64, f64) {
     (slope, r2)
 }
 
+/// What a trend must show before a site is suspected.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Evidence {
+    /// Objects the site must have gained over the window (and a quarter of that
+    /// in its second half).
+    pub min_growth: u64,
+    /// Seconds the site must have been watched: the kernel's own caches grow in
+    /// bursts of a few reports (DAMON's regions, the dentry and extent caches)
+    /// and then shrink again; a steady leak keeps growing for minutes. High
+    /// confidence needs half as long again.
+    pub min_window_s: f64,
+}
+
 /// Judges a series of (seconds, outstanding count) samples.
-pub fn judge(samples: &[(f64, u64)], min_growth: u64) -> Option<Trend> {
+pub fn judge(samples: &[(f64, u64)], evidence: Evidence) -> Option<Trend> {
+    let min_growth = evidence.min_growth;
     if samples.len() < MIN_SAMPLES {
         return None;
     }
@@ -99,13 +113,16 @@ pub fn judge(samples: &[(f64, u64)], min_growth: u64) -> Option<Trend> {
     let steps = samples.len() - 1;
     let net = last - first;
     let late_net = half.last().map_or(0.0, |p| p.1) - half.first().map_or(0.0, |p| p.1);
+    let window_s = samples[samples.len() - 1].0 - samples[0].0;
     let growing = slope > 0.0
+        && window_s >= evidence.min_window_s
         && net >= min_growth as i64
         && late_slope > 0.0
         && late_net >= (min_growth as f64 / 4.0).max(1.0)
         && rising_steps * 10 >= steps * 7
         && r2 >= 0.8;
-    let confidence = if r2 >= 0.95 && samples.len() >= 10 {
+    let confidence = if r2 >= 0.95 && samples.len() >= 10 && window_s >= 1.5 * evidence.min_window_s
+    {
         Confidence::High
     } else if r2 >= 0.9 {
         Confidence::Medium
@@ -117,7 +134,7 @@ pub fn judge(samples: &[(f64, u64)], min_growth: u64) -> Option<Trend> {
         slope_per_s: slope,
         r2,
         samples: samples.len(),
-        window_s: samples[samples.len() - 1].0 - samples[0].0,
+        window_s,
         net_growth: net,
         rising_steps,
         steps,
@@ -144,16 +161,24 @@ impl GrowthTracker {
     }
 
     /// The trend of one site.
-    pub fn trend(&self, site: u32, min_growth: u64) -> Option<Trend> {
+    pub fn trend(&self, site: u32, evidence: Evidence) -> Option<Trend> {
         let s = self.series.get(&site)?;
         let v: Vec<(f64, u64)> = s.iter().copied().collect();
-        judge(&v, min_growth)
+        judge(&v, evidence)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Growth of 10 objects over at least 2 s (the samples are 0.5 s apart).
+    fn ev(min_growth: u64) -> Evidence {
+        Evidence {
+            min_growth,
+            min_window_s: 2.0,
+        }
+    }
 
     fn series(f: impl Fn(f64) -> u64, n: usize) -> Vec<(f64, u64)> {
         (0..n)
@@ -163,7 +188,7 @@ mod tests {
 
     #[test]
     fn steady_growth_is_a_leak() {
-        let t = judge(&series(|t| 100 + (t * 40.0) as u64, 12), 10).unwrap();
+        let t = judge(&series(|t| 100 + (t * 40.0) as u64, 12), ev(10)).unwrap();
         assert_eq!(t.suspected, Some(Confidence::High));
         assert!((t.slope_per_s - 40.0).abs() < 1.0, "{t:?}");
         assert!(t.reason().contains("+40"));
@@ -171,9 +196,9 @@ mod tests {
 
     #[test]
     fn a_flat_or_noisy_count_is_not() {
-        let flat = judge(&series(|t| 50 + ((t * 7.0) as u64 % 3), 12), 10).unwrap();
+        let flat = judge(&series(|t| 50 + ((t * 7.0) as u64 % 3), 12), ev(10)).unwrap();
         assert_eq!(flat.suspected, None);
-        let shrinking = judge(&series(|t| 500 - (t * 10.0) as u64, 12), 10).unwrap();
+        let shrinking = judge(&series(|t| 500 - (t * 10.0) as u64, 12), ev(10)).unwrap();
         assert_eq!(shrinking.suspected, None);
     }
 
@@ -181,7 +206,7 @@ mod tests {
     fn warm_up_then_flat_is_not() {
         let t = judge(
             &series(|t| if t < 1.0 { (t * 50.0) as u64 } else { 50 }, 14),
-            10,
+            ev(10),
         )
         .unwrap();
         assert_eq!(t.suspected, None, "{t:?}");
@@ -189,8 +214,8 @@ mod tests {
 
     #[test]
     fn small_growth_or_few_samples_say_nothing() {
-        assert!(judge(&series(|t| t as u64, 3), 10).is_none());
-        let tiny = judge(&series(|t| (t / 2.0) as u64, 12), 10).unwrap();
+        assert!(judge(&series(|t| t as u64, 3), ev(10)).is_none());
+        let tiny = judge(&series(|t| (t / 2.0) as u64, 12), ev(10)).unwrap();
         assert_eq!(tiny.suspected, None);
     }
 
@@ -200,9 +225,31 @@ mod tests {
         for i in 0..100 {
             g.record(i as f64, &[i, 5]);
         }
-        let grow = g.trend(0, 10).unwrap();
+        let grow = g.trend(0, ev(10)).unwrap();
         assert_eq!(grow.samples, WINDOW);
         assert!(grow.suspected.is_some());
-        assert!(g.trend(1, 10).unwrap().suspected.is_none());
+        assert!(g.trend(1, ev(10)).unwrap().suspected.is_none());
+    }
+
+    #[test]
+    fn a_short_burst_is_not_enough_evidence() {
+        // Steady growth, but watched for 5.5 s of a required 60.
+        let steady = series(|t| 100 + (t * 40.0) as u64, 12);
+        let long = Evidence {
+            min_growth: 10,
+            min_window_s: 60.0,
+        };
+        assert_eq!(judge(&steady, long).unwrap().suspected, None);
+        // 30 samples 5 s apart: 145 s of growth, high confidence.
+        let minutes: Vec<(f64, u64)> = (0..30).map(|i| (i as f64 * 5.0, 100 + i * 5)).collect();
+        assert_eq!(
+            judge(&minutes, long).unwrap().suspected,
+            Some(Confidence::High)
+        );
+        // 13 samples, 60 s: medium at most.
+        assert_eq!(
+            judge(&minutes[..13], long).unwrap().suspected,
+            Some(Confidence::Medium)
+        );
     }
 }

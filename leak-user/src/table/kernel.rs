@@ -74,6 +74,9 @@ pub struct KernelCounters {
     pub replaced: u64,
     /// Allocations from slab caches other than `--cache`.
     pub filtered: u64,
+    /// Allocations made by leaktrace itself (loading programs, reading /proc),
+    /// left out unless `--include-tracer`.
+    pub tracer: u64,
 }
 
 /// The figures of a stack or a call site at one moment, for reports.
@@ -126,6 +129,8 @@ pub struct KernelTable {
     comms: FxHashMap<u32, String>,
     cgroups: FxHashMap<u32, u64>,
     caches: Vec<String>,
+    /// Allocations of this process (leaktrace's own) are left out.
+    tracer_pid: Option<u32>,
     outstanding_bytes: u64,
     pub counters: KernelCounters,
 }
@@ -145,9 +150,15 @@ impl KernelTable {
             comms: FxHashMap::default(),
             cgroups: FxHashMap::default(),
             caches,
+            tracer_pid: None,
             outstanding_bytes: 0,
             counters: KernelCounters::default(),
         }
+    }
+
+    /// Leaves the allocations of process `pid` (the tracer's) out.
+    pub fn exclude_tracer(&mut self, pid: u32) {
+        self.tracer_pid = Some(pid);
     }
 
     fn ms(&self, ts_ns: u64) -> u32 {
@@ -198,6 +209,10 @@ impl KernelTable {
     fn alloc(&mut self, k: &KernelAlloc) {
         if !self.caches.is_empty() && !self.caches.contains(&k.cache) {
             self.counters.filtered += 1;
+            return;
+        }
+        if self.tracer_pid == Some(k.tgid) {
+            self.counters.tracer += 1;
             return;
         }
         self.counters.allocs += 1;

@@ -26,7 +26,7 @@ use std::{collections::BTreeMap, ops::Range};
 use leak_common::AllocFn;
 use rustc_hash::FxHashMap;
 
-use self::verdict::{Candidate, Retraction, RetractionReason, ScanVerdicts, VerdictBook};
+use self::verdict::{Observation, Retraction, RetractionReason, ScanVerdicts, VerdictBook};
 pub use self::{
     ranges::RangeSet,
     shared::{Shared, SharedTable},
@@ -102,6 +102,10 @@ pub struct ProcessTable {
     /// The process allocated before we attached (pid mode), so untracked heap memory
     /// may hold blocks we never saw.
     pub attached_late: bool,
+    /// Between the start of a heap walk and the adoption of its blocks: frees of
+    /// addresses the table does not hold (so that a block freed after the walk
+    /// read it is not adopted).
+    pub freed_during_walk: Option<rustc_hash::FxHashSet<u64>>,
 }
 
 impl ProcessTable {
@@ -164,6 +168,12 @@ pub struct Snapshot {
     /// attached, and (attached late) blocks freed since then. Not sorted.
     pub owned: Vec<Range<u64>>,
     pub attached_late: bool,
+    /// Reported leaks (sorted addresses): the scan checksums them even when it
+    /// finds them reachable, to tell a stale copy of their address from use.
+    pub watched: Vec<u64>,
+    /// For each object: allocated by `operator new` (valgrind applies some of its
+    /// heuristics to those only).
+    pub by_new: Vec<bool>,
 }
 
 /// A realloc between its entry and its return.
@@ -214,14 +224,14 @@ impl Table {
     }
 
     /// Applies one scan's conclusions: drops the objects found in no mapping
-    /// (`unmapped`: address and serial), then runs the verdict rules on the
-    /// candidates that are still the same objects. The verdicts carry each
-    /// finding's allocation site and the time of judgement, so that reporting
+    /// (`unmapped`: address and serial), then runs the verdict rules on what the
+    /// scan observed of the objects that are still the same. The verdicts carry
+    /// each finding's allocation site and the time of judgement, so that reporting
     /// them needs no further hold of the lock.
     pub fn apply_scan(
         &mut self,
         pid: u32,
-        candidates: &[Candidate],
+        seen: &Observation,
         unmapped: &[(u64, u32)],
         now_ns: u64,
         exact: bool,
@@ -234,7 +244,7 @@ impl Table {
         let sites = &self.sites;
         self.verdicts.apply_scan(
             pid,
-            candidates,
+            seen,
             lookup,
             |site| sites.get(site).copied(),
             now_ms,
@@ -311,6 +321,7 @@ impl Table {
             // Never roots, either way (the scanner merges the two).
             snapshot.owned = p.owned.iter().chain(p.freed.iter()).collect();
             snapshot.attached_late = p.attached_late;
+            snapshot.watched = self.verdicts.reported(pid).iter().map(|r| r.0).collect();
         }
         let mut next = None;
         for (i, (&a, &o)) in p.objects.range(from..).enumerate() {
@@ -319,6 +330,11 @@ impl Table {
                 break;
             }
             snapshot.objects.push((a, o));
+            snapshot
+                .by_new
+                .push(self.sites.get(o.site).is_some_and(|s| {
+                    matches!(s.func, AllocFn::OperatorNew | AllocFn::OperatorNewAligned)
+                }));
         }
         next
     }
@@ -335,6 +351,13 @@ impl Table {
                 self.counters.frees += 1;
                 if self.release(tgid, addr).is_none() {
                     self.counters.untracked_frees += 1;
+                    if let Some(set) = self
+                        .processes
+                        .get_mut(&tgid)
+                        .and_then(|p| p.freed_during_walk.as_mut())
+                    {
+                        set.insert(addr);
+                    }
                 }
             }
             Event::ReallocDetach { tgid, tid, old } => {
@@ -373,6 +396,7 @@ impl Table {
                         freed: p.freed.clone(),
                         brk: p.brk,
                         attached_late: p.attached_late,
+                        freed_during_walk: None,
                     })
                     .unwrap_or_default();
                 self.processes.insert(child, copy);
@@ -397,6 +421,7 @@ impl Table {
             stack_id: a.stack_id,
             caller: a.caller,
             func: a.func,
+            before_attach: false,
         });
         let size = if a.func == AllocFn::Pvalloc {
             a.size.max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE
@@ -533,6 +558,51 @@ impl Table {
                 self.remove(pid, addr, RetractionReason::Freed);
             }
         }
+    }
+
+    /// A heap walk of `pid` starts: frees of untracked addresses are remembered
+    /// until [`Self::adopt`].
+    pub fn begin_walk(&mut self, pid: u32) {
+        if let Some(p) = self.processes.get_mut(&pid) {
+            p.freed_during_walk = Some(Default::default());
+        }
+    }
+
+    /// Adds the live blocks a heap walk found as objects allocated before we
+    /// attached — except where the table already holds an object (allocated since),
+    /// where memory was freed since attaching, and blocks freed since the walk
+    /// began. Every event up to now must have been applied. Returns the blocks and
+    /// bytes adopted.
+    pub fn adopt(&mut self, pid: u32, blocks: &[(u64, u64)]) -> (u64, u64) {
+        let Some(p) = self.processes.get_mut(&pid) else {
+            return (0, 0);
+        };
+        let freed_during_walk = p.freed_during_walk.take().unwrap_or_default();
+        let site = self.sites.intern(AllocSite::BEFORE_ATTACH);
+        let (mut n, mut bytes) = (0, 0);
+        for &(addr, size) in blocks {
+            let p = self.processes.get(&pid).expect("checked above");
+            let end = addr.saturating_add(size.max(1));
+            let taken = p
+                .objects
+                .range(..end)
+                .next_back()
+                .is_some_and(|(&a, o)| a.saturating_add(o.span()) > addr);
+            if taken
+                || freed_during_walk.contains(&addr)
+                || p.freed.overlapping(addr..end).next().is_some()
+            {
+                continue;
+            }
+            self.next_serial = self.next_serial.wrapping_add(1);
+            let object = Object::new(size, 0, site, 0, self.next_serial);
+            let p = self.processes.get_mut(&pid).expect("checked above");
+            p.objects.insert(addr, object);
+            p.live_bytes += size;
+            n += 1;
+            bytes += size;
+        }
+        (n, bytes)
     }
 
     /// The object at `addr` if it is still the one with `serial`.

@@ -16,6 +16,19 @@ pub struct AllocSite {
     /// Return address of the allocator call.
     pub caller: u64,
     pub func: AllocFn,
+    /// Found live by the heap walk at attach time: allocated before we attached,
+    /// by an unknown stack.
+    pub before_attach: bool,
+}
+
+impl AllocSite {
+    /// The site of every block the heap walk found.
+    pub const BEFORE_ATTACH: Self = Self {
+        stack_id: 0,
+        caller: 0,
+        func: AllocFn::Malloc,
+        before_attach: true,
+    };
 }
 
 /// Interned [`AllocSite`]s; keys are dense `u32`s.
@@ -60,6 +73,7 @@ mod tests {
             stack_id: 1,
             caller: 2,
             func: AllocFn::Malloc,
+            before_attach: false,
         };
         let b = AllocSite {
             func: AllocFn::Calloc,

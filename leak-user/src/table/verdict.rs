@@ -79,6 +79,24 @@ pub struct Candidate {
     pub root: Option<u64>,
 }
 
+/// What one scan observed of one process, in the verdict rules' terms.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Observation<'a> {
+    /// Objects the mark phase did not reach strongly.
+    pub candidates: &'a [Candidate],
+    /// Objects the scan could not judge (their memory could not be read): their
+    /// state stays as it was.
+    pub unjudged: &'a [u64],
+    /// Reported leaks this scan found reachable, with their checksums: a stale
+    /// copy of a lost block's address (in a dead thread's cached stack, a reused
+    /// block) does not bring it back while its contents stay the same.
+    pub watched_reached: &'a [(u64, u64)],
+    /// Every root was read and the process was alive when the scan ended. An
+    /// incomplete scan (the target died or exited mid-scan) changes no verdict:
+    /// the last complete scan stands.
+    pub complete: bool,
+}
+
 /// A newly confirmed leak, with what reporting it needs (its allocation site).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Finding {
@@ -122,6 +140,11 @@ pub struct ScanVerdicts {
     pub pending: u64,
     /// Candidates withheld because they were alive when events were lost.
     pub withheld: u64,
+    /// The scan was incomplete: nothing was decided.
+    pub incomplete: bool,
+    /// Reported leaks found reachable only through stale copies of their address
+    /// (their contents unchanged): still leaks.
+    pub stale_references: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -178,12 +201,12 @@ impl VerdictBook {
         self.states.retain(|(p, _), _| *p != pid);
     }
 
-    /// Applies one scan's candidates. `lookup` answers whether the object a candidate
-    /// was computed for is still live (same address and serial), `site_of` names an
-    /// object's allocation site. `free_loss_ms` is the latest time at which a free
-    /// may have been lost. An `exact` scan (of a process stopped at its exit) has no
-    /// races to guard against: every unreachable object is confirmed at once, as
-    /// valgrind and LeakSanitizer do at exit.
+    /// Applies one scan's observation. `lookup` answers whether the object a
+    /// candidate was computed for is still live (same address and serial),
+    /// `site_of` names an object's allocation site. `free_loss_ms` is the latest time
+    /// at which a free may have been lost. An `exact` scan (of a process stopped at
+    /// its exit) has no races to guard against: every unreachable object is
+    /// confirmed at once, as valgrind and LeakSanitizer do at exit.
     #[expect(
         clippy::too_many_arguments,
         reason = "one scan's inputs, each distinct"
@@ -191,34 +214,47 @@ impl VerdictBook {
     pub fn apply_scan(
         &mut self,
         pid: u32,
-        candidates: &[Candidate],
+        seen: &Observation,
         lookup: impl Fn(u64, u32) -> Option<Object>,
         site_of: impl Fn(u32) -> Option<AllocSite>,
         now_ms: u32,
         free_loss_ms: Option<u32>,
         exact: bool,
     ) -> ScanVerdicts {
+        let mut out = ScanVerdicts {
+            now_ms,
+            incomplete: !seen.complete,
+            ..ScanVerdicts::default()
+        };
+        if !seen.complete {
+            return out;
+        }
         let params = if exact {
             VerdictParams::EXACT
         } else {
             self.params
         };
-        let mut out = ScanVerdicts {
-            now_ms,
-            ..ScanVerdicts::default()
-        };
-        let mut unreferenced = FxHashSet::default();
-        for c in candidates {
+        let mut unreferenced: FxHashSet<u64> = seen.unjudged.iter().copied().collect();
+        // Indirect leaks last: one is reported only once the direct leak it is
+        // lost through is (a young or withheld root keeps its blocks pending).
+        let (indirect, others): (Vec<&Candidate>, Vec<&Candidate>) = seen
+            .candidates
+            .iter()
+            .partition(|c| c.kind == LeakKind::Indirect);
+        for c in others.into_iter().chain(indirect) {
             let Some(object) = lookup(c.addr, c.serial) else {
                 continue; // freed (or replaced) while we scanned
             };
             unreferenced.insert(c.addr);
+            let root_reported = c.kind != LeakKind::Indirect
+                || c.root
+                    .is_some_and(|r| self.states.get(&(pid, r)).is_some_and(|s| s.reported));
             let state = self.observe(pid, c, params);
             if state.reported {
                 continue;
             }
             let age = now_ms.saturating_sub(object.birth_ms);
-            if !old_and_stable(state, age, params) {
+            if !old_and_stable(state, age, params) || !root_reported {
                 out.pending += 1;
             } else if free_loss_ms.is_some_and(|loss| object.birth_ms <= loss) {
                 out.withheld += 1;
@@ -234,7 +270,9 @@ impl VerdictBook {
                 });
             }
         }
-        out.retractions = self.forget_referenced(pid, &unreferenced, lookup);
+        let stale: FxHashMap<u64, u64> = seen.watched_reached.iter().copied().collect();
+        (out.retractions, out.stale_references) =
+            self.forget_referenced(pid, &unreferenced, &stale, lookup);
         out
     }
 
@@ -268,19 +306,34 @@ impl VerdictBook {
     }
 
     /// Forgets every object of `pid` with state that this scan found referenced
-    /// (not among `unreferenced`), retracting those that were reported.
+    /// (not among `unreferenced`), retracting those that were reported — except a
+    /// reported leak whose contents are unchanged (`stale`: address → checksum
+    /// now): what reached it is a stale copy of its address. Returns the
+    /// retractions and how many reported leaks were kept that way.
     fn forget_referenced(
         &mut self,
         pid: u32,
         unreferenced: &FxHashSet<u64>,
+        stale: &FxHashMap<u64, u64>,
         lookup: impl Fn(u64, u32) -> Option<Object>,
-    ) -> Vec<Retraction> {
+    ) -> (Vec<Retraction>, u64) {
         let referenced: Vec<u64> = self
             .states
-            .keys()
-            .filter(|(p, a)| *p == pid && !unreferenced.contains(a))
-            .map(|&(_, a)| a)
+            .iter()
+            .filter(|((p, a), state)| {
+                *p == pid
+                    && !unreferenced.contains(a)
+                    && !(state.reported && stale.get(a) == Some(&state.checksum))
+            })
+            .map(|(&(_, a), _)| a)
             .collect();
+        let kept = self
+            .states
+            .iter()
+            .filter(|((p, a), state)| {
+                *p == pid && state.reported && stale.get(a) == Some(&state.checksum)
+            })
+            .count() as u64;
         let mut retractions = Vec::new();
         for addr in referenced {
             let state = self.states.remove(&(pid, addr)).expect("listed above");
@@ -297,7 +350,7 @@ impl VerdictBook {
                 });
             }
         }
-        retractions
+        (retractions, kept)
     }
 
     /// Every reported (and not retracted) leak of `pid`: (address, serial, kind, root).
@@ -322,11 +375,20 @@ fn old_and_stable(state: &LeakState, age_ms: u32, params: VerdictParams) -> bool
 mod tests {
     use super::*;
 
+    fn seen(candidates: &[Candidate]) -> Observation<'_> {
+        Observation {
+            candidates,
+            complete: true,
+            ..Observation::default()
+        }
+    }
+
     fn site(_: u32) -> Option<AllocSite> {
         Some(AllocSite {
             stack_id: 0,
             caller: 0x40,
             func: leak_common::AllocFn::Malloc,
+            before_attach: false,
         })
     }
 
@@ -356,14 +418,14 @@ mod tests {
     fn reports_after_two_stable_scans_of_an_old_object() {
         let mut book = VerdictBook::new(params());
         let live = |_: u64, s: u32| Some(object(0, s));
-        let v = book.apply_scan(1, &[cand(0x10, 5)], live, site, 2000, None, false);
+        let v = book.apply_scan(1, &seen(&[cand(0x10, 5)]), live, site, 2000, None, false);
         assert!(v.findings.is_empty());
         assert_eq!(v.pending, 1);
-        let v = book.apply_scan(1, &[cand(0x10, 5)], live, site, 3000, None, false);
+        let v = book.apply_scan(1, &seen(&[cand(0x10, 5)]), live, site, 3000, None, false);
         assert_eq!(v.findings.len(), 1);
         assert_eq!(v.findings[0].addr, 0x10);
         // Reported once only.
-        let v = book.apply_scan(1, &[cand(0x10, 5)], live, site, 4000, None, false);
+        let v = book.apply_scan(1, &seen(&[cand(0x10, 5)]), live, site, 4000, None, false);
         assert!(v.findings.is_empty());
         assert_eq!(book.reported(1).len(), 1);
     }
@@ -372,15 +434,15 @@ mod tests {
     fn young_or_changing_objects_wait() {
         let mut book = VerdictBook::new(params());
         let young = |_: u64, s: u32| Some(object(2500, s));
-        book.apply_scan(1, &[cand(0x10, 1)], young, site, 3000, None, false);
-        let v = book.apply_scan(1, &[cand(0x10, 1)], young, site, 3400, None, false);
+        book.apply_scan(1, &seen(&[cand(0x10, 1)]), young, site, 3000, None, false);
+        let v = book.apply_scan(1, &seen(&[cand(0x10, 1)]), young, site, 3400, None, false);
         assert!(v.findings.is_empty(), "only 900 ms old");
         let old = |_: u64, s: u32| Some(object(0, s));
         let mut book = VerdictBook::new(params());
-        book.apply_scan(1, &[cand(0x10, 1)], old, site, 3000, None, false);
-        let v = book.apply_scan(1, &[cand(0x10, 2)], old, site, 4000, None, false);
+        book.apply_scan(1, &seen(&[cand(0x10, 1)]), old, site, 3000, None, false);
+        let v = book.apply_scan(1, &seen(&[cand(0x10, 2)]), old, site, 4000, None, false);
         assert!(v.findings.is_empty(), "contents changed");
-        let v = book.apply_scan(1, &[cand(0x10, 2)], old, site, 5000, None, false);
+        let v = book.apply_scan(1, &seen(&[cand(0x10, 2)]), old, site, 5000, None, false);
         assert_eq!(v.findings.len(), 1);
     }
 
@@ -388,10 +450,34 @@ mod tests {
     fn objects_alive_at_a_lost_free_are_withheld() {
         let mut book = VerdictBook::new(params());
         let live = |_: u64, s: u32| Some(object(100, s));
-        book.apply_scan(1, &[cand(0x10, 1)], live, site, 2000, Some(500), false);
-        let v = book.apply_scan(1, &[cand(0x10, 1)], live, site, 3000, Some(500), false);
+        book.apply_scan(
+            1,
+            &seen(&[cand(0x10, 1)]),
+            live,
+            site,
+            2000,
+            Some(500),
+            false,
+        );
+        let v = book.apply_scan(
+            1,
+            &seen(&[cand(0x10, 1)]),
+            live,
+            site,
+            3000,
+            Some(500),
+            false,
+        );
         assert_eq!((v.findings.len(), v.withheld), (0, 1));
-        let v = book.apply_scan(1, &[cand(0x10, 1)], live, site, 3000, Some(50), false);
+        let v = book.apply_scan(
+            1,
+            &seen(&[cand(0x10, 1)]),
+            live,
+            site,
+            3000,
+            Some(50),
+            false,
+        );
         assert_eq!(v.findings.len(), 1, "born after the loss");
     }
 
@@ -402,7 +488,7 @@ mod tests {
         for now in [2000, 3000] {
             book.apply_scan(
                 1,
-                &[cand(0x10, 1), cand(0x20, 1)],
+                &seen(&[cand(0x10, 1), cand(0x20, 1)]),
                 live,
                 site,
                 now,
@@ -413,7 +499,7 @@ mod tests {
         assert_eq!(book.reported(1).len(), 2);
         let r = book.on_gone(1, 0x10, &object(0, 1), RetractionReason::Freed);
         assert_eq!(r.map(|r| r.reason), Some(RetractionReason::Freed));
-        let v = book.apply_scan(1, &[], live, site, 4000, None, false);
+        let v = book.apply_scan(1, &seen(&[]), live, site, 4000, None, false);
         assert_eq!(v.retractions.len(), 1);
         assert_eq!(v.retractions[0].reason, RetractionReason::Reachable);
         assert!(book.reported(1).is_empty());
@@ -423,7 +509,7 @@ mod tests {
     fn an_exact_scan_confirms_at_once() {
         let mut book = VerdictBook::new(params());
         let young = |_: u64, s: u32| Some(object(2900, s));
-        let v = book.apply_scan(1, &[cand(0x10, 1)], young, site, 3000, None, true);
+        let v = book.apply_scan(1, &seen(&[cand(0x10, 1)]), young, site, 3000, None, true);
         assert_eq!(v.findings.len(), 1);
     }
 
@@ -431,14 +517,104 @@ mod tests {
     fn a_new_life_at_the_same_address_starts_over() {
         let mut book = VerdictBook::new(params());
         let first = |_: u64, _: u32| Some(object(0, 1));
-        book.apply_scan(1, &[cand(0x10, 1)], first, site, 2000, None, false);
+        book.apply_scan(1, &seen(&[cand(0x10, 1)]), first, site, 2000, None, false);
         let mut again = cand(0x10, 1);
         again.serial = 2;
         let second = |_: u64, _: u32| Some(object(0, 2));
-        let v = book.apply_scan(1, &[again], second, site, 3000, None, false);
+        let v = book.apply_scan(1, &seen(&[again]), second, site, 3000, None, false);
         assert!(v.findings.is_empty());
         // A candidate whose object has gone is skipped.
-        let v = book.apply_scan(1, &[again], |_, _| None, site, 4000, None, false);
+        let v = book.apply_scan(1, &seen(&[again]), |_, _| None, site, 4000, None, false);
         assert!(v.findings.is_empty());
+    }
+
+    /// Two scans that confirm 0x10 and 0x20 as leaks.
+    fn book_with_two_leaks() -> VerdictBook {
+        let mut book = VerdictBook::new(params());
+        let live = |_: u64, s: u32| Some(object(0, s));
+        for now in [2000, 3000] {
+            book.apply_scan(
+                1,
+                &seen(&[cand(0x10, 7), cand(0x20, 7)]),
+                live,
+                site,
+                now,
+                None,
+                false,
+            );
+        }
+        assert_eq!(book.reported(1).len(), 2);
+        book
+    }
+
+    #[test]
+    fn an_incomplete_scan_decides_nothing() {
+        let mut book = book_with_two_leaks();
+        let live = |_: u64, s: u32| Some(object(0, s));
+        // The target died mid-scan: nothing could be read, nothing is a candidate.
+        let dead = Observation {
+            complete: false,
+            ..Observation::default()
+        };
+        let v = book.apply_scan(1, &dead, live, site, 4000, None, false);
+        assert!(v.incomplete && v.retractions.is_empty() && v.findings.is_empty());
+        assert_eq!(book.reported(1).len(), 2);
+    }
+
+    #[test]
+    fn unreadable_objects_keep_their_verdicts() {
+        let mut book = book_with_two_leaks();
+        let live = |_: u64, s: u32| Some(object(0, s));
+        let partly = Observation {
+            candidates: &[],
+            unjudged: &[0x10, 0x20],
+            complete: true,
+            ..Observation::default()
+        };
+        let v = book.apply_scan(1, &partly, live, site, 4000, None, false);
+        assert!(v.retractions.is_empty());
+        assert_eq!(book.reported(1).len(), 2);
+    }
+
+    #[test]
+    fn a_stale_copy_of_a_lost_address_does_not_retract_it() {
+        let mut book = book_with_two_leaks();
+        let live = |_: u64, s: u32| Some(object(0, s));
+        // Both found reachable; 0x10 unchanged (a stale copy), 0x20 written to.
+        let reached = Observation {
+            watched_reached: &[(0x10, 7), (0x20, 8)],
+            complete: true,
+            ..Observation::default()
+        };
+        let v = book.apply_scan(1, &reached, live, site, 4000, None, false);
+        assert_eq!(v.stale_references, 1);
+        assert_eq!(
+            v.retractions.iter().map(|r| r.addr).collect::<Vec<_>>(),
+            vec![0x20]
+        );
+        assert_eq!(
+            book.reported(1).iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![0x10]
+        );
+    }
+
+    #[test]
+    fn an_indirect_leak_waits_for_its_root() {
+        let mut book = VerdictBook::new(params());
+        // The root (0x10) is young; its child (0x20) is old.
+        let lookup = |a: u64, s: u32| Some(object(if a == 0x10 { 2500 } else { 0 }, s));
+        let child = Candidate {
+            kind: LeakKind::Indirect,
+            root: Some(0x10),
+            ..cand(0x20, 1)
+        };
+        let both = [cand(0x10, 1), child];
+        book.apply_scan(1, &seen(&both), lookup, site, 3000, None, false);
+        let v = book.apply_scan(1, &seen(&both), lookup, site, 3400, None, false);
+        assert!(v.findings.is_empty(), "the child waits for its root");
+        let v = book.apply_scan(1, &seen(&both), lookup, site, 4000, None, false);
+        let mut found: Vec<u64> = v.findings.iter().map(|f| f.addr).collect();
+        found.sort_unstable();
+        assert_eq!(found, vec![0x10, 0x20]);
     }
 }

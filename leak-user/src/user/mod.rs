@@ -21,6 +21,7 @@ use tokio::{
     time::{MissedTickBehavior, interval, sleep_until},
 };
 
+mod heap_walk;
 pub mod reporter;
 
 use self::reporter::Reporter;
@@ -270,6 +271,18 @@ impl UserSession {
                         } else {
                             self.reporter.process(ProcessEvent::Exit, pid, None, None);
                         }
+                        continue;
+                    }
+                    if self.config.heap_walk {
+                        let record = heap_walk::walk(
+                            &self.config,
+                            &self.table,
+                            &self.ingest,
+                            &self.ptrace,
+                            pid,
+                        )
+                        .await;
+                        self.reporter.heap_walk(&record);
                     }
                 }
             }
@@ -611,6 +624,7 @@ impl UserSession {
             read_method: self.config.read_method,
             stop_the_world: self.config.stop_the_world && !at_exit,
             at_exit,
+            heuristics: self.config.heuristics,
         };
         let mut workspace = self.workspace.take().unwrap_or_default();
         let result = tokio::task::spawn_blocking(move || {

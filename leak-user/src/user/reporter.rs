@@ -21,9 +21,9 @@ use crate::{
         self, Leak, Totals, allocator_name,
         json::Output,
         records::{
-            EndReason, EndRecord, HookedFunction, HookedObject, HooksRecord, ProcessEvent,
-            ProcessRecord, Record, RetractionRecord, RunMode, RunOptions, ScanRecord, StartRecord,
-            Stats, SuppressedRule, Target,
+            EndReason, EndRecord, HeapWalkRecord, HookedFunction, HookedObject, HooksRecord,
+            PossibleLeakGroupRecord, ProcessEvent, ProcessRecord, Record, RetractionRecord,
+            RunMode, RunOptions, ScanRecord, StartRecord, Stats, SuppressedRule, Target,
         },
         suppress::Suppressions,
         text,
@@ -69,6 +69,7 @@ pub struct Reporter {
     reported: BTreeMap<(u32, u64), Leak>,
     retractions: u64,
     scans: u64,
+    incomplete_scans: u64,
     comms: HashMap<u32, String>,
 }
 
@@ -84,6 +85,7 @@ impl Reporter {
             reported: BTreeMap::new(),
             retractions: 0,
             scans: 0,
+            incomplete_scans: 0,
             comms: HashMap::new(),
         })
     }
@@ -118,6 +120,8 @@ impl Reporter {
                 checksum: config.verdict.require_stable_contents,
                 stop_the_world: config.stop_the_world,
                 follow_forks: config.follow_forks,
+                heuristics: config.heuristics.to_string(),
+                heap_walk: config.heap_walk,
             }),
             ..StartRecord::new(mode, targets)
         }));
@@ -138,6 +142,28 @@ impl Reporter {
         }
     }
 
+    /// The heap of `pid` was walked at attach time.
+    pub fn heap_walk(&mut self, record: &HeapWalkRecord) {
+        self.sink.json(&Record::HeapWalk(record.clone()));
+        let line = match &record.error {
+            Some(why) => format!("leaktrace: pid {}: heap not walked: {why}", record.pid),
+            None => format!(
+                "leaktrace: pid {}: heap walk: {} blocks ({}) allocated before attaching, in {} arenas, {:.1} ms (lock {} µs)",
+                record.pid,
+                record.blocks,
+                text::bytes(record.bytes),
+                record.arenas,
+                record.duration_ms,
+                record.lock_us
+            ),
+        };
+        if self.out.json {
+            log::info!("{}", line.trim_start_matches("leaktrace: "));
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
     pub fn remember_maps(&mut self, pid: u32, maps: &[Mapping]) {
         self.symbolizer.remember(pid, maps);
     }
@@ -146,6 +172,9 @@ impl Reporter {
     fn stack_of(&mut self, pid: u32, site: AllocSite) -> Arc<Vec<Frame>> {
         if let Some(s) = self.stacks.get(&(pid, site)) {
             return s.clone();
+        }
+        if site.before_attach {
+            return Arc::new(Vec::new()); // allocated before we attached: no stack
         }
         let frames = self.readers.stack(site.stack_id, false).unwrap_or_default();
         // frames[0] is the allocator's own entry; the caller may be missing from a
@@ -176,6 +205,7 @@ impl Reporter {
             tid: f.object.tid(),
             allocator: allocator_name(site.func),
             root: f.root,
+            before_attach: site.before_attach,
             stack: self.stack_of(f.pid, site),
         }
     }
@@ -183,6 +213,14 @@ impl Reporter {
     /// Reports one scan: new leaks, retractions, and the scan summary.
     pub fn scan(&mut self, scan: &ProcessScan) {
         self.scans += 1;
+        if scan.verdicts.incomplete {
+            self.incomplete_scans += 1;
+            log::info!(
+                "pid {}: the scan could not read all of its memory (it ended mid-scan): \
+                 the last complete scan stands",
+                scan.pid
+            );
+        }
         let mut new = Vec::new();
         let mut suppressed = 0u64;
         for f in &scan.verdicts.findings {
@@ -198,11 +236,13 @@ impl Reporter {
             self.retraction(r);
         }
         for leak in &new {
-            self.sink.json(&if leak.kind == LeakKind::Possible {
-                Record::PossibleLeak(leak)
-            } else {
-                Record::Leak(leak)
-            });
+            // Possible leaks are aggregated by stack at the end unless asked for
+            // one by one: a real heap has thousands of them.
+            if leak.kind != LeakKind::Possible {
+                self.sink.json(&Record::Leak(leak));
+            } else if self.out.show_possible {
+                self.sink.json(&Record::PossibleLeak(leak));
+            }
             self.reported.insert((leak.pid, leak.address), leak.clone());
         }
         let record = ScanRecord {
@@ -215,6 +255,8 @@ impl Reporter {
             pending: scan.verdicts.pending,
             withheld: scan.verdicts.withheld,
             retracted: scan.verdicts.retractions.len(),
+            complete: !scan.verdicts.incomplete,
+            stale_references: scan.verdicts.stale_references,
             snapshot_lock_us: scan.snapshot_hold.as_micros() as u64,
             apply_lock_us: scan.apply_hold.as_micros() as u64,
             pause_ms: scan.pause.map(|(d, _)| d.as_secs_f64() * 1e3),
@@ -248,8 +290,11 @@ impl Reporter {
     }
 
     pub fn retraction(&mut self, r: &Retraction) {
-        self.retractions += 1;
         let was_reported = self.reported.remove(&(r.pid, r.addr)).is_some();
+        if r.kind == LeakKind::Possible && !self.out.show_possible {
+            return; // never reported one by one
+        }
+        self.retractions += 1;
         self.sink.json(&Record::Retraction(RetractionRecord {
             pid: r.pid,
             address: r.addr,
@@ -335,12 +380,28 @@ impl Reporter {
             .cloned()
             .collect();
         let suppressed = self.suppressed_rules();
+        let possible: Vec<Leak> = leaks
+            .iter()
+            .filter(|l| l.kind == LeakKind::Possible)
+            .cloned()
+            .collect();
+        for g in report::group(&possible) {
+            self.sink
+                .json(&Record::PossibleLeakGroup(PossibleLeakGroupRecord {
+                    objects: g.objects,
+                    bytes: g.bytes,
+                    allocator: g.allocator,
+                    pids: g.pids.into_iter().collect(),
+                    stack: &g.stack,
+                }));
+        }
         self.sink.json(&Record::End(EndRecord {
             reason,
             exit_status,
             leaks: report::totals(&confirmed),
             possible_leaks: leaks.len() - confirmed.len(),
             retractions: self.retractions,
+            incomplete_scans: self.incomplete_scans,
             suppressed: &suppressed,
             stats,
         }));
