@@ -182,6 +182,13 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         free_losses: 0,
         workspace: Some(Workspace::default()),
     };
+    let mut signals = signals;
+    if let Some(signal) = signals.pending() {
+        // Interrupted while loading: launch nothing, attach nothing, as a shell
+        // would report it.
+        crate::ebpf::teardown::release_after_exit();
+        return Ok(128 + signal);
+    }
     if let Err(err) = session.attach_initial().await {
         if let Some(pid) = session.launched {
             // SAFETY: killing the command we started and could not trace.
@@ -200,6 +207,20 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
 struct Signals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// The signal that arrived already, if any (without waiting).
+    fn pending(&mut self) -> Option<i32> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if self.interrupt.poll_recv(&mut cx).is_ready() {
+            return Some(libc::SIGINT);
+        }
+        self.terminate
+            .poll_recv(&mut cx)
+            .is_ready()
+            .then_some(libc::SIGTERM)
+    }
 }
 
 impl UserSession {
