@@ -142,6 +142,11 @@ pub fn wait_for_records(
             return records;
         }
         if let Some(status) = child.try_wait().unwrap() {
+            // It may have written them and exited since they were read.
+            let records = complete_records(out);
+            if done(&records) {
+                return records;
+            }
             let mut err = String::new();
             let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
             panic!("leaktrace exited ({status}) before {what}: {err}");
