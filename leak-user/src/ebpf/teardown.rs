@@ -21,7 +21,7 @@ const RELEASE_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 const PARALLEL: usize = 64;
 
 /// Drops every item, each on its own thread, up to [`PARALLEL`] at a time.
-pub fn drop_in_parallel<T: Send>(items: Vec<T>) {
+fn drop_in_parallel<T: Send>(items: Vec<T>) {
     let mut items = items;
     while !items.is_empty() {
         let batch: Vec<T> = items.drain(..items.len().min(PARALLEL)).collect();
