@@ -48,9 +48,9 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub min_scans: u16,
 
-    /// valgrind's leak-check heuristics: interior pointers that count as pointers
-    /// to the block (all, none, or a list of stdstring, length64, newarray,
-    /// multipleinheritance).
+    /// Leak-check heuristics: interior pointers that count as pointers to the block
+    /// (all, none, or a list of valgrind's stdstring, length64, newarray,
+    /// multipleinheritance, and sds for sds strings).
     #[arg(long, value_name = "SET", default_value = "all")]
     pub leak_check_heuristics: String,
 

@@ -85,6 +85,11 @@ pub enum WalkError {
         "the chunk at {0:#x} has an impossible size {1:#x} (not a glibc heap, or a layout we do not know)"
     )]
     BadChunk(u64, u64),
+    /// There is no main heap: another allocator serves malloc.
+    #[error(
+        "the process has no glibc main heap ([heap]): another allocator (jemalloc, tcmalloc) serves malloc"
+    )]
+    NoHeap,
     /// The main heap does not start with a tcache.
     #[error(
         "the heap at {0:#x} does not start with glibc's tcache (glibc older than 2.34, or another allocator)"
@@ -194,6 +199,9 @@ pub fn walk(
     let mut free = FxHashSet::default();
     let mut in_use: Vec<(u64, u64)> = Vec::new();
     let heap = maps.iter().find(|m| m.backing == Backing::Heap);
+    if heap.is_none() {
+        return Err(WalkError::NoHeap);
+    }
     let mut heaps: Vec<Range<u64>> = Vec::new();
     if let Some(heap) = heap {
         let range = heap.start..heap.end;

@@ -193,7 +193,8 @@ impl KernelReporter {
     /// cache is reclaimable (`/sys/kernel/slab/NAME/reclaim_account`: dentries,
     /// inodes, radix-tree nodes, extent status, buffer heads), or the call site is
     /// one of the functions that fill such caches with kmalloc'd parts (a dentry's
-    /// long name) or that cycle through regions (DAMON's monitoring thread).
+    /// long name, an inode's security blob and lock context) or that cycle through
+    /// regions (DAMON's monitoring thread).
     fn is_kernel_cache(&mut self, c: &CallSiteSummary, call: &Frame) -> bool {
         const CACHE_FILLERS: &[&str] = &[
             "__d_alloc",
@@ -204,6 +205,9 @@ impl KernelReporter {
             "__es_insert_extent",
             "alloc_buffer_head",
             "alloc_slab_obj_exts",
+            // Freed with their inode: they follow the inode cache.
+            "security_inode_alloc",
+            "locks_get_lock_context",
             "damon_",
         ];
         let cache = &c.key.cache;

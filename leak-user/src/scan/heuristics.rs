@@ -18,6 +18,12 @@
 //!   the pointed-to word and the block's first word are vtable pointers (a
 //!   pointer to a secondary base class).
 //!
+//! One more, not valgrind's, for a string library many C programs share:
+//! * `sds`: a pointer 1, 3, 5, 9 or 17 bytes into a block, just past an sds string
+//!   header (redis, hiredis and others): the byte before the pointer holds the
+//!   header's type in its low three bits (matching the offset), and the header's
+//!   length and capacity fit the block.
+//!
 //! valgrind applies `stdstring`, `newarray` and `multipleinheritance` to blocks
 //! allocated by `operator new`/`new[]` only; leaktrace records the allocating
 //! function of every block (our probes do not tell `new` from `new[]`, so both
@@ -33,12 +39,13 @@ pub struct Heuristics {
     pub length64: bool,
     pub newarray: bool,
     pub multiple_inheritance: bool,
+    pub sds: bool,
 }
 
 /// A heuristic name that `--leak-check-heuristics` does not know.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
-    "unknown heuristic {0:?}: give all, none, or a comma-separated list of stdstring, length64, newarray, multipleinheritance"
+    "unknown heuristic {0:?}: give all, none, or a comma-separated list of stdstring, length64, newarray, multipleinheritance, sds"
 )]
 pub struct UnknownHeuristic(pub String);
 
@@ -48,12 +55,14 @@ impl Heuristics {
         length64: true,
         newarray: true,
         multiple_inheritance: true,
+        sds: true,
     };
     pub const NONE: Self = Self {
         stdstring: false,
         length64: false,
         newarray: false,
         multiple_inheritance: false,
+        sds: false,
     };
 
     /// Parses valgrind's syntax: `all`, `none`, or a comma-separated list.
@@ -70,6 +79,7 @@ impl Heuristics {
                 "length64" => h.length64 = true,
                 "newarray" => h.newarray = true,
                 "multipleinheritance" => h.multiple_inheritance = true,
+                "sds" => h.sds = true,
                 other => return Err(UnknownHeuristic(other.to_owned())),
             }
         }
@@ -91,6 +101,9 @@ impl Heuristics {
         is_vtable: impl Fn(u64) -> bool,
     ) -> bool {
         const WORD: u64 = 8;
+        if self.sds && matches!(offset, 1 | 3 | 5 | 9 | 17) {
+            return sds_header(block.size, offset, &mut word_at);
+        }
         let by_new = block.by_new;
         let applies = (offset == WORD && (self.length64 || (by_new && self.newarray)))
             || (by_new && self.stdstring && offset == 3 * WORD)
@@ -134,6 +147,44 @@ impl Heuristics {
     }
 }
 
+/// Whether a block of `size` bytes starts with an sds header `offset` bytes long
+/// (types 0 to 4: 1, 3, 5, 9, 17 bytes): flags just before the string with that
+/// type, length ≤ capacity (type 0: the length in the flags' high bits), and the
+/// string with its terminating zero inside the block.
+fn sds_header(size: u64, offset: u64, word_at: &mut impl FnMut(u64) -> Option<u64>) -> bool {
+    let (kind, field) = match offset {
+        1 => (0, 0),
+        3 => (1, 1),
+        5 => (2, 2),
+        9 => (3, 4),
+        17 => (4, 8),
+        _ => return false,
+    };
+    let mut head = [0u8; 24];
+    for (i, chunk) in head.chunks_exact_mut(8).enumerate() {
+        match word_at(i as u64 * 8) {
+            Some(w) => chunk.copy_from_slice(&w.to_ne_bytes()),
+            None if (i as u64 * 8) < offset => return false,
+            None => break,
+        }
+    }
+    let flags = head[offset as usize - 1];
+    if flags & 7 != kind {
+        return false;
+    }
+    let room = size.saturating_sub(offset + 1);
+    if kind == 0 {
+        return u64::from(flags >> 3) <= room;
+    }
+    let read = |at: usize| {
+        let mut v = [0u8; 8];
+        v[..field].copy_from_slice(&head[at..at + field]);
+        u64::from_le_bytes(v)
+    };
+    let (len, alloc) = (read(0), read(field));
+    len <= alloc && alloc <= room
+}
+
 impl Default for Heuristics {
     fn default() -> Self {
         Self::ALL
@@ -147,6 +198,7 @@ impl fmt::Display for Heuristics {
             (self.length64, "length64"),
             (self.newarray, "newarray"),
             (self.multiple_inheritance, "multipleinheritance"),
+            (self.sds, "sds"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -231,6 +283,33 @@ mod tests {
         let h = Heuristics::parse("length64,stdstring").unwrap();
         assert!(h.length64 && h.stdstring && !h.newarray);
         assert_eq!(h.to_string(), "stdstring,length64");
-        assert!(Heuristics::parse("sds").is_err());
+        assert!(Heuristics::parse("sds").unwrap().sds);
+        assert!(Heuristics::parse("zstring").is_err());
+    }
+
+    #[test]
+    fn sds_strings_are_recognised_by_their_header() {
+        let h = Heuristics::ALL;
+        let block = |size| Block {
+            size,
+            by_new: false,
+        };
+        // sdshdr8: len 5, alloc 10, flags 1, then "hello": pointer at +3.
+        let hdr8 = u64::from_le_bytes([5, 10, 1, b'h', b'e', b'l', b'l', b'o']);
+        assert!(h.recognize(&block(16), 3, words(&[hdr8, 0]), vtable));
+        // The wrong type for the offset, or a capacity beyond the block.
+        let wrong = u64::from_le_bytes([5, 10, 2, 0, 0, 0, 0, 0]);
+        assert!(!h.recognize(&block(16), 3, words(&[wrong, 0]), vtable));
+        assert!(!h.recognize(&block(8), 3, words(&[hdr8]), vtable));
+        // sdshdr5: flags (len 3 << 3 | type 0) then the string: pointer at +1.
+        let hdr5 = u64::from_le_bytes([3 << 3, b'a', b'b', b'c', 0, 0, 0, 0]);
+        assert!(h.recognize(&block(8), 1, words(&[hdr5]), vtable));
+        // Not without the heuristic, and not at +16 (no sds header is 16 long).
+        let valgrinds = Heuristics {
+            sds: false,
+            ..Heuristics::ALL
+        };
+        assert!(!valgrinds.recognize(&block(16), 3, words(&[hdr8, 0]), vtable));
+        assert!(!h.recognize(&block(64), 16, words(&[hdr8, 0, 0]), vtable));
     }
 }

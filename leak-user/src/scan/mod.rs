@@ -306,9 +306,12 @@ struct Contents<'a> {
 const HEAD_WORDS: usize = 4;
 
 impl Contents<'_> {
-    /// The word `offset` bytes into the object at `start` of `size` bytes.
+    /// The word `offset` bytes into the object at `start` of `size` bytes (the
+    /// bytes past its end belong to its allocator slot).
     fn word(&mut self, start: u64, size: u64, offset: u64) -> Option<u64> {
-        if offset.checked_add(8)? > size {
+        // A word that starts inside the block: blocks are 8-byte aligned and
+        // allocators hand out at least 8 bytes, so the whole word is readable.
+        if offset >= size.max(8) {
             return None;
         }
         let read = |addr: u64, buf: &mut [u8]| self.memory.read(addr, buf) == buf.len();

@@ -483,20 +483,8 @@ mod tests {
 
     #[test]
     fn reported_leaks_are_retracted_when_freed_or_reached() {
-        let mut book = VerdictBook::new(params());
+        let mut book = book_with_two_leaks();
         let live = |_: u64, s: u32| Some(object(0, s));
-        for now in [2000, 3000] {
-            book.apply_scan(
-                1,
-                &seen(&[cand(0x10, 1), cand(0x20, 1)]),
-                live,
-                site,
-                now,
-                None,
-                false,
-            );
-        }
-        assert_eq!(book.reported(1).len(), 2);
         let r = book.on_gone(1, 0x10, &object(0, 1), RetractionReason::Freed);
         assert_eq!(r.map(|r| r.reason), Some(RetractionReason::Freed));
         let v = book.apply_scan(1, &seen(&[]), live, site, 4000, None, false);
