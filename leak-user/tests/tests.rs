@@ -8,6 +8,8 @@ mod kernel;
 mod reports;
 mod scanning;
 mod schema;
+mod shutdown;
 mod survival;
+mod targets;
 mod tracking;
 mod util;

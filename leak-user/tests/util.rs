@@ -30,6 +30,7 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// (e.g. an older one, to see a new test fail before its fix).
 pub fn leaktrace() -> PathBuf {
     std::env::var_os("LEAKTRACE_BIN")
+        .filter(|b| !b.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_leaktrace")))
 }
@@ -141,6 +142,11 @@ pub fn wait_for_records(
             return records;
         }
         if let Some(status) = child.try_wait().unwrap() {
+            // It may have written them and exited since they were read.
+            let records = complete_records(out);
+            if done(&records) {
+                return records;
+            }
             let mut err = String::new();
             let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
             panic!("leaktrace exited ({status}) before {what}: {err}");

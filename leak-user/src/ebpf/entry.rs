@@ -45,10 +45,6 @@ impl Probes {
             .uprobe_links
             .extract_if(.., |(p, name, _)| *p == pid && *name == PROGRAM)
             .collect();
-        if let Ok(probe) = self.program::<UProbe>(PROGRAM) {
-            for (_, _, link) in links {
-                let _ = probe.detach(link);
-            }
-        }
+        self.drop_uprobe_links(links);
     }
 }

@@ -6,6 +6,7 @@
 //! and removes the probes for us).
 
 mod entry;
+pub mod teardown;
 pub mod tracefs;
 
 use std::{io, num::NonZeroU32, os::fd::AsRawFd as _, path::PathBuf};
@@ -302,15 +303,7 @@ impl Probes {
             .uprobe_links
             .extract_if(.., |(p, _, _)| *p == pid)
             .collect();
-        for (_, name, link) in links {
-            if let Some(probe) = self
-                .ebpf
-                .program_mut(name)
-                .and_then(|p| <&mut UProbe>::try_from(p).ok())
-            {
-                let _ = probe.detach(link);
-            }
-        }
+        self.drop_uprobe_links(links);
     }
 
     fn targets(&mut self) -> Result<HashMap<&mut MapData, u32, TargetFlags>, EbpfError> {

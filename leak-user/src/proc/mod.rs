@@ -57,6 +57,49 @@ pub fn is_alive(pid: u32) -> bool {
     }
 }
 
+/// Why a pid cannot be traced in user mode, each with its own one-line reason.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Untraceable {
+    #[error("no such process: {0} (`pgrep NAME` finds a pid by name)")]
+    Gone(u32),
+    #[error(
+        "process {pid} ({comm}) has exited: it is a zombie waiting for its parent to reap it, \
+         with no memory left to trace"
+    )]
+    Zombie { pid: u32, comm: String },
+    #[error(
+        "process {pid} ({comm}) is a kernel thread: it has no user-space allocator to trace \
+         (`--kernel` traces the kernel's own allocations)"
+    )]
+    KernelThread { pid: u32, comm: String },
+}
+
+/// `PF_KTHREAD` in the flags of `/proc/PID/stat`.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Checks that `pid` is a live user-space process.
+pub fn check_traceable(pid: u32) -> Result<(), Untraceable> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|_| Untraceable::Gone(pid))?;
+    let (state, flags) = parse_stat(&stat).ok_or(Untraceable::Gone(pid))?;
+    let comm = || comm(pid).unwrap_or_default();
+    match state {
+        "Z" | "X" | "x" => Err(Untraceable::Zombie { pid, comm: comm() }),
+        _ if flags & PF_KTHREAD != 0 => Err(Untraceable::KernelThread { pid, comm: comm() }),
+        _ => Ok(()),
+    }
+}
+
+/// The state letter and the flags of a `/proc/PID/stat` line.
+fn parse_stat(stat: &str) -> Option<(&str, u64)> {
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?;
+    // ppid, pgrp, session, tty_nr, tpgid, then flags.
+    let flags = fields.nth(5)?.parse().ok()?;
+    Some((state, flags))
+}
+
 /// Is the process alive with its address space still there (not exiting)? A
 /// process past the point where its memory is torn down has an empty maps file.
 pub fn has_memory(pid: u32) -> bool {
@@ -68,4 +111,21 @@ pub fn comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()
         .map(|s| s.trim_end().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_kernel_threads_zombies_and_processes_apart() {
+        assert_eq!(check_traceable(std::process::id()), Ok(()));
+        assert!(matches!(
+            check_traceable(2),
+            Err(Untraceable::KernelThread { pid: 2, .. })
+        ));
+        assert_eq!(check_traceable(u32::MAX), Err(Untraceable::Gone(u32::MAX)));
+        let zombie = "42 (a (b) c) Z 1 42 42 0 -1 4194564 0 0";
+        assert_eq!(parse_stat(zombie), Some(("Z", 4194564)));
+    }
 }

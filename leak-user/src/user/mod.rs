@@ -121,9 +121,7 @@ fn check_targets(mode: &Mode) -> anyhow::Result<()> {
     match mode {
         Mode::Pids(pids) => {
             for &pid in pids {
-                if !proc::is_alive(pid) {
-                    bail!("no such process: {pid} (`pgrep NAME` finds a pid by name)");
-                }
+                proc::check_traceable(pid)?;
             }
         }
         Mode::Launch(argv) => {
@@ -184,20 +182,45 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         free_losses: 0,
         workspace: Some(Workspace::default()),
     };
+    let mut signals = signals;
+    if let Some(signal) = signals.pending() {
+        // Interrupted while loading: launch nothing, attach nothing, as a shell
+        // would report it.
+        crate::ebpf::teardown::release_after_exit();
+        return Ok(128 + signal);
+    }
     if let Err(err) = session.attach_initial().await {
         if let Some(pid) = session.launched {
             // SAFETY: killing the command we started and could not trace.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
+        crate::ebpf::teardown::release_after_exit();
         return Err(err);
     }
-    session.main_loop(child_rx, signals).await
+    let code = session.main_loop(child_rx, signals).await;
+    // The report is out: do not make the caller wait while the kernel detaches.
+    crate::ebpf::teardown::release_after_exit();
+    code
 }
 
 /// SIGINT and SIGTERM, caught from the start of the run.
 struct Signals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// The signal that arrived already, if any (without waiting).
+    fn pending(&mut self) -> Option<i32> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if self.interrupt.poll_recv(&mut cx).is_ready() {
+            return Some(libc::SIGINT);
+        }
+        self.terminate
+            .poll_recv(&mut cx)
+            .is_ready()
+            .then_some(libc::SIGTERM)
+    }
 }
 
 impl UserSession {
@@ -257,7 +280,20 @@ impl UserSession {
                 let infos: Vec<_> = pids.iter().map(|&p| session::target(p)).collect();
                 self.reporter.start(RunMode::Pid, &infos, &self.config);
                 for &pid in pids {
-                    self.attach_pid(pid)?;
+                    if let Err(err) = self.attach_pid(pid) {
+                        // Gone meanwhile: its end is part of the run, which ends
+                        // (with an end record) once no target is left.
+                        if proc::check_traceable(pid).is_ok() {
+                            return Err(err);
+                        }
+                        log::warn!("process {pid} exited while leaktrace attached to it");
+                        if self.targets.contains_key(&pid) {
+                            self.end_target(pid, None);
+                        } else {
+                            self.reporter.process(ProcessEvent::Exit, pid, None, None);
+                        }
+                        continue;
+                    }
                     if self.config.heap_walk {
                         let record = heap_walk::walk(
                             &self.config,
@@ -284,9 +320,7 @@ impl UserSession {
     }
 
     fn attach_pid(&mut self, pid: u32) -> anyhow::Result<()> {
-        if !proc::is_alive(pid) {
-            bail!("no such process: {pid} (`pgrep NAME` finds a pid by name)");
-        }
+        proc::check_traceable(pid)?;
         let maps =
             proc::maps::read(pid).with_context(|| format!("cannot read /proc/{pid}/maps"))?;
         let plan = discover::for_process(pid, &maps);
