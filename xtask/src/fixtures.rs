@@ -20,6 +20,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("malloc-loop", "malloc_loop.c", &[]),
     ("kobjects", "kobjects.c", &[]),
     ("forks", "forks.c", &[]),
+    ("soak", "soak.c", &["-fno-omit-frame-pointer"]),
 ];
 
 pub fn dir() -> PathBuf {

@@ -7,11 +7,15 @@
 //! * `test`     everything CI runs: setup, eBPF check, fmt, clippy, unit and
 //!   integration tests (the latter load real eBPF programs: run as root)
 //! * `bench`    the speed and memory benchmarks, printed as side-by-side ratios
+//! * `fuzz`     the parsers' fuzz targets (cargo-fuzz), each for a bounded time
+//! * `soak`     minutes of a churning, slowly leaking target: leaks, RSS, losses
 
 mod bench;
 mod ebpf;
 mod fixtures;
+mod fuzz;
 mod setup;
+mod soak;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -43,7 +47,13 @@ enum Task {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
-        /// Only tests whose name contains this.
+        /// Skip the short fuzz pass.
+        #[arg(long)]
+        no_fuzz: bool,
+        /// Skip the one-minute soak.
+        #[arg(long)]
+        no_soak: bool,
+        /// Only tests whose name contains this (also skips the fuzz pass and the soak).
         filter: Option<String>,
     },
     /// Run the benchmarks and print ratios.
@@ -55,6 +65,22 @@ enum Task {
         #[arg(long, value_enum)]
         only: Vec<bench::Bench>,
     },
+    /// Run the fuzz targets (installs cargo-fuzz; needs the nightly toolchain).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (all by default): maps, tracefs_format, events,
+        /// suppress, elf, placement.
+        targets: Vec<String>,
+    },
+    /// Trace a churning, slowly leaking target for minutes and check leaks, RSS
+    /// and losses (root).
+    Soak {
+        /// Length of the main phase.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
 }
 
 fn main() {
@@ -63,8 +89,15 @@ fn main() {
         Task::Setup => setup::run(),
         Task::Ebpf { check, update } => ebpf::run(check, update),
         Task::Fixtures => fixtures::build().map(drop),
-        Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
+        Task::Test {
+            no_lint,
+            no_fuzz,
+            no_soak,
+            filter,
+        } => test(no_lint, no_fuzz, no_soak, filter.as_deref()),
         Task::Bench { quick, only } => bench::run(quick, &only),
+        Task::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
+        Task::Soak { minutes } => soak::run(minutes),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
@@ -72,7 +105,10 @@ fn main() {
     }
 }
 
-fn test(no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
+/// The short fuzz pass CI runs: six targets in about 2.5 minutes.
+const CI_FUZZ_SECONDS: u64 = 25;
+
+fn test(no_lint: bool, no_fuzz: bool, no_soak: bool, filter: Option<&str>) -> anyhow::Result<()> {
     setup::run()?;
     setup::test_packages()?;
     ebpf::run(true, false)?;
@@ -97,6 +133,7 @@ fn test(no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
             &["doc", "--workspace", "--no-deps"],
             &[("RUSTDOCFLAGS", "-D warnings")],
         )?;
+        fuzz::lint()?;
     }
     util::step("unit tests");
     let mut args = vec!["test", "--workspace", "--lib", "--bins"];
@@ -122,5 +159,13 @@ fn test(no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
         &args,
         &[("LEAKTRACE_FIXTURES", &fixtures::dir().display().to_string())],
     )?;
+    if filter.is_none() && !no_fuzz {
+        util::step("fuzz (short pass)");
+        fuzz::run(CI_FUZZ_SECONDS, &[])?;
+    }
+    if filter.is_none() && !no_soak {
+        util::step("soak (one minute)");
+        soak::run(1)?;
+    }
     Ok(())
 }
