@@ -11,6 +11,8 @@
 //!   the median of the last quarter of the run at most [`RSS_GROWTH_LIMIT`] above
 //!   the median of the second quarter (the first quarter is warm-up). State kept
 //!   for freed or reported objects would pile up and fail this;
+//! * the table holds only what the churn holds: tracked objects minus reported
+//!   leaks, compared the same way (freed objects must leave the table);
 //! * a full stack map is reported, not silent: a short second phase with a tiny
 //!   `--stack-map-entries` and allocations from many distinct stacks must show
 //!   `lost.stack_map_full` > 0 in the periodic `stats` records and in `end`.
@@ -49,6 +51,9 @@ struct Sample {
     /// From the latest `stats` record: live tracked objects and records read.
     objects: Option<u64>,
     records: Option<u64>,
+    /// Leaks reported so far: they stay tracked (not freed), so `objects - leaks`
+    /// is what the churn holds, and must stay flat.
+    leaks: usize,
 }
 
 fn vm_rss_kib(pid: u32) -> Option<u64> {
@@ -155,12 +160,14 @@ fn trace(
             bail!("leaktrace did not finish within {} s", seconds + 120);
         }
         if let Some(rss_kib) = vm_rss_kib(pid) {
-            let stats = records(&out).into_iter().rfind(|r| r["type"] == "stats");
+            let so_far = records(&out);
+            let stats = so_far.iter().rfind(|r| r["type"] == "stats");
             samples.push(Sample {
                 secs: started.elapsed().as_secs_f64(),
                 rss_kib,
-                objects: stats.as_ref().and_then(|s| s["objects"].as_u64()),
-                records: stats.as_ref().and_then(|s| s["records"].as_u64()),
+                objects: stats.and_then(|s| s["objects"].as_u64()),
+                records: stats.and_then(|s| s["records"].as_u64()),
+                leaks: so_far.iter().filter(|r| r["type"] == "leak").count(),
             });
         }
         std::thread::sleep(Duration::from_secs(1));
@@ -240,16 +247,19 @@ pub fn run(minutes: u64) -> anyhow::Result<()> {
         4 * RATE * 1000
     );
     println!(
-        "{:>8} {:>10} {:>12} {:>12}",
-        "t (s)", "VmRSS MiB", "live objects", "records"
+        "{:>8} {:>10} {:>12} {:>8} {:>15} {:>12}",
+        "t (s)", "VmRSS MiB", "live objects", "leaks", "objects - leaks", "records"
     );
     let step = (n / 12).max(1);
     for s in run.samples.iter().step_by(step).chain(run.samples.last()) {
         println!(
-            "{:>8.0} {:>10.1} {:>12} {:>12}",
+            "{:>8.0} {:>10.1} {:>12} {:>8} {:>15} {:>12}",
             s.secs,
             mib(s.rss_kib),
             s.objects.map_or("-".into(), |v| v.to_string()),
+            s.leaks,
+            s.objects
+                .map_or("-".into(), |v| (v as i64 - s.leaks as i64).to_string()),
             s.records.map_or("-".into(), |v| v.to_string())
         );
     }
@@ -291,6 +301,23 @@ pub fn run(minutes: u64) -> anyhow::Result<()> {
         &format!("VmRSS growth (limit {:.0}%)", RSS_GROWTH_LIMIT * 100.0),
         format!("{:+.1}%", growth * 100.0),
         growth <= RSS_GROWTH_LIMIT,
+    );
+    // The table itself: objects the churn holds (tracked minus reported leaks).
+    let held: Vec<u64> = run
+        .samples
+        .iter()
+        .filter_map(|s| s.objects.map(|o| o.saturating_sub(s.leaks as u64)))
+        .collect();
+    let h = held.len();
+    let (h2, h4) = if h >= 8 {
+        (median(&held[h / 4..h / 2]), median(&held[h * 3 / 4..]))
+    } else {
+        (0, u64::MAX)
+    };
+    check(
+        "tracked objects - leaks, 2nd -> last quarter",
+        format!("{h2} -> {h4}"),
+        h4 as f64 <= h2 as f64 * (1.0 + RSS_GROWTH_LIMIT),
     );
     check(
         "VmRSS peak",
