@@ -28,6 +28,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
         &["-D_GLIBCXX_USE_CXX11_ABI=0"],
     ),
     ("reaper", "reaper.c", &[]),
+    ("soak", "soak.c", &["-fno-omit-frame-pointer"]),
 ];
 
 pub fn dir() -> PathBuf {

@@ -8,12 +8,16 @@
 //!   integration tests (the latter load real eBPF programs: run as root)
 //! * `bench`    the speed and memory benchmarks, printed as side-by-side ratios
 //! * `corpus`   leaktrace against real Debian programs next to valgrind (not in CI)
+//! * `fuzz`     the parsers' fuzz targets (cargo-fuzz), each for a bounded time
+//! * `soak`     minutes of a churning, slowly leaking target: leaks, RSS, losses
 
 mod bench;
 mod corpus;
 mod ebpf;
 mod fixtures;
+mod fuzz;
 mod setup;
+mod soak;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -45,7 +49,13 @@ enum Task {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
-        /// Only tests whose name contains this.
+        /// Skip the short fuzz pass.
+        #[arg(long)]
+        no_fuzz: bool,
+        /// Skip the one-minute soak.
+        #[arg(long)]
+        no_soak: bool,
+        /// Only tests whose name contains this (also skips the fuzz pass and the soak).
         filter: Option<String>,
     },
     /// Run the benchmarks and print ratios.
@@ -72,6 +82,22 @@ enum Task {
         /// Only these programs (all by default).
         programs: Vec<String>,
     },
+    /// Run the fuzz targets (installs cargo-fuzz; needs the nightly toolchain).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (all by default): maps, tracefs_format, events,
+        /// suppress, elf, placement.
+        targets: Vec<String>,
+    },
+    /// Trace a churning, slowly leaking target for minutes and check leaks, RSS
+    /// and losses (root).
+    Soak {
+        /// Length of the main phase.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
 }
 
 fn main() {
@@ -80,7 +106,12 @@ fn main() {
         Task::Setup => setup::run(),
         Task::Ebpf { check, update } => ebpf::run(check, update),
         Task::Fixtures => fixtures::build().map(drop),
-        Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
+        Task::Test {
+            no_lint,
+            no_fuzz,
+            no_soak,
+            filter,
+        } => test(no_lint, no_fuzz, no_soak, filter.as_deref()),
         Task::Bench { quick, only } => bench::run(quick, &only),
         Task::Corpus {
             quick,
@@ -88,6 +119,8 @@ fn main() {
             no_valgrind,
             programs,
         } => corpus::run(quick, no_install, no_valgrind, &programs),
+        Task::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
+        Task::Soak { minutes } => soak::run(minutes),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
@@ -95,7 +128,10 @@ fn main() {
     }
 }
 
-fn test(no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
+/// The short fuzz pass CI runs: six targets in about 2.5 minutes.
+const CI_FUZZ_SECONDS: u64 = 25;
+
+fn test(no_lint: bool, no_fuzz: bool, no_soak: bool, filter: Option<&str>) -> anyhow::Result<()> {
     setup::run()?;
     setup::test_packages()?;
     ebpf::run(true, false)?;
@@ -122,6 +158,7 @@ fn test(no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
             &["doc", "--workspace", "--no-deps"],
             &[("RUSTDOCFLAGS", "-D warnings")],
         )?;
+        fuzz::lint()?;
     }
     util::step("unit tests");
     let mut args = vec!["test", "--workspace", "--lib", "--bins"];
@@ -147,5 +184,13 @@ fn test(no_lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
         &args,
         &[("LEAKTRACE_FIXTURES", &fixtures::dir().display().to_string())],
     )?;
+    if filter.is_none() && !no_fuzz {
+        util::step("fuzz (short pass)");
+        fuzz::run(CI_FUZZ_SECONDS, &[])?;
+    }
+    if filter.is_none() && !no_soak {
+        util::step("soak (one minute)");
+        soak::run(1)?;
+    }
     Ok(())
 }

@@ -160,23 +160,29 @@ impl ElfFile {
         self.symbols.iter().map(|(n, s)| (n.as_str(), *s))
     }
 
+    /// The load segment that holds `vaddr` in the file, and how far into it.
+    /// Checked arithmetic: a corrupted header may put a segment anywhere.
+    fn locate(&self, vaddr: u64) -> Option<(&Load, u64)> {
+        self.loads.iter().find_map(|l| {
+            let into = vaddr.checked_sub(l.vaddr)?;
+            (into < l.filesz).then_some((l, into))
+        })
+    }
+
     /// The file offset of a virtual address (what uprobes attach to).
     pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
-        self.loads
-            .iter()
-            .find(|l| l.vaddr <= vaddr && vaddr < l.vaddr + l.filesz)
-            .map(|l| vaddr - l.vaddr + l.offset)
+        let (load, into) = self.locate(vaddr)?;
+        load.offset.checked_add(into)
     }
 
     /// Up to `len` code bytes starting at `vaddr`.
     pub fn code(&self, vaddr: u64, len: usize) -> Option<&[u8]> {
-        let load = self
-            .loads
-            .iter()
-            .find(|l| l.vaddr <= vaddr && vaddr < l.vaddr + l.filesz)?;
-        let start = (vaddr - load.vaddr + load.offset) as usize;
-        let end = (load.offset + load.filesz) as usize;
-        self.data.get(start..end.min(start + len))
+        let (load, into) = self.locate(vaddr)?;
+        let take = (load.filesz - into).min(len as u64);
+        let start = load.offset.checked_add(into)?;
+        let end = start.checked_add(take)?;
+        self.data
+            .get(usize::try_from(start).ok()?..usize::try_from(end).ok()?)
     }
 }
 
@@ -204,5 +210,49 @@ mod tests {
         assert!(elf.file_offset(malloc.vaddr).is_some());
         assert!(elf.code(malloc.vaddr, 16).is_some_and(|c| c.len() == 16));
         assert!(elf.needed.iter().any(|n| n.starts_with("ld-linux")));
+    }
+
+    /// libc with its first PT_LOAD header's field at `field` (bytes into the
+    /// header) set to `value`.
+    fn libc_with_load_field(field: usize, value: u64) -> (ElfFile, Symbol) {
+        let mut data = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6")
+            .expect("this test needs glibc at /lib/x86_64-linux-gnu/libc.so.6");
+        let u64_at = |d: &[u8], at: usize| u64::from_le_bytes(d[at..at + 8].try_into().unwrap());
+        let u16_at = |d: &[u8], at: usize| u16::from_le_bytes([d[at], d[at + 1]]) as usize;
+        let (phoff, phentsize, phnum) = (
+            u64_at(&data, 0x20) as usize,
+            u16_at(&data, 0x36),
+            u16_at(&data, 0x38),
+        );
+        let first_load = (0..phnum)
+            .map(|i| phoff + i * phentsize)
+            .find(|&h| data[h..h + 4] == PT_LOAD.to_le_bytes())
+            .expect("libc has a PT_LOAD");
+        data[first_load + field..first_load + field + 8].copy_from_slice(&value.to_le_bytes());
+        let elf = ElfFile::parse(Path::new("libc.so.6"), data, |n| n == "malloc").unwrap();
+        let malloc = elf.symbol("malloc").unwrap();
+        (elf, malloc)
+    }
+
+    #[test]
+    fn corrupted_load_headers_give_no_offsets_and_no_panic() {
+        // Found by the `elf` fuzz target: `vaddr + filesz` of a corrupted PT_LOAD
+        // overflowed in file_offset() and code().
+        const P_OFFSET: usize = 0x08;
+        const P_VADDR: usize = 0x10;
+        const P_FILESZ: usize = 0x20;
+        let (elf, malloc) = libc_with_load_field(P_FILESZ, u64::MAX);
+        // glibc's first segment starts at vaddr 0, file offset 0: a huge one
+        // still maps addresses one to one, and code stops at the end of the file.
+        assert_eq!(elf.file_offset(malloc.vaddr), Some(malloc.vaddr));
+        assert_eq!(elf.code(malloc.vaddr, 16).map(<[u8]>::len), Some(16));
+        assert_eq!(elf.code(u64::MAX - 1, 16), None);
+        // A segment at the very top of the address space ends past u64::MAX.
+        let (elf, _) = libc_with_load_field(P_VADDR, u64::MAX - 4);
+        assert_eq!(elf.file_offset(u64::MAX - 1), Some(3));
+        assert_eq!(elf.code(u64::MAX - 1, 96).map(<[u8]>::len), Some(96));
+        let (elf, _) = libc_with_load_field(P_OFFSET, u64::MAX);
+        assert_eq!(elf.file_offset(0x10), None);
+        assert_eq!(elf.code(0x10, 16), None);
     }
 }

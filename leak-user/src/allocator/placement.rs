@@ -95,6 +95,22 @@ fn first_arg(r: Register) -> bool {
     )
 }
 
+/// An immediate operand (`Instruction::immediate` panics on any other kind).
+fn is_immediate(kind: OpKind) -> bool {
+    matches!(
+        kind,
+        OpKind::Immediate8
+            | OpKind::Immediate8_2nd
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64
+    )
+}
+
 /// `test rdi,rdi` or `cmp rdi,0`: sets ZF exactly when the pointer is NULL.
 fn is_null_test(insn: &Instruction) -> bool {
     match insn.mnemonic() {
@@ -107,7 +123,7 @@ fn is_null_test(insn: &Instruction) -> bool {
         Mnemonic::Cmp => {
             insn.op0_kind() == OpKind::Register
                 && insn.op0_register() == Register::RDI
-                && insn.op1_kind() != OpKind::Register
+                && is_immediate(insn.op1_kind())
                 && insn.immediate(1) == 0
         }
         _ => false,
@@ -126,7 +142,8 @@ pub fn place(code: &[u8], vaddr: u64, has_return_probe: bool) -> Site {
         };
     };
     let at = |insn: &Instruction, note| Site {
-        offset: insn.ip() - vaddr,
+        // The decoder's instruction pointer wraps at the top of the address space.
+        offset: insn.ip().wrapping_sub(vaddr),
         instruction: format(insn),
         emulated: is_emulated(insn),
         note,
@@ -216,6 +233,29 @@ mod tests {
         let site = place(&code, BASE, false);
         assert_eq!((site.offset, site.emulated), (0, false));
         assert!(site.note.is_some());
+    }
+
+    #[test]
+    fn compares_with_memory_are_not_null_tests() {
+        // Found by the `elf` fuzz target: `cmp rdi,[mem]` was taken for
+        // `cmp rdi,imm` and iced's immediate() panicked on the memory operand.
+        // cmp rdi,[rdi]; je +2; push rbp
+        let code = [0x48, 0x3b, 0x3f, 0x74, 0x02, 0x55];
+        let site = place(&code, BASE, false);
+        assert_eq!((site.offset, site.emulated), (0, false));
+        // cmp rdi,0; je +2; push rbp    (still a NULL test)
+        let code = [0x48, 0x83, 0xff, 0x00, 0x74, 0x02, 0x55];
+        assert_eq!(place(&code, BASE, false).offset, 6);
+    }
+
+    #[test]
+    fn code_at_the_top_of_the_address_space() {
+        // Found by the `placement` fuzz target: the instruction pointer wrapped
+        // past u64::MAX and the site's offset underflowed.
+        // test rdi,rdi; je +2; push rbp, starting 2 bytes below the wrap
+        let code = [0x48, 0x85, 0xff, 0x74, 0x02, 0x55];
+        let site = place(&code, u64::MAX - 1, false);
+        assert_eq!((site.offset, site.emulated), (5, true));
     }
 
     #[test]

@@ -109,9 +109,15 @@ fn parse_line(line: &str) -> Result<Mapping, ParseError> {
         // by name; anonymous shared memory shows as /dev/zero or /SYSV…
         p => Backing::File(PathBuf::from(p.strip_suffix(" (deleted)").unwrap_or(p))),
     };
+    let (start, end) = (hex(start)?, hex(end)?);
+    // The kernel never writes an inverted range; a corrupted one would make every
+    // `len()` and offset computation on the mapping underflow.
+    if end < start {
+        return Err(bad());
+    }
     Ok(Mapping {
-        start: hex(start)?,
-        end: hex(end)?,
+        start,
+        end,
         read: perms[0] == b'r',
         write: perms[1] == b'w',
         exec: perms[2] == b'x',
@@ -174,5 +180,15 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
     #[test]
     fn rejects_garbage() {
         assert!(parse("not a maps line").is_err());
+    }
+
+    #[test]
+    fn rejects_inverted_ranges() {
+        // Found by the `maps` fuzz target: a mapping whose end is below its start
+        // parsed, and its len() underflowed.
+        let line = "56f4da033000-55f4da04d000 r--p 00000000 fe:01 1234 /bin/x";
+        assert!(parse(line).is_err());
+        let empty = parse("1000-1000 r--p 00000000 00:00 0").unwrap();
+        assert_eq!(empty[0].len(), 0);
     }
 }
