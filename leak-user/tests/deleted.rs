@@ -108,9 +108,12 @@ fn a_launched_command_whose_files_are_deleted_while_it_runs() {
     let _s = serial();
     let dir = copies();
     let d = dir.display();
-    // The command (sh, then the app it execs) deletes its files as it starts.
+    // The command (sh, then the app it execs) deletes its files once the app has
+    // mapped them (deleted any earlier, the loader would pick the system's libc).
     let script = format!(
-        "export LD_LIBRARY_PATH={d}; (sleep 0.3; rm {d}/app {d}/libc.so.6) & exec {d}/app --hold-ms 1500"
+        "export LD_LIBRARY_PATH={d}; \
+         (while ! grep -q {d}/libc.so.6 /proc/$$/maps 2>/dev/null; do sleep 0.02; done; \
+          rm {d}/app {d}/libc.so.6) & exec {d}/app --hold-ms 1500"
     );
     let run = util::launch_command("deleted", &["sh", "-c", &script], FAST, &[]);
     assert!(!dir.join("app").exists(), "the app was deleted");
