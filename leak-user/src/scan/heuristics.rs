@@ -114,11 +114,7 @@ impl Heuristics {
         let Some(first) = word_at(0) else {
             return false;
         };
-        if self.length64
-            && offset == WORD
-            && first > 0
-            && block.size.checked_sub(WORD) == Some(first)
-        {
+        if self.length64 && offset == WORD && first > 0 && block.fits(first.saturating_add(WORD)) {
             return true;
         }
         if !by_new {
@@ -135,7 +131,9 @@ impl Heuristics {
         if self.stdstring
             && offset == 3 * WORD
             && let Some(capacity) = word_at(WORD)
-            && capacity.checked_add(3 * WORD + 1) == Some(block.size)
+            && capacity
+                .checked_add(3 * WORD + 1)
+                .is_some_and(|asked| block.fits(asked))
             && first <= capacity
         {
             return true;
@@ -217,6 +215,24 @@ pub struct Block {
     pub size: u64,
     /// Allocated by `operator new` or `new[]`.
     pub by_new: bool,
+    /// `size` is the allocator's usable size (a block found by the heap walk),
+    /// up to [`USABLE_SLACK`] bytes more than was asked for.
+    pub usable_size: bool,
+}
+
+/// How much more than the request an allocator's usable size can be (glibc:
+/// rounding to 16 bytes, and a realloc that shrank in place by less than a chunk).
+pub const USABLE_SLACK: u64 = 46;
+
+impl Block {
+    /// Whether a request of `asked` bytes fits this block's size.
+    fn fits(&self, asked: u64) -> bool {
+        if self.usable_size {
+            asked <= self.size && self.size - asked <= USABLE_SLACK
+        } else {
+            asked == self.size
+        }
+    }
 }
 
 #[cfg(test)]
@@ -238,6 +254,7 @@ mod tests {
         let sqlite = Block {
             size: 72,
             by_new: false,
+            usable_size: false,
         };
         assert!(h.recognize(&sqlite, 8, words(&[64]), vtable));
         assert!(!h.recognize(&sqlite, 8, words(&[63]), vtable));
@@ -251,6 +268,7 @@ mod tests {
         let array = Block {
             size: 8 + 5 * 24,
             by_new: true,
+            usable_size: false,
         };
         assert!(h.recognize(&array, 8, words(&[5]), vtable));
         assert!(!h.recognize(&array, 8, words(&[7]), vtable));
@@ -263,6 +281,7 @@ mod tests {
         let string = Block {
             size: 65,
             by_new: true,
+            usable_size: false,
         };
         assert!(h.recognize(&string, 24, words(&[10, 40, 0]), vtable));
         assert!(!h.recognize(&string, 24, words(&[41, 40, 0]), vtable));
@@ -270,6 +289,7 @@ mod tests {
         let object = Block {
             size: 48,
             by_new: true,
+            usable_size: false,
         };
         let w = [VTABLE, 7, VTABLE + 0x40, 9];
         assert!(h.recognize(&object, 16, words(&w), vtable));
@@ -293,6 +313,7 @@ mod tests {
         let block = |size| Block {
             size,
             by_new: false,
+            usable_size: false,
         };
         // sdshdr8: len 5, alloc 10, flags 1, then "hello": pointer at +3.
         let hdr8 = u64::from_le_bytes([5, 10, 1, b'h', b'e', b'l', b'l', b'o']);
@@ -311,5 +332,21 @@ mod tests {
         };
         assert!(!valgrinds.recognize(&block(16), 3, words(&[hdr8, 0]), vtable));
         assert!(!h.recognize(&block(64), 16, words(&[hdr8, 0, 0]), vtable));
+    }
+
+    #[test]
+    fn a_walked_block_fits_with_its_usable_size() {
+        // sqlite's header says 64 bytes follow; the heap walk knows 72 + 8 usable.
+        let walked = Block {
+            size: 80,
+            by_new: false,
+            usable_size: true,
+        };
+        assert!(Heuristics::ALL.recognize(&walked, 8, words(&[64]), vtable));
+        let exact = Block {
+            usable_size: false,
+            ..walked
+        };
+        assert!(!Heuristics::ALL.recognize(&exact, 8, words(&[64]), vtable));
     }
 }

@@ -571,6 +571,7 @@ impl Workspace {
             let block = Block {
                 size,
                 by_new: by_new.get(j).copied().unwrap_or(false),
+                usable_size: input.snapshot.usable_size.get(j).copied().unwrap_or(false),
             };
             heuristics.recognize(
                 &block,

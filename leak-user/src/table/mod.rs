@@ -174,6 +174,9 @@ pub struct Snapshot {
     /// For each object: allocated by `operator new` (valgrind applies some of its
     /// heuristics to those only).
     pub by_new: Vec<bool>,
+    /// For each object: its size is the allocator's usable size, not the requested
+    /// one (found by the heap walk, allocated before we attached).
+    pub usable_size: Vec<bool>,
 }
 
 /// A realloc between its entry and its return.
@@ -330,11 +333,13 @@ impl Table {
                 break;
             }
             snapshot.objects.push((a, o));
+            let site = self.sites.get(o.site);
+            snapshot.by_new.push(site.is_some_and(|s| {
+                matches!(s.func, AllocFn::OperatorNew | AllocFn::OperatorNewAligned)
+            }));
             snapshot
-                .by_new
-                .push(self.sites.get(o.site).is_some_and(|s| {
-                    matches!(s.func, AllocFn::OperatorNew | AllocFn::OperatorNewAligned)
-                }));
+                .usable_size
+                .push(site.is_some_and(|s| s.before_attach));
         }
         next
     }
