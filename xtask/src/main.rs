@@ -7,12 +7,14 @@
 //! * `test`     everything CI runs: setup, eBPF check, fmt, clippy, unit and
 //!   integration tests (the latter load real eBPF programs: run as root)
 //! * `bench`    the speed and memory benchmarks, printed as side-by-side ratios
+//! * `vm-test`  the integration tests on other kernels (Debian's), booted in qemu
 
 mod bench;
 mod ebpf;
 mod fixtures;
 mod setup;
 mod util;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -55,6 +57,28 @@ enum Task {
         #[arg(long, value_enum)]
         only: Vec<bench::Bench>,
     },
+    /// Run the integration tests in qemu on Debian's kernels (default: the newest
+    /// 6.1, Debian 12's, and the newest kernel apt can see).
+    VmTest {
+        /// Kernels: a version prefix (`6.1`, `6.12`), a package name
+        /// (`linux-image-6.1.0-57-amd64-unsigned`), `newest`, or `host` (native run).
+        kernels: Vec<String>,
+        /// Only tests whose name contains this (repeatable).
+        #[arg(long)]
+        filter: Vec<String>,
+        /// Leave out tests whose name contains this (repeatable).
+        #[arg(long)]
+        skip: Vec<String>,
+        /// Stop a kernel's run after this many seconds, boot included.
+        #[arg(long, default_value_t = 1800)]
+        timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 2048)]
+        memory: u32,
+        /// Guest CPUs (TCG runs one host thread per CPU).
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+    },
 }
 
 fn main() {
@@ -65,6 +89,21 @@ fn main() {
         Task::Fixtures => fixtures::build().map(drop),
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
         Task::Bench { quick, only } => bench::run(quick, &only),
+        Task::VmTest {
+            kernels,
+            filter,
+            skip,
+            timeout,
+            memory,
+            cpus,
+        } => vm::run(&vm::Options {
+            kernels,
+            filters: filter,
+            skips: skip,
+            timeout: std::time::Duration::from_secs(timeout),
+            memory_mib: memory,
+            cpus,
+        }),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
