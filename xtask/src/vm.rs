@@ -601,11 +601,15 @@ $B mount -t debugfs debugfs $R/sys/kernel/debug
 $B mount -t bpf bpf $R/sys/fs/bpf
 for d in {writable}; do $B mount -t tmpfs tmpfs "$R$d" || fail "cannot mount a tmpfs on $d"; done
 echo "xtask-vm: kernel $($B uname -r), running the integration tests"
-$B chroot $R /bin/sh -c {command}
-echo "{EXIT_MARKER}$?"
-$B poweroff -f
+# The host's root becomes the guest's (a chroot would not do: paths in
+# /proc/PID/maps of a process in another mount namespace would carry /newroot).
+$B umount /proc /sys /dev
+exec $B switch_root $R /bin/busybox sh -c {pid1}
 "#,
-            command = quote(&command),
+            pid1 = quote(&format!(
+                "/bin/sh -c {}; echo \"{EXIT_MARKER}$?\"; /bin/busybox poweroff -f",
+                quote(&command)
+            )),
         )
     }
 }
