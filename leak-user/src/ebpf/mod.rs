@@ -5,6 +5,7 @@
 //! probe and tracepoint (and if the tracer dies, the kernel closes the perf events
 //! and removes the probes for us).
 
+pub mod features;
 pub mod tracefs;
 
 use std::{io, num::NonZeroU32, os::fd::AsRawFd as _, path::PathBuf};
@@ -40,6 +41,11 @@ pub enum EbpfError {
         "this kernel has no BTF (/sys/kernel/btf/vmlinux); leaktrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
     )]
     NoBtf,
+    #[error(
+        "this kernel ({release}) lacks {missing}; leaktrace needs Linux {oldest} or later",
+        oldest = features::OLDEST_KERNEL
+    )]
+    KernelTooOld { release: String, missing: String },
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsMissing),
     #[error("cannot load the eBPF programs: {0:#}")]
@@ -103,6 +109,13 @@ fn check_environment() -> Result<(), EbpfError> {
     }
     if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(EbpfError::NoBtf);
+    }
+    let missing = features::Offered::detect().missing();
+    if !missing.is_empty() {
+        return Err(EbpfError::KernelTooOld {
+            release: features::release(),
+            missing: missing.join(", "),
+        });
     }
     Ok(())
 }
