@@ -129,6 +129,11 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
             "this kernel has no kmem:kmalloc tracepoint with a ptr field; kernel mode needs the kmem tracepoints"
         );
     }
+    if probes.layout.cache_alloc_name == leak_common::TracepointLayout::ABSENT {
+        log::warn!(
+            "this kernel's kmem:kmem_cache_alloc tracepoint has no cache name field: slab caches are not named in reports"
+        );
+    }
     // Frees first: loading a program allocates and frees kernel memory (the
     // verifier's states), and a free missed while allocations are traced would
     // leave a false leak behind.
