@@ -10,6 +10,7 @@
 //! * `corpus`   leaktrace against real Debian programs next to valgrind (not in CI)
 //! * `fuzz`     the parsers' fuzz targets (cargo-fuzz), each for a bounded time
 //! * `soak`     minutes of a churning, slowly leaking target: leaks, RSS, losses
+//! * `vm-test`  the integration tests on other kernels (Debian's), booted in qemu
 
 mod bench;
 mod corpus;
@@ -19,6 +20,7 @@ mod fuzz;
 mod setup;
 mod soak;
 mod util;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -98,6 +100,28 @@ enum Task {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
     },
+    /// Run the integration tests in qemu on Debian's kernels (default: the newest
+    /// 6.1, Debian 12's, and the newest kernel apt can see).
+    VmTest {
+        /// Kernels: a version prefix (`6.1`, `6.12`), a package name
+        /// (`linux-image-6.1.0-57-amd64-unsigned`), `newest`, or `host` (native run).
+        kernels: Vec<String>,
+        /// Only tests whose name contains this (repeatable).
+        #[arg(long)]
+        filter: Vec<String>,
+        /// Leave out tests whose name contains this (repeatable).
+        #[arg(long)]
+        skip: Vec<String>,
+        /// Stop a kernel's run after this many seconds, boot included.
+        #[arg(long, default_value_t = 1800)]
+        timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 2048)]
+        memory: u32,
+        /// Guest CPUs (TCG runs one host thread per CPU).
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+    },
 }
 
 fn main() {
@@ -121,6 +145,21 @@ fn main() {
         } => corpus::run(quick, no_install, no_valgrind, &programs),
         Task::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Task::Soak { minutes } => soak::run(minutes),
+        Task::VmTest {
+            kernels,
+            filter,
+            skip,
+            timeout,
+            memory,
+            cpus,
+        } => vm::run(&vm::Options {
+            kernels,
+            filters: filter,
+            skips: skip,
+            timeout: std::time::Duration::from_secs(timeout),
+            memory_mib: memory,
+            cpus,
+        }),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -133,19 +133,25 @@ pub fn run() -> anyhow::Result<()> {
 /// Debian packages the integration tests use, installed when missing (as root).
 pub fn test_packages() -> anyhow::Result<()> {
     step("setup: test packages");
-    let wanted = [("libjemalloc2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")];
+    ensure_packages(&[("libjemalloc2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")])
+}
+
+/// Installs the Debian packages (name, a file it provides) whose file is missing
+/// (as root).
+pub fn ensure_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(_, file)| !Path::new(file).exists())
         .map(|(pkg, _)| *pkg)
         .collect();
     if missing.is_empty() {
-        eprintln!("xtask: test packages: present");
+        let names: Vec<&str> = wanted.iter().map(|(pkg, _)| *pkg).collect();
+        eprintln!("xtask: packages present: {}", names.join(" "));
         return Ok(());
     }
     if !util::is_root() {
         bail!(
-            "the tests need {} (apt-get install {})",
+            "this needs {} (apt-get install {})",
             missing.join(", "),
             missing.join(" ")
         );
@@ -158,6 +164,6 @@ pub fn test_packages() -> anyhow::Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
-    .context("cannot install the test packages")?;
+    .with_context(|| format!("cannot install {}", missing.join(" ")))?;
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! and removes the probes for us).
 
 mod entry;
+pub mod features;
 pub mod teardown;
 pub mod tracefs;
 
@@ -42,6 +43,11 @@ pub enum EbpfError {
         "this kernel has no BTF (/sys/kernel/btf/vmlinux); leaktrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
     )]
     NoBtf,
+    #[error(
+        "this kernel ({release}) lacks {missing}; leaktrace needs Linux {oldest} or later",
+        oldest = features::OLDEST_KERNEL
+    )]
+    KernelTooOld { release: String, missing: String },
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsMissing),
     #[error("cannot load the eBPF programs: {0:#}")]
@@ -105,6 +111,13 @@ fn check_environment() -> Result<(), EbpfError> {
     }
     if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(EbpfError::NoBtf);
+    }
+    let missing = features::Offered::detect().missing();
+    if !missing.is_empty() {
+        return Err(EbpfError::KernelTooOld {
+            release: features::release(),
+            missing: missing.join(", "),
+        });
     }
     Ok(())
 }

@@ -185,6 +185,11 @@ fn load(config: &Config, k: &KernelConfig, cgroups: Option<&[u64]>) -> anyhow::R
             "this kernel has no kmem:kmalloc tracepoint with a ptr field; kernel mode needs the kmem tracepoints"
         );
     }
+    if probes.layout.cache_alloc_name == leak_common::TracepointLayout::ABSENT {
+        log::warn!(
+            "this kernel's kmem:kmem_cache_alloc tracepoint has no cache name field: slab caches are not named in reports"
+        );
+    }
     Ok(probes)
 }
 
