@@ -4,6 +4,7 @@
 mod before_attach;
 mod cli;
 mod kernel;
+mod output;
 mod reports;
 mod scanning;
 mod schema;

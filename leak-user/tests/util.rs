@@ -26,8 +26,13 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The binary under test; `LEAKTRACE_BIN` names another build (e.g. to show that a
+/// new test fails on the code before a fix).
 pub fn leaktrace() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_leaktrace"))
+    std::env::var_os("LEAKTRACE_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_leaktrace")),
+        PathBuf::from,
+    )
 }
 
 pub fn require_root() {
@@ -162,6 +167,8 @@ pub struct Run {
     pub status: ExitStatus,
     pub stderr: String,
     pub fixture_stdout: String,
+    /// Ended by our SIGINT (its exit status is then 130, as in shells).
+    pub interrupted: bool,
 }
 
 impl Run {
@@ -191,6 +198,11 @@ impl Run {
             .iter()
             .map(|o| (hex(&o["address"]), o["size"].as_u64().unwrap()))
             .collect()
+    }
+
+    /// Exit status 0, or 130 after our SIGINT.
+    pub fn ended_well(&self) -> bool {
+        self.status.code() == Some(if self.interrupted { 130 } else { 0 })
     }
 
     pub fn lost_total(&self) -> u64 {
@@ -265,6 +277,7 @@ pub fn launch_command(name: &str, argv: &[&str], args: &[&str], env: &[(&str, &s
         status,
         stderr,
         fixture_stdout,
+        interrupted: false,
     }
 }
 
@@ -420,6 +433,7 @@ impl Tracer {
             status,
             stderr,
             fixture_stdout: fixture_stdout.to_owned(),
+            interrupted: true,
         }
     }
 }
