@@ -200,9 +200,20 @@ impl Run {
             .collect()
     }
 
-    /// Exit status 0, or 130 after our SIGINT.
+    /// Exit status 0, or 130 if our SIGINT ended the run (a run that ended on its
+    /// own before the signal exits 0).
     pub fn ended_well(&self) -> bool {
-        self.status.code() == Some(if self.interrupted { 130 } else { 0 })
+        let by_signal = self
+            .records
+            .iter()
+            .rfind(|r| r["type"] == "end")
+            .is_none_or(|end| end["reason"] == "signal");
+        let expected = if self.interrupted && by_signal {
+            130
+        } else {
+            0
+        };
+        self.status.code() == Some(expected)
     }
 
     pub fn lost_total(&self) -> u64 {
