@@ -30,6 +30,8 @@ pub struct OutputConfig {
     pub color: bool,
     pub top: usize,
     pub show_possible: bool,
+    /// Hex dump of each confirmed leak's first bytes (`--show-contents`).
+    pub show_contents: bool,
     pub pprof: Option<PathBuf>,
     pub flamegraph: Option<PathBuf>,
     /// Status line and hook listing on stderr.
@@ -348,6 +350,7 @@ fn output_of(args: &Args) -> OutputConfig {
         color,
         top: args.top,
         show_possible: args.show_possible,
+        show_contents: args.show_contents,
         pprof: args.pprof.clone(),
         flamegraph: args.flamegraph.clone(),
         status: !args.quiet && std::io::stderr().is_terminal(),

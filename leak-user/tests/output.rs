@@ -281,3 +281,30 @@ fn signals_end_the_run_with_128_plus_the_signal() {
         assert_eq!(end["reason"], "signal");
     }
 }
+
+#[test]
+fn leak_contents_only_when_asked() {
+    util::require_root();
+    let _s = serial();
+    let fast = ["--interval", "100ms", "--min-age", "100ms"];
+    let run = util::launch("scenarios", &["--hold-ms", "800"], &fast);
+    assert!(run.ended_well(), "{}", run.stderr);
+    let leaks = run.of_type("leak");
+    assert!(!leaks.is_empty());
+    assert!(
+        leaks.iter().all(|l| l.get("contents").is_none()),
+        "private by default"
+    );
+    let mut args = fast.to_vec();
+    args.push("--show-contents");
+    let run = util::launch("scenarios", &["--hold-ms", "800"], &args);
+    assert!(run.ended_well(), "{}", run.stderr);
+    let leaks = run.of_type("leak");
+    assert!(!leaks.is_empty());
+    for l in leaks {
+        let hex = l["contents"].as_str().expect("a contents field");
+        let size = l["size"].as_u64().unwrap().min(32);
+        assert_eq!(hex.len() as u64, 2 * size, "{l}");
+        assert!(hex.chars().all(|c| c.is_ascii_hexdigit()), "{l}");
+    }
+}

@@ -56,6 +56,9 @@ pub struct Leak {
     /// Allocated before leaktrace attached (found by the heap walk): no stack.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub before_attach: bool,
+    /// `--show-contents`: the first bytes of the block, in hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contents: Option<String>,
     pub stack: Arc<Vec<Frame>>,
 }
 
@@ -193,6 +196,7 @@ pub(crate) mod tests {
             allocator: "malloc",
             root: None,
             before_attach: false,
+            contents: None,
             stack: stack.clone(),
         }
     }

@@ -216,6 +216,7 @@ impl Reporter {
             allocator: allocator_name(site.func),
             root: f.root,
             before_attach: site.before_attach,
+            contents: None,
             stack: self.stack_of(f.pid, site),
         }
     }
@@ -244,6 +245,9 @@ impl Reporter {
         }
         for r in &scan.verdicts.retractions {
             self.retraction(r);
+        }
+        if self.out.show_contents {
+            show_contents(&mut new);
         }
         for leak in &new {
             // Possible leaks are aggregated by stack at the end unless asked for
@@ -287,7 +291,14 @@ impl Reporter {
             .collect();
         if !confirmed.is_empty() {
             let title = format!("pid {}, new", scan.pid);
-            let body = text::render(&title, &confirmed, self.out.top, self.out.color);
+            let mut body = text::render(&title, &confirmed, self.out.top, self.out.color);
+            for l in confirmed.iter().filter(|l| l.contents.is_some()) {
+                let hex = l.contents.as_deref().unwrap_or_default();
+                body.push_str(&format!(
+                    "contents of {:#x} ({} bytes): {hex}\n",
+                    l.address, l.size
+                ));
+            }
             self.sink.text(&body);
         }
     }
@@ -479,6 +490,23 @@ impl Reporter {
             self.retractions
         ));
         body
+    }
+}
+
+/// `--show-contents`: reads the first bytes of each confirmed leak from its process.
+fn show_contents(leaks: &mut [Leak]) {
+    use crate::proc::mem::{MemorySource as _, ProcessMemory, ReadMethod};
+    let mut memory: HashMap<u32, Option<ProcessMemory>> = HashMap::new();
+    for leak in leaks.iter_mut().filter(|l| l.kind != LeakKind::Possible) {
+        let Some(mem) = memory
+            .entry(leak.pid)
+            .or_insert_with(|| ProcessMemory::open(leak.pid, ReadMethod::ProcessVmReadv).ok())
+        else {
+            continue;
+        };
+        let mut buf = vec![0u8; leak.size.min(32) as usize];
+        let n = mem.read(leak.address, &mut buf);
+        leak.contents = Some(buf[..n].iter().map(|b| format!("{b:02x}")).collect());
     }
 }
 
