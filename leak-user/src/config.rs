@@ -309,6 +309,7 @@ fn check_combinations(args: &Args, mode: &Mode) -> Result<(), ConfigError> {
             ("--flamegraph", args.flamegraph.is_some()),
             ("--stop-the-world", args.stop_the_world),
             ("--follow-forks", args.follow_forks),
+            ("--show-contents", args.show_contents),
         ];
         if let Some((flag, _)) = user_only.iter().find(|(_, given)| *given) {
             return Err(ConfigError::NotInKernelMode(flag));
@@ -457,7 +458,7 @@ mod tests {
 
     #[test]
     fn kernel_mode_refuses_what_it_would_ignore() {
-        for flag in ["--stop-the-world", "--follow-forks"] {
+        for flag in ["--stop-the-world", "--follow-forks", "--show-contents"] {
             assert_eq!(
                 config(&["lt", "--kernel", flag]).unwrap_err(),
                 ConfigError::NotInKernelMode(flag)
