@@ -80,6 +80,11 @@ pub struct Args {
     #[arg(long)]
     pub show_possible: bool,
 
+    /// Show the first 32 bytes of each confirmed leak (a hex dump, as kmemleak
+    /// does), read when it is reported. This puts the target's data in the report.
+    #[arg(long)]
+    pub show_contents: bool,
+
     /// Write leaked objects and bytes by stack as a pprof profile (gzipped protobuf).
     #[arg(long, value_name = "FILE")]
     pub pprof: Option<PathBuf>,

@@ -30,6 +30,8 @@ pub struct OutputConfig {
     pub color: bool,
     pub top: usize,
     pub show_possible: bool,
+    /// Hex dump of each confirmed leak's first bytes (`--show-contents`).
+    pub show_contents: bool,
     pub pprof: Option<PathBuf>,
     pub flamegraph: Option<PathBuf>,
     /// Status line and hook listing on stderr.
@@ -133,7 +135,31 @@ pub enum ConfigError {
     Sample(u64),
     #[error("--leak-check-heuristics: {0}")]
     Heuristics(#[from] crate::scan::heuristics::UnknownHeuristic),
+    #[error("{what} must be at most {limit}, not {value}")]
+    TooLarge {
+        what: &'static str,
+        limit: String,
+        value: String,
+    },
+    #[error("{0} has no meaning in kernel mode (--kernel): leave it out")]
+    NotInKernelMode(&'static str),
+    #[error("pid {0} is leaktrace itself: give the pid of another process")]
+    SelfPid(u32),
+    #[error(
+        "--json on stdout would mix the command's own output into the stream: add --output FILE"
+    )]
+    JsonSharesStdout,
 }
+
+/// The longest duration any option takes.
+const MAX_DURATION_S: f64 = 365.0 * 24.0 * 3600.0;
+/// The most stacks a stack map may hold: 64 frames take 512 bytes an entry, so
+/// this is 256 MiB of kernel memory.
+pub const MAX_STACK_ENTRIES: u32 = 1 << 19;
+/// The most consecutive scans --min-scans may ask for.
+const MAX_MIN_SCANS: u16 = 1000;
+/// The most stacks --top may show.
+const MAX_TOP: usize = 1_000_000;
 
 /// Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.
 pub fn parse_duration(what: &'static str, value: &str) -> Result<Duration, ConfigError> {
@@ -158,6 +184,13 @@ pub fn parse_duration(what: &'static str, value: &str) -> Result<Duration, Confi
     if !seconds.is_finite() || seconds < 0.0 {
         return Err(bad());
     }
+    if seconds > MAX_DURATION_S {
+        return Err(ConfigError::TooLarge {
+            what,
+            limit: "365 days".to_owned(),
+            value: value.to_owned(),
+        });
+    }
     Ok(Duration::from_secs_f64(seconds))
 }
 
@@ -165,11 +198,19 @@ impl Config {
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         let mode = mode_of(&args)?;
         check_limits(&args)?;
+        check_combinations(&args, &mode)?;
         let interval = parse_duration("--interval", &args.interval)?;
         if interval.is_zero() {
             return Err(ConfigError::Zero { what: "--interval" });
         }
         let min_age = parse_duration("--min-age", &args.min_age)?;
+        if min_age > Duration::from_secs(24 * 3600) {
+            return Err(ConfigError::TooLarge {
+                what: "--min-age",
+                limit: "24h".to_owned(),
+                value: args.min_age.clone(),
+            });
+        }
         let duration = args
             .duration
             .as_deref()
@@ -233,8 +274,50 @@ fn check_limits(args: &Args) -> Result<(), ConfigError> {
             what: "--stack-map-entries",
         });
     }
+    let too_large = |what, limit: &dyn ToString, value: &dyn ToString| ConfigError::TooLarge {
+        what,
+        limit: limit.to_string(),
+        value: value.to_string(),
+    };
+    if args.stack_map_entries > MAX_STACK_ENTRIES {
+        return Err(too_large(
+            "--stack-map-entries",
+            &MAX_STACK_ENTRIES,
+            &args.stack_map_entries,
+        ));
+    }
+    if args.min_scans > MAX_MIN_SCANS {
+        return Err(too_large("--min-scans", &MAX_MIN_SCANS, &args.min_scans));
+    }
+    if args.top > MAX_TOP {
+        return Err(too_large("--top", &MAX_TOP, &args.top));
+    }
+    if let Some(&pid) = args.pids.iter().find(|&&p| p == std::process::id()) {
+        return Err(ConfigError::SelfPid(pid));
+    }
     if args.sample == 0 || args.sample > 65536 || !args.sample.is_power_of_two() {
         return Err(ConfigError::Sample(args.sample));
+    }
+    Ok(())
+}
+
+/// Options that make no sense together.
+fn check_combinations(args: &Args, mode: &Mode) -> Result<(), ConfigError> {
+    if *mode == Mode::Kernel {
+        let user_only = [
+            ("--pprof", args.pprof.is_some()),
+            ("--flamegraph", args.flamegraph.is_some()),
+            ("--stop-the-world", args.stop_the_world),
+            ("--follow-forks", args.follow_forks),
+            ("--show-contents", args.show_contents),
+        ];
+        if let Some((flag, _)) = user_only.iter().find(|(_, given)| *given) {
+            return Err(ConfigError::NotInKernelMode(flag));
+        }
+    }
+    // The command inherits our stdout: its output would land inside the stream.
+    if matches!(mode, Mode::Launch(_)) && args.json && args.output.is_none() {
+        return Err(ConfigError::JsonSharesStdout);
     }
     Ok(())
 }
@@ -268,6 +351,7 @@ fn output_of(args: &Args) -> OutputConfig {
         color,
         top: args.top,
         show_possible: args.show_possible,
+        show_contents: args.show_contents,
         pprof: args.pprof.clone(),
         flamegraph: args.flamegraph.clone(),
         status: !args.quiet && std::io::stderr().is_terminal(),
@@ -346,6 +430,63 @@ mod tests {
             config(&["lt", "-p", "0"]).unwrap_err(),
             ConfigError::BadPid(0)
         );
+    }
+
+    #[test]
+    fn every_number_has_a_bound_named_in_the_error() {
+        for (flag, value, limit) in [
+            ("--interval", "99999999999999999999s", "365 days"),
+            ("--duration", "18446744073709551615s", "365 days"),
+            ("--duration", "8761h", "365 days"),
+            ("--min-growth-window", "9999999999h", "365 days"),
+            ("--min-age", "25h", "24h"),
+            ("--stack-map-entries", "4294967295", "524288"),
+            ("--stack-map-entries", "100000000", "524288"),
+            ("--min-scans", "60000", "1000"),
+            ("--top", "18446744073709551615", "1000000"),
+        ] {
+            let err = config(&["lt", "--kernel", flag, value])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(flag), "{err}");
+            assert!(err.contains(limit), "{err}");
+            assert_eq!(err.lines().count(), 1);
+        }
+        assert!(config(&["lt", "-p", "1", "--stack-map-entries", "524288"]).is_ok());
+        assert!(config(&["lt", "-p", "1", "--duration", "8760h"]).is_ok());
+    }
+
+    #[test]
+    fn kernel_mode_refuses_what_it_would_ignore() {
+        for flag in ["--stop-the-world", "--follow-forks", "--show-contents"] {
+            assert_eq!(
+                config(&["lt", "--kernel", flag]).unwrap_err(),
+                ConfigError::NotInKernelMode(flag)
+            );
+        }
+        assert_eq!(
+            config(&["lt", "--kernel", "--pprof", "p.pb.gz"]).unwrap_err(),
+            ConfigError::NotInKernelMode("--pprof")
+        );
+        assert_eq!(
+            config(&["lt", "--kernel", "--flamegraph", "f.svg"]).unwrap_err(),
+            ConfigError::NotInKernelMode("--flamegraph")
+        );
+    }
+
+    #[test]
+    fn not_itself_and_not_into_the_commands_stdout() {
+        let me = std::process::id().to_string();
+        assert_eq!(
+            config(&["lt", "-p", &me]).unwrap_err(),
+            ConfigError::SelfPid(std::process::id())
+        );
+        assert_eq!(
+            config(&["lt", "--json", "--", "ls"]).unwrap_err(),
+            ConfigError::JsonSharesStdout
+        );
+        assert!(config(&["lt", "--json", "--output", "x", "--", "ls"]).is_ok());
+        assert!(config(&["lt", "--json", "-p", "1"]).is_ok());
     }
 
     #[test]

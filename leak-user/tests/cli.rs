@@ -107,9 +107,82 @@ fn interrupt_writes_the_final_report_and_files() {
     tracer.wait_scans(3);
     let run = tracer.stop(&fixture.stdout.clone());
     fixture.finish();
-    assert!(run.status.success(), "{}", run.stderr);
+    assert!(run.ended_well(), "{}", run.stderr);
     assert_eq!(run.end()["reason"], "signal");
     assert!(run.end()["leaks"]["objects"].as_u64().unwrap() > 0);
     assert!(std::fs::metadata(&pprof).unwrap().len() > 0);
     assert!(std::fs::metadata(&svg).unwrap().len() > 0);
+}
+
+#[test]
+fn big_numbers_are_refused_naming_the_flag_and_the_limit() {
+    for (flag, value, limit) in [
+        ("--interval", "99999999999999999999s", "at most 365 days"),
+        ("--duration", "18446744073709551615s", "at most 365 days"),
+        ("--min-age", "25h", "at most 24h"),
+        ("--stack-map-entries", "100000000", "at most 524288"),
+        ("--stack-map-entries", "4294967295", "at most 524288"),
+        ("--min-scans", "65535", "at most 1000"),
+        ("--top", "99999999999", "at most 1000000"),
+    ] {
+        let out = leaktrace(&["-p", "1", flag, value]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        assert_one_line_error(&out, &format!("{flag} must be {limit}, not {value}"));
+    }
+    let out = leaktrace(&["--kernel", "--min-growth-window", "99999999999h"]);
+    assert_one_line_error(&out, "--min-growth-window must be at most 365 days");
+}
+
+#[test]
+fn kernel_mode_refuses_the_options_it_would_ignore() {
+    for args in [
+        &["--pprof", "p.pb.gz"][..],
+        &["--flamegraph", "f.svg"],
+        &["--stop-the-world"],
+        &["--follow-forks"],
+    ] {
+        let mut argv = vec!["--kernel"];
+        argv.extend_from_slice(args);
+        let out = leaktrace(&argv);
+        assert_eq!(out.status.code(), Some(2));
+        assert_one_line_error(
+            &out,
+            &format!("{} has no meaning in kernel mode (--kernel)", args[0]),
+        );
+    }
+}
+
+#[test]
+fn launch_mode_json_on_the_commands_stdout_is_refused() {
+    let dir = util::scratch("json-stdout");
+    let marker = dir.join("ran");
+    let out = leaktrace(&["--json", "--", "/bin/touch", marker.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_one_line_error(&out, "add --output FILE");
+    assert!(!marker.exists(), "the command must not run");
+}
+
+#[test]
+fn leaktrace_refuses_to_trace_itself() {
+    // The shell's pid becomes leaktrace's when it execs.
+    let out = Command::new("/bin/sh")
+        .arg("-c")
+        .arg("exec \"$0\" --pid $$")
+        .arg(util::leaktrace())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_one_line_error(&out, "is leaktrace itself");
+}
+
+#[test]
+fn an_error_names_its_cause_once() {
+    util::require_root();
+    let _s = serial();
+    // A file that is not executable: the exec fails with EACCES.
+    let out = leaktrace(&["--", "/etc/passwd"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_one_line_error(&out, "cannot start /etc/passwd: Permission denied");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("Permission denied").count(), 1, "{stderr}");
 }

@@ -87,7 +87,7 @@ fn every_ndjson_line_follows_the_documented_schema() {
     );
     let _s = serial();
     let mut launch_args = FAST.to_vec();
-    launch_args.push("--show-possible");
+    launch_args.extend(["--show-possible", "--show-contents"]);
     let mut runs = vec![launch("scenarios", &["--hold-ms", "800"], &launch_args)];
     // pid mode with stop-the-world adds pauses and the signal ending.
     let mut fixture = Fixture::start("scenarios", &[], &[]);

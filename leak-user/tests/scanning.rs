@@ -73,7 +73,7 @@ fn scenarios_in_launch_mode() {
     util::require_root();
     let _s = serial();
     let run = launch("scenarios", &["--hold-ms", "1500"], FAST);
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     assert_matches_truth(&run);
     let direct = run
         .truth
@@ -122,7 +122,7 @@ fn a_process_in_another_mount_namespace() {
     let run = tracer.stop(&fixture.stdout.clone());
     let (status, _) = fixture.finish();
     assert!(status.success());
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     assert_matches_truth(&run);
     let (_, leak) = run.leaks().into_iter().next().expect("leaks");
     let frame = &leak["stack"][0];
@@ -138,7 +138,7 @@ fn scenarios_in_pid_mode() {
     util::require_root();
     let _s = serial();
     let run = attach_scenarios(FAST);
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     assert_matches_truth(&run);
 }
 
@@ -149,7 +149,7 @@ fn scenarios_with_the_world_stopped() {
     let mut args = FAST.to_vec();
     args.push("--stop-the-world");
     let run = attach_scenarios(&args);
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     assert_matches_truth(&run);
     let scans = run.of_type("scan");
     let paused: Vec<f64> = scans
@@ -272,7 +272,7 @@ fn leaks_of_exited_threads_stay_leaks() {
         &["--threads", "500", "--hold-ms", "2500"],
         FAST,
     );
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     assert_eq!(run.truth.len(), 500);
     let leaks = run.leaks();
     let missing = run
@@ -292,7 +292,7 @@ fn leak_check_heuristics_as_valgrind_applies_them() {
     util::require_root();
     let _s = serial();
     let run = launch("heuristics", &["--hold-ms", "1500"], FAST);
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     let heuristic = |t: &&util::Truth| t.tag == "KEEP" && t.kind != "-";
     assert_eq!(
         run.truth.iter().filter(heuristic).count(),

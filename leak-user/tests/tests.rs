@@ -5,6 +5,7 @@ mod before_attach;
 mod cli;
 mod deleted;
 mod kernel;
+mod output;
 mod reports;
 mod scanning;
 mod schema;

@@ -79,7 +79,7 @@ fn every_malloc_family_function_in_a_dynamic_binary() {
     util::require_root();
     let _s = serial();
     let run = launch("family", &["--hold-ms", "300"], &["--interval", "100ms"]);
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     assert_table_matches(&run);
     let hooks = run.of_type("hooks");
     let libc = hooks[0]["objects"]
@@ -120,7 +120,7 @@ fn every_malloc_family_function_in_a_static_binary() {
         &["--hold-ms", "300"],
         &["--interval", "100ms"],
     );
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     assert_table_matches(&run);
     let object = run.of_type("hooks")[0]["objects"][0]["object"]
         .as_str()
@@ -146,7 +146,7 @@ fn jemalloc_preloaded() {
         &["--interval", "100ms"],
         &[("LD_PRELOAD", JEMALLOC)],
     );
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     let hooked: Vec<&str> = run
         .of_type("hooks")
         .iter()
@@ -172,7 +172,7 @@ fn jemalloc_preloaded() {
         "--no-pvalloc",
     ];
     let run = util::launch_command("family-env", &argv, &["--interval", "100ms"], &[]);
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     assert!(
         run.of_type("hooks")
             .iter()
@@ -192,7 +192,7 @@ fn cxx_operator_new_and_delete() {
         &["--hold-ms", "500"],
         &["--interval", "100ms", "--min-age", "100ms"],
     );
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     assert_table_matches(&run);
     let leaks = run.leaks();
     let mut callers = Vec::new();
@@ -275,7 +275,7 @@ fn launch_passes_arguments_and_exit_status() {
         &["10", "4", "--hold-ms", "0"],
         &["--interval", "1s"],
     );
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     assert!(run.fixture_stdout.contains("DONE 10 4"));
     assert_eq!(run.end()["counters"]["allocs"], 10);
     let run = util::launch("family", &["--hold-ms", "0", "--exit-code", "7"], &[]);
@@ -296,7 +296,7 @@ fn a_target_that_exits_mid_trace_ends_the_trace() {
     fixture.finish();
     tracer.wait_records(|r| r.iter().any(|x| x["type"] == "end"), "the end record");
     let run = tracer.stop("");
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     let exit = run.of_type("process_exit");
     assert_eq!(exit.len(), 1);
     assert_eq!(exit[0]["pid"], pid);
@@ -313,7 +313,7 @@ fn follow_forks_traces_a_child_from_its_first_instruction() {
     // scan at its exit stop (followed children are held there, like the command).
     let with_flag = ["--interval", "60s", "--min-age", "0s", "--follow-forks"];
     let run = launch("forks", &args, &with_flag);
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     let child: u64 = run
         .fixture_stdout
         .lines()
@@ -351,7 +351,7 @@ fn follow_forks_traces_a_child_from_its_first_instruction() {
 
     // Without the flag the child is not traced at all.
     let run = launch("forks", &args, &fast);
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     assert!(run.of_type("process").iter().all(|r| r["event"] != "fork"));
     assert!(run.leaks().is_empty(), "{:?}", run.leaks());
     assert_eq!(run.end()["counters"]["allocs"], 1, "the parent's one block");

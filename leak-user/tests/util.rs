@@ -172,6 +172,8 @@ pub struct Run {
     pub status: ExitStatus,
     pub stderr: String,
     pub fixture_stdout: String,
+    /// Ended by our SIGINT (its exit status is then 130, as in shells).
+    pub interrupted: bool,
 }
 
 impl Run {
@@ -201,6 +203,22 @@ impl Run {
             .iter()
             .map(|o| (hex(&o["address"]), o["size"].as_u64().unwrap()))
             .collect()
+    }
+
+    /// Exit status 0, or 130 if our SIGINT ended the run (a run that ended on its
+    /// own before the signal exits 0).
+    pub fn ended_well(&self) -> bool {
+        let by_signal = self
+            .records
+            .iter()
+            .rfind(|r| r["type"] == "end")
+            .is_none_or(|end| end["reason"] == "signal");
+        let expected = if self.interrupted && by_signal {
+            130
+        } else {
+            0
+        };
+        self.status.code() == Some(expected)
     }
 
     pub fn lost_total(&self) -> u64 {
@@ -275,6 +293,7 @@ pub fn launch_command(name: &str, argv: &[&str], args: &[&str], env: &[(&str, &s
         status,
         stderr,
         fixture_stdout,
+        interrupted: false,
     }
 }
 
@@ -430,6 +449,7 @@ impl Tracer {
             status,
             stderr,
             fixture_stdout: fixture_stdout.to_owned(),
+            interrupted: true,
         }
     }
 }

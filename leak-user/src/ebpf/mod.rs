@@ -73,6 +73,9 @@ pub enum EbpfError {
 pub struct LoadOptions {
     pub ring_bytes: u32,
     pub stack_entries: u32,
+    /// Kernel mode: stacks go to the kernel-stack map, else to the user-stack map.
+    /// The other map gets one entry (its buckets are allocated up front).
+    pub kernel_stacks: bool,
     pub follow_forks: bool,
     pub capture_stacks: bool,
     /// Kernel mode: keep one object in 2^sample_shift.
@@ -134,6 +137,16 @@ fn has_bpf_capabilities() -> bool {
         .is_some_and(|caps| caps & (1 << 38) != 0 && caps & (1 << 39) != 0)
 }
 
+/// Entries of the user and kernel stack maps: only the mode's own map is sized
+/// as asked, and none without stacks.
+fn stack_map_sizes(options: &LoadOptions) -> (u32, u32) {
+    match (options.capture_stacks, options.kernel_stacks) {
+        (false, _) => (1, 1),
+        (true, false) => (options.stack_entries, 1),
+        (true, true) => (1, options.stack_entries),
+    }
+}
+
 fn is_permission(err: &aya::EbpfError) -> bool {
     let text = format!("{err:?}");
     text.contains("PermissionDenied") || text.contains("Operation not permitted")
@@ -152,10 +165,11 @@ impl Probes {
         let filter_pids = flag(options.kernel_filter_pids);
         let filter_cgroups = flag(options.kernel_filter_cgroups);
         let dual_frees = flag(options.dual_free_probes);
+        let (user_stacks, kernel_stacks) = stack_map_sizes(options);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::EVENTS, options.ring_bytes)
-            .map_max_entries(names::STACKS, options.stack_entries)
-            .map_max_entries(names::KSTACKS, options.stack_entries)
+            .map_max_entries(names::STACKS, user_stacks)
+            .map_max_entries(names::KSTACKS, kernel_stacks)
             .override_global(names::FOLLOW_FORKS, &follow, true)
             .override_global(names::CAPTURE_STACKS, &stacks, true)
             .override_global(names::WAKEUP_BYTES, &wakeup, true)

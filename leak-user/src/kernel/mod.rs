@@ -30,7 +30,10 @@ use crate::{
     ebpf::{LoadOptions, Probes, tracefs},
     events::Event,
     proc,
-    report::records::{EndReason, KernelOptions, KernelStats, Target},
+    report::{
+        files::OutputFiles,
+        records::{EndReason, KernelOptions, KernelStats, Target},
+    },
     session::{
         self,
         figures::EventFigures,
@@ -105,6 +108,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         }
     }
     let cgroups = k.cgroup.as_deref().map(cgroup_ids).transpose()?;
+    let files = OutputFiles::open(&config.output)?;
     let epoch = clock::now_ns();
     let started = Instant::now();
     let mut probes = load(&config, &k, cgroups.as_deref())?;
@@ -128,7 +132,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let ingest =
         ingest::spawn(ring, KernelSink(table.clone())).context("cannot watch the ring buffer")?;
     let scale = 1u64 << k.sample_shift;
-    let mut reporter = KernelReporter::new(&config.output, readers, scale)?;
+    let mut reporter = KernelReporter::new(&config.output, readers, scale, files.report);
     let targets: Vec<Target> = k.pids.iter().map(|&p| session::target(p)).collect();
     reporter.start(
         &targets,
@@ -144,6 +148,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
             include_tracer: k.include_tracer,
         },
     );
+    reporter.begin();
     let mut session = KernelSession {
         probes,
         table,
@@ -156,10 +161,11 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         scale,
         min_age_ms: config.verdict.min_age_ms,
         min_window_s: k.min_growth_window.as_secs_f64(),
+        signal: None,
     };
     let reason = session.main_loop(&config).await?;
-    session.finish(reason).await;
-    Ok(0)
+    session.finish(reason).await?;
+    Ok(session.signal.map_or(0, |s| 128 + s))
 }
 
 /// Loads the programs with the kernel filters (pids, cgroups) in place.
@@ -167,6 +173,7 @@ fn load(config: &Config, k: &KernelConfig, cgroups: Option<&[u64]>) -> anyhow::R
     let mut probes = Probes::load(&LoadOptions {
         ring_bytes: config.ring_bytes,
         stack_entries: config.stack_entries,
+        kernel_stacks: true,
         follow_forks: false,
         capture_stacks: config.stacks,
         sample_shift: k.sample_shift,
@@ -251,6 +258,8 @@ struct KernelSession {
     min_age_ms: u32,
     /// Seconds a site must be watched before it can be suspected.
     min_window_s: f64,
+    /// The signal that ended the run: the exit status is 128 + it, as in shells.
+    signal: Option<i32>,
 }
 
 impl KernelSession {
@@ -272,8 +281,14 @@ impl KernelSession {
                     self.reporter.stats(&s);
                 }
                 _ = status_tick.tick() => status.show(&self.status()),
-                _ = sigint.recv() => break EndReason::Signal,
-                _ = sigterm.recv() => break EndReason::Signal,
+                _ = sigint.recv() => {
+                    self.signal = Some(libc::SIGINT);
+                    break EndReason::Signal;
+                }
+                _ = sigterm.recv() => {
+                    self.signal = Some(libc::SIGTERM);
+                    break EndReason::Signal;
+                }
                 _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
                     break EndReason::Duration;
                 }
@@ -287,12 +302,12 @@ impl KernelSession {
     }
 
     /// The last report and the end record.
-    async fn finish(&mut self, reason: EndReason) {
+    async fn finish(&mut self, reason: EndReason) -> std::io::Result<()> {
         self.ingest.drain().await;
         let view = self.view();
         self.reporter.report(&view);
         let s = self.stats();
-        self.reporter.end(reason, &view, &s);
+        self.reporter.end(reason, &view, &s)
     }
 
     fn stats(&self) -> KernelStats {

@@ -7,6 +7,7 @@ use crate::{
     config::OutputConfig,
     ebpf::MapReaders,
     report::{
+        files::ReportFile,
         json::Output,
         records::{
             EndReason, KernelCallSiteRecord, KernelEndRecord, KernelOptions, KernelStats,
@@ -91,9 +92,14 @@ pub struct KernelReporter {
 }
 
 impl KernelReporter {
-    pub fn new(out: &OutputConfig, readers: MapReaders, scale: u64) -> io::Result<Self> {
-        Ok(Self {
-            sink: Output::open(out)?,
+    pub fn new(
+        out: &OutputConfig,
+        readers: MapReaders,
+        scale: u64,
+        file: Option<ReportFile>,
+    ) -> Self {
+        Self {
+            sink: Output::new(out.json, file),
             out: out.clone(),
             readers,
             symbolizer: Symbolizer::new(),
@@ -102,7 +108,12 @@ impl KernelReporter {
             reclaimable: HashMap::new(),
             scale,
             seq: 0,
-        })
+        }
+    }
+
+    /// The probes are attached: the report file may be emptied now.
+    pub fn begin(&mut self) {
+        self.sink.start();
     }
 
     /// True once the NDJSON reader went away (`| head`).
@@ -275,8 +286,14 @@ impl KernelReporter {
         self.sink.json(&Record::KernelStats(stats));
     }
 
-    /// The final record and, in text mode, the summary table.
-    pub fn end(&mut self, reason: EndReason, view: &KernelView, stats: &KernelStats) {
+    /// The final record and, in text mode, the summary table. Returns the first
+    /// error writing the report.
+    pub fn end(
+        &mut self,
+        reason: EndReason,
+        view: &KernelView,
+        stats: &KernelStats,
+    ) -> io::Result<()> {
         let suspected = self.suspected.len();
         self.sink.json(&Record::KernelEnd(KernelEndRecord {
             reason,
@@ -284,7 +301,7 @@ impl KernelReporter {
             stats,
         }));
         if self.sink.is_json() {
-            return;
+            return self.sink.take_error().map_or(Ok(()), Err);
         }
         let scale = self.scale;
         let mut text = format!(
@@ -332,6 +349,7 @@ impl KernelReporter {
             stats.events.recursion_misses.values().sum::<u64>()
         ));
         self.sink.text(&text);
+        self.sink.take_error().map_or(Ok(()), Err)
     }
 }
 

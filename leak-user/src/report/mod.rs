@@ -4,6 +4,7 @@
 //! The renderers are pure (they take [`Leak`]s and return text or bytes) and are
 //! tested without root; the session decides when to call them.
 
+pub mod files;
 pub mod flamegraph;
 pub mod json;
 pub mod pprof;
@@ -55,6 +56,9 @@ pub struct Leak {
     /// Allocated before leaktrace attached (found by the heap walk): no stack.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub before_attach: bool,
+    /// `--show-contents`: the first bytes of the block, in hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contents: Option<String>,
     pub stack: Arc<Vec<Frame>>,
 }
 
@@ -192,6 +196,7 @@ pub(crate) mod tests {
             allocator: "malloc",
             root: None,
             before_attach: false,
+            contents: None,
             stack: stack.clone(),
         }
     }

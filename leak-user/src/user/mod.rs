@@ -33,7 +33,10 @@ use crate::{
     events::Event,
     proc,
     ptrace::{ChildEvent, PtraceHandle, launch},
-    report::records::{EndReason, ProcessEvent, RunMode, Stats},
+    report::{
+        files::OutputFiles,
+        records::{EndReason, ProcessEvent, RunMode, Stats},
+    },
     scan::{
         Workspace,
         scanner::{ScanError, ScanOptions, scan_process},
@@ -106,6 +109,9 @@ struct UserSession {
     free_losses: u64,
     /// The scanner's buffers, lent to each scan.
     workspace: Option<Workspace>,
+    /// The signal that ended the run: without a command's status to pass on, the
+    /// exit status is 128 + it, as in shells.
+    signal: Option<i32>,
 }
 
 /// Checks the targets before anything is loaded, so that a typo costs nothing.
@@ -141,10 +147,12 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         interrupt: signal(SignalKind::interrupt())?,
         terminate: signal(SignalKind::terminate())?,
     };
+    let files = OutputFiles::open(&config.output)?;
     let epoch = clock::now_ns();
     let mut probes = Probes::load(&LoadOptions {
         ring_bytes: config.ring_bytes,
         stack_entries: config.stack_entries,
+        kernel_stacks: false,
         follow_forks: config.follow_forks,
         capture_stacks: config.stacks,
         sample_shift: 0,
@@ -161,7 +169,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let table = SharedTable::new(Table::new(epoch, VerdictBook::new(config.verdict)));
     let ingest =
         ingest::spawn(ring, UserSink(table.clone())).context("cannot watch the ring buffer")?;
-    let reporter = Reporter::new(&config, readers)?;
+    let reporter = Reporter::new(&config, readers, files);
     let (child_tx, child_rx) = mpsc::unbounded_channel();
     let ptrace = PtraceHandle::spawn(child_tx);
     let status = StatusLine::new(config.output.status);
@@ -181,6 +189,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         last_records: (Instant::now(), 0),
         free_losses: 0,
         workspace: Some(Workspace::default()),
+        signal: None,
     };
     let mut signals = signals;
     if let Some(signal) = signals.pending() {
@@ -197,6 +206,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         crate::ebpf::teardown::release_after_exit();
         return Err(err);
     }
+    session.reporter.begin();
     let code = session.main_loop(child_rx, signals).await;
     // The report is out: do not make the caller wait while the kernel detaches.
     crate::ebpf::teardown::release_after_exit();
@@ -434,12 +444,14 @@ impl UserSession {
                 _ = notices.notified() => self.handle_notices(),
                 Some(event) = child_rx.recv() => self.child_event(event).await,
                 _ = sigint.recv() => {
+                    self.signal = Some(libc::SIGINT);
                     if stopping.is_some() || !self.wait_for_child(libc::SIGINT) {
                         break EndReason::Signal;
                     }
                     stopping = Some(tokio::time::Instant::now() + Duration::from_secs(5));
                 }
                 _ = sigterm.recv() => {
+                    self.signal = Some(libc::SIGTERM);
                     if stopping.is_some() || !self.wait_for_child(libc::SIGTERM) {
                         break EndReason::Signal;
                     }
@@ -780,7 +792,7 @@ impl UserSession {
         written?;
         Ok(match (self.launched, self.exit_status) {
             (Some(_), Some(status)) => status,
-            _ => 0,
+            _ => self.signal.map_or(0, |s| 128 + s),
         })
     }
 }

@@ -8,7 +8,6 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io,
-    path::Path,
     sync::Arc,
 };
 
@@ -19,6 +18,7 @@ use crate::{
     proc::maps::Mapping,
     report::{
         self, Leak, Totals, allocator_name,
+        files::{OutputFiles, ReportFile},
         json::Output,
         records::{
             EndReason, EndRecord, HeapWalkRecord, HookedFunction, HookedObject, HooksRecord,
@@ -61,6 +61,9 @@ fn hooked_objects(plan: &HookPlan) -> Vec<HookedObject> {
 pub struct Reporter {
     sink: Output,
     out: OutputConfig,
+    /// `--pprof` and `--flamegraph`, opened before anything was attached.
+    pprof: Option<ReportFile>,
+    flamegraph: Option<ReportFile>,
     readers: MapReaders,
     symbolizer: Symbolizer,
     stacks: HashMap<(u32, AllocSite), Arc<Vec<Frame>>>,
@@ -74,10 +77,12 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(config: &Config, readers: MapReaders) -> io::Result<Self> {
-        Ok(Self {
-            sink: Output::open(&config.output)?,
+    pub fn new(config: &Config, readers: MapReaders, files: OutputFiles) -> Self {
+        Self {
+            sink: Output::new(config.output.json, files.report),
             out: config.output.clone(),
+            pprof: files.pprof,
+            flamegraph: files.flamegraph,
             readers,
             symbolizer: Symbolizer::new(),
             stacks: HashMap::new(),
@@ -87,7 +92,12 @@ impl Reporter {
             scans: 0,
             incomplete_scans: 0,
             comms: HashMap::new(),
-        })
+        }
+    }
+
+    /// The run really started (attached): the report file may be emptied now.
+    pub fn begin(&mut self) {
+        self.sink.start();
     }
 
     pub fn readers(&self) -> &MapReaders {
@@ -206,6 +216,7 @@ impl Reporter {
             allocator: allocator_name(site.func),
             root: f.root,
             before_attach: site.before_attach,
+            contents: None,
             stack: self.stack_of(f.pid, site),
         }
     }
@@ -234,6 +245,9 @@ impl Reporter {
         }
         for r in &scan.verdicts.retractions {
             self.retraction(r);
+        }
+        if self.out.show_contents {
+            show_contents(&mut new);
         }
         for leak in &new {
             // Possible leaks are aggregated by stack at the end unless asked for
@@ -277,7 +291,14 @@ impl Reporter {
             .collect();
         if !confirmed.is_empty() {
             let title = format!("pid {}, new", scan.pid);
-            let body = text::render(&title, &confirmed, self.out.top, self.out.color);
+            let mut body = text::render(&title, &confirmed, self.out.top, self.out.color);
+            for l in confirmed.iter().filter(|l| l.contents.is_some()) {
+                let hex = l.contents.as_deref().unwrap_or_default();
+                body.push_str(&format!(
+                    "contents of {:#x} ({} bytes): {hex}\n",
+                    l.address, l.size
+                ));
+            }
             self.sink.text(&body);
         }
     }
@@ -409,17 +430,17 @@ impl Reporter {
             let summary = self.summary_text(&leaks, &suppressed, stats);
             self.sink.text(&summary);
         }
-        let mut first_error = None;
-        if let Some(path) = &self.out.pprof {
+        let mut first_error = self.sink.take_error();
+        if let Some(file) = &mut self.pprof {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as i64);
             let result = report::pprof::encode(&report::pprof::profile(&confirmed, now));
-            first_error = first_error.or(write_file(path, result).err());
+            first_error = first_error.or(write_file(file, result).err());
         }
-        if let Some(path) = &self.out.flamegraph {
+        if let Some(file) = &mut self.flamegraph {
             let result = report::flamegraph::svg(&confirmed).map_err(io::Error::other);
-            first_error = first_error.or(write_file(path, result).err());
+            first_error = first_error.or(write_file(file, result).err());
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -472,9 +493,31 @@ impl Reporter {
     }
 }
 
+/// `--show-contents`: reads the first bytes of each confirmed leak from its process.
+fn show_contents(leaks: &mut [Leak]) {
+    use crate::proc::mem::{MemorySource as _, ProcessMemory, ReadMethod};
+    let mut memory: HashMap<u32, Option<ProcessMemory>> = HashMap::new();
+    for leak in leaks.iter_mut().filter(|l| l.kind != LeakKind::Possible) {
+        let Some(mem) = memory
+            .entry(leak.pid)
+            .or_insert_with(|| ProcessMemory::open(leak.pid, ReadMethod::ProcessVmReadv).ok())
+        else {
+            continue;
+        };
+        let mut buf = vec![0u8; leak.size.min(32) as usize];
+        let n = mem.read(leak.address, &mut buf);
+        leak.contents = Some(buf[..n].iter().map(|b| format!("{b:02x}")).collect());
+    }
+}
+
 /// Writes a rendered file, naming it in the error.
-fn write_file(path: &Path, contents: io::Result<Vec<u8>>) -> io::Result<()> {
+fn write_file(file: &mut ReportFile, contents: io::Result<Vec<u8>>) -> io::Result<()> {
     contents
-        .and_then(|bytes| std::fs::write(path, bytes))
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display())))
+        .and_then(|bytes| file.replace(&bytes))
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot write {}: {e}", file.path().display()),
+            )
+        })
 }
