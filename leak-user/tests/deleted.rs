@@ -53,7 +53,7 @@ fn attach_after(change: impl FnOnce(&Path)) -> (Run, PathBuf) {
 /// The hooks record names the copied libc, and leaks name their functions in the
 /// copied app.
 fn assert_hooked_and_symbolized(run: &Run, dir: &Path) {
-    assert!(run.status.success(), "stderr:\n{}", run.stderr);
+    assert!(run.ended_well(), "{}; stderr:\n{}", run.status, run.stderr);
     let hooked: Vec<&Value> = run
         .of_type("hooks")
         .iter()
