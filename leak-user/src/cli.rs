@@ -93,6 +93,16 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub flamegraph: Option<PathBuf>,
 
+    /// Exit with N when leaks of the kinds of --errors-for-leak-kinds remain at the
+    /// end (valgrind's option; LeakSanitizer uses 23). Pid and launch modes.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..))]
+    pub error_exitcode: Option<u8>,
+
+    /// Leak kinds that --error-exitcode counts: all, none, or a list of direct
+    /// (valgrind's definite), indirect, possible.
+    #[arg(long, value_name = "SET", default_value = "direct,indirect")]
+    pub errors_for_leak_kinds: String,
+
     /// LeakSanitizer-style suppressions: lines `leak:PATTERN` (repeatable).
     #[arg(long, value_name = "FILE")]
     pub suppressions: Vec<PathBuf>,

@@ -6,7 +6,10 @@ use std::{ffi::OsString, io::IsTerminal as _, path::PathBuf, time::Duration};
 use crate::{
     cli::{Args, ColorArg, FreeProbesArg, ReadMethodArg},
     proc::mem::ReadMethod,
-    report::suppress::Suppressions,
+    report::{
+        exitcode::{ErrorExit, LeakKinds},
+        suppress::Suppressions,
+    },
     scan::heuristics::Heuristics,
     table::verdict::VerdictParams,
 };
@@ -71,6 +74,12 @@ impl From<FreeProbesArg> for FreeProbes {
     }
 }
 
+/// `--error-exitcode` and the leak kinds it counts.
+fn error_exit_of(args: &Args) -> Result<Option<ErrorExit>, ConfigError> {
+    let kinds = LeakKinds::parse(&args.errors_for_leak_kinds)?;
+    Ok(args.error_exitcode.map(|code| ErrorExit { code, kinds }))
+}
+
 /// Kernel-mode options.
 #[derive(Clone, Debug, Default)]
 pub struct KernelConfig {
@@ -109,6 +118,8 @@ pub struct Config {
     pub kernel: KernelConfig,
     /// Capture allocation stacks (user and kernel mode).
     pub stacks: bool,
+    /// `--error-exitcode`: the status for leaks left at the end.
+    pub error_exit: Option<ErrorExit>,
     pub verbose: u8,
     /// Hidden test aid: where to dump the live objects at each final scan.
     pub dump_objects: Option<PathBuf>,
@@ -133,6 +144,8 @@ pub enum ConfigError {
     Suppressions(String),
     #[error("--sample must be a power of two between 1 and 65536, not {0}")]
     Sample(u64),
+    #[error("--errors-for-leak-kinds: {0}")]
+    LeakKinds(#[from] crate::report::exitcode::UnknownLeakKind),
     #[error("--leak-check-heuristics: {0}")]
     Heuristics(#[from] crate::scan::heuristics::UnknownHeuristic),
     #[error("{what} must be at most {limit}, not {value}")]
@@ -230,6 +243,7 @@ impl Config {
                 require_stable_contents: !args.no_checksum,
             },
             heuristics: Heuristics::parse(&args.leak_check_heuristics)?,
+            error_exit: error_exit_of(&args)?,
             heap_walk: !args.no_heap_walk,
             stop_the_world: args.stop_the_world,
             ring_bytes: args.ring_buffer << 20,

@@ -2,6 +2,7 @@
 //! known truth. They need root; run them with `sudo -E cargo xtask test`.
 
 mod before_attach;
+mod ci;
 mod cli;
 mod deleted;
 mod kernel;

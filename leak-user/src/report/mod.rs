@@ -4,6 +4,7 @@
 //! The renderers are pure (they take [`Leak`]s and return text or bytes) and are
 //! tested without root; the session decides when to call them.
 
+pub mod exitcode;
 pub mod files;
 pub mod flamegraph;
 pub mod json;

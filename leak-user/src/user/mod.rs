@@ -790,8 +790,13 @@ impl UserSession {
             self.probes.remove_target(pid);
         }
         written?;
-        Ok(match (self.launched, self.exit_status) {
-            (Some(_), Some(status)) => status,
+        let leaked = self
+            .config
+            .error_exit
+            .and_then(|gate| self.reporter.error_exit(&gate));
+        Ok(match (leaked, self.launched, self.exit_status) {
+            (Some(code), _, _) => code,
+            (None, Some(_), Some(status)) => status,
             _ => self.signal.map_or(0, |s| 128 + s),
         })
     }

@@ -387,6 +387,11 @@ impl Reporter {
         report::totals(self.reported.values())
     }
 
+    /// `--error-exitcode`'s status when leaks of its kinds remain reported.
+    pub fn error_exit(&self, gate: &report::exitcode::ErrorExit) -> Option<i32> {
+        gate.status(self.reported.values())
+    }
+
     /// The final report and files. Returns the first file error, after trying all.
     pub fn end(
         &mut self,
