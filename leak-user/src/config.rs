@@ -11,6 +11,7 @@ use crate::{
         suppress::Suppressions,
     },
     scan::heuristics::Heuristics,
+    table::kernel::FreeProbes,
     table::verdict::VerdictParams,
 };
 
@@ -39,29 +40,6 @@ pub struct OutputConfig {
     pub flamegraph: Option<PathBuf>,
     /// Status line and hook listing on stderr.
     pub status: bool,
-}
-
-/// Which tracepoint programs see kernel frees (`--free-probes`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FreeProbes {
-    /// A raw and a classic program on each free tracepoint: one covers for the other.
-    #[default]
-    Both,
-    /// Raw tracepoints only.
-    Raw,
-    /// Classic tracepoints only.
-    Classic,
-}
-
-impl FreeProbes {
-    pub fn raw(self) -> bool {
-        self != Self::Classic
-    }
-
-    pub fn classic(self) -> bool {
-        self != Self::Raw
-    }
 }
 
 impl From<FreeProbesArg> for FreeProbes {

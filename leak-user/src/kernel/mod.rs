@@ -26,7 +26,7 @@ use tokio::{
 use self::report::{KernelReporter, KernelView};
 use crate::{
     clock,
-    config::{Config, FreeProbes, KernelConfig},
+    config::{Config, KernelConfig},
     ebpf::{LoadOptions, Probes, tracefs},
     events::Event,
     proc,
@@ -35,8 +35,7 @@ use crate::{
         records::{EndReason, KernelOptions, KernelStats, Target},
     },
     session::{
-        self,
-        figures::EventFigures,
+        self, figures,
         ingest::{self, EventSink, IngestHandle},
         logging::spawn_logger,
         status::{Status, StatusLine},
@@ -44,7 +43,7 @@ use crate::{
     table::{
         Shared,
         growth::{Evidence, GrowthTracker},
-        kernel::{FreeProbeShare, KernelTable},
+        kernel::{FreeProbeShare, FreeProbes, KernelTable},
     },
 };
 
@@ -108,7 +107,11 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         }
     }
     let cgroups = k.cgroup.as_deref().map(cgroup_ids).transpose()?;
-    let files = OutputFiles::open(&config.output)?;
+    let files = OutputFiles::open(
+        config.output.path.as_deref(),
+        config.output.pprof.as_deref(),
+        config.output.flamegraph.as_deref(),
+    )?;
     let epoch = clock::now_ns();
     let started = Instant::now();
     let mut probes = load(&config, &k, cgroups.as_deref())?;
@@ -318,7 +321,7 @@ impl KernelSession {
             FreeProbeShare::new(self.reporter.readers.free_probe_counts(), &recursion_misses)
                 .since(&self.share_at_start);
         KernelStats {
-            events: EventFigures::now(
+            events: figures::event_figures(
                 self.started,
                 &self.ingest.counters,
                 &self.reporter.readers.losses(),

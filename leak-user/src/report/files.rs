@@ -18,7 +18,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{config::OutputConfig, ptrace::launch::Credentials};
+use crate::ptrace::launch::Credentials;
 
 /// A file that cannot be written.
 #[derive(Debug, thiserror::Error)]
@@ -190,12 +190,18 @@ pub struct OutputFiles {
 }
 
 impl OutputFiles {
-    pub fn open(config: &OutputConfig) -> Result<Self, FileError> {
-        let open = |p: &Option<PathBuf>| p.as_deref().map(ReportFile::open).transpose();
+    /// Opens the report (`--output`; None: stdout), the pprof profile and the
+    /// flamegraph that were asked for.
+    pub fn open(
+        report: Option<&Path>,
+        pprof: Option<&Path>,
+        flamegraph: Option<&Path>,
+    ) -> Result<Self, FileError> {
+        let open = |p: Option<&Path>| p.map(ReportFile::open).transpose();
         Ok(Self {
-            report: open(&config.path)?,
-            pprof: open(&config.pprof)?,
-            flamegraph: open(&config.flamegraph)?,
+            report: open(report)?,
+            pprof: open(pprof)?,
+            flamegraph: open(flamegraph)?,
         })
     }
 }

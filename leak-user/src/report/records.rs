@@ -10,12 +10,11 @@ use serde::Serialize;
 use super::{Leak, Totals, json::hex};
 use crate::{
     scan::ScanStats,
-    session::figures::EventFigures,
     symbolize::Frame,
     table::{
         Counters,
         growth::{Confidence, Trend},
-        kernel::{FreeProbeShare, KernelCounters},
+        kernel::{FreeProbeShare, FreeProbes, KernelCounters},
         verdict::{LeakKind, RetractionReason},
     },
 };
@@ -165,7 +164,7 @@ pub struct KernelOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
     pub pages: bool,
-    pub free_probes: crate::config::FreeProbes,
+    pub free_probes: FreeProbes,
     pub sample: u64,
     pub interval_ms: u64,
     pub min_age_ms: u32,
@@ -280,6 +279,23 @@ pub struct ProcessRecord {
     /// At exit: the process's confirmed leaks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leaks: Option<Totals>,
+}
+
+/// Figures of the event stream since the run started, in every stats and end
+/// record (`session::figures::event_figures` fills them).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EventFigures {
+    pub elapsed_ms: u64,
+    pub records: u64,
+    pub records_per_sec: f64,
+    /// Losses by reason ([`leak_common::Loss::name`]).
+    pub lost: std::collections::BTreeMap<&'static str, u64>,
+    /// Events lost (failed stack captures and stale calls lose none).
+    pub lost_total: u64,
+    pub decode_errors: u64,
+    pub longest_lock_hold_us: u64,
+    /// Runs the kernel skipped, by program.
+    pub recursion_misses: std::collections::BTreeMap<String, u64>,
 }
 
 /// Figures for a stats record (and the end record) of a user-mode run.

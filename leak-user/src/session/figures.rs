@@ -5,49 +5,31 @@
 use std::{collections::BTreeMap, sync::atomic::Ordering, time::Instant};
 
 use leak_common::Loss;
-use serde::Serialize;
 
 use super::ingest::IngestCounters;
-use crate::ebpf::LossCounts;
+use crate::{ebpf::LossCounts, report::records::EventFigures};
 
-/// Figures of the event stream since the run started.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct EventFigures {
-    pub elapsed_ms: u64,
-    pub records: u64,
-    pub records_per_sec: f64,
-    /// Losses by reason ([`Loss::name`]).
-    pub lost: BTreeMap<&'static str, u64>,
-    /// Events lost (failed stack captures and stale calls lose none).
-    pub lost_total: u64,
-    pub decode_errors: u64,
-    pub longest_lock_hold_us: u64,
-    /// Runs the kernel skipped, by program.
-    pub recursion_misses: BTreeMap<String, u64>,
-}
-
-impl EventFigures {
-    /// The figures now. `longest_lock_hold_us` is the table's, taken by the caller.
-    pub fn now(
-        started: Instant,
-        ingest: &IngestCounters,
-        losses: &LossCounts,
-        recursion_misses: BTreeMap<String, u64>,
-        longest_lock_hold_us: u64,
-    ) -> Self {
-        let elapsed = started.elapsed();
-        let records = ingest.records.load(Ordering::Relaxed);
-        let (lost, lost_total) = lost_map(losses);
-        Self {
-            elapsed_ms: elapsed.as_millis() as u64,
-            records,
-            records_per_sec: records as f64 / elapsed.as_secs_f64().max(1e-3),
-            lost,
-            lost_total,
-            decode_errors: ingest.decode_errors.load(Ordering::Relaxed),
-            longest_lock_hold_us,
-            recursion_misses,
-        }
+/// The event figures now. `longest_lock_hold_us` is the table's, taken by the
+/// caller.
+pub fn event_figures(
+    started: Instant,
+    ingest: &IngestCounters,
+    losses: &LossCounts,
+    recursion_misses: BTreeMap<String, u64>,
+    longest_lock_hold_us: u64,
+) -> EventFigures {
+    let elapsed = started.elapsed();
+    let records = ingest.records.load(Ordering::Relaxed);
+    let (lost, lost_total) = lost_map(losses);
+    EventFigures {
+        elapsed_ms: elapsed.as_millis() as u64,
+        records,
+        records_per_sec: records as f64 / elapsed.as_secs_f64().max(1e-3),
+        lost,
+        lost_total,
+        decode_errors: ingest.decode_errors.load(Ordering::Relaxed),
+        longest_lock_hold_us,
+        recursion_misses,
     }
 }
 

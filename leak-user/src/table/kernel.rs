@@ -63,6 +63,29 @@ struct SiteTotals {
     by_pid: FxHashMap<u32, u64>,
 }
 
+/// Which tracepoint programs see kernel frees (`--free-probes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FreeProbes {
+    /// A raw and a classic program on each free tracepoint: one covers for the other.
+    #[default]
+    Both,
+    /// Raw tracepoints only.
+    Raw,
+    /// Classic tracepoints only.
+    Classic,
+}
+
+impl FreeProbes {
+    pub fn raw(self) -> bool {
+        self != Self::Classic
+    }
+
+    pub fn classic(self) -> bool {
+        self != Self::Raw
+    }
+}
+
 /// Counters of the kernel event stream.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct KernelCounters {

@@ -43,7 +43,7 @@ use crate::{
     },
     session::{
         self,
-        figures::{EventFigures, lost_map},
+        figures::{self, lost_map},
         ingest::{self, EventSink},
         logging::spawn_logger,
         status::{Status, StatusLine},
@@ -147,7 +147,11 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         interrupt: signal(SignalKind::interrupt())?,
         terminate: signal(SignalKind::terminate())?,
     };
-    let files = OutputFiles::open(&config.output)?;
+    let files = OutputFiles::open(
+        config.output.path.as_deref(),
+        config.output.pprof.as_deref(),
+        config.output.flamegraph.as_deref(),
+    )?;
     let epoch = clock::now_ns();
     let mut probes = Probes::load(&LoadOptions {
         ring_bytes: config.ring_bytes,
@@ -698,7 +702,7 @@ impl UserSession {
             (n, b, t.counters)
         });
         Stats {
-            events: EventFigures::now(
+            events: figures::event_figures(
                 self.started,
                 &self.ingest.counters,
                 &self.reporter.readers().losses(),
