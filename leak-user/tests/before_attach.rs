@@ -59,7 +59,7 @@ fn check_walked_leaks(extra_args: &[&str]) {
     assert_eq!(run.end()["retractions"], 0);
 }
 
-/// Main arena, a thread arena, a list, a cycle, a big mmapped block; a cache
+/// Main arena, a thread arena over two heaps, a list, a cycle, a big mmapped block; a cache
 /// still referenced from a global is kept.
 #[test]
 fn leaks_made_before_attaching_are_found() {

@@ -7,8 +7,10 @@
 //! PREV_INUSE bit is set — except chunks cached in a tcache or a fastbin, which
 //! keep the bit set. We walk:
 //! * the main arena, from the start of `[heap]` to its top chunk;
-//! * each thread arena's current heap (64 MiB-aligned, starting with a
-//!   `heap_info` whose first word points at the arena), from its chunks to its top;
+//! * each thread arena's heaps (64 MiB-aligned, each starting with a `heap_info`:
+//!   the arena, the previous heap, the size in use): the current one from its
+//!   chunks to the arena's top chunk, the older ones (followed through `prev`) to
+//!   the fenceposts glibc leaves at their end when it moves to a new heap;
 //! * big blocks, each a mapping of its own whose first chunk has IS_MMAPPED set.
 //!
 //! The free-but-cached chunks are subtracted: tcache entries hold, 8 bytes into
@@ -20,8 +22,10 @@
 //!
 //! Every step is validated (sizes aligned and inside the mapping, the walk ending
 //! exactly at the top chunk, lists inside the heap); what does not validate is
-//! refused with a reason, never guessed. The layout is that of glibc 2.34 and
-//! later on x86-64 (Debian 12, Ubuntu 22.04 and 24.04, RHEL 9, Fedora).
+//! refused with a reason, never guessed. The layout is read from the version of
+//! the target's libc ([`Layout::of_version`]): glibc 2.34 to 2.41 on x86-64
+//! (RHEL 9, Ubuntu 22.04 and 24.04, Debian 12 and 13, Fedora up to 42); other
+//! versions are refused, naming the version.
 
 use std::ops::Range;
 
@@ -54,6 +58,44 @@ const ARENA_SIZE: u64 = 0x898;
 const MAX_LIST: usize = 1 << 16;
 /// Most arenas followed.
 const MAX_ARENAS: usize = 1024;
+/// Most heaps followed per thread arena (64 GiB of them).
+const MAX_HEAPS: usize = 1024;
+/// The glibc versions whose heap layout this walk knows.
+pub const KNOWN_VERSIONS: std::ops::RangeInclusive<(u32, u32)> = (2, 34)..=(2, 41);
+
+/// Where glibc keeps things, by version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// `sizeof(heap_info)` rounded to 16: a thread heap's first chunk (or its
+    /// arena, in the arena's first heap) follows it. glibc 2.35 added `pagesize`.
+    heap_info_size: u64,
+}
+
+impl Layout {
+    /// The layout of glibc `major.minor`, or why it cannot be walked.
+    pub fn of_version(version: (u32, u32)) -> Result<Self, WalkError> {
+        if !KNOWN_VERSIONS.contains(&version) {
+            return Err(WalkError::UnknownVersion(version.0, version.1));
+        }
+        Ok(Layout {
+            heap_info_size: if version >= (2, 35) { 0x30 } else { 0x20 },
+        })
+    }
+}
+
+/// The version in a glibc binary's banner ("... release version 2.36."), which
+/// `gnu_get_libc_version` and `ldd --version` print.
+pub fn version_in(libc: &[u8]) -> Option<(u32, u32)> {
+    const BANNER: &[u8] = b"release version ";
+    let at = libc.windows(BANNER.len()).position(|w| w == BANNER)? + BANNER.len();
+    let text = libc.get(at..at + 16.min(libc.len() - at))?;
+    let text =
+        std::str::from_utf8(text.split(|b| !(b.is_ascii_digit() || *b == b'.')).next()?).ok()?;
+    let mut parts = text.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
 
 /// A live block found by the walk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +140,15 @@ pub enum WalkError {
     /// The arena could not be found from its top chunk.
     #[error("glibc's main arena (the word pointing at the top chunk {0:#x}) is not in libc's data")]
     NoArena(u64),
+    /// A thread heap's `heap_info` does not belong to its arena or is too big.
+    #[error("the thread heap at {0:#x} has no valid heap_info (arena {1:#x})")]
+    BadHeapInfo(u64, u64),
+    /// A heap's chunks do not end where the arena says its top chunk is.
+    #[error("the chunks of the heap at {0:#x} do not end at the arena's top chunk {1:#x}")]
+    TopMismatch(u64, u64),
+    /// The target's glibc is a version whose layout this walk does not know.
+    #[error("glibc {0}.{1}: its heap layout is not one leaktrace knows (2.34 to 2.41); not walked")]
+    UnknownVersion(u32, u32),
 }
 
 /// Reads words of the target.
@@ -135,9 +186,29 @@ fn demangle(at: u64, stored: u64) -> u64 {
 /// PREV_INUSE bit).
 type Chunk = (u64, u64, bool);
 
+/// How a run of chunks ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// The top chunk, which reaches the end of the range.
+    Top,
+    /// A heap glibc moved away from: its last chunk is followed by a header of
+    /// size 0 (a 16-byte fencepost may come before it). Returns the fencepost.
+    Fencepost,
+}
+
 /// The chunks of `range` from `first` up to the top chunk, and the top chunk's
 /// address.
 fn chunks(words: &Words, first: u64, range: &Range<u64>) -> Result<(Vec<Chunk>, u64), WalkError> {
+    chunks_until(words, first, range, End::Top)
+}
+
+/// The chunks of `range` from `first` to its `end`, and where the run ended.
+fn chunks_until(
+    words: &Words,
+    first: u64,
+    range: &Range<u64>,
+    end: End,
+) -> Result<(Vec<Chunk>, u64), WalkError> {
     let mut out = Vec::new();
     let mut c = first;
     // One read of the whole heap: chunk headers are scattered through it.
@@ -151,12 +222,24 @@ fn chunks(words: &Words, first: u64, range: &Range<u64>) -> Result<(Vec<Chunk>, 
             return Err(WalkError::BadChunk(c, 0));
         }
         let size = at(c + WORD) & !FLAGS;
+        if end == End::Fencepost {
+            // The last chunk of an old heap: a fencepost header (16 bytes) and/or
+            // a header of size 0 after it, never a block.
+            let last = match size {
+                HEADER => c + HEADER + HEADER <= range.end && at(c + HEADER + WORD) & !FLAGS == 0,
+                0 => true,
+                _ => c + size + HEADER <= range.end && at(c + size + WORD) & !FLAGS == 0,
+            };
+            if last {
+                return Ok((out, c));
+            }
+        }
         if size < MIN_CHUNK || !size.is_multiple_of(16) || c + size > range.end {
             return Err(WalkError::BadChunk(c, size));
         }
         let next = c + size;
         // The top chunk reaches the end of the heap (less than a chunk may remain).
-        if range.end - next < MIN_CHUNK {
+        if end == End::Top && range.end - next < MIN_CHUNK {
             return Ok((out, c));
         }
         out.push((c, size, at(next + WORD) & PREV_INUSE != 0));
@@ -193,6 +276,7 @@ pub fn walk(
     maps: &[Mapping],
     libc_data: &[Range<u64>],
     memory: &dyn MemorySource,
+    layout: Layout,
 ) -> Result<HeapWalk, WalkError> {
     let words = Words { memory };
     let mut walk = HeapWalk::default();
@@ -239,27 +323,11 @@ pub fn walk(
             next = words.word(next + ARENA_NEXT)?;
         }
         for &a in &arenas {
-            let (first, range) = if a == arena {
-                (heap.start, heaps[0].clone())
-            } else {
-                // A thread arena lives at the start of its first heap, after
-                // heap_info; we walk the heap that holds its top chunk.
-                let a_top = words.word(a + ARENA_TOP)?;
-                let h = a_top & !(HEAP_MAX - 1);
-                let Some(m) = maps.iter().find(|m| m.start == h) else {
-                    continue;
-                };
-                let first = if a > h && a < h + 0x100 {
-                    (a + ARENA_SIZE).next_multiple_of(16)
-                } else {
-                    (h + 0x30).next_multiple_of(16)
-                };
-                (first, h..m.end)
-            };
             if a != arena {
-                let (list, _) = chunks(&words, first, &range)?;
-                in_use.extend(list.iter().filter(|c| c.2).map(|c| (c.0, c.1)));
-                heaps.push(range.clone());
+                for (range, list) in thread_heaps(&words, a, layout)? {
+                    in_use.extend(list.iter().filter(|c| c.2).map(|c| (c.0, c.1)));
+                    heaps.push(range);
+                }
                 walk.arenas += 1;
             }
             let inside_any = |u: u64| heaps.iter().any(|h| h.start < u && u < h.end);
@@ -315,6 +383,50 @@ pub fn walk(
     }
     walk.blocks.sort_unstable_by_key(|b| b.addr);
     Ok(walk)
+}
+
+/// The heaps of thread arena `a`, newest first, each with its chunks. A thread
+/// arena lives at the start of its first heap, after `heap_info`; the current
+/// heap holds its top chunk, and each heap's `heap_info` names the one before.
+fn thread_heaps(
+    words: &Words,
+    a: u64,
+    layout: Layout,
+) -> Result<Vec<(Range<u64>, Vec<Chunk>)>, WalkError> {
+    let top = words.word(a + ARENA_TOP)?;
+    let mut h = top & !(HEAP_MAX - 1);
+    let mut out = Vec::new();
+    for _ in 0..MAX_HEAPS {
+        // heap_info: ar_ptr, prev, size (in use), mprotect_size, ...
+        let (owner, prev, size) = (words.word(h)?, words.word(h + WORD)?, words.word(h + 16)?);
+        if owner != a || size > HEAP_MAX || size < layout.heap_info_size + MIN_CHUNK {
+            return Err(WalkError::BadHeapInfo(h, a));
+        }
+        let first = if a > h && a < h + 0x100 {
+            (a + ARENA_SIZE).next_multiple_of(16)
+        } else {
+            h + layout.heap_info_size
+        };
+        let range = h..h + size;
+        let list = if out.is_empty() {
+            let (list, end) = chunks(words, first, &range)?;
+            if end != top {
+                return Err(WalkError::TopMismatch(h, top));
+            }
+            list
+        } else {
+            chunks_until(words, first, &range, End::Fencepost)?.0
+        };
+        out.push((range, list));
+        if prev == 0 {
+            return Ok(out);
+        }
+        if !prev.is_multiple_of(HEAP_MAX) {
+            return Err(WalkError::BadHeapInfo(prev, a));
+        }
+        h = prev;
+    }
+    Ok(out)
 }
 
 /// The main arena in `range`: the word pointing at `top`, where the rest of
@@ -389,6 +501,92 @@ mod tests {
         assert_eq!(
             chunks(&words, HEAP, &(HEAP..HEAP + 0x1000)),
             Err(WalkError::BadChunk(HEAP + 0x290, 0x10))
+        );
+    }
+
+    /// Lays chunks (size, in use) from `at` in `m`; returns where the next begins.
+    fn lay(m: &mut FakeMemory, at: u64, chunks: &[(u64, bool)]) -> u64 {
+        let mut c = at;
+        let mut prev_in_use = true;
+        for &(size, in_use) in chunks {
+            m.write_u64(c + WORD, size | u64::from(prev_in_use));
+            prev_in_use = in_use;
+            c += size;
+        }
+        c
+    }
+
+    #[test]
+    fn a_thread_arena_is_walked_through_all_its_heaps() {
+        const OLD: u64 = 0x7f00_0000_0000;
+        const NEW: u64 = OLD + HEAP_MAX;
+        let layout = Layout::of_version((2, 36)).unwrap();
+        let arena = OLD + 0x30;
+        let mut m = FakeMemory::new();
+        m.map(OLD, 0x2000);
+        m.map(NEW, 0x1000);
+        // The first heap: heap_info, the arena, then chunks up to the fenceposts
+        // glibc left when the arena moved on (the old top was freed).
+        m.write_u64(OLD, arena);
+        m.write_u64(OLD + 16, 0x2000);
+        let first = OLD + 0x8d0;
+        let fence = lay(&mut m, first, &[(0x40, true), (0x50, true), (0x100, false)]);
+        m.write_u64(fence + WORD, 0x10); // PREV_INUSE clear: the old top is free
+        m.write_u64(fence + HEADER + WORD, PREV_INUSE);
+        // The current heap: heap_info naming the old one, chunks, the top.
+        m.write_u64(NEW, arena);
+        m.write_u64(NEW + WORD, OLD);
+        m.write_u64(NEW + 16, 0x1000);
+        let top = lay(&mut m, NEW + 0x30, &[(0x30, true), (0x20, false)]);
+        m.write_u64(top + WORD, NEW + 0x1000 - top); // the chunk before is free
+        m.write_u64(arena + ARENA_TOP, top);
+        let words = Words { memory: &m };
+        let heaps = thread_heaps(&words, arena, layout).unwrap();
+        let got: Vec<_> = heaps
+            .iter()
+            .map(|(r, list)| (r.clone(), list.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    NEW..NEW + 0x1000,
+                    vec![(NEW + 0x30, 0x30, true), (NEW + 0x60, 0x20, false)]
+                ),
+                (
+                    OLD..OLD + 0x2000,
+                    vec![
+                        (first, 0x40, true),
+                        (first + 0x40, 0x50, true),
+                        (first + 0x90, 0x100, false)
+                    ]
+                ),
+            ]
+        );
+        // A heap_info that names another arena is refused, not guessed.
+        m.write_u64(OLD, arena + 0x1000);
+        let words = Words { memory: &m };
+        assert_eq!(
+            thread_heaps(&words, arena, layout),
+            Err(WalkError::BadHeapInfo(OLD, arena))
+        );
+    }
+
+    #[test]
+    fn the_layout_comes_from_the_libc_version() {
+        let banner =
+            b"\0GNU C Library (Debian GLIBC 2.36-9+deb12u14) stable release version 2.36.\n";
+        assert_eq!(version_in(banner), Some((2, 36)));
+        assert_eq!(version_in(b"no banner here"), None);
+        assert_eq!(Layout::of_version((2, 34)).unwrap().heap_info_size, 0x20);
+        assert_eq!(Layout::of_version((2, 39)).unwrap().heap_info_size, 0x30);
+        assert_eq!(
+            Layout::of_version((2, 31)),
+            Err(WalkError::UnknownVersion(2, 31))
+        );
+        assert_eq!(
+            Layout::of_version((2, 42)).unwrap_err().to_string(),
+            "glibc 2.42: its heap layout is not one leaktrace knows (2.34 to 2.41); not walked"
         );
     }
 

@@ -12,7 +12,7 @@
 use std::{ops::Range, time::Instant};
 
 use crate::{
-    allocator::glibc_heap::{self, HeapWalk},
+    allocator::glibc_heap::{self, HeapWalk, Layout},
     config::Config,
     proc::{
         self,
@@ -25,17 +25,33 @@ use crate::{
     table::SharedTable,
 };
 
+fn is_libc(m: &Mapping) -> bool {
+    m.file()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("libc.so") || n.starts_with("libc-"))
+}
+
+/// The heap layout of the target's glibc, from the version in its banner; read
+/// through `/proc/PID/map_files`, which still opens a libc deleted by an upgrade.
+fn libc_layout(pid: u32, maps: &[Mapping]) -> Result<Layout, String> {
+    let m = maps
+        .iter()
+        .find(|m| is_libc(m))
+        .ok_or("it maps no glibc (another allocator, or a static binary): not walked")?;
+    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read its libc ({path}): {e}"))?;
+    let version = glibc_heap::version_in(&bytes)
+        .ok_or("its libc has no glibc version banner (not glibc?): not walked")?;
+    Layout::of_version(version).map_err(|e| e.to_string())
+}
+
 /// libc's writable ranges: its `.data` and the anonymous `.bss` right after it,
 /// where glibc's main arena lives.
 fn libc_data(maps: &[Mapping]) -> Vec<Range<u64>> {
     let mut out = Vec::new();
     for (i, m) in maps.iter().enumerate() {
-        let is_libc = m
-            .file()
-            .and_then(|p| p.file_name())
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("libc.so") || n.starts_with("libc-"));
-        if is_libc && m.write && m.read {
+        if is_libc(m) && m.write && m.read {
             out.push(m.start..m.end);
             if let Some(bss) = maps.get(i + 1)
                 && bss.start == m.end
@@ -56,9 +72,10 @@ fn read_heap(pid: u32, method: ReadMethod) -> Result<HeapWalk, String> {
     if data.is_empty() {
         return Err("it maps no glibc (another allocator, or a static binary): not walked".into());
     }
+    let layout = libc_layout(pid, &maps)?;
     let memory =
         ProcessMemory::open(pid, method).map_err(|e| format!("cannot read its memory: {e}"))?;
-    glibc_heap::walk(&maps, &data, &memory).map_err(|e| e.to_string())
+    glibc_heap::walk(&maps, &data, &memory, layout).map_err(|e| e.to_string())
 }
 
 /// Walks the heap of `pid` and adopts its live blocks; the record says what was
