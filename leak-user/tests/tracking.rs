@@ -234,7 +234,18 @@ fn four_threads_of_churn_with_racing_reallocs() {
     // Threads are created before "go": the table must then equal the truth exactly
     // (without the heap walk, which adopts the runtime's blocks from before).
     let mut fixture = Fixture::start("churn", &["200000"], &[]);
-    let mut tracer = Tracer::attach(fixture.pid(), &["--interval", "500ms", "--no-heap-walk"]);
+    // A ring big enough for the whole run: under emulation (the VM suite) the
+    // reader runs far slower than four allocating threads.
+    let mut tracer = Tracer::attach(
+        fixture.pid(),
+        &[
+            "--interval",
+            "500ms",
+            "--no-heap-walk",
+            "--ring-buffer",
+            "256",
+        ],
+    );
     fixture.go();
     fixture.wait_for("READY");
     tracer.wait_scans(1);

@@ -156,6 +156,33 @@ fn resolve(spec: &str) -> anyhow::Result<Target> {
     if spec.starts_with("linux-image-") {
         return Ok(Target::Debian(spec.to_owned()));
     }
+    // Package lists on a fresh machine can be stale: they name kernels the
+    // mirror no longer has. Refresh them once when the newest match cannot be had.
+    let newest = newest_kernel(spec)?;
+    if has_candidate(&newest) {
+        return Ok(Target::Debian(newest));
+    }
+    step(&format!("{newest} cannot be downloaded: apt-get update"));
+    util::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    let newest = newest_kernel(spec)?;
+    if !has_candidate(&newest) {
+        bail!("apt has no downloadable version of {newest}; name another kernel package");
+    }
+    Ok(Target::Debian(newest))
+}
+
+/// Does apt have a version of `package` it could download?
+fn has_candidate(package: &str) -> bool {
+    util::output(Command::new("apt-cache").args(["policy", package])).is_ok_and(|policy| {
+        policy
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Candidate:"))
+            .is_some_and(|c| c.trim() != "(none)")
+    })
+}
+
+/// The newest plain amd64 kernel package apt knows that matches `spec`.
+fn newest_kernel(spec: &str) -> anyhow::Result<String> {
     let names = util::output(Command::new("apt-cache").args(["pkgnames", "linux-image-"]))
         .context("cannot list Debian's kernel packages (is this Debian, with apt?)")?;
     let mut candidates: Vec<(&str, &str)> = names
@@ -175,7 +202,7 @@ fn resolve(spec: &str) -> anyhow::Result<Target> {
              (linux-image-{spec}*-amd64-unsigned); run `apt-get update`, or name a package"
         );
     };
-    Ok(Target::Debian((*name).to_owned()))
+    Ok((*name).to_owned())
 }
 
 /// The version in a plain amd64 kernel package's name (`linux-image-6.1.0-57-amd64-unsigned`
