@@ -186,6 +186,9 @@ fn demangle(at: u64, stored: u64) -> u64 {
 /// PREV_INUSE bit).
 type Chunk = (u64, u64, bool);
 
+/// A heap's range and its chunks.
+type HeapChunks = (Range<u64>, Vec<Chunk>);
+
 /// How a run of chunks ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum End {
@@ -388,11 +391,7 @@ pub fn walk(
 /// The heaps of thread arena `a`, newest first, each with its chunks. A thread
 /// arena lives at the start of its first heap, after `heap_info`; the current
 /// heap holds its top chunk, and each heap's `heap_info` names the one before.
-fn thread_heaps(
-    words: &Words,
-    a: u64,
-    layout: Layout,
-) -> Result<Vec<(Range<u64>, Vec<Chunk>)>, WalkError> {
+fn thread_heaps(words: &Words, a: u64, layout: Layout) -> Result<Vec<HeapChunks>, WalkError> {
     let top = words.word(a + ARENA_TOP)?;
     let mut h = top & !(HEAP_MAX - 1);
     let mut out = Vec::new();
