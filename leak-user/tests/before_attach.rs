@@ -116,3 +116,35 @@ fn a_walk_during_churn_keeps_the_table_true() {
         extra.len()
     );
 }
+
+/// Objects leaked before attaching have no stack; a polymorphic C++ object's
+/// vtable still names its class, in a stripped binary too.
+#[test]
+fn a_vtable_names_the_class_of_a_block_from_before_attaching() {
+    util::require_root();
+    let _s = serial();
+    let mut fixture = Fixture::start("before-attach-classes", &[], &[]);
+    let mut tracer = Tracer::attach(fixture.pid(), FAST);
+    fixture.go();
+    fixture.wait_for("READY");
+    tracer.wait_scans(3);
+    let run = tracer.stop(&fixture.stdout.clone());
+    fixture.finish();
+    let leaks = run.leaks();
+    let mut classes = std::collections::BTreeMap::new();
+    for t in run.truth.iter().filter(|t| t.tag == "LEAK") {
+        let leak = leaks
+            .get(&t.addr)
+            .unwrap_or_else(|| panic!("{:#x} not reported", t.addr));
+        assert_eq!(leak["before_attach"], true, "{leak}");
+        let class = leak["class"].as_str().unwrap_or("-").to_owned();
+        *classes.entry(class).or_insert(0) += 1;
+    }
+    let expected: std::collections::BTreeMap<String, i32> = [
+        ("app::Session".to_owned(), 3),
+        ("(anonymous namespace)::Node".to_owned(), 2),
+        ("-".to_owned(), 1),
+    ]
+    .into();
+    assert_eq!(classes, expected);
+}

@@ -22,6 +22,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ("forks", "forks.c", &[]),
     ("lifetimes", "lifetimes.c", &[]),
     ("before-attach", "before_attach.c", &[]),
+    ("before-attach-classes", "before_attach_classes.cc", &["-s"]),
     (
         "heuristics",
         "heuristics.cc",

@@ -57,6 +57,9 @@ pub struct Leak {
     /// Allocated before leaktrace attached (found by the heap walk): no stack.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub before_attach: bool,
+    /// The C++ class the block's vtable pointer names, when it has one.
+    #[serde(rename = "class", skip_serializing_if = "Option::is_none")]
+    pub class_name: Option<String>,
     /// `--show-contents`: the first bytes of the block, in hex.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub contents: Option<String>,
@@ -77,6 +80,9 @@ pub struct Group {
     pub max_size: u64,
     pub oldest_ms: u64,
     pub pids: BTreeSet<u32>,
+    /// Allocated before attaching (no stack): grouped by class and size.
+    pub before_attach: bool,
+    pub class_name: Option<String>,
 }
 
 /// What makes two stacks "the same" in a report: what the user would read.
@@ -92,11 +98,16 @@ pub fn group(leaks: &[Leak]) -> Vec<Group> {
     let mut index: std::collections::HashMap<(StackKey, &str), usize> =
         std::collections::HashMap::new();
     for leak in leaks {
-        // Blocks from before attaching have no stack: group them by size.
+        // Blocks from before attaching have no stack: group them by the class
+        // their vtable names, and by size.
         let mut key = (stack_key(&leak.stack), leak.allocator);
         if leak.before_attach {
+            let what = match &leak.class_name {
+                Some(class) => format!("{class}, "),
+                None => String::new(),
+            };
             key.0 = vec![(
-                format!("allocated before attaching, {} bytes", leak.size),
+                format!("allocated before attaching: {what}{} bytes", leak.size),
                 None,
             )];
         }
@@ -113,6 +124,8 @@ pub fn group(leaks: &[Leak]) -> Vec<Group> {
                 max_size: 0,
                 oldest_ms: 0,
                 pids: BTreeSet::new(),
+                before_attach: leak.before_attach,
+                class_name: leak.class_name.clone(),
             });
             groups.len() - 1
         });
@@ -130,6 +143,9 @@ pub fn group(leaks: &[Leak]) -> Vec<Group> {
         g.max_size = g.max_size.max(leak.size);
         g.oldest_ms = g.oldest_ms.max(leak.age_ms);
         g.pids.insert(leak.pid);
+        if g.class_name != leak.class_name {
+            g.class_name = None; // a stack that made objects of several classes
+        }
     }
     groups.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.objects.cmp(&a.objects)));
     groups
@@ -197,9 +213,44 @@ pub(crate) mod tests {
             allocator: "malloc",
             root: None,
             before_attach: false,
+            class_name: None,
             contents: None,
             stack: stack.clone(),
         }
+    }
+
+    #[test]
+    fn blocks_from_before_attaching_group_by_class_and_size() {
+        let none = Arc::new(Vec::new());
+        let old = |size, class: Option<&str>| Leak {
+            before_attach: true,
+            class_name: class.map(str::to_owned),
+            ..leak(LeakKind::Direct, size, &none)
+        };
+        let leaks = vec![
+            old(48, Some("app::Session")),
+            old(48, Some("app::Session")),
+            old(48, None),
+            old(64, Some("app::Session")),
+        ];
+        let groups: Vec<_> = group(&leaks)
+            .iter()
+            .map(|g| (g.class_name.clone(), g.min_size, g.objects))
+            .collect();
+        assert_eq!(
+            groups,
+            vec![
+                (Some("app::Session".to_owned()), 48, 2),
+                (Some("app::Session".to_owned()), 64, 1),
+                (None, 48, 1),
+            ]
+        );
+        let text = text::render("t", &leaks, 10, false);
+        assert!(text.contains("class app::Session (its vtable)"), "{text}");
+        assert!(
+            text.contains("(allocated before attaching: no stack)"),
+            "{text}"
+        );
     }
 
     pub fn sample() -> Vec<Leak> {

@@ -113,7 +113,12 @@ fn render_group(out: &mut String, n: usize, g: &Group, style: &Style, multi_pid:
         age(g.oldest_ms),
         g.allocator
     );
-    if g.stack.is_empty() {
+    if let Some(class) = &g.class_name {
+        let _ = writeln!(out, "   class {class} (its vtable)");
+    }
+    if g.stack.is_empty() && g.before_attach {
+        let _ = writeln!(out, "     (allocated before attaching: no stack)");
+    } else if g.stack.is_empty() {
         let _ = writeln!(out, "     (no stack)");
     }
     for frame in g.stack.iter() {

@@ -21,6 +21,7 @@ use tokio::{
     time::{MissedTickBehavior, interval, sleep_until},
 };
 
+mod class_name;
 mod heap_walk;
 pub mod reporter;
 

@@ -216,6 +216,7 @@ impl Reporter {
             allocator: allocator_name(site.func),
             root: f.root,
             before_attach: site.before_attach,
+            class_name: None,
             contents: None,
             stack: self.stack_of(f.pid, site),
         }
@@ -246,6 +247,7 @@ impl Reporter {
         for r in &scan.verdicts.retractions {
             self.retraction(r);
         }
+        name_classes(&mut new);
         if self.out.show_contents {
             show_contents(&mut new);
         }
@@ -495,6 +497,28 @@ impl Reporter {
             self.retractions
         ));
         body
+    }
+}
+
+/// Most leaks of one scan whose class is looked up.
+const MAX_CLASS_LOOKUPS: usize = 10_000;
+
+/// Names the C++ class of each confirmed leak that starts with a vtable pointer.
+fn name_classes(leaks: &mut [Leak]) {
+    use crate::proc::mem::{ProcessMemory, ReadMethod};
+    let mut processes: HashMap<u32, Option<(ProcessMemory, Vec<Mapping>)>> = HashMap::new();
+    for leak in leaks
+        .iter_mut()
+        .filter(|l| l.kind != LeakKind::Possible)
+        .take(MAX_CLASS_LOOKUPS)
+    {
+        let Some((memory, maps)) = processes.entry(leak.pid).or_insert_with(|| {
+            let memory = ProcessMemory::open(leak.pid, ReadMethod::ProcessVmReadv).ok()?;
+            Some((memory, crate::proc::maps::read(leak.pid).ok()?))
+        }) else {
+            continue;
+        };
+        leak.class_name = super::class_name::class_name(memory, maps, leak.address);
     }
 }
 
