@@ -182,9 +182,9 @@ fn demangle(at: u64, stored: u64) -> u64 {
     (at >> 12) ^ stored
 }
 
-/// A chunk: its address, size, and whether it is in use (the next chunk's
-/// PREV_INUSE bit).
-type Chunk = (u64, u64, bool);
+/// A chunk: its address, size, whether it is in use (the next chunk's
+/// PREV_INUSE bit), and the word where a tcache entry keeps the tcache key.
+type Chunk = (u64, u64, bool, u64);
 
 /// A heap's range and its chunks.
 type HeapChunks = (Range<u64>, Vec<Chunk>);
@@ -214,24 +214,20 @@ fn chunks_until(
 ) -> Result<(Vec<Chunk>, u64), WalkError> {
     let mut out = Vec::new();
     let mut c = first;
-    // One read of the whole heap: chunk headers are scattered through it.
-    let bytes = words.bytes(range.start, range.end - range.start)?;
-    let at = |addr: u64| -> u64 {
-        let i = (addr - range.start) as usize;
-        u64::from_ne_bytes(bytes[i..i + 8].try_into().expect("8 bytes"))
-    };
+    let mut window = Window::new(words, range.clone());
+    let mut at = |addr: u64| window.word(addr);
     loop {
         if c + HEADER > range.end {
             return Err(WalkError::BadChunk(c, 0));
         }
-        let size = at(c + WORD) & !FLAGS;
+        let size = at(c + WORD)? & !FLAGS;
         if end == End::Fencepost {
             // The last chunk of an old heap: a fencepost header (16 bytes) and/or
             // a header of size 0 after it, never a block.
             let last = match size {
-                HEADER => c + HEADER + HEADER <= range.end && at(c + HEADER + WORD) & !FLAGS == 0,
+                HEADER => at(c + HEADER + WORD)? & !FLAGS == 0,
                 0 => true,
-                _ => c + size + HEADER <= range.end && at(c + size + WORD) & !FLAGS == 0,
+                _ => c + size + HEADER <= range.end && at(c + size + WORD)? & !FLAGS == 0,
             };
             if last {
                 return Ok((out, c));
@@ -245,8 +241,49 @@ fn chunks_until(
         if end == End::Top && range.end - next < MIN_CHUNK {
             return Ok((out, c));
         }
-        out.push((c, size, at(next + WORD) & PREV_INUSE != 0));
+        let key_slot = at(c + HEADER + WORD)?;
+        let in_use = at(next + WORD)? & PREV_INUSE != 0;
+        out.push((c, size, in_use, key_slot));
         c = next;
+    }
+}
+
+/// Reads a heap's words through a sliding window: chunk walks go forward, and
+/// a heap can be gigabytes, which must not be copied whole into the tracer.
+struct Window<'a, 'm> {
+    words: &'a Words<'m>,
+    range: Range<u64>,
+    buf: Vec<u8>,
+    start: u64,
+}
+
+impl<'a, 'm> Window<'a, 'm> {
+    const SIZE: u64 = 1 << 20;
+
+    fn new(words: &'a Words<'m>, range: Range<u64>) -> Self {
+        Window {
+            words,
+            range,
+            buf: Vec::new(),
+            start: 0,
+        }
+    }
+
+    /// The word at `addr`, which must lie inside the heap.
+    fn word(&mut self, addr: u64) -> Result<u64, WalkError> {
+        if addr < self.range.start || addr.saturating_add(WORD) > self.range.end {
+            return Err(WalkError::BadChunk(addr, 0));
+        }
+        if addr < self.start || addr + WORD > self.start + self.buf.len() as u64 {
+            self.start = addr;
+            self.buf = self
+                .words
+                .bytes(addr, Self::SIZE.min(self.range.end - addr))?;
+        }
+        let i = (addr - self.start) as usize;
+        Ok(u64::from_ne_bytes(
+            self.buf[i..i + 8].try_into().expect("8 bytes"),
+        ))
     }
 }
 
@@ -284,7 +321,8 @@ pub fn walk(
     let words = Words { memory };
     let mut walk = HeapWalk::default();
     let mut free = FxHashSet::default();
-    let mut in_use: Vec<(u64, u64)> = Vec::new();
+    // In-use chunks: address, size, tcache key slot.
+    let mut in_use: Vec<(u64, u64, u64)> = Vec::new();
     let heap = maps.iter().find(|m| m.backing == Backing::Heap);
     if heap.is_none() {
         return Err(WalkError::NoHeap);
@@ -295,7 +333,7 @@ pub fn walk(
         let (list, top) = chunks(&words, heap.start, &range)?;
         walk.arenas += 1;
         // The main thread's tcache is the heap's first chunk.
-        let Some(&(tcache, size, _)) = list.first() else {
+        let Some(&(tcache, size, _, _)) = list.first() else {
             return Err(WalkError::NoTcache(heap.start));
         };
         if size != TCACHE_CHUNK {
@@ -311,7 +349,7 @@ pub fn walk(
                 follow_list(&words, head, true, inside, &mut free)?;
             }
         }
-        in_use.extend(list.iter().skip(1).filter(|c| c.2).map(|c| (c.0, c.1)));
+        in_use.extend(list.iter().skip(1).filter(|c| c.2).map(|c| (c.0, c.1, c.3)));
         heaps.push(range);
         // The main arena: the word in libc's data that points at the top chunk.
         let arena = libc_data
@@ -328,7 +366,7 @@ pub fn walk(
         for &a in &arenas {
             if a != arena {
                 for (range, list) in thread_heaps(&words, a, layout)? {
-                    in_use.extend(list.iter().filter(|c| c.2).map(|c| (c.0, c.1)));
+                    in_use.extend(list.iter().filter(|c| c.2).map(|c| (c.0, c.1, c.3)));
                     heaps.push(range);
                 }
                 walk.arenas += 1;
@@ -341,15 +379,15 @@ pub fn walk(
         }
         // Other threads' tcaches: any chunk holding the key where tcache entries do.
         if let Some(key) = key {
-            for &(c, size) in &in_use {
-                if size >= MIN_CHUNK && words.word(c + HEADER + WORD)? == key {
+            for &(c, size, key_slot) in &in_use {
+                if size >= MIN_CHUNK && key_slot == key {
                     free.insert(c + HEADER);
                 }
             }
         }
     }
     walk.cached_free = free.len();
-    for (c, size) in in_use {
+    for (c, size, _) in in_use {
         if !free.contains(&(c + HEADER)) {
             walk.blocks.push(LiveBlock {
                 addr: c + HEADER,
@@ -481,7 +519,7 @@ mod tests {
         let words = Words { memory: &memory };
         let (list, top) = chunks(&words, HEAP, &(HEAP..HEAP + 0x1000)).unwrap();
         assert_eq!(
-            list,
+            without_key_slots(&list),
             vec![
                 (HEAP, 0x290, true),
                 (HEAP + 0x290, 0x20, true),
@@ -493,6 +531,22 @@ mod tests {
     }
 
     #[test]
+    fn a_heap_bigger_than_the_read_window_is_walked_whole() {
+        // 300 chunks of 0x2ff0 bytes: headers on both sides of each 1 MiB window.
+        let sizes: Vec<(u64, bool)> = (0..300).map(|i| (0x2ff0, i % 3 != 0)).collect();
+        let len = 300 * 0x2ff0 + 0x1000;
+        let memory = heap(&sizes, len);
+        let words = Words { memory: &memory };
+        let (list, top) = chunks(&words, HEAP, &(HEAP..HEAP + len)).unwrap();
+        assert_eq!(list.len(), 300);
+        assert_eq!(list.iter().filter(|c| c.2).count(), 200);
+        assert_eq!(top, HEAP + 300 * 0x2ff0);
+        // An old heap whose chunks run off its end without a fencepost: refused.
+        let range = HEAP..HEAP + 0x2ff0 * 2;
+        assert!(chunks_until(&words, HEAP, &range, End::Fencepost).is_err());
+    }
+
+    #[test]
     fn a_broken_chunk_is_refused() {
         let mut memory = heap(&[(0x290, true), (0x20, true)], 0x1000);
         memory.write_u64(HEAP + 0x290 + WORD, 0x17); // size 0x10: impossible
@@ -501,6 +555,10 @@ mod tests {
             chunks(&words, HEAP, &(HEAP..HEAP + 0x1000)),
             Err(WalkError::BadChunk(HEAP + 0x290, 0x10))
         );
+    }
+
+    fn without_key_slots(list: &[Chunk]) -> Vec<(u64, u64, bool)> {
+        list.iter().map(|c| (c.0, c.1, c.2)).collect()
     }
 
     /// Lays chunks (size, in use) from `at` in `m`; returns where the next begins.
@@ -543,7 +601,7 @@ mod tests {
         let heaps = thread_heaps(&words, arena, layout).unwrap();
         let got: Vec<_> = heaps
             .iter()
-            .map(|(r, list)| (r.clone(), list.clone()))
+            .map(|(r, list)| (r.clone(), without_key_slots(list)))
             .collect();
         assert_eq!(
             got,
