@@ -45,12 +45,13 @@ impl Fates {
 /// Launches `counts` (exit status 7) under leaktrace under the reaper; once the
 /// `start` record is written, waits `delay` and sends `signal` (to leaktrace's
 /// process group with `group`, as a terminal's Ctrl-C would). With
-/// `from_spawn`, `delay` counts from leaktrace's start instead.
+/// `while_loading`, `delay` counts instead from the moment leaktrace catches
+/// `signal` (its handlers are set first thing, before the eBPF programs load).
 fn run(signal: i32, delay: Duration, group: bool) -> Fates {
     run_at(signal, delay, group, false)
 }
 
-fn run_at(signal: i32, delay: Duration, group: bool, from_spawn: bool) -> Fates {
+fn run_at(signal: i32, delay: Duration, group: bool, while_loading: bool) -> Fates {
     let dir = util::scratch("survival");
     let out = dir.join("out.json");
     let mut cmd = Command::new(util::fixture("reaper"));
@@ -77,7 +78,14 @@ fn run_at(signal: i32, delay: Duration, group: bool, from_spawn: bool) -> Fates 
         .parse()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !from_spawn
+    while while_loading && !catches(tracer, signal) {
+        assert!(
+            Instant::now() < deadline,
+            "leaktrace never set a handler for signal {signal}"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    while !while_loading
         && !util::complete_records(&out)
             .iter()
             .any(|r| r["type"] == "start")
@@ -117,6 +125,18 @@ fn run_at(signal: i32, delay: Duration, group: bool, from_spawn: bool) -> Fates 
     child.wait().unwrap();
     fates.records = util::read_json_lines(&out);
     fates
+}
+
+/// Does `pid` catch `signal` (its SigCgt mask in /proc/PID/status)?
+fn catches(pid: u32, signal: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
 }
 
 /// Moments after the `start` record (the command is held at its exec stop then,
@@ -182,8 +202,9 @@ fn an_early_ctrl_c_to_the_process_group_ends_the_run_cleanly() {
 fn a_sigint_while_leaktrace_loads_launches_nothing() {
     util::require_root();
     let _s = serial();
-    // 60 ms in, leaktrace is loading its eBPF programs (its handlers are set).
-    let fates = run_at(libc::SIGINT, Duration::from_millis(60), false, true);
+    // Right after its handlers are set, leaktrace is loading its eBPF programs
+    // (that takes hundreds of milliseconds; under emulation, seconds).
+    let fates = run_at(libc::SIGINT, Duration::from_millis(5), false, true);
     let started = fates.records.iter().any(|r| r["type"] == "start");
     assert!(!started, "nothing is started once interrupted: {fates:?}");
     assert_eq!(fates.tracer(), ("EXIT", 128 + libc::SIGINT), "{fates:?}");

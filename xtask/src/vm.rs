@@ -550,7 +550,12 @@ impl Suite<'_> {
             .join(format!("initramfs-{}.cpio", kernel.release));
         std::fs::write(&initramfs, self.initramfs(kernel)?)?;
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-cpu", "max", "-nodefaults", "-no-reboot"])
+        // One host thread runs all the guest's CPUs: with multi-threaded TCG, the
+        // kernel's live code patching (text_poke_bp: int3 on every CPU, as perf
+        // events come and go) raced here — an int3 Oops in __schedule on 6.12,
+        // both CPUs soft-locked on 6.1.
+        cmd.args(["-accel", "tcg,thread=single", "-cpu", "max"])
+            .args(["-nodefaults", "-no-reboot"])
             .args(["-display", "none", "-serial", "stdio"])
             .args(["-m", &self.options.memory_mib.to_string()])
             .args(["-smp", &self.options.cpus.to_string()])
