@@ -77,7 +77,7 @@ fn run_at(signal: i32, delay: Duration, group: bool, while_loading: bool) -> Fat
         .unwrap_or_else(|| panic!("reaper said {first:?}"))
         .parse()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + util::patience(60);
     while while_loading && !catches(tracer, signal) {
         assert!(
             Instant::now() < deadline,

@@ -127,6 +127,17 @@ pub fn complete_records(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// A time limit of `secs` seconds, stretched `LEAKTRACE_TEST_PATIENCE` times
+/// where everything runs slower (the VM suite runs under emulation).
+pub fn patience(secs: u64) -> Duration {
+    let factor = std::env::var("LEAKTRACE_TEST_PATIENCE")
+        .ok()
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(1)
+        .max(1);
+    Duration::from_secs(secs * factor)
+}
+
 /// Waits until `done` holds for the records leaktrace (`child`) has written to
 /// `out`; fails if it exits first or after a minute. Returns those records.
 pub fn wait_for_records(
@@ -135,7 +146,7 @@ pub fn wait_for_records(
     done: impl Fn(&[Value]) -> bool,
     what: &str,
 ) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + patience(60);
     loop {
         let records = complete_records(out);
         if done(&records) {
@@ -283,7 +294,7 @@ pub fn launch_command(name: &str, argv: &[&str], args: &[&str], env: &[(&str, &s
         std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
     let err_reader =
         std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
-    let status = wait_timeout(&mut child, Duration::from_secs(120));
+    let status = wait_timeout(&mut child, patience(120));
     let fixture_stdout = out_reader.join().unwrap();
     let stderr = err_reader.join().unwrap();
     Run {
@@ -347,7 +358,7 @@ impl Fixture {
 
     /// Reads lines until one starts with `prefix`; returns it.
     pub fn wait_for(&mut self, prefix: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + patience(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = self.lines.recv_timeout(left).unwrap_or_else(|_| {
@@ -370,7 +381,7 @@ impl Fixture {
     /// Closes its stdin (it exits) and waits.
     pub fn finish(mut self) -> (ExitStatus, String) {
         drop(self.child.stdin.take());
-        let status = wait_timeout(&mut self.child, Duration::from_secs(30));
+        let status = wait_timeout(&mut self.child, patience(30));
         while let Ok(line) = self.lines.try_recv() {
             self.stdout.push_str(&line);
             self.stdout.push('\n');
@@ -439,7 +450,7 @@ impl Tracer {
     pub fn stop(mut self, fixture_stdout: &str) -> Run {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = wait_timeout(&mut self.child, Duration::from_secs(60));
+        let status = wait_timeout(&mut self.child, patience(60));
         let mut stderr = String::new();
         let _ = std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut stderr);
         Run {

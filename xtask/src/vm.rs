@@ -596,7 +596,7 @@ impl Suite<'_> {
         let path = |p: &Path| quote(&p.display().to_string());
         let mut command = format!(
             "cd {} && exec env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-             HOME=/root RUST_BACKTRACE=1 LEAKTRACE_FIXTURES={} {}",
+             HOME=/root RUST_BACKTRACE=1 LEAKTRACE_TEST_PATIENCE={PATIENCE} LEAKTRACE_FIXTURES={} {}",
             path(&self.test_dir()),
             path(&self.fixtures),
             path(&self.test_binary),
@@ -645,6 +645,9 @@ exec $B switch_root $R /bin/busybox sh -c {pid1}
         )
     }
 }
+
+/// How many times longer the tests wait for things under emulation.
+const PATIENCE: u32 = 5;
 
 /// Runs `cmd`, echoing its output with a `[kernel]` prefix and keeping it in
 /// `log`; kills it after `timeout`.
