@@ -21,7 +21,8 @@ use aya::{
     },
 };
 use leak_common::{
-    FreeProbeCount, HintKey, Loss, STACK_DEPTH, Stack, TargetFlags, TracepointLayout, names,
+    AllocFn, FreeProbeCount, HintKey, Loss, STACK_DEPTH, Stack, TargetFlags, TracepointLayout,
+    names,
 };
 
 use crate::allocator::HookPlan;
@@ -285,41 +286,49 @@ impl Probes {
             ),
             Scope::AllProcesses => (0, UProbeScope::AllProcesses),
         };
-        for object in &plan.objects {
-            for f in &object.functions {
-                let entry = if f.return_probe {
-                    "alloc_enter"
-                } else {
-                    "free_enter"
-                };
-                let mut programs = vec![entry];
-                if f.return_probe {
-                    programs.push("alloc_return");
+        // Frees first, then allocation returns, then realloc's entries (they
+        // release the old block), then the other allocation entries: a block
+        // recorded while the probes go in is always seen released if it is (a
+        // malloc probe placed before the free probe would record blocks whose
+        // frees are missed: stale objects, false leaks).
+        let mut probes: Vec<_> = plan
+            .objects
+            .iter()
+            .flat_map(|o| o.functions.iter().map(move |f| (o, f)))
+            .flat_map(|(o, f)| {
+                let moves = matches!(f.func, AllocFn::Realloc | AllocFn::Reallocarray);
+                match f.return_probe {
+                    false => vec![(0, "free_enter", o, f)],
+                    true => vec![
+                        (1, "alloc_return", o, f),
+                        (if moves { 2 } else { 3 }, "alloc_enter", o, f),
+                    ],
                 }
-                for name in programs {
-                    let what = || format!("{} in {}", f.names, object.path.display());
-                    let probe: &mut UProbe = self.program(name)?;
-                    let point = UProbeAttachPoint {
-                        location: UProbeAttachLocation::AbsoluteOffset(f.file_offset),
-                        cookie: Some(f.func as u64),
-                    };
-                    let link = probe
-                        .attach(point, &object.attach_path, aya_scope)
-                        .map_err(|source| {
-                            if matches!(&source, ProgramError::UProbeError(_))
-                                && format!("{source:?}").contains("InvalidInput")
-                            {
-                                EbpfError::RefCtrConflict { what: what() }
-                            } else {
-                                EbpfError::Attach {
-                                    what: what(),
-                                    source,
-                                }
-                            }
-                        })?;
-                    self.uprobe_links.push((pid, name, link));
-                }
-            }
+            })
+            .collect();
+        probes.sort_by_key(|&(phase, ..)| phase);
+        for (_, name, object, f) in probes {
+            let what = || format!("{} in {}", f.names, object.path.display());
+            let probe: &mut UProbe = self.program(name)?;
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(f.file_offset),
+                cookie: Some(f.func as u64),
+            };
+            let link = probe
+                .attach(point, &object.attach_path, aya_scope)
+                .map_err(|source| {
+                    if matches!(&source, ProgramError::UProbeError(_))
+                        && format!("{source:?}").contains("InvalidInput")
+                    {
+                        EbpfError::RefCtrConflict { what: what() }
+                    } else {
+                        EbpfError::Attach {
+                            what: what(),
+                            source,
+                        }
+                    }
+                })?;
+            self.uprobe_links.push((pid, name, link));
         }
         Ok(())
     }
