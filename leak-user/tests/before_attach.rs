@@ -148,3 +148,37 @@ fn a_vtable_names_the_class_of_a_block_from_before_attaching() {
     .into();
     assert_eq!(classes, expected);
 }
+
+/// Four threads churn from before the attach, so their tcaches are full of freed
+/// chunks that look in use, while the main thread's tcache is empty (it never
+/// frees): the walk must find the other threads' tcaches itself, or each of
+/// those chunks is a false leak.
+#[test]
+fn chunks_in_other_threads_tcaches_are_not_leaks() {
+    util::require_root();
+    let _s = serial();
+    let mut fixture = Fixture::start("soak", &["4", "200"], &[]);
+    let mut tracer = Tracer::attach(fixture.pid(), FAST);
+    fixture.go();
+    fixture.wait_for("DONE");
+    tracer.wait_scans(2);
+    let run = tracer.stop(&fixture.stdout.clone());
+    fixture.finish();
+    let walk = &run.of_type("heap_walk")[0];
+    assert!(walk.get("error").is_none(), "{walk}");
+    assert!(walk["cached_free"].as_u64().unwrap() > 100, "{walk}");
+    let truth: std::collections::BTreeSet<u64> = run
+        .truth
+        .iter()
+        .filter(|t| t.tag == "LEAK")
+        .map(|t| t.addr)
+        .collect();
+    let false_leaks: Vec<_> = run
+        .leaks()
+        .into_iter()
+        .filter(|(a, _)| !truth.contains(a))
+        .map(|(_, r)| r.clone())
+        .collect();
+    assert!(false_leaks.is_empty(), "false leaks: {false_leaks:?}");
+    assert_eq!(run.end()["retractions"], 0);
+}

@@ -151,6 +151,21 @@ pub enum WalkError {
     UnknownVersion(u32, u32),
 }
 
+impl WalkError {
+    /// Whether a walk made while the target runs may have seen the heap change
+    /// under it (a chunk split or merged between two reads, a thread heap
+    /// unmapped): worth another try, unlike a heap that is not glibc's.
+    pub fn may_be_torn(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreadable(_)
+                | Self::BadChunk(..)
+                | Self::BadHeapInfo(..)
+                | Self::TopMismatch(..)
+        )
+    }
+}
+
 /// Reads words of the target.
 struct Words<'a> {
     memory: &'a dyn MemorySource,
@@ -377,7 +392,23 @@ pub fn walk(
                 follow_list(&words, head, false, inside_any, &mut free)?;
             }
         }
-        // Other threads' tcaches: any chunk holding the key where tcache entries do.
+        // Other threads' tcaches: each is a chunk of the tcache's size whose
+        // counts and list heads agree; their lists are followed like the main
+        // thread's (and teach the key when the main thread's tcache is empty).
+        let inside_any = |u: u64| heaps.iter().any(|h| h.start < u && u < h.end);
+        for &(c, size, _) in &in_use {
+            if size != TCACHE_CHUNK {
+                continue;
+            }
+            let Ok(body) = words.bytes(c + HEADER, TCACHE_CHUNK - HEADER) else {
+                continue;
+            };
+            for head in tcache_heads(&body, inside_any).unwrap_or_default() {
+                key.get_or_insert(words.word(head + WORD)?);
+                follow_list(&words, head, true, inside_any, &mut free)?;
+            }
+        }
+        // Any other chunk holding the key where tcache entries do.
         if let Some(key) = key {
             for &(c, size, key_slot) in &in_use {
                 if size >= MIN_CHUNK && key_slot == key {
@@ -424,6 +455,25 @@ pub fn walk(
     }
     walk.blocks.sort_unstable_by_key(|b| b.addr);
     Ok(walk)
+}
+
+/// The list heads of a thread's tcache (`tcache_perthread_struct`: 64 u16
+/// counts, then 64 entry pointers), if `body` is one: every bin's count and head
+/// agree (both zero or both not), and every head is an aligned pointer into a heap.
+fn tcache_heads(body: &[u8], inside: impl Fn(u64) -> bool) -> Option<Vec<u64>> {
+    let bins = TCACHE_BINS as usize;
+    let mut heads = Vec::new();
+    for bin in 0..bins {
+        let count = u16::from_ne_bytes(body.get(bin * 2..bin * 2 + 2)?.try_into().ok()?);
+        let at = bins * 2 + bin * 8;
+        let head = u64::from_ne_bytes(body.get(at..at + 8)?.try_into().ok()?);
+        match (count, head) {
+            (0, 0) => {}
+            (c, h) if c != 0 && h != 0 && h.is_multiple_of(16) && inside(h) => heads.push(h),
+            _ => return None,
+        }
+    }
+    Some(heads)
 }
 
 /// The heaps of thread arena `a`, newest first, each with its chunks. A thread

@@ -356,17 +356,16 @@ impl Table {
                 self.counters.frees += 1;
                 if self.release(tgid, addr).is_none() {
                     self.counters.untracked_frees += 1;
-                    if let Some(set) = self
-                        .processes
-                        .get_mut(&tgid)
-                        .and_then(|p| p.freed_during_walk.as_mut())
-                    {
-                        set.insert(addr);
-                    }
+                    self.freed_untracked(tgid, addr);
                 }
             }
             Event::ReallocDetach { tgid, tid, old } => {
                 let object = self.release(tgid, old);
+                if object.is_none() {
+                    // A block from before attaching that realloc may move: the
+                    // walk must not adopt its old address.
+                    self.freed_untracked(tgid, old);
+                }
                 self.pending_reallocs
                     .insert((tgid, tid), Detached { old, object });
             }
@@ -562,6 +561,18 @@ impl Table {
                 self.counters.unmapped_dropped += 1;
                 self.remove(pid, addr, RetractionReason::Freed);
             }
+        }
+    }
+
+    /// An address the table does not hold was freed (or left by realloc):
+    /// remembered while a heap walk runs, so that the walk does not adopt it.
+    fn freed_untracked(&mut self, tgid: u32, addr: u64) {
+        if let Some(set) = self
+            .processes
+            .get_mut(&tgid)
+            .and_then(|p| p.freed_during_walk.as_mut())
+        {
+            set.insert(addr);
         }
     }
 

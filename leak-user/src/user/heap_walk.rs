@@ -75,8 +75,27 @@ fn read_heap(pid: u32, method: ReadMethod) -> Result<HeapWalk, String> {
     let layout = libc_layout(pid, &maps)?;
     let memory =
         ProcessMemory::open(pid, method).map_err(|e| format!("cannot read its memory: {e}"))?;
-    glibc_heap::walk(&maps, &data, &memory, layout).map_err(|e| e.to_string())
+    // A running target's heap changes while it is read: a torn walk is tried
+    // again (with fresh maps: a thread heap may have come or gone).
+    let mut maps = maps;
+    for attempt in 1.. {
+        match glibc_heap::walk(&maps, &data, &memory, layout) {
+            Ok(walk) => return Ok(walk),
+            Err(err) if err.may_be_torn() && attempt < WALK_ATTEMPTS => {
+                log::debug!("pid {pid}: heap walk {attempt} torn ({err}); walking again");
+                maps = proc::maps::read(pid).map_err(|e| format!("cannot read its maps: {e}"))?;
+            }
+            Err(err) if err.may_be_torn() => {
+                return Err(format!("{err} (the heap kept changing: {attempt} walks)"));
+            }
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+    unreachable!("the loop returns")
 }
+
+/// How many times a torn walk of a running target is tried.
+const WALK_ATTEMPTS: u32 = 8;
 
 /// Walks the heap of `pid` and adopts its live blocks; the record says what was
 /// found (or why nothing was).
