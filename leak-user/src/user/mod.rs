@@ -151,6 +151,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         config.output.path.as_deref(),
         config.output.pprof.as_deref(),
         config.output.flamegraph.as_deref(),
+        config.output.xml.as_deref(),
     )?;
     let epoch = clock::now_ns();
     let mut probes = Probes::load(&LoadOptions {

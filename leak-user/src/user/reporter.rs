@@ -61,9 +61,12 @@ fn hooked_objects(plan: &HookPlan) -> Vec<HookedObject> {
 pub struct Reporter {
     sink: Output,
     out: OutputConfig,
-    /// `--pprof` and `--flamegraph`, opened before anything was attached.
+    /// `--pprof`, `--flamegraph` and `--xml`, opened before anything was attached.
     pprof: Option<ReportFile>,
     flamegraph: Option<ReportFile>,
+    xml: Option<ReportFile>,
+    /// The first target (pid, parent, command line), for the XML document.
+    first_target: Option<(u32, u32, Vec<String>)>,
     readers: MapReaders,
     symbolizer: Symbolizer,
     stacks: HashMap<(u32, AllocSite), Arc<Vec<Frame>>>,
@@ -83,6 +86,8 @@ impl Reporter {
             out: config.output.clone(),
             pprof: files.pprof,
             flamegraph: files.flamegraph,
+            xml: files.xml,
+            first_target: None,
             readers,
             symbolizer: Symbolizer::new(),
             stacks: HashMap::new(),
@@ -121,6 +126,10 @@ impl Reporter {
     pub fn start(&mut self, mode: RunMode, targets: &[Target], config: &Config) {
         for t in targets {
             self.comms.insert(t.pid, t.comm.clone());
+        }
+        if let Some(t) = targets.first() {
+            let parent = crate::proc::parent(t.pid).unwrap_or_else(std::process::id);
+            self.first_target = Some((t.pid, parent, t.cmdline.clone()));
         }
         self.sink.json(&Record::Start(StartRecord {
             options: Some(RunOptions {
@@ -289,7 +298,7 @@ impl Reporter {
             .into_iter()
             .filter(|l| l.kind != LeakKind::Possible)
             .collect();
-        if !confirmed.is_empty() {
+        if !confirmed.is_empty() && self.text_every_scan() {
             let title = format!("pid {}, new", scan.pid);
             let mut body = text::render(&title, &confirmed, self.out.top, self.out.color);
             for l in confirmed.iter().filter(|l| l.contents.is_some()) {
@@ -301,6 +310,12 @@ impl Reporter {
             }
             self.sink.text(&body);
         }
+    }
+
+    /// The text report of each scan's new leaks: not with `--format lsan` (one
+    /// report at the end), nor on the stdout that the live view draws on.
+    fn text_every_scan(&self) -> bool {
+        !self.out.lsan && (self.out.live.is_none() || self.out.path.is_some())
     }
 
     fn process_name(&self, pid: u32) -> String {
@@ -431,11 +446,28 @@ impl Reporter {
             suppressed: &suppressed,
             stats,
         }));
-        if !self.out.json {
+        if self.out.lsan {
+            self.sink
+                .text(&report::lsan::render(&confirmed, &suppressed));
+        } else if !self.out.json {
             let summary = self.summary_text(&leaks, &suppressed, stats);
             self.sink.text(&summary);
         }
         let mut first_error = self.sink.take_error();
+        if let Some(file) = &mut self.xml {
+            let (pid, ppid, target_argv) = self.first_target.clone().unwrap_or_default();
+            let tool_argv: Vec<String> = std::env::args().collect();
+            let xml = report::xml::render(&report::xml::XmlRun {
+                pid,
+                ppid,
+                tool_argv: &tool_argv,
+                target_argv: &target_argv,
+                elapsed: std::time::Duration::from_millis(stats.events.elapsed_ms),
+                leaks: &leaks,
+                suppressed: &suppressed,
+            });
+            first_error = first_error.or(write_file(file, Ok(xml.into_bytes())).err());
+        }
         if let Some(file) = &mut self.pprof {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
