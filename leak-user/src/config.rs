@@ -394,7 +394,8 @@ fn output_of(args: &Args) -> OutputConfig {
         show_contents: args.show_contents,
         pprof: args.pprof.clone(),
         flamegraph: args.flamegraph.clone(),
-        status: !args.quiet && std::io::stderr().is_terminal(),
+        // The live view owns the terminal.
+        status: !args.quiet && std::io::stderr().is_terminal() && live != Some(LiveOutput::Screen),
     }
 }
 

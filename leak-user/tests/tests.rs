@@ -7,6 +7,7 @@ mod cli;
 mod deleted;
 mod formats;
 mod kernel;
+mod live;
 mod output;
 mod reports;
 mod scanning;

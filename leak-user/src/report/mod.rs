@@ -8,6 +8,7 @@ pub mod exitcode;
 pub mod files;
 pub mod flamegraph;
 pub mod json;
+pub mod live;
 pub mod lsan;
 pub mod pprof;
 pub mod records;

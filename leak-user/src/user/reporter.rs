@@ -318,7 +318,17 @@ impl Reporter {
         !self.out.lsan && (self.out.live.is_none() || self.out.path.is_some())
     }
 
-    fn process_name(&self, pid: u32) -> String {
+    /// The confirmed and possible leaks standing now.
+    pub fn standing(&self) -> Vec<Leak> {
+        self.reported.values().cloned().collect()
+    }
+
+    /// Scans reported so far.
+    pub fn scan_count(&self) -> u64 {
+        self.scans
+    }
+
+    pub fn process_name(&self, pid: u32) -> String {
         match self.comms.get(&pid) {
             Some(c) if !c.is_empty() => format!("pid {pid} ({c})"),
             _ => format!("pid {pid}"),
