@@ -686,16 +686,18 @@ impl UserSession {
             heuristics: self.config.heuristics,
         };
         let mut workspace = self.workspace.take().unwrap_or_default();
-        let result = tokio::task::spawn_blocking(move || {
+        let scan = tokio::task::spawn_blocking(move || {
             let drain = || ingest.drain_blocking();
             let result = scan_process(&table, &mut workspace, pid, options, Some(&ptrace), &drain);
             (result, workspace)
-        })
-        .await
-        .map(|(result, workspace)| {
-            self.workspace = Some(workspace);
-            result
         });
+        let what = format!("pid {pid}: scanning its memory");
+        let result = session::progress::while_running(self.config.output.status, what, scan)
+            .await
+            .map(|(result, workspace)| {
+                self.workspace = Some(workspace);
+                result
+            });
         self.status.clear();
         match result {
             Ok(Ok(scan)) => {

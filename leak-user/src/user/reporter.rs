@@ -29,6 +29,7 @@ use crate::{
         text,
     },
     scan::scanner::ProcessScan,
+    session::progress::Progress,
     symbolize::{Frame, Symbolizer},
     table::{
         AllocSite,
@@ -243,7 +244,11 @@ impl Reporter {
         }
         let mut new = Vec::new();
         let mut suppressed = 0u64;
-        for f in &scan.verdicts.findings {
+        let findings = &scan.verdicts.findings;
+        let what = format!("pid {}: symbolizing {} leaks", scan.pid, findings.len());
+        let mut progress = Progress::new(self.out.status, what);
+        for (i, f) in findings.iter().enumerate() {
+            progress.update(Some((i as u64, findings.len() as u64)));
             let leak = self.leak_of(f, scan.verdicts.now_ms);
             if let Some(rule) = self.suppressions.find(&leak.stack) {
                 self.suppressions.count(rule, leak.size);
@@ -252,6 +257,7 @@ impl Reporter {
             }
             new.push(leak);
         }
+        drop(progress);
         for r in &scan.verdicts.retractions {
             self.retraction(r);
         }
