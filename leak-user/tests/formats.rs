@@ -315,7 +315,7 @@ fn lsan_format_matches_leaksanitizers_report_on_the_same_source() {
     let (theirs_leaks, theirs_summary) = lsan_leaks(&theirs, "fixtures/formats.c");
     assert_eq!(ours_leaks, theirs_leaks, "ours:\n{ours}\ntheirs:\n{theirs}");
     assert_eq!(ours_leaks.len(), 5, "{ours_leaks:?}");
-    for ((kind, frames), _) in &ours_leaks {
+    for (kind, frames) in ours_leaks.keys() {
         assert_eq!(
             frames.last().map(String::as_str),
             Some("main"),
