@@ -39,18 +39,15 @@ impl Tmux {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Runs `command` (a shell line) in a new 120 × 40 window.
-    fn start(&self, command: &str) {
-        let _ = Command::new("tmux")
-            .arg("-L")
-            .arg(&self.socket)
-            .args(["kill-session", "-t", "live"])
-            .output();
+    /// Runs `command` (a shell line) in a new 120 × 40 window, session `name`
+    /// (a new one each time: killing the server's last session ends the server,
+    /// and a new one started meanwhile can meet it exiting).
+    fn start(&self, name: &str, command: &str) {
         self.tmux(&[
             "new-session",
             "-d",
             "-s",
-            "live",
+            name,
             "-x",
             "120",
             "-y",
@@ -59,19 +56,19 @@ impl Tmux {
         ]);
     }
 
-    fn screen(&self) -> String {
-        self.tmux(&["capture-pane", "-p", "-t", "live"])
+    fn screen(&self, name: &str) -> String {
+        self.tmux(&["capture-pane", "-p", "-t", name])
     }
 
-    fn keys(&self, keys: &str) {
-        self.tmux(&["send-keys", "-t", "live", keys]);
+    fn keys(&self, name: &str, keys: &str) {
+        self.tmux(&["send-keys", "-t", name, keys]);
     }
 
-    /// Waits until the screen satisfies `done`; returns it.
-    fn wait_for(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+    /// Waits until the screen of `name` satisfies `done`; returns it.
+    fn wait_for(&self, name: &str, what: &str, done: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let screen = self.screen();
+            let screen = self.screen(name);
             if done(&screen) {
                 return screen;
             }
@@ -112,10 +109,11 @@ fn scan_number(screen: &str) -> Option<u64> {
 /// One run of `leaktrace --live` in tmux: its files.
 struct LiveRun {
     dir: PathBuf,
+    session: &'static str,
 }
 
 impl LiveRun {
-    fn start(tmux: &Tmux, pid: u32) -> Self {
+    fn start(tmux: &Tmux, session: &'static str, pid: u32) -> Self {
         let dir = util::scratch("live");
         let p = |name: &str| dir.join(name).display().to_string();
         // The shell records the terminal's settings before and after, and the
@@ -129,8 +127,8 @@ impl LiveRun {
             status = p("status"),
             after = p("stty.after"),
         );
-        tmux.start(&command);
-        Self { dir }
+        tmux.start(session, &command);
+        Self { dir, session }
     }
 
     fn file(&self, name: &str) -> String {
@@ -164,14 +162,15 @@ fn live_view_redraws_shows_growth_and_ends_cleanly_on_q_and_ctrl_c() {
     let mut fixture = Fixture::start("formats", &["--drip", "100"], &[]);
     let tmux = Tmux::new();
 
-    let run = LiveRun::start(&tmux, fixture.pid());
-    tmux.wait_for("the live view", |s| s.contains("leaktrace --live: pid"));
+    let run = LiveRun::start(&tmux, "q", fixture.pid());
+    let s = run.session;
+    tmux.wait_for(s, "the live view", |s| s.contains("leaktrace --live: pid"));
     fixture.go();
-    let first = tmux.wait_for("the dripping stack", |s| {
+    let first = tmux.wait_for(s, "the dripping stack", |s| {
         drip_objects(s).is_some_and(|n| n >= 3)
     });
     let (objects, scan) = (drip_objects(&first).unwrap(), scan_number(&first).unwrap());
-    let later = tmux.wait_for("growth", |s| {
+    let later = tmux.wait_for(s, "growth", |s| {
         drip_objects(s).is_some_and(|n| n > objects) && scan_number(s).is_some_and(|n| n > scan)
     });
     // Redrawn in place: one header, at the top, never scrolled.
@@ -180,7 +179,7 @@ fn live_view_redraws_shows_growth_and_ends_cleanly_on_q_and_ctrl_c() {
     assert!(later.contains("leaked since attaching: "), "{later}");
     assert!(later.contains("objects/min"), "{later}");
 
-    tmux.keys("q");
+    tmux.keys(s, "q");
     assert_eq!(run.wait_exit(), 0, "q ends the run like top");
     assert_eq!(run.end_reason(), "quit");
     assert_eq!(
@@ -188,22 +187,23 @@ fn live_view_redraws_shows_growth_and_ends_cleanly_on_q_and_ctrl_c() {
         run.file("stty.after"),
         "terminal settings restored"
     );
-    let after = tmux.screen();
+    let after = tmux.screen(s);
     assert!(
         !after.contains("leaktrace --live:"),
         "the alternate screen is gone:\n{after}"
     );
 
     // Ctrl-C: the normal shutdown for a signal (130), terminal restored too.
-    let run = LiveRun::start(&tmux, fixture.pid());
-    tmux.wait_for("the live view again", |s| {
+    let run = LiveRun::start(&tmux, "ctrl-c", fixture.pid());
+    let s = run.session;
+    tmux.wait_for(s, "the live view again", |s| {
         scan_number(s).is_some_and(|n| n >= 2)
     });
-    tmux.keys("C-c");
+    tmux.keys(s, "C-c");
     assert_eq!(run.wait_exit(), 130);
     assert_eq!(run.end_reason(), "signal");
     assert_eq!(run.file("stty.before"), run.file("stty.after"));
-    assert!(!tmux.screen().contains("leaktrace --live:"));
+    assert!(!tmux.screen(s).contains("leaktrace --live:"));
 
     let (status, _) = fixture.finish();
     assert!(status.success(), "the fixture went on unharmed: {status}");

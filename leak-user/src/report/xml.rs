@@ -5,7 +5,8 @@
 //! `Leak_DefinitelyLost`, `Leak_IndirectlyLost` or `Leak_PossiblyLost`, and, as in
 //! valgrind, a definitely-lost record's bytes include the indirect leaks lost
 //! through it. Stacks start at the allocation's caller (valgrind's start with its
-//! own `malloc`). Pure: the reporter hands the leaks over at the end.
+//! own `malloc`) and end at `main`, as valgrind's do. Pure: the reporter hands the
+//! leaks over at the end.
 
 use std::{fmt::Write as _, time::Duration};
 
@@ -138,7 +139,13 @@ fn error(out: &mut String, unique: usize, total: usize, g: &KindGroup) {
     );
     let _ = writeln!(out, "    <leakedblocks>{}</leakedblocks>", g.blocks);
     out.push_str("  </xwhat>\n  <stack>\n");
-    for f in g.stack.iter() {
+    // valgrind stops at main (its --show-below-main=no).
+    let below_main = g
+        .stack
+        .iter()
+        .position(|f| f.function.as_deref() == Some("main"))
+        .map_or(g.stack.len(), |i| i + 1);
+    for f in &g.stack[..below_main] {
         frame(out, f);
     }
     out.push_str("  </stack>\n</error>\n\n");
@@ -274,6 +281,19 @@ mod tests {
         assert!(xml.contains("<state>FINISHED</state>\n  <time>01:01:01:01.001 </time>"));
         assert!(xml.contains("<count>3</count>\n    <name>^allocate_dtv$</name>"));
         assert!(xml.ends_with("</suppcounts>\n\n</valgrindoutput>\n\n"));
+    }
+
+    #[test]
+    fn stacks_end_at_main_as_valgrinds_do() {
+        use crate::report::tests::{frame, leak};
+        let stack = std::sync::Arc::new(vec![
+            frame("make_node", "list.c", 42),
+            frame("main", "list.c", 80),
+            frame("__libc_start_call_main", "libc_start_call_main.h", 58),
+        ]);
+        let xml = run_of(&[leak(LeakKind::Direct, 8, &stack)]);
+        assert!(xml.contains("<fn>main</fn>"), "{xml}");
+        assert!(!xml.contains("__libc_start_call_main"), "{xml}");
     }
 
     #[test]
