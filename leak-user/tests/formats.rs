@@ -227,7 +227,11 @@ fn xml_matches_valgrinds_own_on_the_same_program() {
     let theirs_read = read_with_valgrindci(&theirs, &program);
     let ours_read = read_with_valgrindci(&ours, &program);
     assert_eq!(ours_read, theirs_read);
-    assert!(ours_read.contains("\"errors\": "), "{ours_read}");
+    assert!(ours_read.contains("\"errors\": 8"), "{ours_read}");
+    assert!(
+        ours_read.contains("\"Leak_IndirectlyLost make_node/dropped_list/main\": 1"),
+        "{ours_read}"
+    );
 }
 
 /// LeakSanitizer's report: per (kind, functions of the program's frames), bytes
