@@ -166,9 +166,12 @@ fn python_reader() -> anyhow::Result<()> {
         return Ok(());
     }
     let env = util::root().join("target/pyenv");
-    util::run(Command::new("python3").arg("-m").arg("venv").arg(&env)).context(
-        "cannot create a Python environment (python3 -m venv; on Debian: apt-get install python3-venv)",
-    )?;
+    let venv = || util::run(Command::new("python3").arg("-m").arg("venv").arg(&env));
+    if venv().is_err() {
+        // Debian's python3 makes environments only with python3-venv.
+        ensure_packages(&[("python3-venv", "/usr/share/doc/python3-venv/copyright")])?;
+        venv().context("cannot create a Python environment (python3 -m venv)")?;
+    }
     util::run(Command::new(&python).args(["-m", "pip", "install", "--quiet", VALGRIND_XML_READER]))
         .with_context(|| format!("cannot install {VALGRIND_XML_READER} from PyPI"))?;
     Ok(())
