@@ -208,3 +208,49 @@ fn live_view_redraws_shows_growth_and_ends_cleanly_on_q_and_ctrl_c() {
     let (status, _) = fixture.finish();
     assert!(status.success(), "the fixture went on unharmed: {status}");
 }
+
+#[test]
+fn live_view_appends_plain_text_when_stdout_is_not_a_terminal() {
+    util::require_root();
+    let _s = serial();
+    let mut fixture = Fixture::start("formats", &["--drip", "100"], &[]);
+    let pid = fixture.pid().to_string();
+    let tracer = Command::new(util::leaktrace())
+        .args([
+            "--pid",
+            &pid,
+            "--live",
+            "--interval",
+            "300ms",
+            "--min-age",
+            "300ms",
+        ])
+        .args(["--duration", "3s"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    fixture.go();
+    let out = tracer.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !stdout.contains('\x1b'),
+        "no escape sequences off a terminal"
+    );
+    let views = stdout.matches("--- leaktrace live view at ").count();
+    assert!(views >= 4, "a view per scan, appended:\n{stdout}");
+    let last = stdout.rsplit("--- leaktrace live view at ").next().unwrap();
+    assert!(drip_objects(last).is_some_and(|n| n > 0), "{last}");
+    assert!(
+        stdout.contains("leaktrace summary: "),
+        "the final report follows"
+    );
+    let (status, _) = fixture.finish();
+    assert!(status.success());
+}
