@@ -28,9 +28,27 @@ pub struct Args {
     #[arg(long)]
     pub follow_forks: bool,
 
-    /// Stream NDJSON records (one JSON object per line) instead of text.
+    /// Stream NDJSON records (one JSON object per line) instead of text (the same
+    /// as --format json).
     #[arg(long)]
     pub json: bool,
+
+    /// Report format: text (leaks grouped by stack, every scan and at the end),
+    /// json (the NDJSON stream, as --json) or lsan (LeakSanitizer's report, at the
+    /// end).
+    #[arg(long, value_enum, value_name = "FORMAT", conflicts_with = "json")]
+    pub format: Option<FormatArg>,
+
+    /// Also write valgrind memcheck's XML (protocol 4) of the leaks left at the end
+    /// to FILE, for the tools that read valgrind's --xml-file.
+    #[arg(long, value_name = "FILE")]
+    pub xml: Option<PathBuf>,
+
+    /// A live view on the terminal, redrawn every scan like top: the leaking stacks
+    /// and their growth since attaching. q or Ctrl-C ends the run. Plain text
+    /// appended when stdout is not a terminal.
+    #[arg(long)]
+    pub live: bool,
 
     /// Write the report (or the NDJSON stream) to FILE instead of stdout.
     #[arg(short, long, value_name = "FILE")]
@@ -195,6 +213,16 @@ pub struct Args {
 pub enum ReadMethodArg {
     ProcessVmReadv,
     ProcMem,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// Leaks grouped by allocation stack.
+    Text,
+    /// NDJSON records.
+    Json,
+    /// LeakSanitizer's report.
+    Lsan,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

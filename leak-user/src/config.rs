@@ -4,7 +4,7 @@
 use std::{ffi::OsString, io::IsTerminal as _, path::PathBuf, time::Duration};
 
 use crate::{
-    cli::{Args, ColorArg, FreeProbesArg, ReadMethodArg},
+    cli::{Args, ColorArg, FormatArg, FreeProbesArg, ReadMethodArg},
     proc::mem::ReadMethod,
     report::{
         exitcode::{ErrorExit, LeakKinds},
@@ -26,10 +26,25 @@ pub enum Mode {
     Kernel,
 }
 
+/// How the live view (`--live`) draws.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LiveOutput {
+    /// stdout is a terminal: redrawn in place on the alternate screen.
+    Screen,
+    /// stdout is a file or a pipe: each view appended as plain text.
+    Lines,
+}
+
 /// Where and how reports go.
 #[derive(Clone, Debug)]
 pub struct OutputConfig {
     pub json: bool,
+    /// `--format lsan`: LeakSanitizer's report at the end, nothing per scan.
+    pub lsan: bool,
+    /// `--xml FILE`: valgrind memcheck's XML at the end.
+    pub xml: Option<PathBuf>,
+    /// `--live`: the live view and how it draws.
+    pub live: Option<LiveOutput>,
     pub path: Option<PathBuf>,
     pub color: bool,
     pub top: usize,
@@ -140,6 +155,12 @@ pub enum ConfigError {
         "--json on stdout would mix the command's own output into the stream: add --output FILE"
     )]
     JsonSharesStdout,
+    #[error(
+        "--live watches running processes: give --pid (a launched command would share the terminal)"
+    )]
+    LiveNeedsPid,
+    #[error("--live draws on stdout: send the NDJSON stream elsewhere with --output FILE")]
+    LiveSharesStdout,
 }
 
 /// The longest duration any option takes.
@@ -302,16 +323,31 @@ fn check_combinations(args: &Args, mode: &Mode) -> Result<(), ConfigError> {
             ("--stop-the-world", args.stop_the_world),
             ("--follow-forks", args.follow_forks),
             ("--show-contents", args.show_contents),
+            ("--xml", args.xml.is_some()),
+            ("--format lsan", args.format == Some(FormatArg::Lsan)),
+            ("--live", args.live),
         ];
         if let Some((flag, _)) = user_only.iter().find(|(_, given)| *given) {
             return Err(ConfigError::NotInKernelMode(flag));
         }
     }
+    let json = json_of(args);
     // The command inherits our stdout: its output would land inside the stream.
-    if matches!(mode, Mode::Launch(_)) && args.json && args.output.is_none() {
+    if matches!(mode, Mode::Launch(_)) && json && args.output.is_none() {
         return Err(ConfigError::JsonSharesStdout);
     }
+    if args.live && matches!(mode, Mode::Launch(_)) {
+        return Err(ConfigError::LiveNeedsPid);
+    }
+    if args.live && json && args.output.is_none() {
+        return Err(ConfigError::LiveSharesStdout);
+    }
     Ok(())
+}
+
+/// `--json` or `--format json`.
+fn json_of(args: &Args) -> bool {
+    args.json || args.format == Some(FormatArg::Json)
 }
 
 /// The built-in suppressions (unless turned off) and the user's files.
@@ -332,13 +368,25 @@ fn suppressions_of(args: &Args) -> Result<Suppressions, ConfigError> {
 /// Where and how reports go; colour and the status line only on terminals.
 fn output_of(args: &Args) -> OutputConfig {
     let to_file = args.output.is_some();
+    let json = json_of(args);
+    let lsan = args.format == Some(FormatArg::Lsan);
     let color = match args.color {
         ColorArg::Always => true,
         ColorArg::Never => false,
-        ColorArg::Auto => !to_file && !args.json && std::io::stdout().is_terminal(),
+        ColorArg::Auto => !to_file && !json && !lsan && std::io::stdout().is_terminal(),
     };
+    let live = args.live.then(|| {
+        if std::io::stdout().is_terminal() {
+            LiveOutput::Screen
+        } else {
+            LiveOutput::Lines
+        }
+    });
     OutputConfig {
-        json: args.json,
+        json,
+        lsan,
+        xml: args.xml.clone(),
+        live,
         path: args.output.clone(),
         color,
         top: args.top,
@@ -346,7 +394,8 @@ fn output_of(args: &Args) -> OutputConfig {
         show_contents: args.show_contents,
         pprof: args.pprof.clone(),
         flamegraph: args.flamegraph.clone(),
-        status: !args.quiet && std::io::stderr().is_terminal(),
+        // The live view owns the terminal.
+        status: !args.quiet && std::io::stderr().is_terminal() && live != Some(LiveOutput::Screen),
     }
 }
 
@@ -450,7 +499,12 @@ mod tests {
 
     #[test]
     fn kernel_mode_refuses_what_it_would_ignore() {
-        for flag in ["--stop-the-world", "--follow-forks", "--show-contents"] {
+        for flag in [
+            "--stop-the-world",
+            "--follow-forks",
+            "--show-contents",
+            "--live",
+        ] {
             assert_eq!(
                 config(&["lt", "--kernel", flag]).unwrap_err(),
                 ConfigError::NotInKernelMode(flag)
@@ -479,6 +533,53 @@ mod tests {
         );
         assert!(config(&["lt", "--json", "--output", "x", "--", "ls"]).is_ok());
         assert!(config(&["lt", "--json", "-p", "1"]).is_ok());
+    }
+
+    #[test]
+    fn report_formats() {
+        let c = config(&["lt", "-p", "1", "--format", "lsan", "--xml", "v.xml"]).unwrap();
+        assert!(c.output.lsan && !c.output.json && !c.output.color);
+        assert_eq!(c.output.xml, Some(PathBuf::from("v.xml")));
+        assert!(
+            config(&["lt", "-p", "1", "--format", "json"])
+                .unwrap()
+                .output
+                .json
+        );
+        assert!(config(&["lt", "-p", "1", "--json"]).unwrap().output.json);
+        assert!(Args::try_parse_from(["lt", "-p", "1", "--json", "--format", "lsan"]).is_err());
+        assert_eq!(
+            config(&["lt", "--format", "json", "--", "ls"]).unwrap_err(),
+            ConfigError::JsonSharesStdout
+        );
+        assert_eq!(
+            config(&["lt", "--kernel", "--xml", "v.xml"]).unwrap_err(),
+            ConfigError::NotInKernelMode("--xml")
+        );
+        assert_eq!(
+            config(&["lt", "--kernel", "--format", "lsan"]).unwrap_err(),
+            ConfigError::NotInKernelMode("--format lsan")
+        );
+    }
+
+    #[test]
+    fn the_live_view_watches_pids_on_its_own_stdout() {
+        assert!(
+            config(&["lt", "-p", "1", "--live"])
+                .unwrap()
+                .output
+                .live
+                .is_some()
+        );
+        assert_eq!(
+            config(&["lt", "--live", "--", "ls"]).unwrap_err(),
+            ConfigError::LiveNeedsPid
+        );
+        assert_eq!(
+            config(&["lt", "-p", "1", "--live", "--json"]).unwrap_err(),
+            ConfigError::LiveSharesStdout
+        );
+        assert!(config(&["lt", "-p", "1", "--live", "--json", "-o", "x"]).is_ok());
     }
 
     #[test]

@@ -36,6 +36,9 @@ fn help_describes_every_mode() {
         "--flamegraph",
         "--suppressions",
         "--follow-forks",
+        "--xml",
+        "--format",
+        "--live",
     ] {
         assert!(help.contains(option), "--help mentions {option}");
     }
@@ -140,6 +143,8 @@ fn kernel_mode_refuses_the_options_it_would_ignore() {
         &["--flamegraph", "f.svg"],
         &["--stop-the-world"],
         &["--follow-forks"],
+        &["--xml", "v.xml"],
+        &["--live"],
     ] {
         let mut argv = vec!["--kernel"];
         argv.extend_from_slice(args);
@@ -150,6 +155,18 @@ fn kernel_mode_refuses_the_options_it_would_ignore() {
             &format!("{} has no meaning in kernel mode (--kernel)", args[0]),
         );
     }
+}
+
+#[test]
+fn the_live_view_is_for_running_processes() {
+    let out = leaktrace(&["--live", "--", "/bin/true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_one_line_error(&out, "--live watches running processes: give --pid");
+    let out = leaktrace(&["--live", "--format", "json", "--pid", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_one_line_error(&out, "--live draws on stdout");
+    let out = leaktrace(&["--format", "xml", "--pid", "1"]);
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]

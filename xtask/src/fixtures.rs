@@ -30,6 +30,13 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ),
     ("reaper", "reaper.c", &[]),
     ("soak", "soak.c", &["-fno-omit-frame-pointer"]),
+    // The same leaks for leaktrace, valgrind and LeakSanitizer (--xml, --format lsan).
+    ("formats", "formats.c", &["-fno-omit-frame-pointer"]),
+    (
+        "formats-lsan",
+        "formats.c",
+        &["-fno-omit-frame-pointer", "-fsanitize=leak"],
+    ),
 ];
 
 pub fn dir() -> PathBuf {

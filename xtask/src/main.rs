@@ -221,7 +221,10 @@ fn test(no_lint: bool, no_fuzz: bool, no_soak: bool, filter: Option<&str>) -> an
     args.extend(filter);
     util::cargo(
         &args,
-        &[("LEAKTRACE_FIXTURES", &fixtures::dir().display().to_string())],
+        &[
+            ("LEAKTRACE_FIXTURES", &fixtures::dir().display().to_string()),
+            ("LEAKTRACE_PYTHON", &setup::python().display().to_string()),
+        ],
     )?;
     if filter.is_none() && !no_fuzz {
         util::step("fuzz (short pass)");

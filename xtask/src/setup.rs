@@ -130,10 +130,51 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Debian packages the integration tests use, installed when missing (as root).
+/// The PyPI package the XML test reads valgrind's and leaktrace's XML with, and
+/// its version (a real consumer of memcheck XML).
+const VALGRIND_XML_READER: &str = "ValgrindCI==0.3.0";
+
+/// Debian packages the integration tests use, installed when missing (as root):
+/// jemalloc, valgrind (the XML comparison), tmux (the live view), python3's venv;
+/// then the PyPI valgrind-XML reader in its own environment (`target/pyenv`).
 pub fn test_packages() -> anyhow::Result<()> {
     step("setup: test packages");
-    ensure_packages(&[("libjemalloc2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")])
+    ensure_packages(&[
+        ("libjemalloc2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+        ("valgrind", "/usr/bin/valgrind"),
+        ("tmux", "/usr/bin/tmux"),
+    ])?;
+    python_reader()
+}
+
+/// The Python interpreter of the environment that holds the valgrind-XML reader.
+pub fn python() -> PathBuf {
+    util::root().join("target/pyenv/bin/python3")
+}
+
+/// Creates `target/pyenv` (python3 -m venv) and installs the valgrind-XML reader
+/// from PyPI into it, when it is not there yet.
+fn python_reader() -> anyhow::Result<()> {
+    let python = python();
+    let present = python.exists()
+        && Command::new(&python)
+            .args(["-c", "import ValgrindCI.parse"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if present {
+        eprintln!("xtask: {VALGRIND_XML_READER} present in target/pyenv");
+        return Ok(());
+    }
+    let env = util::root().join("target/pyenv");
+    let venv = || util::run(Command::new("python3").arg("-m").arg("venv").arg(&env));
+    if venv().is_err() {
+        // Debian's python3 makes environments only with python3-venv.
+        ensure_packages(&[("python3-venv", "/usr/share/doc/python3-venv/copyright")])?;
+        venv().context("cannot create a Python environment (python3 -m venv)")?;
+    }
+    util::run(Command::new(&python).args(["-m", "pip", "install", "--quiet", VALGRIND_XML_READER]))
+        .with_context(|| format!("cannot install {VALGRIND_XML_READER} from PyPI"))?;
+    Ok(())
 }
 
 /// Installs the Debian packages (name, a file it provides) whose file is missing

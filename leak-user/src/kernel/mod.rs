@@ -111,6 +111,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         config.output.path.as_deref(),
         config.output.pprof.as_deref(),
         config.output.flamegraph.as_deref(),
+        None,
     )?;
     let epoch = clock::now_ns();
     let started = Instant::now();

@@ -106,6 +106,17 @@ pub fn has_memory(pid: u32) -> bool {
     is_alive(pid) && std::fs::read(format!("/proc/{pid}/maps")).is_ok_and(|maps| !maps.is_empty())
 }
 
+/// The parent of a process (`/proc/PID/stat`), if it still exists.
+pub fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// The command name of a process (`/proc/PID/comm`), if it still exists.
 pub fn comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -120,6 +131,10 @@ mod tests {
     #[test]
     fn tells_kernel_threads_zombies_and_processes_apart() {
         assert_eq!(check_traceable(std::process::id()), Ok(()));
+        assert_eq!(
+            parent(std::process::id()),
+            Some(std::os::unix::process::parent_id())
+        );
         assert!(matches!(
             check_traceable(2),
             Err(Untraceable::KernelThread { pid: 2, .. })

@@ -1,5 +1,5 @@
 //! The files leaktrace writes for its user: the report (`--output`), the pprof
-//! profile and the flamegraph. leaktrace runs as root, usually through sudo, and
+//! profile, the flamegraph and valgrind's XML (`--xml`). leaktrace runs as root, usually through sudo, and
 //! writes into directories its user owns, so each file is
 //!
 //! * opened before anything is attached: a bad path costs nothing and no profile is
@@ -187,21 +187,25 @@ pub struct OutputFiles {
     pub report: Option<ReportFile>,
     pub pprof: Option<ReportFile>,
     pub flamegraph: Option<ReportFile>,
+    /// `--xml`: valgrind memcheck's XML.
+    pub xml: Option<ReportFile>,
 }
 
 impl OutputFiles {
-    /// Opens the report (`--output`; None: stdout), the pprof profile and the
-    /// flamegraph that were asked for.
+    /// Opens the report (`--output`; None: stdout), the pprof profile, the
+    /// flamegraph and the XML file that were asked for.
     pub fn open(
         report: Option<&Path>,
         pprof: Option<&Path>,
         flamegraph: Option<&Path>,
+        xml: Option<&Path>,
     ) -> Result<Self, FileError> {
         let open = |p: Option<&Path>| p.map(ReportFile::open).transpose();
         Ok(Self {
             report: open(report)?,
             pprof: open(pprof)?,
             flamegraph: open(flamegraph)?,
+            xml: open(xml)?,
         })
     }
 }

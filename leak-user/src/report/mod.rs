@@ -8,10 +8,13 @@ pub mod exitcode;
 pub mod files;
 pub mod flamegraph;
 pub mod json;
+pub mod live;
+pub mod lsan;
 pub mod pprof;
 pub mod records;
 pub mod suppress;
 pub mod text;
+pub mod xml;
 
 use std::{collections::BTreeSet, sync::Arc};
 
@@ -151,6 +154,60 @@ pub fn group(leaks: &[Leak]) -> Vec<Group> {
     groups
 }
 
+/// Leaks of one kind that share an allocation stack: valgrind's loss record,
+/// LeakSanitizer's "Direct leak of N byte(s) in M object(s)".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KindGroup {
+    pub kind: LeakKind,
+    pub pid: u32,
+    pub stack: Arc<Vec<Frame>>,
+    pub blocks: u64,
+    pub bytes: u64,
+    /// Direct groups: the bytes of the indirect leaks lost through its blocks.
+    pub indirect_bytes: u64,
+}
+
+/// Groups leaks by process, kind and allocation stack, in the order first met.
+/// Blocks from before attaching (no stack) are grouped by size, as in [`group`].
+pub fn group_by_kind(leaks: &[Leak]) -> Vec<KindGroup> {
+    type Key = (u32, LeakKind, StackKey);
+    let mut groups: Vec<KindGroup> = Vec::new();
+    let mut index: std::collections::HashMap<Key, usize> = std::collections::HashMap::new();
+    let mut direct_of: std::collections::HashMap<(u32, u64), usize> =
+        std::collections::HashMap::new();
+    for leak in leaks {
+        let stack = if leak.before_attach {
+            vec![(format!("before attaching, {} bytes", leak.size), None)]
+        } else {
+            stack_key(&leak.stack)
+        };
+        let i = *index
+            .entry((leak.pid, leak.kind, stack))
+            .or_insert_with(|| {
+                groups.push(KindGroup {
+                    kind: leak.kind,
+                    pid: leak.pid,
+                    stack: leak.stack.clone(),
+                    blocks: 0,
+                    bytes: 0,
+                    indirect_bytes: 0,
+                });
+                groups.len() - 1
+            });
+        groups[i].blocks += 1;
+        groups[i].bytes += leak.size;
+        if leak.kind == LeakKind::Direct {
+            direct_of.insert((leak.pid, leak.address), i);
+        }
+    }
+    for leak in leaks.iter().filter(|l| l.kind == LeakKind::Indirect) {
+        if let Some(&i) = leak.root.and_then(|r| direct_of.get(&(leak.pid, r))) {
+            groups[i].indirect_bytes += leak.size;
+        }
+    }
+    groups
+}
+
 /// Totals over a set of leaks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Totals {
@@ -268,6 +325,27 @@ pub(crate) mod tests {
             leak(LeakKind::Indirect, 32, &list),
             leak(LeakKind::Direct, 24, &other),
         ]
+    }
+
+    #[test]
+    fn groups_by_kind_with_the_indirect_bytes_of_direct_leaks() {
+        let mut leaks = sample();
+        leaks[1].root = Some(leaks[0].address);
+        leaks[2].root = Some(leaks[0].address);
+        leaks[2].address += 1000;
+        let groups = group_by_kind(&leaks);
+        let summary: Vec<_> = groups
+            .iter()
+            .map(|g| (g.kind, g.blocks, g.bytes, g.indirect_bytes))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (LeakKind::Direct, 1, 32, 64),
+                (LeakKind::Indirect, 2, 64, 0),
+                (LeakKind::Direct, 1, 24, 0),
+            ]
+        );
     }
 
     #[test]

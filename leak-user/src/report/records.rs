@@ -104,6 +104,8 @@ pub enum EndReason {
     Duration,
     /// The output reader went away.
     OutputClosed,
+    /// `q` in the live view.
+    Quit,
 }
 
 /// A traced process, as the start record names it.

@@ -1,10 +1,12 @@
 //! What user mode ([`crate::user`]) and kernel mode ([`crate::kernel`]) share: the
-//! ingest task that drains the ring buffer into a table, the status line, the eBPF
-//! log pump, the traced processes' names, and the event figures of stats records.
+//! ingest task that drains the ring buffer into a table, the status line and the
+//! progress line, the eBPF log pump, the traced processes' names, and the event
+//! figures of stats records.
 
 pub mod figures;
 pub mod ingest;
 pub mod logging;
+pub mod progress;
 pub mod status;
 
 use crate::report::records::Target;

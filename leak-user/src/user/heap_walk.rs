@@ -21,7 +21,7 @@ use crate::{
     },
     ptrace::PtraceHandle,
     report::records::HeapWalkRecord,
-    session::ingest::IngestHandle,
+    session::{ingest::IngestHandle, progress::while_running},
     table::SharedTable,
 };
 
@@ -122,9 +122,13 @@ pub async fn walk(
         None
     };
     let method = config.read_method;
-    let result = tokio::task::spawn_blocking(move || read_heap(pid, method))
-        .await
-        .unwrap_or_else(|e| Err(format!("the walk failed: {e}")));
+    let result = while_running(
+        config.output.status,
+        format!("pid {pid}: walking the heap"),
+        tokio::task::spawn_blocking(move || read_heap(pid, method)),
+    )
+    .await
+    .unwrap_or_else(|e| Err(format!("the walk failed: {e}")));
     ingest.drain().await;
     let blocks: Vec<(u64, u64)> = match &result {
         Ok(w) => w.blocks.iter().map(|b| (b.addr, b.size)).collect(),

@@ -23,9 +23,10 @@ use tokio::{
 
 mod class_name;
 mod heap_walk;
+mod live;
 pub mod reporter;
 
-use self::reporter::Reporter;
+use self::{live::LiveScreen, reporter::Reporter};
 use crate::{
     allocator::{HookPlan, WrapperObject, discover, resolve::LoaderEnv},
     clock,
@@ -113,6 +114,8 @@ struct UserSession {
     /// The signal that ended the run: without a command's status to pass on, the
     /// exit status is 128 + it, as in shells.
     signal: Option<i32>,
+    /// `--live`: the view on stdout (restored before the final report).
+    live: Option<LiveScreen>,
 }
 
 /// Checks the targets before anything is loaded, so that a typo costs nothing.
@@ -152,6 +155,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         config.output.path.as_deref(),
         config.output.pprof.as_deref(),
         config.output.flamegraph.as_deref(),
+        config.output.xml.as_deref(),
     )?;
     let epoch = clock::now_ns();
     let mut probes = Probes::load(&LoadOptions {
@@ -195,6 +199,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         free_losses: 0,
         workspace: Some(Workspace::default()),
         signal: None,
+        live: None,
     };
     let mut signals = signals;
     if let Some(signal) = signals.pending() {
@@ -212,7 +217,16 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         return Err(err);
     }
     session.reporter.begin();
-    let code = session.main_loop(child_rx, signals).await;
+    let keys = match session.config.output.live {
+        Some(output) => {
+            let (screen, keys) = LiveScreen::start(output);
+            session.live = Some(screen);
+            session.draw_live();
+            keys
+        }
+        None => mpsc::unbounded_channel().1,
+    };
+    let code = session.main_loop(child_rx, signals, keys).await;
     // The report is out: do not make the caller wait while the kernel detaches.
     crate::ebpf::teardown::release_after_exit();
     code
@@ -411,6 +425,7 @@ impl UserSession {
         &mut self,
         mut child_rx: mpsc::UnboundedReceiver<ChildEvent>,
         signals: Signals,
+        mut keys: mpsc::UnboundedReceiver<u8>,
     ) -> anyhow::Result<i32> {
         let mut scan_tick = interval(self.config.interval);
         scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -428,6 +443,7 @@ impl UserSession {
         } = signals;
         let mut stopping: Option<tokio::time::Instant> = None;
         let notices = self.ingest.notices.clone();
+        let mut keys_open = self.live.is_some();
         let reason = loop {
             let stop_at = stopping.or(deadline);
             tokio::select! {
@@ -435,7 +451,13 @@ impl UserSession {
                     self.scan_all().await;
                     let stats = self.stats();
                     self.reporter.stats(&stats);
+                    self.draw_live();
                 }
+                key = keys.recv(), if keys_open => match key {
+                    Some(b'q' | b'Q') => break EndReason::Quit,
+                    Some(_) => {}
+                    None => keys_open = false,
+                },
                 _ = status_tick.tick() => {
                     self.poll_losses();
                     self.rehook();
@@ -665,16 +687,18 @@ impl UserSession {
             heuristics: self.config.heuristics,
         };
         let mut workspace = self.workspace.take().unwrap_or_default();
-        let result = tokio::task::spawn_blocking(move || {
+        let scan = tokio::task::spawn_blocking(move || {
             let drain = || ingest.drain_blocking();
             let result = scan_process(&table, &mut workspace, pid, options, Some(&ptrace), &drain);
             (result, workspace)
-        })
-        .await
-        .map(|(result, workspace)| {
-            self.workspace = Some(workspace);
-            result
         });
+        let what = format!("pid {pid}: scanning its memory");
+        let result = session::progress::while_running(self.config.output.status, what, scan)
+            .await
+            .map(|(result, workspace)| {
+                self.workspace = Some(workspace);
+                result
+            });
         self.status.clear();
         match result {
             Ok(Ok(scan)) => {
@@ -772,7 +796,43 @@ impl UserSession {
         }
     }
 
+    /// `--live`: redraws the view with the leaks standing now.
+    fn draw_live(&mut self) {
+        if self.live.is_none() {
+            return;
+        }
+        let tracked = self.table.lock(|t| t.totals());
+        let records = self
+            .ingest
+            .counters
+            .records
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let elapsed = self.started.elapsed();
+        let targets: Vec<String> = self
+            .targets
+            .keys()
+            .map(|&pid| self.reporter.process_name(pid))
+            .collect();
+        let header = crate::report::live::Header {
+            targets: targets.join(", "),
+            elapsed,
+            scans: self.reporter.scan_count(),
+            interval: self.config.interval,
+            tracked,
+            events_per_sec: records as f64 / elapsed.as_secs_f64().max(1e-3),
+            lost: lost_map(&self.reporter.readers().losses()).1,
+        };
+        let leaks = self.reporter.standing();
+        if let Some(live) = &mut self.live {
+            live.draw(&header, &leaks);
+        }
+    }
+
     async fn finish(&mut self, reason: EndReason) -> anyhow::Result<i32> {
+        // The terminal goes back to the user before the final report.
+        if let Some(mut live) = self.live.take() {
+            live.restore();
+        }
         self.status.clear();
         self.ingest.drain().await;
         self.handle_notices();

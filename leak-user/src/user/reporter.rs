@@ -29,6 +29,7 @@ use crate::{
         text,
     },
     scan::scanner::ProcessScan,
+    session::progress::Progress,
     symbolize::{Frame, Symbolizer},
     table::{
         AllocSite,
@@ -61,9 +62,12 @@ fn hooked_objects(plan: &HookPlan) -> Vec<HookedObject> {
 pub struct Reporter {
     sink: Output,
     out: OutputConfig,
-    /// `--pprof` and `--flamegraph`, opened before anything was attached.
+    /// `--pprof`, `--flamegraph` and `--xml`, opened before anything was attached.
     pprof: Option<ReportFile>,
     flamegraph: Option<ReportFile>,
+    xml: Option<ReportFile>,
+    /// The first target (pid, parent, command line), for the XML document.
+    first_target: Option<(u32, u32, Vec<String>)>,
     readers: MapReaders,
     symbolizer: Symbolizer,
     stacks: HashMap<(u32, AllocSite), Arc<Vec<Frame>>>,
@@ -83,6 +87,8 @@ impl Reporter {
             out: config.output.clone(),
             pprof: files.pprof,
             flamegraph: files.flamegraph,
+            xml: files.xml,
+            first_target: None,
             readers,
             symbolizer: Symbolizer::new(),
             stacks: HashMap::new(),
@@ -121,6 +127,10 @@ impl Reporter {
     pub fn start(&mut self, mode: RunMode, targets: &[Target], config: &Config) {
         for t in targets {
             self.comms.insert(t.pid, t.comm.clone());
+        }
+        if let Some(t) = targets.first() {
+            let parent = crate::proc::parent(t.pid).unwrap_or_else(std::process::id);
+            self.first_target = Some((t.pid, parent, t.cmdline.clone()));
         }
         self.sink.json(&Record::Start(StartRecord {
             options: Some(RunOptions {
@@ -235,7 +245,11 @@ impl Reporter {
         }
         let mut new = Vec::new();
         let mut suppressed = 0u64;
-        for f in &scan.verdicts.findings {
+        let findings = &scan.verdicts.findings;
+        let what = format!("pid {}: symbolizing {} leaks", scan.pid, findings.len());
+        let mut progress = Progress::new(self.out.status, what);
+        for (i, f) in findings.iter().enumerate() {
+            progress.update(Some((i as u64, findings.len() as u64)));
             let leak = self.leak_of(f, scan.verdicts.now_ms);
             if let Some(rule) = self.suppressions.find(&leak.stack) {
                 self.suppressions.count(rule, leak.size);
@@ -244,6 +258,7 @@ impl Reporter {
             }
             new.push(leak);
         }
+        drop(progress);
         for r in &scan.verdicts.retractions {
             self.retraction(r);
         }
@@ -291,7 +306,7 @@ impl Reporter {
             .into_iter()
             .filter(|l| l.kind != LeakKind::Possible)
             .collect();
-        if !confirmed.is_empty() {
+        if !confirmed.is_empty() && self.text_every_scan() {
             let title = format!("pid {}, new", scan.pid);
             let mut body = text::render(&title, &confirmed, self.out.top, self.out.color);
             for l in confirmed.iter().filter(|l| l.contents.is_some()) {
@@ -305,7 +320,23 @@ impl Reporter {
         }
     }
 
-    fn process_name(&self, pid: u32) -> String {
+    /// The text report of each scan's new leaks: not with `--format lsan` (one
+    /// report at the end), nor on the stdout that the live view draws on.
+    fn text_every_scan(&self) -> bool {
+        !self.out.lsan && (self.out.live.is_none() || self.out.path.is_some())
+    }
+
+    /// The confirmed and possible leaks standing now.
+    pub fn standing(&self) -> Vec<Leak> {
+        self.reported.values().cloned().collect()
+    }
+
+    /// Scans reported so far.
+    pub fn scan_count(&self) -> u64 {
+        self.scans
+    }
+
+    pub fn process_name(&self, pid: u32) -> String {
         match self.comms.get(&pid) {
             Some(c) if !c.is_empty() => format!("pid {pid} ({c})"),
             _ => format!("pid {pid}"),
@@ -433,11 +464,28 @@ impl Reporter {
             suppressed: &suppressed,
             stats,
         }));
-        if !self.out.json {
+        if self.out.lsan {
+            self.sink
+                .text(&report::lsan::render(&confirmed, &suppressed));
+        } else if !self.out.json {
             let summary = self.summary_text(&leaks, &suppressed, stats);
             self.sink.text(&summary);
         }
         let mut first_error = self.sink.take_error();
+        if let Some(file) = &mut self.xml {
+            let (pid, ppid, target_argv) = self.first_target.clone().unwrap_or_default();
+            let tool_argv: Vec<String> = std::env::args().collect();
+            let xml = report::xml::render(&report::xml::XmlRun {
+                pid,
+                ppid,
+                tool_argv: &tool_argv,
+                target_argv: &target_argv,
+                elapsed: std::time::Duration::from_millis(stats.events.elapsed_ms),
+                leaks: &leaks,
+                suppressed: &suppressed,
+            });
+            first_error = first_error.or(write_file(file, Ok(xml.into_bytes())).err());
+        }
         if let Some(file) = &mut self.pprof {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
