@@ -89,6 +89,15 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub pprof: Option<PathBuf>,
 
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (a bare PORT or :PORT
+    /// listens on 127.0.0.1 only; give 0.0.0.0:PORT to serve other hosts).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+
+    /// Kernel mode: the largest call sites that get their own metric series.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub metrics_sites: usize,
+
     /// Write a flamegraph (SVG) of leaked bytes by stack.
     #[arg(long, value_name = "FILE")]
     pub flamegraph: Option<PathBuf>,

@@ -1,7 +1,13 @@
 //! Validated options: what the daemon runs with, built from [`crate::cli::Args`].
 //! Every rejection is a one-line message that says what to do.
 
-use std::{ffi::OsString, io::IsTerminal as _, path::PathBuf, time::Duration};
+use std::{
+    ffi::OsString,
+    io::IsTerminal as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use crate::{
     cli::{Args, ColorArg, FreeProbesArg, ReadMethodArg},
@@ -40,6 +46,10 @@ pub struct OutputConfig {
     pub flamegraph: Option<PathBuf>,
     /// Status line and hook listing on stderr.
     pub status: bool,
+    /// `--metrics`: where to serve Prometheus metrics.
+    pub metrics: Option<SocketAddr>,
+    /// `--metrics-sites`: kernel call sites with their own series.
+    pub metrics_sites: usize,
 }
 
 impl From<FreeProbesArg> for FreeProbes {
@@ -136,6 +146,8 @@ pub enum ConfigError {
     NotInKernelMode(&'static str),
     #[error("pid {0} is leaktrace itself: give the pid of another process")]
     SelfPid(u32),
+    #[error("--metrics {0:?}: expected PORT, :PORT or ADDR:PORT (e.g. 9464 or 127.0.0.1:9464)")]
+    MetricsAddr(String),
     #[error(
         "--json on stdout would mix the command's own output into the stream: add --output FILE"
     )]
@@ -151,6 +163,25 @@ pub const MAX_STACK_ENTRIES: u32 = 1 << 19;
 const MAX_MIN_SCANS: u16 = 1000;
 /// The most stacks --top may show.
 const MAX_TOP: usize = 1_000_000;
+
+/// The most call sites --metrics-sites may ask for (each is three series).
+const MAX_METRICS_SITES: usize = 1000;
+
+/// Parses `--metrics`: `PORT` or `:PORT` listen on 127.0.0.1 (never on every
+/// interface unless asked), `ADDR:PORT` and `[V6]:PORT` where given.
+pub fn parse_metrics_addr(value: &str) -> Result<SocketAddr, ConfigError> {
+    let bad = || ConfigError::MetricsAddr(value.to_owned());
+    let v = value.trim();
+    let port_only = v.strip_prefix(':').unwrap_or(v);
+    if let Ok(port) = port_only.parse::<u16>() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    if let Some(port) = v.strip_prefix("localhost:") {
+        let port = port.parse::<u16>().map_err(|_| bad())?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    v.parse::<SocketAddr>().map_err(|_| bad())
+}
 
 /// Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.
 pub fn parse_duration(what: &'static str, value: &str) -> Result<Duration, ConfigError> {
@@ -209,7 +240,7 @@ impl Config {
             .transpose()?;
         Ok(Self {
             kernel: kernel_of(&args, &mode)?,
-            output: output_of(&args),
+            output: output_of(&args)?,
             suppressions: suppressions_of(&args)?,
             mode,
             follow_forks: args.follow_forks,
@@ -287,6 +318,13 @@ fn check_limits(args: &Args) -> Result<(), ConfigError> {
     if let Some(&pid) = args.pids.iter().find(|&&p| p == std::process::id()) {
         return Err(ConfigError::SelfPid(pid));
     }
+    if args.metrics_sites > MAX_METRICS_SITES {
+        return Err(too_large(
+            "--metrics-sites",
+            &MAX_METRICS_SITES,
+            &args.metrics_sites,
+        ));
+    }
     if args.sample == 0 || args.sample > 65536 || !args.sample.is_power_of_two() {
         return Err(ConfigError::Sample(args.sample));
     }
@@ -330,14 +368,14 @@ fn suppressions_of(args: &Args) -> Result<Suppressions, ConfigError> {
 }
 
 /// Where and how reports go; colour and the status line only on terminals.
-fn output_of(args: &Args) -> OutputConfig {
+fn output_of(args: &Args) -> Result<OutputConfig, ConfigError> {
     let to_file = args.output.is_some();
     let color = match args.color {
         ColorArg::Always => true,
         ColorArg::Never => false,
         ColorArg::Auto => !to_file && !args.json && std::io::stdout().is_terminal(),
     };
-    OutputConfig {
+    Ok(OutputConfig {
         json: args.json,
         path: args.output.clone(),
         color,
@@ -347,7 +385,13 @@ fn output_of(args: &Args) -> OutputConfig {
         pprof: args.pprof.clone(),
         flamegraph: args.flamegraph.clone(),
         status: !args.quiet && std::io::stderr().is_terminal(),
-    }
+        metrics: args
+            .metrics
+            .as_deref()
+            .map(parse_metrics_addr)
+            .transpose()?,
+        metrics_sites: args.metrics_sites,
+    })
 }
 
 /// Kernel-mode options (`--pid` filters allocations there).
@@ -479,6 +523,36 @@ mod tests {
         );
         assert!(config(&["lt", "--json", "--output", "x", "--", "ls"]).is_ok());
         assert!(config(&["lt", "--json", "-p", "1"]).is_ok());
+    }
+
+    #[test]
+    fn metrics_listen_on_localhost_unless_told() {
+        let local = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        assert_eq!(parse_metrics_addr("9464"), Ok(local(9464)));
+        assert_eq!(parse_metrics_addr(":9464"), Ok(local(9464)));
+        assert_eq!(parse_metrics_addr("localhost:9464"), Ok(local(9464)));
+        assert_eq!(
+            parse_metrics_addr("0.0.0.0:80"),
+            Ok("0.0.0.0:80".parse().unwrap())
+        );
+        assert_eq!(
+            parse_metrics_addr("[::1]:9464"),
+            Ok("[::1]:9464".parse().unwrap())
+        );
+        for bad in ["", "host:port", "99999", "1.2.3.4"] {
+            assert_eq!(
+                parse_metrics_addr(bad),
+                Err(ConfigError::MetricsAddr(bad.to_owned()))
+            );
+        }
+        let c = config(&["lt", "-p", "1", "--metrics", "9464"]).unwrap();
+        assert_eq!(c.output.metrics, Some(local(9464)));
+        assert!(
+            config(&["lt", "-p", "1", "--metrics", "x"])
+                .unwrap_err()
+                .to_string()
+                .contains("ADDR:PORT")
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod ebpf;
 pub mod events;
 pub mod kernel;
+pub mod metrics;
 pub mod proc;
 pub mod ptrace;
 pub mod report;

@@ -152,6 +152,8 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         config.output.pprof.as_deref(),
         config.output.flamegraph.as_deref(),
     )?;
+    let metrics =
+        crate::metrics::server::start(config.output.metrics, config.output.metrics_sites).await?;
     let epoch = clock::now_ns();
     let mut probes = Probes::load(&LoadOptions {
         ring_bytes: config.ring_bytes,
@@ -173,7 +175,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let table = SharedTable::new(Table::new(epoch, VerdictBook::new(config.verdict)));
     let ingest =
         ingest::spawn(ring, UserSink(table.clone())).context("cannot watch the ring buffer")?;
-    let reporter = Reporter::new(&config, readers, files);
+    let reporter = Reporter::new(&config, readers, files).with_metrics(metrics);
     let (child_tx, child_rx) = mpsc::unbounded_channel();
     let ptrace = PtraceHandle::spawn(child_tx);
     let status = StatusLine::new(config.output.status);

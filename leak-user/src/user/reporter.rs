@@ -15,6 +15,7 @@ use crate::{
     allocator::HookPlan,
     config::{Config, OutputConfig},
     ebpf::MapReaders,
+    metrics::{LeakFigures, SharedMetrics},
     proc::maps::Mapping,
     report::{
         self, Leak, Totals, allocator_name,
@@ -74,6 +75,8 @@ pub struct Reporter {
     scans: u64,
     incomplete_scans: u64,
     comms: HashMap<u32, String>,
+    /// `--metrics`: fed the same records and leaks as the report.
+    metrics: Option<SharedMetrics>,
 }
 
 impl Reporter {
@@ -92,7 +95,42 @@ impl Reporter {
             scans: 0,
             incomplete_scans: 0,
             comms: HashMap::new(),
+            metrics: None,
         }
+    }
+
+    /// Feeds `metrics` from now on.
+    pub fn with_metrics(mut self, metrics: Option<SharedMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Updates the metrics, if any.
+    fn metrics(&self, update: impl FnOnce(&mut crate::metrics::Metrics)) {
+        if let Some(m) = &self.metrics {
+            update(&mut m.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        }
+    }
+
+    /// The metrics' leak figures of `pid`, from the leaks kept for the report.
+    fn metrics_leaks(&self, pid: u32) {
+        if self.metrics.is_none() {
+            return;
+        }
+        let figures = LeakFigures::of(
+            self.reported
+                .range((pid, 0)..=(pid, u64::MAX))
+                .map(|(_, l)| l),
+        );
+        self.metrics(|m| m.leaks(pid, &figures));
+    }
+
+    /// A process joins the metrics under its name and cgroup.
+    fn metrics_process(&self, pid: u32) {
+        let comm = self.comms.get(&pid).cloned().unwrap_or_default();
+        let cgroup = crate::proc::cgroup(pid);
+        self.metrics(|m| m.add_process(pid, &comm, cgroup.as_deref()));
+        self.metrics_leaks(pid);
     }
 
     /// The run really started (attached): the report file may be emptied now.
@@ -121,6 +159,7 @@ impl Reporter {
     pub fn start(&mut self, mode: RunMode, targets: &[Target], config: &Config) {
         for t in targets {
             self.comms.insert(t.pid, t.comm.clone());
+            self.metrics_process(t.pid);
         }
         self.sink.json(&Record::Start(StartRecord {
             options: Some(RunOptions {
@@ -276,6 +315,8 @@ impl Reporter {
             pause_ms: scan.pause.map(|(d, _)| d.as_secs_f64() * 1e3),
             threads_frozen: scan.pause.map(|(_, n)| n),
         };
+        self.metrics(|m| m.scan(&record));
+        self.metrics_leaks(scan.pid);
         self.sink.json(&Record::Scan(record));
         if scan.verdicts.withheld > 0 {
             log::warn!(
@@ -312,17 +353,20 @@ impl Reporter {
 
     pub fn retraction(&mut self, r: &Retraction) {
         let was_reported = self.reported.remove(&(r.pid, r.addr)).is_some();
+        self.metrics_leaks(r.pid);
         if r.kind == LeakKind::Possible && !self.out.show_possible {
             return; // never reported one by one
         }
         self.retractions += 1;
-        self.sink.json(&Record::Retraction(RetractionRecord {
+        let record = RetractionRecord {
             pid: r.pid,
             address: r.addr,
             size: r.object.size(),
             kind: r.kind,
             reason: r.reason,
-        }));
+        };
+        self.metrics(|m| m.retraction(&record));
+        self.sink.json(&Record::Retraction(record));
         if was_reported && r.kind != LeakKind::Possible {
             let reason = match r.reason {
                 RetractionReason::Freed => "it was freed",
@@ -349,6 +393,10 @@ impl Reporter {
         if event != ProcessEvent::Exit {
             self.comms
                 .insert(pid, crate::proc::comm(pid).unwrap_or_default());
+            self.metrics_process(pid);
+        } else {
+            // Labels stay bounded: an exited process's series go.
+            self.metrics(|m| m.remove_process(pid));
         }
         let record = ProcessRecord {
             event,
@@ -379,6 +427,7 @@ impl Reporter {
     }
 
     pub fn stats(&mut self, stats: &Stats) {
+        self.metrics(|m| m.events(&stats.events));
         self.sink.json(&Record::Stats(stats));
     }
 
