@@ -6,6 +6,7 @@ mod ci;
 mod cli;
 mod deleted;
 mod kernel;
+mod metrics;
 mod output;
 mod reports;
 mod scanning;

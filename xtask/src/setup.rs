@@ -133,12 +133,26 @@ pub fn run() -> anyhow::Result<()> {
 /// Debian packages the integration tests use, installed when missing (as root).
 pub fn test_packages() -> anyhow::Result<()> {
     step("setup: test packages");
-    ensure_packages(&[("libjemalloc2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")])
+    // Recommends would add services (prometheus-node-exporter) and CI time that
+    // no test uses.
+    install_missing(
+        &[
+            ("libjemalloc2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+            // A real Prometheus server and promtool for the --metrics test.
+            ("prometheus", "/usr/bin/promtool"),
+        ],
+        false,
+    )
 }
 
 /// Installs the Debian packages (name, a file it provides) whose file is missing
 /// (as root).
 pub fn ensure_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    install_missing(wanted, true)
+}
+
+/// [`ensure_packages`], with or without the packages' recommends.
+fn install_missing(wanted: &[(&str, &str)], recommends: bool) -> anyhow::Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(_, file)| !Path::new(file).exists())
@@ -161,6 +175,7 @@ pub fn ensure_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     util::run(
         Command::new("apt-get")
             .args(["install", "-y", "-qq"])
+            .args((!recommends).then_some("--no-install-recommends"))
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
