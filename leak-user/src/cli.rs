@@ -98,6 +98,15 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub metrics_sites: usize,
 
+    /// Write one pprof profile (inuse_objects/inuse_space of the leaks outstanding,
+    /// with mappings and build IDs) into DIR every interval, for a profile store.
+    #[arg(long, value_name = "DIR")]
+    pub pprof_dir: Option<PathBuf>,
+
+    /// Keep the newest N profiles in --pprof-dir (older ones are deleted).
+    #[arg(long, value_name = "N", default_value_t = 60, requires = "pprof_dir")]
+    pub pprof_keep: usize,
+
     /// Write a flamegraph (SVG) of leaked bytes by stack.
     #[arg(long, value_name = "FILE")]
     pub flamegraph: Option<PathBuf>,

@@ -46,6 +46,9 @@ pub struct OutputConfig {
     pub flamegraph: Option<PathBuf>,
     /// Status line and hook listing on stderr.
     pub status: bool,
+    /// `--pprof-dir` and `--pprof-keep`: a profile per interval, rotated.
+    pub pprof_dir: Option<PathBuf>,
+    pub pprof_keep: usize,
     /// `--metrics`: where to serve Prometheus metrics.
     pub metrics: Option<SocketAddr>,
     /// `--metrics-sites`: kernel call sites with their own series.
@@ -164,6 +167,8 @@ const MAX_MIN_SCANS: u16 = 1000;
 /// The most stacks --top may show.
 const MAX_TOP: usize = 1_000_000;
 
+/// The most profiles --pprof-keep may keep.
+const MAX_PPROF_KEEP: usize = 100_000;
 /// The most call sites --metrics-sites may ask for (each is three series).
 const MAX_METRICS_SITES: usize = 1000;
 
@@ -318,6 +323,14 @@ fn check_limits(args: &Args) -> Result<(), ConfigError> {
     if let Some(&pid) = args.pids.iter().find(|&&p| p == std::process::id()) {
         return Err(ConfigError::SelfPid(pid));
     }
+    if args.pprof_keep == 0 {
+        return Err(ConfigError::Zero {
+            what: "--pprof-keep",
+        });
+    }
+    if args.pprof_keep > MAX_PPROF_KEEP {
+        return Err(too_large("--pprof-keep", &MAX_PPROF_KEEP, &args.pprof_keep));
+    }
     if args.metrics_sites > MAX_METRICS_SITES {
         return Err(too_large(
             "--metrics-sites",
@@ -336,6 +349,7 @@ fn check_combinations(args: &Args, mode: &Mode) -> Result<(), ConfigError> {
     if *mode == Mode::Kernel {
         let user_only = [
             ("--pprof", args.pprof.is_some()),
+            ("--pprof-dir", args.pprof_dir.is_some()),
             ("--flamegraph", args.flamegraph.is_some()),
             ("--stop-the-world", args.stop_the_world),
             ("--follow-forks", args.follow_forks),
@@ -385,6 +399,8 @@ fn output_of(args: &Args) -> Result<OutputConfig, ConfigError> {
         pprof: args.pprof.clone(),
         flamegraph: args.flamegraph.clone(),
         status: !args.quiet && std::io::stderr().is_terminal(),
+        pprof_dir: args.pprof_dir.clone(),
+        pprof_keep: args.pprof_keep,
         metrics: args
             .metrics
             .as_deref()

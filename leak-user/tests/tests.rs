@@ -8,6 +8,7 @@ mod deleted;
 mod kernel;
 mod metrics;
 mod output;
+mod profiles;
 mod reports;
 mod scanning;
 mod schema;

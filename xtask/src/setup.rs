@@ -140,6 +140,8 @@ pub fn test_packages() -> anyhow::Result<()> {
             ("libjemalloc2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
             // A real Prometheus server and promtool for the --metrics test.
             ("prometheus", "/usr/bin/promtool"),
+            // `go tool pprof` reads the --pprof-dir profiles back.
+            ("golang-go", "/usr/bin/go"),
         ],
         false,
     )

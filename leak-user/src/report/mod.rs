@@ -9,6 +9,7 @@ pub mod files;
 pub mod flamegraph;
 pub mod json;
 pub mod pprof;
+pub mod profile_dir;
 pub mod records;
 pub mod suppress;
 pub mod text;

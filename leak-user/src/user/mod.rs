@@ -35,6 +35,7 @@ use crate::{
     ptrace::{ChildEvent, PtraceHandle, launch},
     report::{
         files::OutputFiles,
+        profile_dir::ProfileDir,
         records::{EndReason, ProcessEvent, RunMode, Stats},
     },
     scan::{
@@ -152,6 +153,12 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         config.output.pprof.as_deref(),
         config.output.flamegraph.as_deref(),
     )?;
+    let profile_dir = config
+        .output
+        .pprof_dir
+        .as_deref()
+        .map(|dir| ProfileDir::open(dir, config.output.pprof_keep))
+        .transpose()?;
     let metrics =
         crate::metrics::server::start(config.output.metrics, config.output.metrics_sites).await?;
     let epoch = clock::now_ns();
@@ -175,7 +182,9 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let table = SharedTable::new(Table::new(epoch, VerdictBook::new(config.verdict)));
     let ingest =
         ingest::spawn(ring, UserSink(table.clone())).context("cannot watch the ring buffer")?;
-    let reporter = Reporter::new(&config, readers, files).with_metrics(metrics);
+    let reporter = Reporter::new(&config, readers, files)
+        .with_metrics(metrics)
+        .with_profile_dir(profile_dir);
     let (child_tx, child_rx) = mpsc::unbounded_channel();
     let ptrace = PtraceHandle::spawn(child_tx);
     let status = StatusLine::new(config.output.status);
@@ -436,6 +445,7 @@ impl UserSession {
                     self.scan_all().await;
                     let stats = self.stats();
                     self.reporter.stats(&stats);
+                    self.reporter.interval_profile();
                 }
                 _ = status_tick.tick() => {
                     self.poll_losses();
@@ -791,6 +801,7 @@ impl UserSession {
         );
         let stats = self.stats();
         self.reporter.stats(&stats);
+        self.reporter.interval_profile();
         let written = self.reporter.end(reason, self.exit_status, &stats);
         for pid in self.targets.keys().copied().collect::<Vec<_>>() {
             self.probes.remove_target(pid);

@@ -21,6 +21,7 @@ use crate::{
         self, Leak, Totals, allocator_name,
         files::{OutputFiles, ReportFile},
         json::Output,
+        profile_dir::ProfileDir,
         records::{
             EndReason, EndRecord, HeapWalkRecord, HookedFunction, HookedObject, HooksRecord,
             PossibleLeakGroupRecord, ProcessEvent, ProcessRecord, Record, RetractionRecord,
@@ -77,6 +78,8 @@ pub struct Reporter {
     comms: HashMap<u32, String>,
     /// `--metrics`: fed the same records and leaks as the report.
     metrics: Option<SharedMetrics>,
+    /// `--pprof-dir`: a profile per interval.
+    profile_dir: Option<ProfileDir>,
 }
 
 impl Reporter {
@@ -96,6 +99,42 @@ impl Reporter {
             incomplete_scans: 0,
             comms: HashMap::new(),
             metrics: None,
+            profile_dir: None,
+        }
+    }
+
+    /// Writes a profile into `dir` every interval from now on.
+    pub fn with_profile_dir(mut self, dir: Option<ProfileDir>) -> Self {
+        self.profile_dir = dir;
+        self
+    }
+
+    /// `--pprof-dir`: a profile of the confirmed leaks outstanding now. A write
+    /// error is logged and the run goes on (the next interval tries again).
+    pub fn interval_profile(&mut self) {
+        if self.profile_dir.is_none() {
+            return;
+        }
+        let leaks: Vec<Leak> = self
+            .reported
+            .values()
+            .filter(|l| l.kind != LeakKind::Possible)
+            .cloned()
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let profile = report::pprof::profile_with(
+            &leaks,
+            now.as_nanos() as i64,
+            report::pprof::SampleNames::InUse,
+            &self.symbolizer.build_ids(),
+        );
+        let dir = self.profile_dir.as_mut().expect("checked above");
+        let written = report::pprof::encode(&profile)
+            .and_then(|bytes| dir.write(&bytes, now.as_millis() as u64));
+        if let Err(err) = written {
+            log::error!("{err}");
         }
     }
 
