@@ -19,6 +19,27 @@ pub struct Args {
     #[arg(short, long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
 
+    /// Daemon mode: trace every process that uses a hooked allocator, attaching
+    /// to processes as they start. Every allocation of every process that maps
+    /// the hooked library then traps into the kernel (~1-4 µs each), traced or not.
+    #[arg(long, conflicts_with = "command")]
+    pub all: bool,
+
+    /// Daemon mode: trace processes whose command name matches PATTERN (`*`, `?`;
+    /// repeatable), attaching to them as they start.
+    #[arg(long = "comm", value_name = "PATTERN", conflicts_with = "command")]
+    pub comms: Vec<String>,
+
+    /// Daemon mode: never trace processes whose command name matches PATTERN
+    /// (repeatable).
+    #[arg(long = "exclude-comm", value_name = "PATTERN")]
+    pub exclude_comms: Vec<String>,
+
+    /// Daemon mode: trace at most N processes at once (more are counted and
+    /// picked up when room frees).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_targets: usize,
+
     /// Kernel slab mode: track kmalloc/kmem_cache allocations system-wide.
     #[arg(long, conflicts_with = "command")]
     pub kernel: bool,
@@ -153,8 +174,9 @@ pub struct Args {
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
-    /// Kernel mode: only allocations made by processes in this cgroup (v2 path).
-    #[arg(long, value_name = "PATH", requires = "kernel")]
+    /// Only processes in this cgroup (v2 path) and below it: in kernel mode the
+    /// allocations they make; otherwise daemon mode traces them as they start.
+    #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
 
     /// Kernel mode: only this slab cache (repeatable).

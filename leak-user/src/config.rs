@@ -11,6 +11,7 @@ use std::{
 
 use crate::{
     cli::{Args, ColorArg, FreeProbesArg, ReadMethodArg},
+    fleet::{Pattern, Selector},
     proc::mem::ReadMethod,
     report::{
         exitcode::{ErrorExit, LeakKinds},
@@ -30,6 +31,8 @@ pub enum Mode {
     Launch(Vec<OsString>),
     /// The kernel's own allocations.
     Kernel,
+    /// Daemon mode: processes picked by name or cgroup (or all), as they start.
+    Daemon(Selector),
 }
 
 /// Where and how reports go.
@@ -123,6 +126,12 @@ pub enum ConfigError {
     NoTarget,
     #[error("give either --pid or a command after --, not both")]
     PidAndCommand,
+    #[error(
+        "--all, --comm and --cgroup pick processes themselves: leave out --pid and the command"
+    )]
+    DaemonAndTargets,
+    #[error("--exclude-comm only applies with --all, --comm or --cgroup")]
+    ExcludeWithoutDaemon,
     #[error("invalid {what} {value:?}: expected a duration such as 500ms, 5s or 2m")]
     Duration { what: &'static str, value: String },
     #[error("{what} must be greater than zero")]
@@ -167,6 +176,9 @@ const MAX_MIN_SCANS: u16 = 1000;
 /// The most stacks --top may show.
 const MAX_TOP: usize = 1_000_000;
 
+/// The most processes --max-targets may allow (each costs its probes' attach
+/// time and a scan every interval).
+const MAX_TARGETS: usize = 4096;
 /// The most profiles --pprof-keep may keep.
 const MAX_PPROF_KEEP: usize = 100_000;
 /// The most call sites --metrics-sites may ask for (each is three series).
@@ -273,8 +285,27 @@ impl Config {
     }
 }
 
-/// What to trace: processes, a command, or the kernel.
+/// What to trace: processes, a command, the kernel, or processes as they start.
 fn mode_of(args: &Args) -> Result<Mode, ConfigError> {
+    let daemon = !args.kernel && (args.all || !args.comms.is_empty() || args.cgroup.is_some());
+    if daemon {
+        if !args.pids.is_empty() || !args.command.is_empty() {
+            return Err(ConfigError::DaemonAndTargets);
+        }
+        return Ok(Mode::Daemon(Selector {
+            all: args.all,
+            comms: args.comms.iter().map(|c| Pattern::new(c)).collect(),
+            cgroup: args
+                .cgroup
+                .as_ref()
+                .map(|p| Selector::normalize_cgroup(&p.to_string_lossy())),
+            exclude: args.exclude_comms.iter().map(|c| Pattern::new(c)).collect(),
+            max_targets: args.max_targets,
+        }));
+    }
+    if !args.exclude_comms.is_empty() {
+        return Err(ConfigError::ExcludeWithoutDaemon);
+    }
     match (args.kernel, args.pids.is_empty(), args.command.is_empty()) {
         (true, _, _) => Ok(Mode::Kernel),
         (false, false, false) => Err(ConfigError::PidAndCommand),
@@ -323,6 +354,14 @@ fn check_limits(args: &Args) -> Result<(), ConfigError> {
     if let Some(&pid) = args.pids.iter().find(|&&p| p == std::process::id()) {
         return Err(ConfigError::SelfPid(pid));
     }
+    if args.max_targets == 0 {
+        return Err(ConfigError::Zero {
+            what: "--max-targets",
+        });
+    }
+    if args.max_targets > MAX_TARGETS {
+        return Err(too_large("--max-targets", &MAX_TARGETS, &args.max_targets));
+    }
     if args.pprof_keep == 0 {
         return Err(ConfigError::Zero {
             what: "--pprof-keep",
@@ -354,6 +393,9 @@ fn check_combinations(args: &Args, mode: &Mode) -> Result<(), ConfigError> {
             ("--stop-the-world", args.stop_the_world),
             ("--follow-forks", args.follow_forks),
             ("--show-contents", args.show_contents),
+            ("--all", args.all),
+            ("--comm", !args.comms.is_empty()),
+            ("--exclude-comm", !args.exclude_comms.is_empty()),
         ];
         if let Some((flag, _)) = user_only.iter().find(|(_, given)| *given) {
             return Err(ConfigError::NotInKernelMode(flag));
@@ -539,6 +581,41 @@ mod tests {
         );
         assert!(config(&["lt", "--json", "--output", "x", "--", "ls"]).is_ok());
         assert!(config(&["lt", "--json", "-p", "1"]).is_ok());
+    }
+
+    #[test]
+    fn daemon_mode() {
+        let c = config(&["lt", "--comm", "web*", "--exclude-comm", "web-admin"]).unwrap();
+        let Mode::Daemon(sel) = c.mode else {
+            panic!("daemon mode")
+        };
+        assert!(!sel.all && sel.comms == [Pattern::new("web*")]);
+        assert_eq!(sel.exclude, [Pattern::new("web-admin")]);
+        assert_eq!(sel.max_targets, 64);
+        let c = config(&["lt", "--cgroup", "/sys/fs/cgroup/system.slice/app.service"]).unwrap();
+        assert!(
+            matches!(&c.mode, Mode::Daemon(s) if s.cgroup.as_deref() == Some("/system.slice/app.service"))
+        );
+        assert!(matches!(config(&["lt", "--all"]).unwrap().mode, Mode::Daemon(s) if s.all));
+        assert_eq!(
+            config(&["lt", "--all", "-p", "3"]).unwrap_err(),
+            ConfigError::DaemonAndTargets
+        );
+        assert_eq!(
+            config(&["lt", "-p", "3", "--exclude-comm", "x"]).unwrap_err(),
+            ConfigError::ExcludeWithoutDaemon
+        );
+        assert_eq!(
+            config(&["lt", "--all", "--max-targets", "0"]).unwrap_err(),
+            ConfigError::Zero {
+                what: "--max-targets"
+            }
+        );
+        // Kernel mode keeps its own --cgroup.
+        assert_eq!(
+            config(&["lt", "--kernel", "--cgroup", "x"]).unwrap().mode,
+            Mode::Kernel
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod ebpf;
 pub mod events;
+pub mod fleet;
 pub mod kernel;
 pub mod metrics;
 pub mod proc;

@@ -128,6 +128,8 @@ pub struct Metrics {
     registry: Registry,
     processes: HashMap<u32, ProcessLabels>,
     targets: Gauge,
+    refused: Counter,
+    last_refused: u64,
     leaked_objects: Family<KindLabels, Gauge>,
     leaked_bytes: Family<KindLabels, Gauge>,
     tracked_objects: Family<ProcessLabels, Gauge>,
@@ -164,6 +166,8 @@ impl Metrics {
             registry: Registry::default(),
             processes: HashMap::new(),
             targets: Gauge::default(),
+            refused: Counter::default(),
+            last_refused: 0,
             leaked_objects: Family::default(),
             leaked_bytes: Family::default(),
             tracked_objects: Family::default(),
@@ -185,6 +189,11 @@ impl Metrics {
             sites,
         };
         r.register("targets", "Processes traced now", m.targets.clone());
+        r.register(
+            "targets_refused",
+            "Daemon mode: processes not traced because --max-targets were traced already",
+            m.refused.clone(),
+        );
         r.register(
             "leaked_objects",
             "Reported leaks not retracted, by kind (direct, indirect, possible)",
@@ -372,6 +381,12 @@ impl Metrics {
                 .inc_by(count.saturating_sub(*last));
             *last = (*last).max(count);
         }
+    }
+
+    /// Daemon mode: processes refused at the cap so far (a running total).
+    pub fn refused(&mut self, total: u64) {
+        self.refused.inc_by(total.saturating_sub(self.last_refused));
+        self.last_refused = self.last_refused.max(total);
     }
 
     /// A process ended: its series go (labels stay bounded on a busy host).

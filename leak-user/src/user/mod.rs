@@ -25,12 +25,16 @@ mod heap_walk;
 pub mod reporter;
 
 use self::reporter::Reporter;
+
+/// How often daemon mode looks for new processes to trace.
+const DISCOVER_PERIOD: Duration = Duration::from_millis(500);
 use crate::{
     allocator::{HookPlan, WrapperObject, discover, resolve::LoaderEnv},
     clock,
     config::{Config, Mode},
     ebpf::{LoadOptions, Probes, Scope},
     events::Event,
+    fleet::{self, Selector, discover::Discovery},
     proc,
     ptrace::{ChildEvent, PtraceHandle, launch},
     report::{
@@ -113,6 +117,8 @@ struct UserSession {
     /// The signal that ended the run: without a command's status to pass on, the
     /// exit status is 128 + it, as in shells.
     signal: Option<i32>,
+    /// Daemon mode: which processes were tried, given up on, refused.
+    discovery: Discovery,
 }
 
 /// Checks the targets before anything is loaded, so that a typo costs nothing.
@@ -134,7 +140,7 @@ fn check_targets(mode: &Mode) -> anyhow::Result<()> {
         Mode::Launch(argv) => {
             launch::resolve_program(&argv[0])?;
         }
-        Mode::Kernel => {}
+        Mode::Kernel | Mode::Daemon(_) => {}
     }
     Ok(())
 }
@@ -205,6 +211,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         free_losses: 0,
         workspace: Some(Workspace::default()),
         signal: None,
+        discovery: Discovery::default(),
     };
     let mut signals = signals;
     if let Some(signal) = signals.pending() {
@@ -249,8 +256,18 @@ impl Signals {
 }
 
 impl UserSession {
+    /// Daemon mode's choice of processes, if this is daemon mode.
+    fn selector(&self) -> Option<&Selector> {
+        match &self.config.mode {
+            Mode::Daemon(s) => Some(s),
+            _ => None,
+        }
+    }
+
     fn scope(&self, pid: u32) -> Scope {
-        if self.config.follow_forks {
+        // --all hooks each library once for every process (the kernel filters by
+        // target); --comm and --cgroup hook each target alone, at no cost to others.
+        if self.config.follow_forks || self.selector().is_some_and(|s| s.all) {
             Scope::AllProcesses
         } else {
             Scope::Process(pid)
@@ -339,6 +356,10 @@ impl UserSession {
                 self.hook_new_image(pid)?;
                 self.resume_exec(pid);
             }
+            Mode::Daemon(_) => {
+                self.reporter.start(RunMode::Daemon, &[], &self.config);
+                self.discover().await;
+            }
             Mode::Kernel => unreachable!("kernel mode has its own session"),
         }
         Ok(())
@@ -356,10 +377,82 @@ impl UserSession {
                 proc::comm(pid).unwrap_or_default()
             );
         }
+        self.attach_plan(pid, &maps, plan)
+    }
+
+    /// Makes `pid` a target and attaches what `plan` needs for it.
+    fn attach_plan(
+        &mut self,
+        pid: u32,
+        maps: &[proc::maps::Mapping],
+        plan: HookPlan,
+    ) -> anyhow::Result<()> {
         self.add_target(pid, true)?;
         self.attach(pid, plan)?;
-        self.reporter.remember_maps(pid, &maps);
+        self.reporter.remember_maps(pid, maps);
         Ok(())
+    }
+
+    /// Daemon mode: attaches to the processes that match and started since the
+    /// last poll (up to --max-targets), as `--pid` would, heap walk included.
+    async fn discover(&mut self) {
+        let Some(selector) = self.selector().cloned() else {
+            return;
+        };
+        let listed = fleet::discover::list();
+        let targets = &self.targets;
+        let refused_before = self.discovery.refused_total;
+        let pids = self.discovery.pick(
+            &selector,
+            &listed,
+            &|p| targets.contains_key(&p),
+            targets.len(),
+            std::process::id(),
+        );
+        if self.discovery.refused_total > refused_before {
+            log::warn!(
+                "--max-targets {} reached: {} matching processes wait untraced ({} refused so far)",
+                selector.max_targets,
+                self.discovery.refused_now(),
+                self.discovery.refused_total
+            );
+            self.reporter.refused(self.discovery.refused_total);
+        }
+        for pid in pids {
+            if proc::check_traceable(pid).is_err() {
+                self.discovery.give_up(pid); // a kernel thread, a zombie, gone
+                continue;
+            }
+            let Ok(maps) = proc::maps::read(pid) else {
+                self.discovery.give_up(pid);
+                continue;
+            };
+            let plan = discover::for_process(pid, &maps);
+            if plan.is_empty() {
+                // Still in the loader, or nothing to hook: look again later.
+                self.discovery.failed(pid);
+                continue;
+            }
+            if let Err(err) = self.attach_plan(pid, &maps, plan) {
+                // Undo what was attached, and try again at the next poll.
+                log::warn!("pid {pid}: cannot trace it (yet): {err:#}");
+                self.discovery.failed(pid);
+                if let Some(target) = self.targets.remove(&pid) {
+                    self.probes.remove_hints(pid, &target.hints);
+                    self.probes.detach_process(pid);
+                    self.probes.remove_target(pid);
+                    self.table.lock(|t| t.remove_process(pid));
+                }
+                continue;
+            }
+            self.reporter.process(ProcessEvent::Attach, pid, None, None);
+            if self.config.heap_walk {
+                let record =
+                    heap_walk::walk(&self.config, &self.table, &self.ingest, &self.ptrace, pid)
+                        .await;
+                self.reporter.heap_walk(&record);
+            }
+        }
     }
 
     /// Starts the command; it is held at its exec stop until resumed.
@@ -428,6 +521,9 @@ impl UserSession {
         let mut status_tick = interval(Duration::from_millis(250));
         // Wrapper hints must be in place soon after a library is mapped.
         let mut hint_tick = interval(Duration::from_millis(20));
+        // Daemon mode looks for new processes this often.
+        let mut discover_tick = interval(DISCOVER_PERIOD);
+        let daemon = self.selector().is_some();
         let deadline = self
             .config
             .duration
@@ -457,6 +553,7 @@ impl UserSession {
                         self.install_hints(pid);
                     }
                 }
+                _ = discover_tick.tick(), if daemon => self.discover().await,
                 _ = notices.notified() => self.handle_notices(),
                 Some(event) = child_rx.recv() => self.child_event(event).await,
                 _ = sigint.recv() => {
@@ -477,7 +574,7 @@ impl UserSession {
                     break if stopping.is_some() { EndReason::Signal } else { EndReason::Duration };
                 }
             }
-            if self.targets.is_empty() {
+            if self.targets.is_empty() && (!daemon || stopping.is_some()) {
                 break if stopping.is_some() {
                     EndReason::Signal
                 } else {

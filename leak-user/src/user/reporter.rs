@@ -455,6 +455,7 @@ impl Reporter {
         });
         let status = status.map(|s| format!(", status {s}")).unwrap_or_default();
         let what = match event {
+            ProcessEvent::Attach => "attached",
             ProcessEvent::Fork => "fork",
             ProcessEvent::Exec => "exec",
             ProcessEvent::Exit => "exit",
@@ -463,6 +464,11 @@ impl Reporter {
             "leaktrace: {} {what}{status}",
             self.process_name(pid)
         ));
+    }
+
+    /// Daemon mode: processes refused at `--max-targets` so far.
+    pub fn refused(&self, total: u64) {
+        self.metrics(|m| m.refused(total));
     }
 
     pub fn stats(&mut self, stats: &Stats) {
