@@ -40,6 +40,17 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_targets: usize,
 
+    /// Track at most N objects over all targets: past it, the target with the
+    /// most objects is let go (detached; what it leaked stays in the report).
+    #[arg(long, value_name = "N")]
+    pub max_objects: Option<u64>,
+
+    /// Scanning may take at most PERCENT of one CPU: longer scans push the next
+    /// one back (beyond --interval).
+    #[arg(long, value_name = "PERCENT", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub scan_cpu: u32,
+
     /// Kernel slab mode: track kmalloc/kmem_cache allocations system-wide.
     #[arg(long, conflicts_with = "command")]
     pub kernel: bool,

@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     cli::{Args, ColorArg, FreeProbesArg, ReadMethodArg},
-    fleet::{Pattern, Selector},
+    fleet::{Pattern, Selector, limits::Limits},
     proc::mem::ReadMethod,
     report::{
         exitcode::{ErrorExit, LeakKinds},
@@ -117,6 +117,8 @@ pub struct Config {
     pub verbose: u8,
     /// Hidden test aid: where to dump the live objects at each final scan.
     pub dump_objects: Option<PathBuf>,
+    /// The tracer's own memory and CPU limits (user modes).
+    pub limits: Limits,
 }
 
 /// A bad command line.
@@ -281,6 +283,10 @@ impl Config {
             stacks: !args.no_stacks,
             verbose: args.verbose,
             dump_objects: args.dump_objects,
+            limits: Limits {
+                max_objects: args.max_objects,
+                scan_cpu_percent: args.scan_cpu,
+            },
         })
     }
 }
@@ -354,6 +360,11 @@ fn check_limits(args: &Args) -> Result<(), ConfigError> {
     if let Some(&pid) = args.pids.iter().find(|&&p| p == std::process::id()) {
         return Err(ConfigError::SelfPid(pid));
     }
+    if args.max_objects == Some(0) {
+        return Err(ConfigError::Zero {
+            what: "--max-objects",
+        });
+    }
     if args.max_targets == 0 {
         return Err(ConfigError::Zero {
             what: "--max-targets",
@@ -396,6 +407,8 @@ fn check_combinations(args: &Args, mode: &Mode) -> Result<(), ConfigError> {
             ("--all", args.all),
             ("--comm", !args.comms.is_empty()),
             ("--exclude-comm", !args.exclude_comms.is_empty()),
+            ("--max-objects", args.max_objects.is_some()),
+            ("--scan-cpu", args.scan_cpu != 100),
         ];
         if let Some((flag, _)) = user_only.iter().find(|(_, given)| *given) {
             return Err(ConfigError::NotInKernelMode(flag));

@@ -230,3 +230,99 @@ fn processes_are_found_as_they_start_and_labelled() {
     let ours = std::process::id().to_string();
     assert!(!stderr.contains(&format!("pid {ours}")));
 }
+
+/// The value of an unlabelled series in an exposition.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn the_tracer_keeps_to_its_object_cap_and_cpu_share() {
+    util::require_root();
+    let _s = serial();
+    let dir = util::scratch("daemon-caps");
+    let tag = format!("ltc{}", std::process::id() % 100_000);
+    let [a, b] = ["a", "b"].map(|s| named_copy(&dir, &format!("{tag}{s}")));
+    let out = dir.join("out.json");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Each keeps a window of 2048 live blocks: two of them go over 3000.
+    let fa = start(&a, 8, 200);
+    let fb = start(&b, 8, 200);
+    let (pa, pb) = (u64::from(fa.id()), u64::from(fb.id()));
+    let mut tracer = Command::new(util::leaktrace())
+        .args(["--json", "--output"])
+        .arg(&out)
+        .args(["--comm", &format!("{tag}?")])
+        .args(["--max-objects", "3000", "--scan-cpu", "1"])
+        .args(["--metrics", &port.to_string(), "--interval", "200ms"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait(
+        &mut tracer,
+        &out,
+        |r| {
+            attached(r).is_superset(&BTreeSet::from([pa, pb]))
+                && r.iter().any(|x| x["type"] == "process_exit")
+        },
+        "a target let go at the object cap",
+    );
+    let dropped = util::complete_records(&out)
+        .iter()
+        .find(|x| x["type"] == "process_exit")
+        .unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        Path::new(&format!("/proc/{dropped}")).exists(),
+        "{dropped} was let go while it still ran, not at its exit"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = metrics(port);
+        if sample(&text, "leaktrace_scans_throttled_total") >= 1.0 {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "scans never throttled:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(sample(&text, "leaktrace_targets_dropped_total"), 1.0);
+    assert_eq!(
+        sample(&text, "leaktrace_targets"),
+        1.0,
+        "not picked up again"
+    );
+    // Scans came less often than every 200 ms.
+    let records = util::complete_records(&out);
+    let kept = if dropped == pa { pb } else { pa };
+    let scans = records
+        .iter()
+        .filter(|r| r["type"] == "scan" && r["pid"] == kept)
+        .count();
+    for f in [fa, fb] {
+        finish(f);
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
+    assert_eq!(tracer.wait().unwrap().code(), Some(130));
+    let elapsed_ms = util::read_json_lines(&out)
+        .iter()
+        .find(|r| r["type"] == "end")
+        .unwrap()["elapsed_ms"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (scans as u64) < elapsed_ms / 200,
+        "{scans} scans in {elapsed_ms} ms: not throttled"
+    );
+}

@@ -1,8 +1,10 @@
 //! Daemon mode's choice of processes (`--all`, `--comm`, `--cgroup`,
 //! `--exclude-comm`, `--max-targets`): which running processes to trace, decided
-//! from what `/proc` says about each. Pure; `discover.rs` lists the processes.
+//! from what `/proc` says about each. Pure; `discover.rs` lists the processes,
+//! `limits.rs` keeps the tracer inside its own memory and CPU limits.
 
 pub mod discover;
+pub mod limits;
 
 /// A shell-style pattern over a command name (`comm`): `*` any run of
 /// characters, `?` one character, everything else itself.

@@ -130,6 +130,8 @@ pub struct Metrics {
     targets: Gauge,
     refused: Counter,
     last_refused: u64,
+    dropped: Counter,
+    throttled: Counter,
     leaked_objects: Family<KindLabels, Gauge>,
     leaked_bytes: Family<KindLabels, Gauge>,
     tracked_objects: Family<ProcessLabels, Gauge>,
@@ -168,6 +170,8 @@ impl Metrics {
             targets: Gauge::default(),
             refused: Counter::default(),
             last_refused: 0,
+            dropped: Counter::default(),
+            throttled: Counter::default(),
             leaked_objects: Family::default(),
             leaked_bytes: Family::default(),
             tracked_objects: Family::default(),
@@ -193,6 +197,16 @@ impl Metrics {
             "targets_refused",
             "Daemon mode: processes not traced because --max-targets were traced already",
             m.refused.clone(),
+        );
+        r.register(
+            "targets_dropped",
+            "Targets let go because the table held more than --max-objects objects",
+            m.dropped.clone(),
+        );
+        r.register(
+            "scans_throttled",
+            "Scan rounds pushed back beyond --interval to keep scanning within --scan-cpu",
+            m.throttled.clone(),
         );
         r.register(
             "leaked_objects",
@@ -387,6 +401,16 @@ impl Metrics {
     pub fn refused(&mut self, total: u64) {
         self.refused.inc_by(total.saturating_sub(self.last_refused));
         self.last_refused = self.last_refused.max(total);
+    }
+
+    /// A target was let go at the object cap.
+    pub fn dropped(&mut self) {
+        self.dropped.inc();
+    }
+
+    /// A scan round was pushed back to keep to the CPU share.
+    pub fn throttled(&mut self) {
+        self.throttled.inc();
     }
 
     /// A process ended: its series go (labels stay bounded on a busy host).

@@ -538,12 +538,23 @@ impl UserSession {
             let stop_at = stopping.or(deadline);
             tokio::select! {
                 _ = scan_tick.tick() => {
+                    let round = Instant::now();
                     self.scan_all().await;
+                    let busy = round.elapsed();
+                    if let Some(wait) = self.config.limits.scan_wait(busy, self.config.interval) {
+                        log::info!(
+                            "scans took {busy:?}: the next round waits {wait:?} (--scan-cpu {})",
+                            self.config.limits.scan_cpu_percent
+                        );
+                        scan_tick.reset_after(wait.saturating_sub(busy));
+                        self.reporter.throttled();
+                    }
                     let stats = self.stats();
                     self.reporter.stats(&stats);
                     self.reporter.interval_profile();
                 }
                 _ = status_tick.tick() => {
+                    self.keep_to_object_cap();
                     self.poll_losses();
                     self.rehook();
                     self.show_status();
@@ -640,6 +651,33 @@ impl UserSession {
                 self.handle_notices();
                 self.end_target(pid, Some(status));
             }
+        }
+    }
+
+    /// `--max-objects`: while the table holds more, lets go of the target with
+    /// the most objects (its leaks stay in the report).
+    fn keep_to_object_cap(&mut self) {
+        loop {
+            let mut per_process = self.table.lock(|t| t.objects_per_process());
+            let total: u64 = per_process.iter().map(|(_, n)| n).sum();
+            // The launched command stays: the run is about it, and its exit is
+            // held for the final scan. Others go first.
+            let launched = per_process
+                .iter()
+                .position(|(p, _)| Some(*p) == self.launched);
+            let launched_objects = launched.map_or(0, |i| per_process.swap_remove(i).1);
+            let Some(pid) = self.config.limits.over_cap(&per_process, launched_objects) else {
+                return;
+            };
+            log::warn!(
+                "the table holds {total} objects, over --max-objects {}: letting go of pid {pid}, \
+                 the target with the most",
+                self.config.limits.max_objects.unwrap_or_default()
+            );
+            self.reporter.dropped();
+            // Not picked up again by daemon mode while it lives.
+            self.discovery.give_up(pid);
+            self.end_target(pid, None);
         }
     }
 

@@ -466,6 +466,16 @@ impl Reporter {
         ));
     }
 
+    /// A target let go at `--max-objects`.
+    pub fn dropped(&self) {
+        self.metrics(crate::metrics::Metrics::dropped);
+    }
+
+    /// A scan round pushed back by `--scan-cpu`.
+    pub fn throttled(&self) {
+        self.metrics(crate::metrics::Metrics::throttled);
+    }
+
     /// Daemon mode: processes refused at `--max-targets` so far.
     pub fn refused(&self, total: u64) {
         self.metrics(|m| m.refused(total));
