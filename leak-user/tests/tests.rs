@@ -13,6 +13,7 @@ mod profiles;
 mod reports;
 mod scanning;
 mod schema;
+mod service;
 mod shutdown;
 mod survival;
 mod targets;

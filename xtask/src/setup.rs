@@ -142,6 +142,8 @@ pub fn test_packages() -> anyhow::Result<()> {
             ("prometheus", "/usr/bin/promtool"),
             // `go tool pprof` reads the --pprof-dir profiles back.
             ("golang-go", "/usr/bin/go"),
+            // The service test checks that no program or link is left.
+            ("bpftool", "/usr/sbin/bpftool"),
         ],
         false,
     )
