@@ -21,7 +21,7 @@ pub struct Args {
 
     /// Daemon mode: trace every process that uses a hooked allocator, attaching
     /// to processes as they start. Every allocation of every process that maps
-    /// the hooked library then traps into the kernel (~1-4 µs each), traced or not.
+    /// the hooked library then traps into the kernel (a few µs each), traced or not.
     #[arg(long, conflicts_with = "command")]
     pub all: bool,
 

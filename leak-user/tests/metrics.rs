@@ -393,3 +393,59 @@ fn metrics_flag_errors_are_one_line() {
     assert_eq!(out.status.code(), Some(2));
     assert!(err.contains("expected PORT, :PORT or ADDR:PORT"), "{err}");
 }
+
+#[test]
+fn kernel_mode_shows_the_largest_call_sites_only() {
+    util::require_root();
+    let _s = serial();
+    let dir = util::scratch("kernel-metrics");
+    let out = dir.join("out.json");
+    let port = free_port();
+    let mut tracer = Command::new(util::leaktrace())
+        .args(["--kernel", "--json", "--output"])
+        .arg(&out)
+        .args(["--metrics", &port.to_string(), "--metrics-sites", "5"])
+        .args(["--interval", "500ms", "--duration", "20s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    util::wait_for_records(
+        &mut tracer,
+        &out,
+        |r| r.iter().filter(|x| x["type"] == "kernel_stats").count() >= 2,
+        "two kernel reports",
+    );
+    let (_, exposition) = get(port, "/metrics");
+    let sites: Vec<&str> = exposition
+        .lines()
+        .filter(|l| l.starts_with("leaktrace_kernel_outstanding_objects{"))
+        .collect();
+    assert!(
+        (1..=5).contains(&sites.len()),
+        "{} sites:\n{exposition}",
+        sites.len()
+    );
+    assert!(exposition.contains("# TYPE leaktrace_kernel_all_outstanding_bytes gauge"));
+    let mut promtool = Command::new(program("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let lint = promtool.wait_with_output().unwrap();
+    assert!(
+        lint.status.success() && lint.stdout.is_empty(),
+        "{exposition}"
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
+    assert_eq!(tracer.wait().unwrap().code(), Some(130));
+}

@@ -89,7 +89,7 @@ const KINDS: [LeakKind; 3] = [LeakKind::Direct, LeakKind::Indirect, LeakKind::Po
 /// Leaked objects and bytes of one process, by kind (direct, indirect, possible).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LeakFigures {
-    /// (objects, bytes), indexed as [`KINDS`].
+    /// (objects, bytes) of direct, indirect and possible leaks, in that order.
     pub by_kind: [(u64, u64); 3],
 }
 
@@ -607,8 +607,10 @@ mod tests {
         let mut m = Metrics::new(DEFAULT_SITES);
         m.add_process(7, "a", None);
         m.add_process(8, "b", None);
-        let mut e = EventFigures::default();
-        e.records = 10;
+        let mut e = EventFigures {
+            records: 10,
+            ..EventFigures::default()
+        };
         e.lost.insert("ring_full_alloc", 2);
         m.events(&e);
         e.records = 25;

@@ -410,7 +410,14 @@ impl UserSession {
             std::process::id(),
         );
         if self.discovery.refused_total > refused_before {
-            log::warn!(
+            // Once loudly; after that the counter (metrics) tells.
+            let level = if refused_before == 0 {
+                log::Level::Warn
+            } else {
+                log::Level::Debug
+            };
+            log::log!(
+                level,
                 "--max-targets {} reached: {} matching processes wait untraced ({} refused so far)",
                 selector.max_targets,
                 self.discovery.refused_now(),
