@@ -19,6 +19,38 @@ pub struct Args {
     #[arg(short, long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
 
+    /// Daemon mode: trace every process that uses a hooked allocator, attaching
+    /// to processes as they start. Every allocation of every process that maps
+    /// the hooked library then traps into the kernel (a few µs each), traced or not.
+    #[arg(long, conflicts_with = "command")]
+    pub all: bool,
+
+    /// Daemon mode: trace processes whose command name matches PATTERN (`*`, `?`;
+    /// repeatable), attaching to them as they start.
+    #[arg(long = "comm", value_name = "PATTERN", conflicts_with = "command")]
+    pub comms: Vec<String>,
+
+    /// Daemon mode: never trace processes whose command name matches PATTERN
+    /// (repeatable).
+    #[arg(long = "exclude-comm", value_name = "PATTERN")]
+    pub exclude_comms: Vec<String>,
+
+    /// Daemon mode: trace at most N processes at once (more are counted and
+    /// picked up when room frees).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_targets: usize,
+
+    /// Track at most N objects over all targets: past it, the target with the
+    /// most objects is let go (detached; what it leaked stays in the report).
+    #[arg(long, value_name = "N")]
+    pub max_objects: Option<u64>,
+
+    /// Scanning may take at most PERCENT of one CPU: longer scans push the next
+    /// one back (beyond --interval).
+    #[arg(long, value_name = "PERCENT", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub scan_cpu: u32,
+
     /// Kernel slab mode: track kmalloc/kmem_cache allocations system-wide.
     #[arg(long, conflicts_with = "command")]
     pub kernel: bool,
@@ -107,6 +139,24 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub pprof: Option<PathBuf>,
 
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (a bare PORT or :PORT
+    /// listens on 127.0.0.1 only; give 0.0.0.0:PORT to serve other hosts).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+
+    /// Kernel mode: the largest call sites that get their own metric series.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub metrics_sites: usize,
+
+    /// Write one pprof profile (inuse_objects/inuse_space of the leaks outstanding,
+    /// with mappings and build IDs) into DIR every interval, for a profile store.
+    #[arg(long, value_name = "DIR")]
+    pub pprof_dir: Option<PathBuf>,
+
+    /// Keep the newest N profiles in --pprof-dir (older ones are deleted).
+    #[arg(long, value_name = "N", default_value_t = 60, requires = "pprof_dir")]
+    pub pprof_keep: usize,
+
     /// Write a flamegraph (SVG) of leaked bytes by stack.
     #[arg(long, value_name = "FILE")]
     pub flamegraph: Option<PathBuf>,
@@ -153,8 +203,9 @@ pub struct Args {
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
-    /// Kernel mode: only allocations made by processes in this cgroup (v2 path).
-    #[arg(long, value_name = "PATH", requires = "kernel")]
+    /// Only processes in this cgroup (v2 path) and below it: in kernel mode the
+    /// allocations they make; otherwise daemon mode traces them as they start.
+    #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
 
     /// Kernel mode: only this slab cache (repeatable).

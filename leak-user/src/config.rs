@@ -1,10 +1,17 @@
 //! Validated options: what the daemon runs with, built from [`crate::cli::Args`].
 //! Every rejection is a one-line message that says what to do.
 
-use std::{ffi::OsString, io::IsTerminal as _, path::PathBuf, time::Duration};
+use std::{
+    ffi::OsString,
+    io::IsTerminal as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use crate::{
     cli::{Args, ColorArg, FormatArg, FreeProbesArg, ReadMethodArg},
+    fleet::{Pattern, Selector, limits::Limits},
     proc::mem::ReadMethod,
     report::{
         exitcode::{ErrorExit, LeakKinds},
@@ -24,6 +31,8 @@ pub enum Mode {
     Launch(Vec<OsString>),
     /// The kernel's own allocations.
     Kernel,
+    /// Daemon mode: processes picked by name or cgroup (or all), as they start.
+    Daemon(Selector),
 }
 
 /// How the live view (`--live`) draws.
@@ -55,6 +64,13 @@ pub struct OutputConfig {
     pub flamegraph: Option<PathBuf>,
     /// Status line and hook listing on stderr.
     pub status: bool,
+    /// `--pprof-dir` and `--pprof-keep`: a profile per interval, rotated.
+    pub pprof_dir: Option<PathBuf>,
+    pub pprof_keep: usize,
+    /// `--metrics`: where to serve Prometheus metrics.
+    pub metrics: Option<SocketAddr>,
+    /// `--metrics-sites`: kernel call sites with their own series.
+    pub metrics_sites: usize,
 }
 
 impl From<FreeProbesArg> for FreeProbes {
@@ -116,6 +132,8 @@ pub struct Config {
     pub verbose: u8,
     /// Hidden test aid: where to dump the live objects at each final scan.
     pub dump_objects: Option<PathBuf>,
+    /// The tracer's own memory and CPU limits (user modes).
+    pub limits: Limits,
 }
 
 /// A bad command line.
@@ -125,6 +143,12 @@ pub enum ConfigError {
     NoTarget,
     #[error("give either --pid or a command after --, not both")]
     PidAndCommand,
+    #[error(
+        "--all, --comm and --cgroup pick processes themselves: leave out --pid and the command"
+    )]
+    DaemonAndTargets,
+    #[error("--exclude-comm only applies with --all, --comm or --cgroup")]
+    ExcludeWithoutDaemon,
     #[error("invalid {what} {value:?}: expected a duration such as 500ms, 5s or 2m")]
     Duration { what: &'static str, value: String },
     #[error("{what} must be greater than zero")]
@@ -151,6 +175,8 @@ pub enum ConfigError {
     NotInKernelMode(&'static str),
     #[error("pid {0} is leaktrace itself: give the pid of another process")]
     SelfPid(u32),
+    #[error("--metrics {0:?}: expected PORT, :PORT or ADDR:PORT (e.g. 9464 or 127.0.0.1:9464)")]
+    MetricsAddr(String),
     #[error(
         "--json on stdout would mix the command's own output into the stream: add --output FILE"
     )]
@@ -172,6 +198,30 @@ pub const MAX_STACK_ENTRIES: u32 = 1 << 19;
 const MAX_MIN_SCANS: u16 = 1000;
 /// The most stacks --top may show.
 const MAX_TOP: usize = 1_000_000;
+
+/// The most processes --max-targets may allow (each costs its probes' attach
+/// time and a scan every interval).
+const MAX_TARGETS: usize = 4096;
+/// The most profiles --pprof-keep may keep.
+const MAX_PPROF_KEEP: usize = 100_000;
+/// The most call sites --metrics-sites may ask for (each is three series).
+const MAX_METRICS_SITES: usize = 1000;
+
+/// Parses `--metrics`: `PORT` or `:PORT` listen on 127.0.0.1 (never on every
+/// interface unless asked), `ADDR:PORT` and `[V6]:PORT` where given.
+pub fn parse_metrics_addr(value: &str) -> Result<SocketAddr, ConfigError> {
+    let bad = || ConfigError::MetricsAddr(value.to_owned());
+    let v = value.trim();
+    let port_only = v.strip_prefix(':').unwrap_or(v);
+    if let Ok(port) = port_only.parse::<u16>() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    if let Some(port) = v.strip_prefix("localhost:") {
+        let port = port.parse::<u16>().map_err(|_| bad())?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    v.parse::<SocketAddr>().map_err(|_| bad())
+}
 
 /// Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.
 pub fn parse_duration(what: &'static str, value: &str) -> Result<Duration, ConfigError> {
@@ -230,7 +280,7 @@ impl Config {
             .transpose()?;
         Ok(Self {
             kernel: kernel_of(&args, &mode)?,
-            output: output_of(&args),
+            output: output_of(&args)?,
             suppressions: suppressions_of(&args)?,
             mode,
             follow_forks: args.follow_forks,
@@ -254,12 +304,35 @@ impl Config {
             stacks: !args.no_stacks,
             verbose: args.verbose,
             dump_objects: args.dump_objects,
+            limits: Limits {
+                max_objects: args.max_objects,
+                scan_cpu_percent: args.scan_cpu,
+            },
         })
     }
 }
 
-/// What to trace: processes, a command, or the kernel.
+/// What to trace: processes, a command, the kernel, or processes as they start.
 fn mode_of(args: &Args) -> Result<Mode, ConfigError> {
+    let daemon = !args.kernel && (args.all || !args.comms.is_empty() || args.cgroup.is_some());
+    if daemon {
+        if !args.pids.is_empty() || !args.command.is_empty() {
+            return Err(ConfigError::DaemonAndTargets);
+        }
+        return Ok(Mode::Daemon(Selector {
+            all: args.all,
+            comms: args.comms.iter().map(|c| Pattern::new(c)).collect(),
+            cgroup: args
+                .cgroup
+                .as_ref()
+                .map(|p| Selector::normalize_cgroup(&p.to_string_lossy())),
+            exclude: args.exclude_comms.iter().map(|c| Pattern::new(c)).collect(),
+            max_targets: args.max_targets,
+        }));
+    }
+    if !args.exclude_comms.is_empty() {
+        return Err(ConfigError::ExcludeWithoutDaemon);
+    }
     match (args.kernel, args.pids.is_empty(), args.command.is_empty()) {
         (true, _, _) => Ok(Mode::Kernel),
         (false, false, false) => Err(ConfigError::PidAndCommand),
@@ -308,6 +381,34 @@ fn check_limits(args: &Args) -> Result<(), ConfigError> {
     if let Some(&pid) = args.pids.iter().find(|&&p| p == std::process::id()) {
         return Err(ConfigError::SelfPid(pid));
     }
+    if args.max_objects == Some(0) {
+        return Err(ConfigError::Zero {
+            what: "--max-objects",
+        });
+    }
+    if args.max_targets == 0 {
+        return Err(ConfigError::Zero {
+            what: "--max-targets",
+        });
+    }
+    if args.max_targets > MAX_TARGETS {
+        return Err(too_large("--max-targets", &MAX_TARGETS, &args.max_targets));
+    }
+    if args.pprof_keep == 0 {
+        return Err(ConfigError::Zero {
+            what: "--pprof-keep",
+        });
+    }
+    if args.pprof_keep > MAX_PPROF_KEEP {
+        return Err(too_large("--pprof-keep", &MAX_PPROF_KEEP, &args.pprof_keep));
+    }
+    if args.metrics_sites > MAX_METRICS_SITES {
+        return Err(too_large(
+            "--metrics-sites",
+            &MAX_METRICS_SITES,
+            &args.metrics_sites,
+        ));
+    }
     if args.sample == 0 || args.sample > 65536 || !args.sample.is_power_of_two() {
         return Err(ConfigError::Sample(args.sample));
     }
@@ -319,6 +420,7 @@ fn check_combinations(args: &Args, mode: &Mode) -> Result<(), ConfigError> {
     if *mode == Mode::Kernel {
         let user_only = [
             ("--pprof", args.pprof.is_some()),
+            ("--pprof-dir", args.pprof_dir.is_some()),
             ("--flamegraph", args.flamegraph.is_some()),
             ("--stop-the-world", args.stop_the_world),
             ("--follow-forks", args.follow_forks),
@@ -326,6 +428,11 @@ fn check_combinations(args: &Args, mode: &Mode) -> Result<(), ConfigError> {
             ("--xml", args.xml.is_some()),
             ("--format lsan", args.format == Some(FormatArg::Lsan)),
             ("--live", args.live),
+            ("--all", args.all),
+            ("--comm", !args.comms.is_empty()),
+            ("--exclude-comm", !args.exclude_comms.is_empty()),
+            ("--max-objects", args.max_objects.is_some()),
+            ("--scan-cpu", args.scan_cpu != 100),
         ];
         if let Some((flag, _)) = user_only.iter().find(|(_, given)| *given) {
             return Err(ConfigError::NotInKernelMode(flag));
@@ -366,7 +473,7 @@ fn suppressions_of(args: &Args) -> Result<Suppressions, ConfigError> {
 }
 
 /// Where and how reports go; colour and the status line only on terminals.
-fn output_of(args: &Args) -> OutputConfig {
+fn output_of(args: &Args) -> Result<OutputConfig, ConfigError> {
     let to_file = args.output.is_some();
     let json = json_of(args);
     let lsan = args.format == Some(FormatArg::Lsan);
@@ -382,7 +489,7 @@ fn output_of(args: &Args) -> OutputConfig {
             LiveOutput::Lines
         }
     });
-    OutputConfig {
+    Ok(OutputConfig {
         json,
         lsan,
         xml: args.xml.clone(),
@@ -396,7 +503,15 @@ fn output_of(args: &Args) -> OutputConfig {
         flamegraph: args.flamegraph.clone(),
         // The live view owns the terminal.
         status: !args.quiet && std::io::stderr().is_terminal() && live != Some(LiveOutput::Screen),
-    }
+        pprof_dir: args.pprof_dir.clone(),
+        pprof_keep: args.pprof_keep,
+        metrics: args
+            .metrics
+            .as_deref()
+            .map(parse_metrics_addr)
+            .transpose()?,
+        metrics_sites: args.metrics_sites,
+    })
 }
 
 /// Kernel-mode options (`--pid` filters allocations there).
@@ -563,6 +678,41 @@ mod tests {
     }
 
     #[test]
+    fn daemon_mode() {
+        let c = config(&["lt", "--comm", "web*", "--exclude-comm", "web-admin"]).unwrap();
+        let Mode::Daemon(sel) = c.mode else {
+            panic!("daemon mode")
+        };
+        assert!(!sel.all && sel.comms == [Pattern::new("web*")]);
+        assert_eq!(sel.exclude, [Pattern::new("web-admin")]);
+        assert_eq!(sel.max_targets, 64);
+        let c = config(&["lt", "--cgroup", "/sys/fs/cgroup/system.slice/app.service"]).unwrap();
+        assert!(
+            matches!(&c.mode, Mode::Daemon(s) if s.cgroup.as_deref() == Some("/system.slice/app.service"))
+        );
+        assert!(matches!(config(&["lt", "--all"]).unwrap().mode, Mode::Daemon(s) if s.all));
+        assert_eq!(
+            config(&["lt", "--all", "-p", "3"]).unwrap_err(),
+            ConfigError::DaemonAndTargets
+        );
+        assert_eq!(
+            config(&["lt", "-p", "3", "--exclude-comm", "x"]).unwrap_err(),
+            ConfigError::ExcludeWithoutDaemon
+        );
+        assert_eq!(
+            config(&["lt", "--all", "--max-targets", "0"]).unwrap_err(),
+            ConfigError::Zero {
+                what: "--max-targets"
+            }
+        );
+        // Kernel mode keeps its own --cgroup.
+        assert_eq!(
+            config(&["lt", "--kernel", "--cgroup", "x"]).unwrap().mode,
+            Mode::Kernel
+        );
+    }
+
+    #[test]
     fn the_live_view_watches_pids_on_its_own_stdout() {
         assert!(
             config(&["lt", "-p", "1", "--live"])
@@ -580,6 +730,36 @@ mod tests {
             ConfigError::LiveSharesStdout
         );
         assert!(config(&["lt", "-p", "1", "--live", "--json", "-o", "x"]).is_ok());
+    }
+
+    #[test]
+    fn metrics_listen_on_localhost_unless_told() {
+        let local = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        assert_eq!(parse_metrics_addr("9464"), Ok(local(9464)));
+        assert_eq!(parse_metrics_addr(":9464"), Ok(local(9464)));
+        assert_eq!(parse_metrics_addr("localhost:9464"), Ok(local(9464)));
+        assert_eq!(
+            parse_metrics_addr("0.0.0.0:80"),
+            Ok("0.0.0.0:80".parse().unwrap())
+        );
+        assert_eq!(
+            parse_metrics_addr("[::1]:9464"),
+            Ok("[::1]:9464".parse().unwrap())
+        );
+        for bad in ["", "host:port", "99999", "1.2.3.4"] {
+            assert_eq!(
+                parse_metrics_addr(bad),
+                Err(ConfigError::MetricsAddr(bad.to_owned()))
+            );
+        }
+        let c = config(&["lt", "-p", "1", "--metrics", "9464"]).unwrap();
+        assert_eq!(c.output.metrics, Some(local(9464)));
+        assert!(
+            config(&["lt", "-p", "1", "--metrics", "x"])
+                .unwrap_err()
+                .to_string()
+                .contains("ADDR:PORT")
+        );
     }
 
     #[test]

@@ -77,6 +77,8 @@ struct Module {
     /// The path blazesym opens.
     open_path: PathBuf,
     _file: Option<File>,
+    /// Its GNU build ID, lowercase hex (empty when it has none).
+    build_id: String,
 }
 
 impl Module {
@@ -94,12 +96,22 @@ impl Module {
             None if local => (m.file()?.to_owned(), None),
             None => return None,
         };
+        let build_id = build_id(&open_path).unwrap_or_default();
         Some(Self {
             display,
             open_path,
             _file: file,
+            build_id,
         })
     }
+}
+
+/// The GNU build ID of an ELF file, in lowercase hex.
+fn build_id(path: &Path) -> Option<String> {
+    use object::Object as _;
+    let data = std::fs::read(path).ok()?;
+    let id = object::File::parse(&*data).ok()?.build_id().ok()??;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Which file a module is: by device and inode (two processes may map different
@@ -192,6 +204,15 @@ impl Symbolizer {
         if !ranges.is_empty() {
             self.ranges.insert(pid, ranges);
         }
+    }
+
+    /// The build IDs of the modules known, by the name frames carry.
+    pub fn build_ids(&self) -> HashMap<String, String> {
+        self.modules
+            .iter()
+            .filter(|m| !m.build_id.is_empty())
+            .map(|m| (m.display.clone(), m.build_id.clone()))
+            .collect()
     }
 
     /// Is `addr` inside code `pid` had mapped (as far as we know)? Frame-pointer

@@ -135,7 +135,8 @@ pub fn run() -> anyhow::Result<()> {
 const VALGRIND_XML_READER: &str = "ValgrindCI==0.3.0";
 
 /// Debian packages the integration tests use, installed when missing (as root):
-/// jemalloc, valgrind (the XML comparison), tmux (the live view), python3's venv;
+/// jemalloc, valgrind (the XML comparison), tmux (the live view), python3's venv,
+/// prometheus, golang-go (`go tool pprof`) and bpftool for the fleet tests;
 /// then the PyPI valgrind-XML reader in its own environment (`target/pyenv`).
 pub fn test_packages() -> anyhow::Result<()> {
     step("setup: test packages");
@@ -144,6 +145,19 @@ pub fn test_packages() -> anyhow::Result<()> {
         ("valgrind", "/usr/bin/valgrind"),
         ("tmux", "/usr/bin/tmux"),
     ])?;
+    // Recommends would add services (prometheus-node-exporter) and CI time that
+    // no test uses.
+    install_missing(
+        &[
+            // A real Prometheus server and promtool for the --metrics test.
+            ("prometheus", "/usr/bin/promtool"),
+            // `go tool pprof` reads the --pprof-dir profiles back.
+            ("golang-go", "/usr/bin/go"),
+            // The service test checks that no program or link is left.
+            ("bpftool", "/usr/sbin/bpftool"),
+        ],
+        false,
+    )?;
     python_reader()
 }
 
@@ -180,6 +194,11 @@ fn python_reader() -> anyhow::Result<()> {
 /// Installs the Debian packages (name, a file it provides) whose file is missing
 /// (as root).
 pub fn ensure_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    install_missing(wanted, true)
+}
+
+/// [`ensure_packages`], with or without the packages' recommends.
+fn install_missing(wanted: &[(&str, &str)], recommends: bool) -> anyhow::Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(_, file)| !Path::new(file).exists())
@@ -202,6 +221,7 @@ pub fn ensure_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     util::run(
         Command::new("apt-get")
             .args(["install", "-y", "-qq"])
+            .args((!recommends).then_some("--no-install-recommends"))
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )

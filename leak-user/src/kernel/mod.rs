@@ -113,6 +113,8 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         config.output.flamegraph.as_deref(),
         None,
     )?;
+    let metrics =
+        crate::metrics::server::start(config.output.metrics, config.output.metrics_sites).await?;
     let epoch = clock::now_ns();
     let started = Instant::now();
     let mut probes = load(&config, &k, cgroups.as_deref())?;
@@ -136,7 +138,8 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let ingest =
         ingest::spawn(ring, KernelSink(table.clone())).context("cannot watch the ring buffer")?;
     let scale = 1u64 << k.sample_shift;
-    let mut reporter = KernelReporter::new(&config.output, readers, scale, files.report);
+    let mut reporter =
+        KernelReporter::new(&config.output, readers, scale, files.report).with_metrics(metrics);
     let targets: Vec<Target> = k.pids.iter().map(|&p| session::target(p)).collect();
     reporter.start(
         &targets,

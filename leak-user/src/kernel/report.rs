@@ -6,6 +6,7 @@ use std::{collections::HashMap, io};
 use crate::{
     config::OutputConfig,
     ebpf::MapReaders,
+    metrics::{SharedMetrics, SiteFigure, SiteLabels},
     report::{
         files::ReportFile,
         json::Output,
@@ -89,6 +90,8 @@ pub struct KernelReporter {
     /// Every estimate is multiplied by this (the sampling factor).
     scale: u64,
     seq: u64,
+    /// `--metrics`: fed the same figures as the records.
+    metrics: Option<SharedMetrics>,
 }
 
 impl KernelReporter {
@@ -108,6 +111,19 @@ impl KernelReporter {
             reclaimable: HashMap::new(),
             scale,
             seq: 0,
+            metrics: None,
+        }
+    }
+
+    /// Feeds `metrics` from now on.
+    pub fn with_metrics(mut self, metrics: Option<SharedMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    fn metrics(&self, update: impl FnOnce(&mut crate::metrics::Metrics)) {
+        if let Some(m) = &self.metrics {
+            update(&mut m.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         }
     }
 
@@ -150,9 +166,12 @@ impl KernelReporter {
         self.seq += 1;
         let scale = self.scale;
         let mut text = String::new();
+        let mut metric_sites = Vec::new();
         for (rank, c) in view.call_sites.iter().enumerate() {
             let mut suspected = view.suspected(c);
-            if rank >= self.out.top && suspected.is_none() {
+            let in_metrics =
+                self.metrics.is_some() && (rank < self.out.metrics_sites || suspected.is_some());
+            if rank >= self.out.top && suspected.is_none() && !in_metrics {
                 continue;
             }
             let call = self.call_frame(c.key.call_site);
@@ -162,6 +181,21 @@ impl KernelReporter {
                 // The kernel's own caches grow with use and shrink under memory
                 // pressure: growth there is weak evidence.
                 *confidence = Confidence::Low;
+            }
+            if in_metrics {
+                metric_sites.push(SiteFigure {
+                    labels: SiteLabels {
+                        call_site: format!("{:#x}", c.key.call_site),
+                        function: call.function.clone().unwrap_or_default(),
+                        cache: c.key.cache.clone(),
+                    },
+                    objects: c.figures.outstanding * scale,
+                    bytes: c.figures.bytes * scale,
+                    suspected: suspected.map(|(confidence, _)| confidence),
+                });
+            }
+            if rank >= self.out.top && suspected.is_none() {
+                continue;
             }
             let stacks: Vec<StackFigures> = c
                 .stacks
@@ -195,6 +229,7 @@ impl KernelReporter {
                 self.suspect(c, &call, frames, confidence, trend, view, &mut text);
             }
         }
+        self.metrics(|m| m.kernel_sites(&metric_sites));
         if !text.is_empty() {
             self.sink.text(&text);
         }
@@ -283,6 +318,7 @@ impl KernelReporter {
     }
 
     pub fn stats(&mut self, stats: &KernelStats) {
+        self.metrics(|m| m.kernel_stats(stats));
         self.sink.json(&Record::KernelStats(stats));
     }
 

@@ -124,9 +124,35 @@ pub fn comm(pid: u32) -> Option<String> {
         .map(|s| s.trim_end().to_owned())
 }
 
+/// The cgroup (v2) a process is in, or None in the root cgroup or when unknown.
+pub fn cgroup(pid: u32) -> Option<String> {
+    parse_cgroup(&std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)
+}
+
+/// The v2 path of a `/proc/PID/cgroup` text (its `0::PATH` line), unless it is
+/// the root.
+pub fn parse_cgroup(text: &str) -> Option<String> {
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+    (!path.is_empty() && path != "/").then(|| path.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_v2_path_unless_root() {
+        assert_eq!(
+            parse_cgroup("0::/system.slice/docker-abc.scope\n"),
+            Some("/system.slice/docker-abc.scope".to_owned())
+        );
+        assert_eq!(parse_cgroup("0::/\n"), None);
+        assert_eq!(parse_cgroup("12:memory:/x\n"), None);
+        assert_eq!(
+            parse_cgroup("1:name=systemd:/a\n0::/b\n"),
+            Some("/b".to_owned())
+        );
+    }
 
     #[test]
     fn tells_kernel_threads_zombies_and_processes_apart() {

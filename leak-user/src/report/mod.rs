@@ -11,6 +11,7 @@ pub mod json;
 pub mod live;
 pub mod lsan;
 pub mod pprof;
+pub mod profile_dir;
 pub mod records;
 pub mod suppress;
 pub mod text;

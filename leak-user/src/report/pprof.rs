@@ -1,6 +1,12 @@
 //! Leaked objects and bytes by stack in pprof's protobuf format (gzipped), for
 //! `go tool pprof`, Pyroscope and other pprof viewers. The message types are the
 //! subset of profile.proto we fill, declared for prost.
+//!
+//! Each module is one mapping, with its build ID, at a base of its own
+//! (`id << 40`) with file offset 0: a location's address is that base plus the
+//! file offset of its call, so `address - memory_start + file_offset` is the file
+//! offset a profile store symbolizes by build ID, whichever process (and load
+//! address) the stack came from. Functions, files and lines are filled in too.
 
 use std::{collections::HashMap, io::Write as _};
 
@@ -49,8 +55,35 @@ pub struct Sample {
 pub struct Mapping {
     #[prost(uint64, tag = "1")]
     pub id: u64,
+    #[prost(uint64, tag = "2")]
+    pub memory_start: u64,
+    #[prost(uint64, tag = "3")]
+    pub memory_limit: u64,
+    #[prost(uint64, tag = "4")]
+    pub file_offset: u64,
     #[prost(int64, tag = "5")]
     pub filename: i64,
+    #[prost(int64, tag = "6")]
+    pub build_id: i64,
+    #[prost(bool, tag = "7")]
+    pub has_functions: bool,
+    #[prost(bool, tag = "8")]
+    pub has_filenames: bool,
+    #[prost(bool, tag = "9")]
+    pub has_line_numbers: bool,
+}
+
+/// Where a module's mapping starts (`id << MAPPING_SHIFT`) and how far it spans.
+const MAPPING_SHIFT: u32 = 40;
+
+/// What the two values of each sample are called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SampleNames {
+    /// `leaked_objects` and `leaked_space` (`--pprof`, the end of a run).
+    Leaked,
+    /// `inuse_objects` and `inuse_space`: what profile stores take for a heap
+    /// profile (`--pprof-dir`, leaked blocks outstanding at each interval).
+    InUse,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -111,20 +144,35 @@ impl Strings {
 
 /// Builds the profile: one sample per allocation stack, values (objects, bytes).
 pub fn profile(leaks: &[Leak], time_nanos: i64) -> Profile {
+    profile_with(leaks, time_nanos, SampleNames::Leaked, &HashMap::new())
+}
+
+/// [`profile`] with the sample names given and the modules' build IDs (by the
+/// module name frames carry).
+pub fn profile_with(
+    leaks: &[Leak],
+    time_nanos: i64,
+    names: SampleNames,
+    build_ids: &HashMap<String, String>,
+) -> Profile {
+    let (objects, space) = match names {
+        SampleNames::Leaked => ("leaked_objects", "leaked_space"),
+        SampleNames::InUse => ("inuse_objects", "inuse_space"),
+    };
     let mut strings = Strings::new();
     let mut p = Profile {
         sample_type: vec![
             ValueType {
-                r#type: strings.get("leaked_objects"),
+                r#type: strings.get(objects),
                 unit: strings.get("count"),
             },
             ValueType {
-                r#type: strings.get("leaked_space"),
+                r#type: strings.get(space),
                 unit: strings.get("bytes"),
             },
         ],
         time_nanos,
-        default_sample_type: strings.get("leaked_space"),
+        default_sample_type: strings.get(space),
         ..Profile::default()
     };
     let mut functions: HashMap<(String, String), u64> = HashMap::new();
@@ -147,24 +195,39 @@ pub fn profile(leaks: &[Leak], time_nanos: i64) -> Profile {
                     });
                     next_function
                 });
-            let module = f.module.clone().unwrap_or_default();
-            let next_mapping = mappings.len() as u64 + 1;
-            let mapping_id = *mappings.entry(module.clone()).or_insert_with(|| {
-                p.mapping.push(Mapping {
-                    id: next_mapping,
-                    filename: strings.get(&module),
-                });
-                next_mapping
-            });
+            // A frame in a known module sits at its mapping's base plus its file
+            // offset; one outside any (no module) keeps its runtime address.
+            let (mapping_id, address) = match (&f.module, f.offset) {
+                (Some(module), Some(offset)) => {
+                    let next_mapping = mappings.len() as u64 + 1;
+                    let id = *mappings.entry(module.clone()).or_insert_with(|| {
+                        let build_id = build_ids.get(module).map_or("", String::as_str);
+                        p.mapping.push(Mapping {
+                            id: next_mapping,
+                            memory_start: next_mapping << MAPPING_SHIFT,
+                            memory_limit: (next_mapping + 1) << MAPPING_SHIFT,
+                            file_offset: 0,
+                            filename: strings.get(module),
+                            build_id: strings.get(build_id),
+                            has_functions: true,
+                            has_filenames: true,
+                            has_line_numbers: true,
+                        });
+                        next_mapping
+                    });
+                    (id, (id << MAPPING_SHIFT) + offset)
+                }
+                _ => (0, f.address),
+            };
             let line = f.line.map_or(0, i64::from);
             let next_location = locations.len() as u64 + 1;
             let location_id = *locations
-                .entry((function_id, f.address, line))
+                .entry((function_id, address, line))
                 .or_insert_with(|| {
                     p.location.push(Location {
                         id: next_location,
                         mapping_id,
-                        address: f.address,
+                        address,
                         line: vec![Line { function_id, line }],
                     });
                     next_location
@@ -216,5 +279,37 @@ mod tests {
             .find(|f| f.id == location.line[0].function_id)
             .unwrap();
         assert_eq!(p.string_table[function.name as usize], "make_node");
+    }
+
+    #[test]
+    fn modules_are_mappings_with_build_ids_at_their_file_offsets() {
+        let mut leaks = sample();
+        for leak in &mut leaks {
+            let mut stack = (*leak.stack).clone();
+            for (i, f) in stack.iter_mut().enumerate() {
+                f.module = Some("/usr/bin/app".into());
+                f.offset = Some(0x1000 + i as u64);
+            }
+            leak.stack = std::sync::Arc::new(stack);
+        }
+        let ids = HashMap::from([("/usr/bin/app".to_owned(), "abcd01".to_owned())]);
+        let p = profile_with(&leaks, 1, SampleNames::InUse, &ids);
+        assert_eq!(p.mapping.len(), 1);
+        let m = &p.mapping[0];
+        assert_eq!(p.string_table[m.build_id as usize], "abcd01");
+        assert_eq!(p.string_table[m.filename as usize], "/usr/bin/app");
+        assert!(m.has_functions && m.has_line_numbers);
+        for l in &p.location {
+            assert_eq!(l.mapping_id, m.id);
+            let file_offset = l.address - m.memory_start + m.file_offset;
+            assert!((0x1000..0x1002).contains(&file_offset), "{file_offset:#x}");
+            assert!(l.address < m.memory_limit);
+        }
+        let names: Vec<&str> = p
+            .sample_type
+            .iter()
+            .map(|t| p.string_table[t.r#type as usize].as_str())
+            .collect();
+        assert_eq!(names, ["inuse_objects", "inuse_space"]);
     }
 }

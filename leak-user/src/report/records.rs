@@ -90,6 +90,8 @@ pub enum RunMode {
     Pid,
     Launch,
     Kernel,
+    /// `--all`, `--comm`, `--cgroup`: processes picked as they start.
+    Daemon,
 }
 
 /// How the run ended.
@@ -268,6 +270,8 @@ pub enum ProcessEvent {
     Fork,
     Exec,
     Exit,
+    /// Daemon mode picked up a running process.
+    Attach,
 }
 
 #[derive(Serialize)]

@@ -300,6 +300,14 @@ impl Table {
         })
     }
 
+    /// Objects tracked per process: (pid, objects).
+    pub fn objects_per_process(&self) -> Vec<(u32, u64)> {
+        self.processes
+            .iter()
+            .map(|(&pid, p)| (pid, p.objects.len() as u64))
+            .collect()
+    }
+
     pub fn has_notices(&self) -> bool {
         !self.notices.is_empty()
     }

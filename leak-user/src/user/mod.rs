@@ -27,16 +27,21 @@ mod live;
 pub mod reporter;
 
 use self::{live::LiveScreen, reporter::Reporter};
+
+/// How often daemon mode looks for new processes to trace.
+const DISCOVER_PERIOD: Duration = Duration::from_millis(500);
 use crate::{
     allocator::{HookPlan, WrapperObject, discover, resolve::LoaderEnv},
     clock,
     config::{Config, Mode},
     ebpf::{LoadOptions, Probes, Scope},
     events::Event,
+    fleet::{self, Selector, discover::Discovery},
     proc,
     ptrace::{ChildEvent, PtraceHandle, launch},
     report::{
         files::OutputFiles,
+        profile_dir::ProfileDir,
         records::{EndReason, ProcessEvent, RunMode, Stats},
     },
     scan::{
@@ -116,6 +121,8 @@ struct UserSession {
     signal: Option<i32>,
     /// `--live`: the view on stdout (restored before the final report).
     live: Option<LiveScreen>,
+    /// Daemon mode: which processes were tried, given up on, refused.
+    discovery: Discovery,
 }
 
 /// Checks the targets before anything is loaded, so that a typo costs nothing.
@@ -137,7 +144,7 @@ fn check_targets(mode: &Mode) -> anyhow::Result<()> {
         Mode::Launch(argv) => {
             launch::resolve_program(&argv[0])?;
         }
-        Mode::Kernel => {}
+        Mode::Kernel | Mode::Daemon(_) => {}
     }
     Ok(())
 }
@@ -157,6 +164,14 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         config.output.flamegraph.as_deref(),
         config.output.xml.as_deref(),
     )?;
+    let profile_dir = config
+        .output
+        .pprof_dir
+        .as_deref()
+        .map(|dir| ProfileDir::open(dir, config.output.pprof_keep))
+        .transpose()?;
+    let metrics =
+        crate::metrics::server::start(config.output.metrics, config.output.metrics_sites).await?;
     let epoch = clock::now_ns();
     let mut probes = Probes::load(&LoadOptions {
         ring_bytes: config.ring_bytes,
@@ -178,7 +193,9 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let table = SharedTable::new(Table::new(epoch, VerdictBook::new(config.verdict)));
     let ingest =
         ingest::spawn(ring, UserSink(table.clone())).context("cannot watch the ring buffer")?;
-    let reporter = Reporter::new(&config, readers, files);
+    let reporter = Reporter::new(&config, readers, files)
+        .with_metrics(metrics)
+        .with_profile_dir(profile_dir);
     let (child_tx, child_rx) = mpsc::unbounded_channel();
     let ptrace = PtraceHandle::spawn(child_tx);
     let status = StatusLine::new(config.output.status);
@@ -200,6 +217,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         workspace: Some(Workspace::default()),
         signal: None,
         live: None,
+        discovery: Discovery::default(),
     };
     let mut signals = signals;
     if let Some(signal) = signals.pending() {
@@ -253,8 +271,18 @@ impl Signals {
 }
 
 impl UserSession {
+    /// Daemon mode's choice of processes, if this is daemon mode.
+    fn selector(&self) -> Option<&Selector> {
+        match &self.config.mode {
+            Mode::Daemon(s) => Some(s),
+            _ => None,
+        }
+    }
+
     fn scope(&self, pid: u32) -> Scope {
-        if self.config.follow_forks {
+        // --all hooks each library once for every process (the kernel filters by
+        // target); --comm and --cgroup hook each target alone, at no cost to others.
+        if self.config.follow_forks || self.selector().is_some_and(|s| s.all) {
             Scope::AllProcesses
         } else {
             Scope::Process(pid)
@@ -343,6 +371,10 @@ impl UserSession {
                 self.hook_new_image(pid)?;
                 self.resume_exec(pid);
             }
+            Mode::Daemon(_) => {
+                self.reporter.start(RunMode::Daemon, &[], &self.config);
+                self.discover().await;
+            }
             Mode::Kernel => unreachable!("kernel mode has its own session"),
         }
         Ok(())
@@ -360,10 +392,89 @@ impl UserSession {
                 proc::comm(pid).unwrap_or_default()
             );
         }
+        self.attach_plan(pid, &maps, plan)
+    }
+
+    /// Makes `pid` a target and attaches what `plan` needs for it.
+    fn attach_plan(
+        &mut self,
+        pid: u32,
+        maps: &[proc::maps::Mapping],
+        plan: HookPlan,
+    ) -> anyhow::Result<()> {
         self.add_target(pid, true)?;
         self.attach(pid, plan)?;
-        self.reporter.remember_maps(pid, &maps);
+        self.reporter.remember_maps(pid, maps);
         Ok(())
+    }
+
+    /// Daemon mode: attaches to the processes that match and started since the
+    /// last poll (up to --max-targets), as `--pid` would, heap walk included.
+    async fn discover(&mut self) {
+        let Some(selector) = self.selector().cloned() else {
+            return;
+        };
+        let listed = fleet::discover::list();
+        let targets = &self.targets;
+        let refused_before = self.discovery.refused_total;
+        let pids = self.discovery.pick(
+            &selector,
+            &listed,
+            &|p| targets.contains_key(&p),
+            targets.len(),
+            std::process::id(),
+        );
+        if self.discovery.refused_total > refused_before {
+            // Once loudly; after that the counter (metrics) tells.
+            let level = if refused_before == 0 {
+                log::Level::Warn
+            } else {
+                log::Level::Debug
+            };
+            log::log!(
+                level,
+                "--max-targets {} reached: {} matching processes wait untraced ({} refused so far)",
+                selector.max_targets,
+                self.discovery.refused_now(),
+                self.discovery.refused_total
+            );
+            self.reporter.refused(self.discovery.refused_total);
+        }
+        for pid in pids {
+            if proc::check_traceable(pid).is_err() {
+                self.discovery.give_up(pid); // a kernel thread, a zombie, gone
+                continue;
+            }
+            let Ok(maps) = proc::maps::read(pid) else {
+                self.discovery.give_up(pid);
+                continue;
+            };
+            let plan = discover::for_process(pid, &maps);
+            if plan.is_empty() {
+                // Still in the loader, or nothing to hook: look again later.
+                self.discovery.failed(pid);
+                continue;
+            }
+            if let Err(err) = self.attach_plan(pid, &maps, plan) {
+                // Undo what was attached, and try again at the next poll.
+                log::warn!("pid {pid}: cannot trace it (yet): {err:#}");
+                self.discovery.failed(pid);
+                if let Some(target) = self.targets.remove(&pid) {
+                    self.probes.remove_hints(pid, &target.hints);
+                    self.probes.detach_process(pid);
+                    self.probes.remove_target(pid);
+                    self.table.lock(|t| t.remove_process(pid));
+                }
+                continue;
+            }
+            self.reporter.process(ProcessEvent::Attach, pid, None, None);
+            if self.config.heap_walk {
+                let record =
+                    heap_walk::walk(&self.config, &self.table, &self.ingest, &self.ptrace, pid)
+                        .await;
+                self.reporter.heap_walk(&record);
+            }
+        }
     }
 
     /// Starts the command; it is held at its exec stop until resumed.
@@ -433,6 +544,9 @@ impl UserSession {
         let mut status_tick = interval(Duration::from_millis(250));
         // Wrapper hints must be in place soon after a library is mapped.
         let mut hint_tick = interval(Duration::from_millis(20));
+        // Daemon mode looks for new processes this often.
+        let mut discover_tick = interval(DISCOVER_PERIOD);
+        let daemon = self.selector().is_some();
         let deadline = self
             .config
             .duration
@@ -448,10 +562,21 @@ impl UserSession {
             let stop_at = stopping.or(deadline);
             tokio::select! {
                 _ = scan_tick.tick() => {
+                    let round = Instant::now();
                     self.scan_all().await;
+                    let busy = round.elapsed();
+                    if let Some(wait) = self.config.limits.scan_wait(busy, self.config.interval) {
+                        log::info!(
+                            "scans took {busy:?}: the next round waits {wait:?} (--scan-cpu {})",
+                            self.config.limits.scan_cpu_percent
+                        );
+                        scan_tick.reset_after(wait.saturating_sub(busy));
+                        self.reporter.throttled();
+                    }
                     let stats = self.stats();
                     self.reporter.stats(&stats);
                     self.draw_live();
+                    self.reporter.interval_profile();
                 }
                 key = keys.recv(), if keys_open => match key {
                     Some(b'q' | b'Q') => break EndReason::Quit,
@@ -459,6 +584,7 @@ impl UserSession {
                     None => keys_open = false,
                 },
                 _ = status_tick.tick() => {
+                    self.keep_to_object_cap();
                     self.poll_losses();
                     self.rehook();
                     self.show_status();
@@ -468,6 +594,7 @@ impl UserSession {
                         self.install_hints(pid);
                     }
                 }
+                _ = discover_tick.tick(), if daemon => self.discover().await,
                 _ = notices.notified() => self.handle_notices(),
                 Some(event) = child_rx.recv() => self.child_event(event).await,
                 _ = sigint.recv() => {
@@ -488,7 +615,7 @@ impl UserSession {
                     break if stopping.is_some() { EndReason::Signal } else { EndReason::Duration };
                 }
             }
-            if self.targets.is_empty() {
+            if self.targets.is_empty() && (!daemon || stopping.is_some()) {
                 break if stopping.is_some() {
                     EndReason::Signal
                 } else {
@@ -554,6 +681,33 @@ impl UserSession {
                 self.handle_notices();
                 self.end_target(pid, Some(status));
             }
+        }
+    }
+
+    /// `--max-objects`: while the table holds more, lets go of the target with
+    /// the most objects (its leaks stay in the report).
+    fn keep_to_object_cap(&mut self) {
+        loop {
+            let mut per_process = self.table.lock(|t| t.objects_per_process());
+            let total: u64 = per_process.iter().map(|(_, n)| n).sum();
+            // The launched command stays: the run is about it, and its exit is
+            // held for the final scan. Others go first.
+            let launched = per_process
+                .iter()
+                .position(|(p, _)| Some(*p) == self.launched);
+            let launched_objects = launched.map_or(0, |i| per_process.swap_remove(i).1);
+            let Some(pid) = self.config.limits.over_cap(&per_process, launched_objects) else {
+                return;
+            };
+            log::warn!(
+                "the table holds {total} objects, over --max-objects {}: letting go of pid {pid}, \
+                 the target with the most",
+                self.config.limits.max_objects.unwrap_or_default()
+            );
+            self.reporter.dropped();
+            // Not picked up again by daemon mode while it lives.
+            self.discovery.give_up(pid);
+            self.end_target(pid, None);
         }
     }
 
@@ -850,6 +1004,7 @@ impl UserSession {
         );
         let stats = self.stats();
         self.reporter.stats(&stats);
+        self.reporter.interval_profile();
         let written = self.reporter.end(reason, self.exit_status, &stats);
         for pid in self.targets.keys().copied().collect::<Vec<_>>() {
             self.probes.remove_target(pid);

@@ -15,11 +15,13 @@ use crate::{
     allocator::HookPlan,
     config::{Config, OutputConfig},
     ebpf::MapReaders,
+    metrics::{LeakFigures, SharedMetrics},
     proc::maps::Mapping,
     report::{
         self, Leak, Totals, allocator_name,
         files::{OutputFiles, ReportFile},
         json::Output,
+        profile_dir::ProfileDir,
         records::{
             EndReason, EndRecord, HeapWalkRecord, HookedFunction, HookedObject, HooksRecord,
             PossibleLeakGroupRecord, ProcessEvent, ProcessRecord, Record, RetractionRecord,
@@ -78,6 +80,10 @@ pub struct Reporter {
     scans: u64,
     incomplete_scans: u64,
     comms: HashMap<u32, String>,
+    /// `--metrics`: fed the same records and leaks as the report.
+    metrics: Option<SharedMetrics>,
+    /// `--pprof-dir`: a profile per interval.
+    profile_dir: Option<ProfileDir>,
 }
 
 impl Reporter {
@@ -98,7 +104,78 @@ impl Reporter {
             scans: 0,
             incomplete_scans: 0,
             comms: HashMap::new(),
+            metrics: None,
+            profile_dir: None,
         }
+    }
+
+    /// Writes a profile into `dir` every interval from now on.
+    pub fn with_profile_dir(mut self, dir: Option<ProfileDir>) -> Self {
+        self.profile_dir = dir;
+        self
+    }
+
+    /// `--pprof-dir`: a profile of the confirmed leaks outstanding now. A write
+    /// error is logged and the run goes on (the next interval tries again).
+    pub fn interval_profile(&mut self) {
+        if self.profile_dir.is_none() {
+            return;
+        }
+        let leaks: Vec<Leak> = self
+            .reported
+            .values()
+            .filter(|l| l.kind != LeakKind::Possible)
+            .cloned()
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let profile = report::pprof::profile_with(
+            &leaks,
+            now.as_nanos() as i64,
+            report::pprof::SampleNames::InUse,
+            &self.symbolizer.build_ids(),
+        );
+        let dir = self.profile_dir.as_mut().expect("checked above");
+        let written = report::pprof::encode(&profile)
+            .and_then(|bytes| dir.write(&bytes, now.as_millis() as u64));
+        if let Err(err) = written {
+            log::error!("{err}");
+        }
+    }
+
+    /// Feeds `metrics` from now on.
+    pub fn with_metrics(mut self, metrics: Option<SharedMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Updates the metrics, if any.
+    fn metrics(&self, update: impl FnOnce(&mut crate::metrics::Metrics)) {
+        if let Some(m) = &self.metrics {
+            update(&mut m.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        }
+    }
+
+    /// The metrics' leak figures of `pid`, from the leaks kept for the report.
+    fn metrics_leaks(&self, pid: u32) {
+        if self.metrics.is_none() {
+            return;
+        }
+        let figures = LeakFigures::of(
+            self.reported
+                .range((pid, 0)..=(pid, u64::MAX))
+                .map(|(_, l)| l),
+        );
+        self.metrics(|m| m.leaks(pid, &figures));
+    }
+
+    /// A process joins the metrics under its name and cgroup.
+    fn metrics_process(&self, pid: u32) {
+        let comm = self.comms.get(&pid).cloned().unwrap_or_default();
+        let cgroup = crate::proc::cgroup(pid);
+        self.metrics(|m| m.add_process(pid, &comm, cgroup.as_deref()));
+        self.metrics_leaks(pid);
     }
 
     /// The run really started (attached): the report file may be emptied now.
@@ -127,6 +204,7 @@ impl Reporter {
     pub fn start(&mut self, mode: RunMode, targets: &[Target], config: &Config) {
         for t in targets {
             self.comms.insert(t.pid, t.comm.clone());
+            self.metrics_process(t.pid);
         }
         if let Some(t) = targets.first() {
             let parent = crate::proc::parent(t.pid).unwrap_or_else(std::process::id);
@@ -293,6 +371,8 @@ impl Reporter {
             pause_ms: scan.pause.map(|(d, _)| d.as_secs_f64() * 1e3),
             threads_frozen: scan.pause.map(|(_, n)| n),
         };
+        self.metrics(|m| m.scan(&record));
+        self.metrics_leaks(scan.pid);
         self.sink.json(&Record::Scan(record));
         if scan.verdicts.withheld > 0 {
             log::warn!(
@@ -345,17 +425,20 @@ impl Reporter {
 
     pub fn retraction(&mut self, r: &Retraction) {
         let was_reported = self.reported.remove(&(r.pid, r.addr)).is_some();
+        self.metrics_leaks(r.pid);
         if r.kind == LeakKind::Possible && !self.out.show_possible {
             return; // never reported one by one
         }
         self.retractions += 1;
-        self.sink.json(&Record::Retraction(RetractionRecord {
+        let record = RetractionRecord {
             pid: r.pid,
             address: r.addr,
             size: r.object.size(),
             kind: r.kind,
             reason: r.reason,
-        }));
+        };
+        self.metrics(|m| m.retraction(&record));
+        self.sink.json(&Record::Retraction(record));
         if was_reported && r.kind != LeakKind::Possible {
             let reason = match r.reason {
                 RetractionReason::Freed => "it was freed",
@@ -382,6 +465,10 @@ impl Reporter {
         if event != ProcessEvent::Exit {
             self.comms
                 .insert(pid, crate::proc::comm(pid).unwrap_or_default());
+            self.metrics_process(pid);
+        } else {
+            // Labels stay bounded: an exited process's series go.
+            self.metrics(|m| m.remove_process(pid));
         }
         let record = ProcessRecord {
             event,
@@ -401,6 +488,7 @@ impl Reporter {
         });
         let status = status.map(|s| format!(", status {s}")).unwrap_or_default();
         let what = match event {
+            ProcessEvent::Attach => "attached",
             ProcessEvent::Fork => "fork",
             ProcessEvent::Exec => "exec",
             ProcessEvent::Exit => "exit",
@@ -411,7 +499,23 @@ impl Reporter {
         ));
     }
 
+    /// A target let go at `--max-objects`.
+    pub fn dropped(&self) {
+        self.metrics(crate::metrics::Metrics::dropped);
+    }
+
+    /// A scan round pushed back by `--scan-cpu`.
+    pub fn throttled(&self) {
+        self.metrics(crate::metrics::Metrics::throttled);
+    }
+
+    /// Daemon mode: processes refused at `--max-targets` so far.
+    pub fn refused(&self, total: u64) {
+        self.metrics(|m| m.refused(total));
+    }
+
     pub fn stats(&mut self, stats: &Stats) {
+        self.metrics(|m| m.events(&stats.events));
         self.sink.json(&Record::Stats(stats));
     }
 
