@@ -122,9 +122,7 @@ impl KernelReporter {
     }
 
     fn metrics(&self, update: impl FnOnce(&mut crate::metrics::Metrics)) {
-        if let Some(m) = &self.metrics {
-            update(&mut m.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        }
+        crate::metrics::update(self.metrics.as_ref(), update);
     }
 
     /// The probes are attached: the report file may be emptied now.

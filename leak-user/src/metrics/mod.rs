@@ -37,6 +37,14 @@ use crate::{
 /// The metrics, shared by the reporter (writer) and the HTTP server (reader).
 pub type SharedMetrics = Arc<Mutex<Metrics>>;
 
+/// Runs `update` on the shared metrics, if there are any (a reporter that
+/// panicked while holding them does not stop the others).
+pub fn update(shared: Option<&SharedMetrics>, update: impl FnOnce(&mut Metrics)) {
+    if let Some(m) = shared {
+        update(&mut m.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+}
+
 /// The labels of a traced process: pid, command name and cgroup (v2 path; empty
 /// when the process is in the root cgroup, which Prometheus treats as absent).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -152,9 +152,7 @@ impl Reporter {
 
     /// Updates the metrics, if any.
     fn metrics(&self, update: impl FnOnce(&mut crate::metrics::Metrics)) {
-        if let Some(m) = &self.metrics {
-            update(&mut m.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        }
+        crate::metrics::update(self.metrics.as_ref(), update);
     }
 
     /// The metrics' leak figures of `pid`, from the leaks kept for the report.
