@@ -93,6 +93,8 @@ pub struct Config {
     pub stack_entries: u32,
     pub read_method: ReadMethod,
     pub suppressions: Suppressions,
+    /// `--debug-dir`: roots for separate debug files.
+    pub debug_dirs: Vec<PathBuf>,
     pub kernel: KernelConfig,
     /// Capture allocation stacks (user and kernel mode).
     pub stacks: bool,
@@ -106,6 +108,8 @@ pub struct Config {
 /// A bad command line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    #[error("--debug-dir {}: not a directory", .0.display())]
+    DebugDir(PathBuf),
     #[error("nothing to trace: give --pid PID, a command after --, or --kernel")]
     NoTarget,
     #[error("give either --pid or a command after --, not both")]
@@ -211,6 +215,7 @@ impl Config {
             kernel: kernel_of(&args, &mode)?,
             output: output_of(&args),
             suppressions: suppressions_of(&args)?,
+            debug_dirs: debug_dirs_of(&args)?,
             mode,
             follow_forks: args.follow_forks,
             interval,
@@ -312,6 +317,19 @@ fn check_combinations(args: &Args, mode: &Mode) -> Result<(), ConfigError> {
         return Err(ConfigError::JsonSharesStdout);
     }
     Ok(())
+}
+
+/// `--debug-dir` directories (each must be one), else gdb's default.
+fn debug_dirs_of(args: &Args) -> Result<Vec<PathBuf>, ConfigError> {
+    if args.debug_dir.is_empty() {
+        return Ok(vec![PathBuf::from(crate::symbolize::DEFAULT_DEBUG_ROOT)]);
+    }
+    for dir in &args.debug_dir {
+        if !dir.is_dir() {
+            return Err(ConfigError::DebugDir(dir.clone()));
+        }
+    }
+    Ok(args.debug_dir.clone())
 }
 
 /// The built-in suppressions (unless turned off) and the user's files.

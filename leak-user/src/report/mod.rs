@@ -183,6 +183,7 @@ pub(crate) mod tests {
             module: Some("/usr/bin/prog".into()),
             offset: Some(line as u64),
             inlined: false,
+            reason: None,
         }
     }
 

@@ -84,7 +84,7 @@ impl Reporter {
             pprof: files.pprof,
             flamegraph: files.flamegraph,
             readers,
-            symbolizer: Symbolizer::new(),
+            symbolizer: Symbolizer::with_debug_roots(config.debug_dirs.clone()),
             stacks: HashMap::new(),
             suppressions: config.suppressions.clone(),
             reported: BTreeMap::new(),
