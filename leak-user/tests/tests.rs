@@ -4,6 +4,7 @@
 mod before_attach;
 mod ci;
 mod cli;
+mod debuginfo;
 mod deleted;
 mod kernel;
 mod output;

@@ -1,0 +1,156 @@
+//! Stripped executables whose debug info lives apart, as distributions ship them:
+//! next to the binary or in `.debug/` through `.gnu_debuglink`, or under a debug
+//! root by build id (Debian's `-dbgsym` layout). Leaks must name their functions
+//! and lines from there, and frames without names must say why.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use serde_json::Value;
+
+use crate::{
+    scanning::FAST,
+    util::{self, Run, serial},
+};
+
+fn sh(program: &str, args: &[&str]) {
+    let status = Command::new(program).args(args).status().unwrap();
+    assert!(status.success(), "{program} {args:?}");
+}
+
+/// A scratch copy of `scenarios` as `app`, stripped, its DWARF and symbols in
+/// `app.debug` beside it; with `link`, the app names it in `.gnu_debuglink`.
+fn split(link: bool) -> PathBuf {
+    let dir = util::scratch("debuginfo");
+    let app = dir.join("app");
+    std::fs::copy(util::fixture("scenarios"), &app).unwrap();
+    let (app_s, debug_s) = (app.to_str().unwrap(), dir.join("app.debug"));
+    let debug_s = debug_s.to_str().unwrap();
+    sh("objcopy", &["--only-keep-debug", app_s, debug_s]);
+    sh("strip", &["--strip-all", app_s]);
+    if link {
+        let arg = format!("--add-gnu-debuglink={debug_s}");
+        sh("objcopy", &[&arg, app_s]);
+    }
+    dir
+}
+
+/// The hex build id `readelf -n` prints for `file`.
+fn build_id(file: &Path) -> String {
+    let out = Command::new("readelf")
+        .arg("-n")
+        .arg(file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .expect("the fixture has a build id")
+        .to_owned()
+}
+
+fn run_app(dir: &Path, args: &[&str]) -> Run {
+    let app = dir.join("app");
+    let mut all = FAST.to_vec();
+    all.extend_from_slice(args);
+    let run = util::launch_command(
+        "debuginfo",
+        &[app.to_str().unwrap(), "--hold-ms", "600"],
+        &all,
+        &[],
+    );
+    assert!(run.ended_well(), "{}; stderr:\n{}", run.status, run.stderr);
+    run
+}
+
+/// The app's frames of every leak.
+fn app_frames<'a>(run: &'a Run, dir: &Path) -> Vec<&'a Value> {
+    let app = dir.join("app");
+    let frames: Vec<&Value> = run
+        .leaks()
+        .into_values()
+        .flat_map(|l| l["stack"].as_array().into_iter().flatten())
+        .filter(|f| f["module"] == app.to_str().unwrap())
+        .collect();
+    assert!(!frames.is_empty(), "no frame in the app: {:?}", run.leaks());
+    frames
+}
+
+/// `make_node`'s leak names it, with the line of its malloc.
+fn assert_symbolized(run: &Run, dir: &Path) {
+    let line = util::source_line("scenarios.c", "ALLOC:make_node");
+    let leak = run
+        .leaks()
+        .into_values()
+        .find(|r| r["stack"][0]["function"] == "make_node")
+        .unwrap_or_else(|| panic!("no leak in make_node: {:?}", run.leaks()));
+    assert_eq!(leak["stack"][0]["line"], line, "{leak}");
+    for f in app_frames(run, dir) {
+        assert!(
+            f["function"].is_string() && f.get("reason").is_none(),
+            "{f}"
+        );
+    }
+}
+
+#[test]
+fn a_debug_link_beside_the_binary() {
+    util::require_root();
+    let _s = serial();
+    let dir = split(true);
+    assert_symbolized(&run_app(&dir, &[]), &dir);
+}
+
+#[test]
+fn a_debug_link_in_the_debug_subdirectory() {
+    util::require_root();
+    let _s = serial();
+    let dir = split(true);
+    std::fs::create_dir(dir.join(".debug")).unwrap();
+    std::fs::rename(dir.join("app.debug"), dir.join(".debug/app.debug")).unwrap();
+    assert_symbolized(&run_app(&dir, &[]), &dir);
+}
+
+#[test]
+fn a_build_id_path_under_a_debug_root() {
+    util::require_root();
+    let _s = serial();
+    let dir = split(false);
+    let id = build_id(&dir.join("app"));
+    let root = dir.join("root");
+    let sub = root.join(".build-id").join(&id[..2]);
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::rename(
+        dir.join("app.debug"),
+        sub.join(format!("{}.debug", &id[2..])),
+    )
+    .unwrap();
+    assert_symbolized(
+        &run_app(&dir, &["--debug-dir", root.to_str().unwrap()]),
+        &dir,
+    );
+}
+
+#[test]
+fn frames_without_debug_info_say_why() {
+    util::require_root();
+    let _s = serial();
+    let dir = split(true);
+    // The link's CRC no longer matches: that file must not be used.
+    let debug = dir.join("app.debug");
+    let mut bytes = std::fs::read(&debug).unwrap();
+    bytes.push(0);
+    std::fs::write(&debug, bytes).unwrap();
+    let run = run_app(&dir, &[]);
+    for f in app_frames(&run, &dir) {
+        assert_eq!(f["reason"], "debug_info_mismatch", "{f}");
+        assert!(f.get("function").is_none(), "{f}");
+    }
+    std::fs::remove_file(&debug).unwrap();
+    let run = run_app(&dir, &[]);
+    for f in app_frames(&run, &dir) {
+        assert_eq!(f["reason"], "no_debug_info", "{f}");
+    }
+}
