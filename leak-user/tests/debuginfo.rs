@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::{
     scanning::FAST,
+    schema::{check_records, documented_schema},
     util::{self, Run, serial},
 };
 
@@ -150,7 +151,22 @@ fn frames_without_debug_info_say_why() {
     }
     std::fs::remove_file(&debug).unwrap();
     let run = run_app(&dir, &[]);
-    for f in app_frames(&run, &dir) {
+    let frames = app_frames(&run, &dir);
+    for f in &frames {
         assert_eq!(f["reason"], "no_debug_info", "{f}");
     }
+    // The end record counts each distinct frame once.
+    let distinct: std::collections::BTreeSet<&str> = frames
+        .iter()
+        .filter_map(|f| f["address"].as_str())
+        .collect();
+    let counted = &run.end()["unsymbolized_frames"]["no_debug_info"];
+    assert_eq!(
+        counted.as_u64(),
+        Some(distinct.len() as u64),
+        "{}",
+        run.end()
+    );
+    let errors = check_records(&documented_schema(), &run.records);
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
 }

@@ -12,6 +12,7 @@ pub mod pprof;
 pub mod records;
 pub mod suppress;
 pub mod text;
+pub mod unsymbolized;
 
 use std::{collections::BTreeSet, sync::Arc};
 

@@ -122,7 +122,11 @@ fn render_group(out: &mut String, n: usize, g: &Group, style: &Style, multi_pid:
             .map(|l| format!(" ({l})"))
             .unwrap_or_default();
         let room = WIDTH.saturating_sub(7 + location.chars().count()).max(20);
-        let inlined = if frame.inlined { " [inlined]" } else { "" };
+        let inlined = match frame.reason {
+            _ if frame.inlined => " [inlined]".to_owned(),
+            Some(why) => format!(" [{}]", why.name().replace('_', " ")),
+            None => String::new(),
+        };
         let _ = writeln!(
             out,
             "     {}{}{inlined}",

@@ -429,6 +429,7 @@ impl Reporter {
             retractions: self.retractions,
             incomplete_scans: self.incomplete_scans,
             suppressed: &suppressed,
+            unsymbolized_frames: report::unsymbolized::count(&leaks),
             stats,
         }));
         if !self.out.json {
@@ -486,6 +487,10 @@ impl Reporter {
                 s.objects,
                 text::bytes(s.bytes)
             ));
+        }
+        if let Some(line) = report::unsymbolized::summary_line(&report::unsymbolized::count(leaks))
+        {
+            body.push_str(&line);
         }
         body.push_str(&format!(
             "events: {} records, {} lost, {} undecodable; {} retractions\n",
