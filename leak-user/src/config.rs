@@ -8,6 +8,7 @@ use crate::{
     proc::mem::ReadMethod,
     report::{
         exitcode::{ErrorExit, LeakKinds},
+        fold::WrapperFold,
         suppress::Suppressions,
     },
     scan::heuristics::Heuristics,
@@ -40,6 +41,9 @@ pub struct OutputConfig {
     pub flamegraph: Option<PathBuf>,
     /// Status line and hook listing on stderr.
     pub status: bool,
+    /// `--fold-wrappers` / `--fold-wrapper NAME`: the text report groups by the
+    /// first frame outside these.
+    pub fold: Option<WrapperFold>,
 }
 
 impl From<FreeProbesArg> for FreeProbes {
@@ -365,6 +369,8 @@ fn output_of(args: &Args) -> OutputConfig {
         pprof: args.pprof.clone(),
         flamegraph: args.flamegraph.clone(),
         status: !args.quiet && std::io::stderr().is_terminal(),
+        fold: (args.fold_wrappers || !args.fold_wrapper.is_empty())
+            .then(|| WrapperFold::new(&args.fold_wrapper)),
     }
 }
 

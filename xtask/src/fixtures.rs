@@ -29,6 +29,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ),
     ("reaper", "reaper.c", &[]),
     ("soak", "soak.c", &["-fno-omit-frame-pointer"]),
+    ("wrappers", "wrappers.c", &["-fno-omit-frame-pointer"]),
 ];
 
 pub fn dir() -> PathBuf {

@@ -7,6 +7,7 @@
 pub mod exitcode;
 pub mod files;
 pub mod flamegraph;
+pub mod fold;
 pub mod json;
 pub mod pprof;
 pub mod records;
@@ -78,6 +79,8 @@ pub struct Group {
     pub max_size: u64,
     pub oldest_ms: u64,
     pub pids: BTreeSet<u32>,
+    /// Wrapper functions folded off the top of these leaks' stacks.
+    pub folded: BTreeSet<String>,
 }
 
 /// What makes two stacks "the same" in a report: what the user would read.
@@ -89,12 +92,22 @@ fn stack_key(stack: &[Frame]) -> StackKey {
 
 /// Groups leaks by allocation stack, largest leaked bytes first.
 pub fn group(leaks: &[Leak]) -> Vec<Group> {
+    group_folding(leaks, None)
+}
+
+/// Groups leaks by allocation stack, with `fold`'s wrappers dropped from the top
+/// of each stack (a group's stack starts at the first frame outside them).
+pub fn group_folding(leaks: &[Leak], fold: Option<&fold::WrapperFold>) -> Vec<Group> {
     let mut groups: Vec<Group> = Vec::new();
     let mut index: std::collections::HashMap<(StackKey, &str), usize> =
         std::collections::HashMap::new();
     for leak in leaks {
+        let (folded, stack) = match fold {
+            Some(fold) => fold.split(&leak.stack),
+            None => (&[][..], &leak.stack[..]),
+        };
         // Blocks from before attaching have no stack: group them by size.
-        let mut key = (stack_key(&leak.stack), leak.allocator);
+        let mut key = (stack_key(stack), leak.allocator);
         if leak.before_attach {
             key.0 = vec![(
                 format!("allocated before attaching, {} bytes", leak.size),
@@ -103,7 +116,11 @@ pub fn group(leaks: &[Leak]) -> Vec<Group> {
         }
         let i = *index.entry(key).or_insert_with(|| {
             groups.push(Group {
-                stack: leak.stack.clone(),
+                stack: if folded.is_empty() {
+                    leak.stack.clone()
+                } else {
+                    Arc::new(stack.to_vec())
+                },
                 allocator: leak.allocator,
                 objects: 0,
                 bytes: 0,
@@ -114,10 +131,13 @@ pub fn group(leaks: &[Leak]) -> Vec<Group> {
                 max_size: 0,
                 oldest_ms: 0,
                 pids: BTreeSet::new(),
+                folded: BTreeSet::new(),
             });
             groups.len() - 1
         });
         let g = &mut groups[i];
+        g.folded
+            .extend(folded.iter().filter_map(|f| f.function.clone()));
         g.objects += 1;
         g.bytes += leak.size;
         let bucket = match leak.kind {
@@ -219,6 +239,28 @@ pub(crate) mod tests {
             leak(LeakKind::Indirect, 32, &list),
             leak(LeakKind::Direct, 24, &other),
         ]
+    }
+
+    #[test]
+    fn folding_groups_by_the_first_frame_outside_the_wrappers() {
+        let small = Arc::new(vec![frame("xmalloc", "x.c", 5), frame("caller", "c.c", 9)]);
+        let big = Arc::new(vec![
+            frame("xmalloc_big", "x.c", 2),
+            frame("xmalloc", "x.c", 6),
+            frame("caller", "c.c", 9),
+        ]);
+        let leaks = [
+            leak(LeakKind::Direct, 16, &small),
+            leak(LeakKind::Direct, 128, &big),
+        ];
+        assert_eq!(group(&leaks).len(), 2);
+        let fold = fold::WrapperFold::new(&["xmalloc_big".to_owned()]);
+        let groups = group_folding(&leaks, Some(&fold));
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].direct, (2, 144));
+        assert_eq!(groups[0].stack[0].function.as_deref(), Some("caller"));
+        let folded: Vec<&str> = groups[0].folded.iter().map(String::as_str).collect();
+        assert_eq!(folded, ["xmalloc", "xmalloc_big"]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Group, Leak, group, totals};
+use super::{Group, Leak, fold::WrapperFold, group_folding, totals};
 
 /// Report width.
 const WIDTH: usize = 80;
@@ -113,6 +113,14 @@ fn render_group(out: &mut String, n: usize, g: &Group, style: &Style, multi_pid:
         age(g.oldest_ms),
         g.allocator
     );
+    if !g.folded.is_empty() {
+        let names: Vec<&str> = g.folded.iter().map(String::as_str).collect();
+        let _ = writeln!(
+            out,
+            "   through {} (folded)",
+            truncate(&names.join(", "), WIDTH - 21)
+        );
+    }
     if g.stack.is_empty() {
         let _ = writeln!(out, "     (no stack)");
     }
@@ -138,7 +146,14 @@ fn render_group(out: &mut String, n: usize, g: &Group, style: &Style, multi_pid:
 }
 
 /// Renders a report of `leaks`; `title` heads it.
-pub fn render(title: &str, leaks: &[Leak], top: usize, color: bool) -> String {
+/// `fold`: `--fold-wrappers`, group by the first frame outside the wrappers.
+pub fn render(
+    title: &str,
+    leaks: &[Leak],
+    top: usize,
+    color: bool,
+    fold: Option<&WrapperFold>,
+) -> String {
     let style = Style { color };
     let mut out = String::new();
     let (sure, possible): (Vec<&Leak>, Vec<&Leak>) = leaks
@@ -146,7 +161,7 @@ pub fn render(title: &str, leaks: &[Leak], top: usize, color: bool) -> String {
         .partition(|l| l.kind != crate::table::verdict::LeakKind::Possible);
     let t = totals(sure.iter().copied());
     let sure: Vec<Leak> = sure.into_iter().cloned().collect();
-    let groups = group(&sure);
+    let groups = group_folding(&sure, fold);
     let multi_pid = groups
         .iter()
         .flat_map(|g| g.pids.iter())
@@ -197,7 +212,12 @@ pub fn render(title: &str, leaks: &[Leak], top: usize, color: bool) -> String {
 }
 
 /// The possible leaks, grouped (for --show-possible).
-pub fn render_possible(leaks: &[Leak], top: usize, color: bool) -> String {
+pub fn render_possible(
+    leaks: &[Leak],
+    top: usize,
+    color: bool,
+    fold: Option<&WrapperFold>,
+) -> String {
     let possible: Vec<Leak> = leaks
         .iter()
         .filter(|l| l.kind == crate::table::verdict::LeakKind::Possible)
@@ -208,7 +228,7 @@ pub fn render_possible(leaks: &[Leak], top: usize, color: bool) -> String {
     }
     let style = Style { color };
     let mut out = format!("{}\n\n", style.paint("1", "possibly leaked, by stack:"));
-    for (i, g) in group(&possible).iter().take(top).enumerate() {
+    for (i, g) in group_folding(&possible, fold).iter().take(top).enumerate() {
         render_group(&mut out, i + 1, g, &style, false);
     }
     out
@@ -221,7 +241,7 @@ mod tests {
 
     #[test]
     fn renders_groups_largest_first_within_80_columns() {
-        let text = render("pid 42 (prog)", &sample(), 10, false);
+        let text = render("pid 42 (prog)", &sample(), 10, false, None);
         let expected = "\
 pid 42 (prog): 4 objects leaked (120 B), 2 direct, 2 indirect, 2 stacks
 
@@ -242,7 +262,7 @@ pid 42 (prog): 4 objects leaked (120 B), 2 direct, 2 indirect, 2 stacks
 
     #[test]
     fn top_limits_the_groups() {
-        let text = render("x", &sample(), 1, false);
+        let text = render("x", &sample(), 1, false, None);
         assert!(text.contains("… and 1 more stack (24 B)"));
     }
 

@@ -291,7 +291,13 @@ impl Reporter {
             .collect();
         if !confirmed.is_empty() {
             let title = format!("pid {}, new", scan.pid);
-            let mut body = text::render(&title, &confirmed, self.out.top, self.out.color);
+            let mut body = text::render(
+                &title,
+                &confirmed,
+                self.out.top,
+                self.out.color,
+                self.out.fold.as_ref(),
+            );
             for l in confirmed.iter().filter(|l| l.contents.is_some()) {
                 let hex = l.contents.as_deref().unwrap_or_default();
                 body.push_str(&format!(
@@ -475,9 +481,15 @@ impl Reporter {
             leaks,
             self.out.top,
             self.out.color,
+            self.out.fold.as_ref(),
         ));
         if self.out.show_possible {
-            body.push_str(&text::render_possible(leaks, self.out.top, self.out.color));
+            body.push_str(&text::render_possible(
+                leaks,
+                self.out.top,
+                self.out.color,
+                self.out.fold.as_ref(),
+            ));
         }
         for s in suppressed {
             body.push_str(&format!(
