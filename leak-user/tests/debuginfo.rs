@@ -53,6 +53,10 @@ fn build_id(file: &Path) -> String {
 }
 
 fn run_app(dir: &Path, args: &[&str]) -> Run {
+    run_app_env(dir, args, &[])
+}
+
+fn run_app_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
     let app = dir.join("app");
     let mut all = FAST.to_vec();
     all.extend_from_slice(args);
@@ -60,7 +64,7 @@ fn run_app(dir: &Path, args: &[&str]) -> Run {
         "debuginfo",
         &[app.to_str().unwrap(), "--hold-ms", "600"],
         &all,
-        &[],
+        env,
     );
     assert!(run.ended_well(), "{}; stderr:\n{}", run.status, run.stderr);
     run
@@ -169,4 +173,91 @@ fn frames_without_debug_info_say_why() {
     );
     let errors = check_records(&documented_schema(), &run.records);
     assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+/// `python3 -m http.server` on 127.0.0.1 serving `root`, killed when dropped.
+struct Server {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Server {
+    fn start(root: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .current_dir(root)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 runs");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Self {
+                    child,
+                    url: format!("http://127.0.0.1:{port}"),
+                };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the http server did not start");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn debug_info_from_a_debuginfod_server() {
+    util::require_root();
+    let _s = serial();
+    let dir = split(false);
+    let id = build_id(&dir.join("app"));
+    // The debuginfod URL layout: /buildid/HEX/debuginfo.
+    let served = dir.join("srv/buildid").join(&id);
+    std::fs::create_dir_all(&served).unwrap();
+    std::fs::rename(dir.join("app.debug"), served.join("debuginfo")).unwrap();
+    let server = Server::start(&dir.join("srv"));
+    let cache = dir.join("cache");
+    let url = server.url.clone();
+    let env = [
+        ("DEBUGINFOD_URLS", url.as_str()),
+        ("XDG_CACHE_HOME", cache.to_str().unwrap()),
+    ];
+    assert_symbolized(&run_app_env(&dir, &[], &env), &dir);
+    let cached = cache
+        .join("leaktrace/debuginfod")
+        .join(&id)
+        .join("debuginfo");
+    assert!(cached.exists(), "cached at {}", cached.display());
+    // From the cache, without the server.
+    drop(server);
+    assert_symbolized(&run_app_env(&dir, &[], &env), &dir);
+    // No cache and no server: one line says so, and the frames why.
+    std::fs::remove_dir_all(&cache).unwrap();
+    let run = run_app_env(&dir, &[], &env);
+    let said: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("debuginfod server"))
+        .collect();
+    assert_eq!(said.len(), 1, "{}", run.stderr);
+    assert!(said[0].contains("failed"), "{}", said[0]);
+    for f in app_frames(&run, &dir) {
+        assert_eq!(f["reason"], "debuginfod_failed", "{f}");
+    }
 }

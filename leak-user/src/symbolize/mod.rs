@@ -12,6 +12,7 @@
 //! without a name says why (`NoSymbols`).
 
 mod debug_file;
+mod debuginfod;
 
 use std::{
     collections::HashMap,
@@ -30,6 +31,7 @@ use crate::proc::{self, maps::Mapping};
 
 pub use debug_file::DEFAULT_DEBUG_ROOT;
 use debug_file::{DebugRefs, Found};
+use debuginfod::Debuginfod;
 
 /// Why a frame has no function name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -47,6 +49,8 @@ pub enum NoSymbols {
     NoDebugInfo,
     /// A separate debug file was found but its CRC or build id did not match.
     DebugInfoMismatch,
+    /// No local debug file, and the `DEBUGINFOD_URLS` servers failed or lacked it.
+    DebuginfodFailed,
     /// The module has symbols, but none covers the address.
     NoSymbol,
     /// The module could not be parsed.
@@ -54,12 +58,13 @@ pub enum NoSymbols {
 }
 
 impl NoSymbols {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Unmapped,
         Self::Unreadable,
         Self::Replaced,
         Self::NoDebugInfo,
         Self::DebugInfoMismatch,
+        Self::DebuginfodFailed,
         Self::NoSymbol,
         Self::Error,
     ];
@@ -72,6 +77,7 @@ impl NoSymbols {
             Self::Replaced => "replaced",
             Self::NoDebugInfo => "no_debug_info",
             Self::DebugInfoMismatch => "debug_info_mismatch",
+            Self::DebuginfodFailed => "debuginfod_failed",
             Self::NoSymbol => "no_symbol",
             Self::Error => "error",
         }
@@ -189,7 +195,11 @@ impl Module {
     }
 
     /// Reads the module's build id and debug link and finds its debug file.
-    fn find_symbols(&self, debug_roots: &[PathBuf]) -> ModuleSymbols {
+    fn find_symbols(
+        &self,
+        debug_roots: &[PathBuf],
+        debuginfod: &mut Option<Debuginfod>,
+    ) -> ModuleSymbols {
         let Some(path) = &self.open_path else {
             return ModuleSymbols::default();
         };
@@ -209,14 +219,21 @@ impl Module {
                     log::debug!("debug info of {} in {}", self.display, f.display());
                     symbols.separate = Some(f);
                 }
-                Found::Nothing { rejected } if refs.is_stripped() => {
-                    symbols.missing = Some(if rejected > 0 {
-                        NoSymbols::DebugInfoMismatch
-                    } else {
-                        NoSymbols::NoDebugInfo
-                    });
+                Found::Nothing { rejected } => {
+                    let fetched = match (debuginfod.as_mut(), &refs.build_id) {
+                        (Some(d), Some(id)) => Some(d.fetch(id)),
+                        _ => None,
+                    };
+                    match fetched {
+                        Some(Ok(f)) => symbols.separate = Some(f),
+                        _ if !refs.is_stripped() => {}
+                        Some(Err(())) => symbols.missing = Some(NoSymbols::DebuginfodFailed),
+                        None if rejected > 0 => {
+                            symbols.missing = Some(NoSymbols::DebugInfoMismatch)
+                        }
+                        None => symbols.missing = Some(NoSymbols::NoDebugInfo),
+                    }
                 }
-                Found::Nothing { .. } => {}
             }
         }
         symbols.refs = Some(refs);
@@ -263,6 +280,8 @@ pub struct Symbolizer {
     blaze: Blaze,
     /// Where separate debug files are looked for (gdb's `debug-file-directory`).
     debug_roots: Vec<PathBuf>,
+    /// `DEBUGINFOD_URLS`, when set.
+    debuginfod: Option<Debuginfod>,
     modules: Vec<Module>,
     module_index: HashMap<ModuleKey, usize>,
     ranges: HashMap<u32, Vec<ModuleRange>>,
@@ -287,13 +306,15 @@ impl Symbolizer {
     }
 
     /// Looks for separate debug files under `debug_roots` (build-id paths and
-    /// debug links) as well as next to each module.
+    /// debug links) as well as next to each module, then asks the servers of
+    /// `DEBUGINFOD_URLS` if the user set it.
     pub fn with_debug_roots(debug_roots: Vec<PathBuf>) -> Self {
         Self {
             blaze: Blaze::builder()
                 .set_debug_dirs(Some(debug_roots.clone()))
                 .build(),
             debug_roots,
+            debuginfod: Debuginfod::from_env(),
             modules: Vec::new(),
             module_index: HashMap::new(),
             ranges: HashMap::new(),
@@ -372,7 +393,7 @@ impl Symbolizer {
         let file_offset = call - range.start + range.offset;
         let module = &mut self.modules[range.module];
         if module.open_path.is_some() && module.symbols.is_none() {
-            module.symbols = Some(module.find_symbols(&self.debug_roots));
+            module.symbols = Some(module.find_symbols(&self.debug_roots, &mut self.debuginfod));
         }
         let module = &self.modules[range.module];
         let at = Some((module.display.as_str(), file_offset));
