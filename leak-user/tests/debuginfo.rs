@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::{
     scanning::FAST,
     schema::{check_records, documented_schema},
-    util::{self, Run, serial},
+    util::{self, Fixture, Run, Tracer, serial},
 };
 
 fn sh(program: &str, args: &[&str]) {
@@ -24,9 +24,13 @@ fn sh(program: &str, args: &[&str]) {
 /// A scratch copy of `scenarios` as `app`, stripped, its DWARF and symbols in
 /// `app.debug` beside it; with `link`, the app names it in `.gnu_debuglink`.
 fn split(link: bool) -> PathBuf {
-    let dir = util::scratch("debuginfo");
+    split_into(util::scratch("debuginfo"), "scenarios", link)
+}
+
+/// `split` of the fixture `name`, in `dir`.
+fn split_into(dir: PathBuf, name: &str, link: bool) -> PathBuf {
     let app = dir.join("app");
-    std::fs::copy(util::fixture("scenarios"), &app).unwrap();
+    std::fs::copy(util::fixture(name), &app).unwrap();
     let (app_s, debug_s) = (app.to_str().unwrap(), dir.join("app.debug"));
     let debug_s = debug_s.to_str().unwrap();
     sh("objcopy", &["--only-keep-debug", app_s, debug_s]);
@@ -260,4 +264,63 @@ fn debug_info_from_a_debuginfod_server() {
     for f in app_frames(&run, &dir) {
         assert_eq!(f["reason"], "debuginfod_failed", "{f}");
     }
+}
+
+/// Starts the split `scenarios` app, then upgrades it as a package manager
+/// would: another program and its debug file renamed over `app` and
+/// `app.debug`; with `keep_old`, the old debug file stays installed by build id
+/// under a debug root. Then traces it with `--pid` while it leaks.
+fn upgraded_while_running(keep_old: bool) -> (Run, PathBuf) {
+    let dir = split(true);
+    let root = dir.join("root");
+    if keep_old {
+        let id = build_id(&dir.join("app"));
+        let sub = root.join(".build-id").join(&id[..2]);
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::copy(
+            dir.join("app.debug"),
+            sub.join(format!("{}.debug", &id[2..])),
+        )
+        .unwrap();
+    } else {
+        std::fs::create_dir_all(&root).unwrap();
+    }
+    let mut command = Command::new(dir.join("app"));
+    command.arg("--wait-go");
+    let mut fixture = Fixture::spawn(command);
+    let new = split_into(util::scratch("debuginfo-new"), "wrappers", true);
+    std::fs::rename(new.join("app.debug"), dir.join("app.debug")).unwrap();
+    std::fs::rename(new.join("app"), dir.join("app")).unwrap();
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", fixture.pid())).unwrap();
+    assert!(maps.contains(" (deleted)"), "{maps}");
+    let mut args = FAST.to_vec();
+    args.extend(["--debug-dir", root.to_str().unwrap()]);
+    let mut tracer = Tracer::attach(fixture.pid(), &args);
+    fixture.go();
+    fixture.wait_for("READY");
+    tracer.wait_scans(4);
+    let run = tracer.stop(&fixture.stdout.clone());
+    let (status, _) = fixture.finish();
+    assert!(status.success(), "the target kept running fine");
+    assert!(run.ended_well(), "{}; stderr:\n{}", run.status, run.stderr);
+    (run, dir)
+}
+
+#[test]
+fn an_upgraded_binary_is_not_named_from_the_new_debug_file() {
+    util::require_root();
+    let _s = serial();
+    let (run, dir) = upgraded_while_running(false);
+    for f in app_frames(&run, &dir) {
+        assert_eq!(f["reason"], "debug_info_mismatch", "{f}");
+        assert!(f.get("function").is_none(), "{f}");
+    }
+}
+
+#[test]
+fn an_upgraded_binary_is_named_from_its_own_debug_file_by_build_id() {
+    util::require_root();
+    let _s = serial();
+    let (run, dir) = upgraded_while_running(true);
+    assert_symbolized(&run, &dir);
 }
