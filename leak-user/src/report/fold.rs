@@ -89,6 +89,12 @@ impl WrapperFold {
             .is_some_and(|f| self.names.contains(f))
     }
 
+    /// Is `stack` nothing but wrappers (and not empty)? Then nothing is folded,
+    /// and the report says that no caller outside them was captured.
+    pub fn only_wrappers(&self, stack: &[Frame]) -> bool {
+        !stack.is_empty() && stack.iter().all(|f| self.is_wrapper(f))
+    }
+
     /// Splits `stack` (innermost first) into the wrappers at its top and the
     /// rest. A stack of nothing but wrappers is not folded: something must stay.
     pub fn split<'a>(&self, stack: &'a [Frame]) -> (&'a [Frame], &'a [Frame]) {
@@ -127,7 +133,10 @@ mod tests {
         let fold = WrapperFold::new(&[]);
         let only = [frame("g_malloc", "gmem.c", 1)];
         assert_eq!(fold.split(&only), (&[][..], &only[..]));
+        assert!(fold.only_wrappers(&only));
+        assert!(!fold.only_wrappers(&[]));
         let unnamed = [Frame::default(), frame("g_malloc", "gmem.c", 1)];
         assert_eq!(fold.split(&unnamed).0.len(), 0);
+        assert!(!fold.only_wrappers(&unnamed));
     }
 }

@@ -81,6 +81,11 @@ pub struct Group {
     pub pids: BTreeSet<u32>,
     /// Wrapper functions folded off the top of these leaks' stacks.
     pub folded: BTreeSet<String>,
+    /// Folding was asked for but the stack is nothing but wrappers: no caller
+    /// outside them was captured.
+    pub only_wrappers: bool,
+    /// Blocks found by the heap walk, allocated before attaching (no stack).
+    pub before_attach: bool,
 }
 
 /// What makes two stacks "the same" in a report: what the user would read.
@@ -132,6 +137,8 @@ pub fn group_folding(leaks: &[Leak], fold: Option<&fold::WrapperFold>) -> Vec<Gr
                 oldest_ms: 0,
                 pids: BTreeSet::new(),
                 folded: BTreeSet::new(),
+                only_wrappers: fold.is_some_and(|f| f.only_wrappers(stack)),
+                before_attach: leak.before_attach,
             });
             groups.len() - 1
         });

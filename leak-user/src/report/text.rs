@@ -121,7 +121,9 @@ fn render_group(out: &mut String, n: usize, g: &Group, style: &Style, multi_pid:
             truncate(&names.join(", "), WIDTH - 21)
         );
     }
-    if g.stack.is_empty() {
+    if g.stack.is_empty() && g.before_attach {
+        let _ = writeln!(out, "     (no stack: allocated before attaching)");
+    } else if g.stack.is_empty() {
         let _ = writeln!(out, "     (no stack)");
     }
     for frame in g.stack.iter() {
@@ -141,6 +143,9 @@ fn render_group(out: &mut String, n: usize, g: &Group, style: &Style, multi_pid:
             style.paint("36", &truncate(&frame.label(), room)),
             location
         );
+    }
+    if g.only_wrappers {
+        let _ = writeln!(out, "     (no caller outside the wrappers was captured)");
     }
     out.push('\n');
 }
@@ -258,6 +263,40 @@ pid 42 (prog): 4 objects leaked (120 B), 2 direct, 2 indirect, 2 stacks
 ";
         assert_eq!(text, expected);
         assert!(text.lines().all(|l| l.chars().count() <= 80));
+    }
+
+    #[test]
+    fn says_why_a_stack_is_missing_or_stops_in_a_wrapper() {
+        use std::sync::Arc;
+
+        use crate::{
+            report::tests::{frame, leak},
+            table::verdict::LeakKind,
+        };
+        // Built without frame pointers, Redis's stacks stop in its wrapper.
+        let wrapper_only = Arc::new(vec![frame("zmalloc_usable", "zmalloc.c", 3)]);
+        let mut early = leak(LeakKind::Direct, 24, &Arc::new(Vec::new()));
+        early.before_attach = true;
+        let leaks = [leak(LeakKind::Direct, 58, &wrapper_only), early];
+        let fold = WrapperFold::new(&[]);
+        let text = render("x", &leaks, 10, false, Some(&fold));
+        let expected = "\
+x: 2 objects leaked (82 B), 2 direct, 0 indirect, 2 stacks
+
+#1 58 B in 1 object: 1 direct (58 B)
+   size 58 B; oldest 6.1 s; by malloc
+     zmalloc_usable (zmalloc.c:3)
+     (no caller outside the wrappers was captured)
+
+#2 24 B in 1 object: 1 direct (24 B)
+   size 24 B; oldest 6.1 s; by malloc
+     (no stack: allocated before attaching)
+
+";
+        assert_eq!(text, expected);
+        // Without folding, a wrapper is just a frame.
+        let plain = render("x", &leaks, 10, false, None);
+        assert!(!plain.contains("no caller outside"), "{plain}");
     }
 
     #[test]
