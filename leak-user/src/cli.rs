@@ -179,6 +179,21 @@ pub struct Args {
     #[arg(long)]
     pub no_default_suppressions: bool,
 
+    /// Where separate debug info is looked for, like gdb's debug-file-directory:
+    /// build-id paths and .gnu_debuglink names (repeatable; default /usr/lib/debug).
+    #[arg(long, value_name = "DIR")]
+    pub debug_dir: Vec<PathBuf>,
+
+    /// Group the text report by the first frame outside known allocation
+    /// wrappers (zmalloc, xmalloc, g_malloc, sqlite3Malloc, PyMem_Malloc, ...).
+    #[arg(long)]
+    pub fold_wrappers: bool,
+
+    /// A function of yours to fold as an allocation wrapper (repeatable;
+    /// implies --fold-wrappers).
+    #[arg(long, value_name = "NAME")]
+    pub fold_wrapper: Vec<String>,
+
     /// Ring buffer size in MiB (a power of two).
     #[arg(long, value_name = "MiB", default_value_t = 32)]
     pub ring_buffer: u32,

@@ -15,6 +15,7 @@ use crate::{
     proc::mem::ReadMethod,
     report::{
         exitcode::{ErrorExit, LeakKinds},
+        fold::WrapperFold,
         suppress::Suppressions,
     },
     scan::heuristics::Heuristics,
@@ -71,6 +72,9 @@ pub struct OutputConfig {
     pub metrics: Option<SocketAddr>,
     /// `--metrics-sites`: kernel call sites with their own series.
     pub metrics_sites: usize,
+    /// `--fold-wrappers` / `--fold-wrapper NAME`: the text report groups by the
+    /// first frame outside these.
+    pub fold: Option<WrapperFold>,
 }
 
 impl From<FreeProbesArg> for FreeProbes {
@@ -124,6 +128,8 @@ pub struct Config {
     pub stack_entries: u32,
     pub read_method: ReadMethod,
     pub suppressions: Suppressions,
+    /// `--debug-dir`: roots for separate debug files.
+    pub debug_dirs: Vec<PathBuf>,
     pub kernel: KernelConfig,
     /// Capture allocation stacks (user and kernel mode).
     pub stacks: bool,
@@ -139,6 +145,8 @@ pub struct Config {
 /// A bad command line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    #[error("--debug-dir {}: not a directory", .0.display())]
+    DebugDir(PathBuf),
     #[error("nothing to trace: give --pid PID, a command after --, or --kernel")]
     NoTarget,
     #[error("give either --pid or a command after --, not both")]
@@ -282,6 +290,7 @@ impl Config {
             kernel: kernel_of(&args, &mode)?,
             output: output_of(&args)?,
             suppressions: suppressions_of(&args)?,
+            debug_dirs: debug_dirs_of(&args)?,
             mode,
             follow_forks: args.follow_forks,
             interval,
@@ -457,6 +466,19 @@ fn json_of(args: &Args) -> bool {
     args.json || args.format == Some(FormatArg::Json)
 }
 
+/// `--debug-dir` directories (each must be one), else gdb's default.
+fn debug_dirs_of(args: &Args) -> Result<Vec<PathBuf>, ConfigError> {
+    if args.debug_dir.is_empty() {
+        return Ok(vec![PathBuf::from(crate::symbolize::DEFAULT_DEBUG_ROOT)]);
+    }
+    for dir in &args.debug_dir {
+        if !dir.is_dir() {
+            return Err(ConfigError::DebugDir(dir.clone()));
+        }
+    }
+    Ok(args.debug_dir.clone())
+}
+
 /// The built-in suppressions (unless turned off) and the user's files.
 fn suppressions_of(args: &Args) -> Result<Suppressions, ConfigError> {
     let mut suppressions = if args.no_default_suppressions {
@@ -511,6 +533,8 @@ fn output_of(args: &Args) -> Result<OutputConfig, ConfigError> {
             .map(parse_metrics_addr)
             .transpose()?,
         metrics_sites: args.metrics_sites,
+        fold: (args.fold_wrappers || !args.fold_wrapper.is_empty())
+            .then(|| WrapperFold::new(&args.fold_wrapper)),
     })
 }
 

@@ -249,3 +249,65 @@ fn text_report_groups_by_stack() {
         "fits 80 columns:\n{summary}"
     );
 }
+
+/// The `wrappers` fixture's text summary, with `args` added.
+fn wrappers_summary(args: &[&str]) -> String {
+    let dir = util::scratch("fold");
+    let report = dir.join("report.txt");
+    let status = std::process::Command::new(util::leaktrace())
+        .args(FAST)
+        .args(args)
+        .arg("--output")
+        .arg(&report)
+        .arg("--")
+        .arg(util::fixture("wrappers"))
+        .args(["--hold-ms", "800"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&report).unwrap();
+    text.split("leaktrace summary")
+        .nth(1)
+        .expect("a final summary")
+        .to_owned()
+}
+
+#[test]
+fn text_report_folds_allocation_wrappers_when_asked() {
+    util::require_root();
+    let _s = serial();
+    let caller = format!(
+        "make_record (wrappers.c:{})",
+        util::source_line("wrappers.c", "ALLOC:make_record")
+    );
+    // Without folding a wrapper is just a frame: the big and small blocks of one
+    // caller are two stacks, each starting in a wrapper.
+    let plain = wrappers_summary(&[]);
+    assert!(plain.contains("5 direct, 0 indirect, 2 stacks"), "{plain}");
+    let heads: Vec<&str> = plain
+        .split("\n#")
+        .skip(1)
+        .filter_map(|g| g.lines().nth(2).map(str::trim))
+        .collect();
+    assert_eq!(heads.len(), 2, "{plain}");
+    assert!(heads.iter().all(|h| h.starts_with("xmalloc")), "{heads:?}");
+    // Folded (the built-in list has xmalloc; xmalloc_big is the user's), they
+    // are one group headed by the caller, the wrappers named above it.
+    let folded = wrappers_summary(&["--fold-wrappers", "--fold-wrapper", "xmalloc_big"]);
+    assert!(
+        folded.contains("5 direct, 0 indirect, 1 stack\n"),
+        "{folded}"
+    );
+    let group: Vec<&str> = folded.split("\n#1 ").nth(1).unwrap().lines().collect();
+    assert!(group[0].starts_with("504 B in 5 objects"), "{folded}");
+    assert_eq!(
+        group[2].trim(),
+        "through xmalloc, xmalloc_big (folded)",
+        "{folded}"
+    );
+    assert_eq!(group[3].trim(), caller, "{folded}");
+    // --fold-wrapper alone turns folding on, with the built-in list too.
+    let only_user = wrappers_summary(&["--fold-wrapper", "xmalloc_big"]);
+    assert!(only_user.contains("1 stack\n"), "{only_user}");
+}

@@ -5,6 +5,7 @@ mod before_attach;
 mod ci;
 mod cli;
 mod daemon;
+mod debuginfo;
 mod deleted;
 mod formats;
 mod kernel;

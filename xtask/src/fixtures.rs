@@ -37,6 +37,7 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
         "formats.c",
         &["-fno-omit-frame-pointer", "-fsanitize=leak"],
     ),
+    ("wrappers", "wrappers.c", &["-fno-omit-frame-pointer"]),
 ];
 
 pub fn dir() -> PathBuf {

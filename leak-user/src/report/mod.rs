@@ -7,6 +7,7 @@
 pub mod exitcode;
 pub mod files;
 pub mod flamegraph;
+pub mod fold;
 pub mod json;
 pub mod live;
 pub mod lsan;
@@ -15,6 +16,7 @@ pub mod profile_dir;
 pub mod records;
 pub mod suppress;
 pub mod text;
+pub mod unsymbolized;
 pub mod xml;
 
 use std::{collections::BTreeSet, sync::Arc};
@@ -87,6 +89,11 @@ pub struct Group {
     /// Allocated before attaching (no stack): grouped by class and size.
     pub before_attach: bool,
     pub class_name: Option<String>,
+    /// Wrapper functions folded off the top of these leaks' stacks.
+    pub folded: BTreeSet<String>,
+    /// Folding was asked for but the stack is nothing but wrappers: no caller
+    /// outside them was captured.
+    pub only_wrappers: bool,
 }
 
 /// What makes two stacks "the same" in a report: what the user would read.
@@ -98,13 +105,23 @@ fn stack_key(stack: &[Frame]) -> StackKey {
 
 /// Groups leaks by allocation stack, largest leaked bytes first.
 pub fn group(leaks: &[Leak]) -> Vec<Group> {
+    group_folding(leaks, None)
+}
+
+/// Groups leaks by allocation stack, with `fold`'s wrappers dropped from the top
+/// of each stack (a group's stack starts at the first frame outside them).
+pub fn group_folding(leaks: &[Leak], fold: Option<&fold::WrapperFold>) -> Vec<Group> {
     let mut groups: Vec<Group> = Vec::new();
     let mut index: std::collections::HashMap<(StackKey, &str), usize> =
         std::collections::HashMap::new();
     for leak in leaks {
+        let (folded, stack) = match fold {
+            Some(fold) => fold.split(&leak.stack),
+            None => (&[][..], &leak.stack[..]),
+        };
         // Blocks from before attaching have no stack: group them by the class
         // their vtable names, and by size.
-        let mut key = (stack_key(&leak.stack), leak.allocator);
+        let mut key = (stack_key(stack), leak.allocator);
         if leak.before_attach {
             let what = match &leak.class_name {
                 Some(class) => format!("{class}, "),
@@ -117,7 +134,11 @@ pub fn group(leaks: &[Leak]) -> Vec<Group> {
         }
         let i = *index.entry(key).or_insert_with(|| {
             groups.push(Group {
-                stack: leak.stack.clone(),
+                stack: if folded.is_empty() {
+                    leak.stack.clone()
+                } else {
+                    Arc::new(stack.to_vec())
+                },
                 allocator: leak.allocator,
                 objects: 0,
                 bytes: 0,
@@ -130,10 +151,14 @@ pub fn group(leaks: &[Leak]) -> Vec<Group> {
                 pids: BTreeSet::new(),
                 before_attach: leak.before_attach,
                 class_name: leak.class_name.clone(),
+                folded: BTreeSet::new(),
+                only_wrappers: fold.is_some_and(|f| f.only_wrappers(stack)),
             });
             groups.len() - 1
         });
         let g = &mut groups[i];
+        g.folded
+            .extend(folded.iter().filter_map(|f| f.function.clone()));
         g.objects += 1;
         g.bytes += leak.size;
         let bucket = match leak.kind {
@@ -257,6 +282,7 @@ pub(crate) mod tests {
             module: Some("/usr/bin/prog".into()),
             offset: Some(line as u64),
             inlined: false,
+            reason: None,
         }
     }
 
@@ -303,10 +329,10 @@ pub(crate) mod tests {
                 (None, 48, 1),
             ]
         );
-        let text = text::render("t", &leaks, 10, false);
+        let text = text::render("t", &leaks, 10, false, None);
         assert!(text.contains("class app::Session (its vtable)"), "{text}");
         assert!(
-            text.contains("(allocated before attaching: no stack)"),
+            text.contains("(no stack: allocated before attaching)"),
             "{text}"
         );
     }
@@ -347,6 +373,28 @@ pub(crate) mod tests {
                 (LeakKind::Direct, 1, 24, 0),
             ]
         );
+    }
+
+    #[test]
+    fn folding_groups_by_the_first_frame_outside_the_wrappers() {
+        let small = Arc::new(vec![frame("xmalloc", "x.c", 5), frame("caller", "c.c", 9)]);
+        let big = Arc::new(vec![
+            frame("xmalloc_big", "x.c", 2),
+            frame("xmalloc", "x.c", 6),
+            frame("caller", "c.c", 9),
+        ]);
+        let leaks = [
+            leak(LeakKind::Direct, 16, &small),
+            leak(LeakKind::Direct, 128, &big),
+        ];
+        assert_eq!(group(&leaks).len(), 2);
+        let fold = fold::WrapperFold::new(&["xmalloc_big".to_owned()]);
+        let groups = group_folding(&leaks, Some(&fold));
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].direct, (2, 144));
+        assert_eq!(groups[0].stack[0].function.as_deref(), Some("caller"));
+        let folded: Vec<&str> = groups[0].folded.iter().map(String::as_str).collect();
+        assert_eq!(folded, ["xmalloc", "xmalloc_big"]);
     }
 
     #[test]

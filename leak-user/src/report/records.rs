@@ -335,6 +335,9 @@ pub struct EndRecord<'a> {
     /// of each process's last complete scan stand.
     pub incomplete_scans: u64,
     pub suppressed: &'a [SuppressedRule],
+    /// Distinct frames of the reported leaks without a function name, by reason
+    /// ([`crate::symbolize::NoSymbols::name`]).
+    pub unsymbolized_frames: std::collections::BTreeMap<&'static str, u64>,
     #[serde(flatten)]
     pub stats: &'a Stats,
 }

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Group, Leak, group, totals};
+use super::{Group, Leak, fold::WrapperFold, group_folding, totals};
 
 /// Report width.
 const WIDTH: usize = 80;
@@ -116,8 +116,16 @@ fn render_group(out: &mut String, n: usize, g: &Group, style: &Style, multi_pid:
     if let Some(class) = &g.class_name {
         let _ = writeln!(out, "   class {class} (its vtable)");
     }
+    if !g.folded.is_empty() {
+        let names: Vec<&str> = g.folded.iter().map(String::as_str).collect();
+        let _ = writeln!(
+            out,
+            "   through {} (folded)",
+            truncate(&names.join(", "), WIDTH - 21)
+        );
+    }
     if g.stack.is_empty() && g.before_attach {
-        let _ = writeln!(out, "     (allocated before attaching: no stack)");
+        let _ = writeln!(out, "     (no stack: allocated before attaching)");
     } else if g.stack.is_empty() {
         let _ = writeln!(out, "     (no stack)");
     }
@@ -127,7 +135,11 @@ fn render_group(out: &mut String, n: usize, g: &Group, style: &Style, multi_pid:
             .map(|l| format!(" ({l})"))
             .unwrap_or_default();
         let room = WIDTH.saturating_sub(7 + location.chars().count()).max(20);
-        let inlined = if frame.inlined { " [inlined]" } else { "" };
+        let inlined = match frame.reason {
+            _ if frame.inlined => " [inlined]".to_owned(),
+            Some(why) => format!(" [{}]", why.name().replace('_', " ")),
+            None => String::new(),
+        };
         let _ = writeln!(
             out,
             "     {}{}{inlined}",
@@ -135,11 +147,21 @@ fn render_group(out: &mut String, n: usize, g: &Group, style: &Style, multi_pid:
             location
         );
     }
+    if g.only_wrappers {
+        let _ = writeln!(out, "     (no caller outside the wrappers was captured)");
+    }
     out.push('\n');
 }
 
 /// Renders a report of `leaks`; `title` heads it.
-pub fn render(title: &str, leaks: &[Leak], top: usize, color: bool) -> String {
+/// `fold`: `--fold-wrappers`, group by the first frame outside the wrappers.
+pub fn render(
+    title: &str,
+    leaks: &[Leak],
+    top: usize,
+    color: bool,
+    fold: Option<&WrapperFold>,
+) -> String {
     let style = Style { color };
     let mut out = String::new();
     let (sure, possible): (Vec<&Leak>, Vec<&Leak>) = leaks
@@ -147,7 +169,7 @@ pub fn render(title: &str, leaks: &[Leak], top: usize, color: bool) -> String {
         .partition(|l| l.kind != crate::table::verdict::LeakKind::Possible);
     let t = totals(sure.iter().copied());
     let sure: Vec<Leak> = sure.into_iter().cloned().collect();
-    let groups = group(&sure);
+    let groups = group_folding(&sure, fold);
     let multi_pid = groups
         .iter()
         .flat_map(|g| g.pids.iter())
@@ -198,7 +220,12 @@ pub fn render(title: &str, leaks: &[Leak], top: usize, color: bool) -> String {
 }
 
 /// The possible leaks, grouped (for --show-possible).
-pub fn render_possible(leaks: &[Leak], top: usize, color: bool) -> String {
+pub fn render_possible(
+    leaks: &[Leak],
+    top: usize,
+    color: bool,
+    fold: Option<&WrapperFold>,
+) -> String {
     let possible: Vec<Leak> = leaks
         .iter()
         .filter(|l| l.kind == crate::table::verdict::LeakKind::Possible)
@@ -209,7 +236,7 @@ pub fn render_possible(leaks: &[Leak], top: usize, color: bool) -> String {
     }
     let style = Style { color };
     let mut out = format!("{}\n\n", style.paint("1", "possibly leaked, by stack:"));
-    for (i, g) in group(&possible).iter().take(top).enumerate() {
+    for (i, g) in group_folding(&possible, fold).iter().take(top).enumerate() {
         render_group(&mut out, i + 1, g, &style, false);
     }
     out
@@ -222,7 +249,7 @@ mod tests {
 
     #[test]
     fn renders_groups_largest_first_within_80_columns() {
-        let text = render("pid 42 (prog)", &sample(), 10, false);
+        let text = render("pid 42 (prog)", &sample(), 10, false, None);
         let expected = "\
 pid 42 (prog): 4 objects leaked (120 B), 2 direct, 2 indirect, 2 stacks
 
@@ -242,8 +269,42 @@ pid 42 (prog): 4 objects leaked (120 B), 2 direct, 2 indirect, 2 stacks
     }
 
     #[test]
+    fn says_why_a_stack_is_missing_or_stops_in_a_wrapper() {
+        use std::sync::Arc;
+
+        use crate::{
+            report::tests::{frame, leak},
+            table::verdict::LeakKind,
+        };
+        // Built without frame pointers, Redis's stacks stop in its wrapper.
+        let wrapper_only = Arc::new(vec![frame("zmalloc_usable", "zmalloc.c", 3)]);
+        let mut early = leak(LeakKind::Direct, 24, &Arc::new(Vec::new()));
+        early.before_attach = true;
+        let leaks = [leak(LeakKind::Direct, 58, &wrapper_only), early];
+        let fold = WrapperFold::new(&[]);
+        let text = render("x", &leaks, 10, false, Some(&fold));
+        let expected = "\
+x: 2 objects leaked (82 B), 2 direct, 0 indirect, 2 stacks
+
+#1 58 B in 1 object: 1 direct (58 B)
+   size 58 B; oldest 6.1 s; by malloc
+     zmalloc_usable (zmalloc.c:3)
+     (no caller outside the wrappers was captured)
+
+#2 24 B in 1 object: 1 direct (24 B)
+   size 24 B; oldest 6.1 s; by malloc
+     (no stack: allocated before attaching)
+
+";
+        assert_eq!(text, expected);
+        // Without folding, a wrapper is just a frame.
+        let plain = render("x", &leaks, 10, false, None);
+        assert!(!plain.contains("no caller outside"), "{plain}");
+    }
+
+    #[test]
     fn top_limits_the_groups() {
-        let text = render("x", &sample(), 1, false);
+        let text = render("x", &sample(), 1, false, None);
         assert!(text.contains("… and 1 more stack (24 B)"));
     }
 

@@ -96,7 +96,7 @@ impl Reporter {
             xml: files.xml,
             first_target: None,
             readers,
-            symbolizer: Symbolizer::new(),
+            symbolizer: Symbolizer::with_debug_roots(config.debug_dirs.clone()),
             stacks: HashMap::new(),
             suppressions: config.suppressions.clone(),
             reported: BTreeMap::new(),
@@ -386,7 +386,13 @@ impl Reporter {
             .collect();
         if !confirmed.is_empty() && self.text_every_scan() {
             let title = format!("pid {}, new", scan.pid);
-            let mut body = text::render(&title, &confirmed, self.out.top, self.out.color);
+            let mut body = text::render(
+                &title,
+                &confirmed,
+                self.out.top,
+                self.out.color,
+                self.out.fold.as_ref(),
+            );
             for l in confirmed.iter().filter(|l| l.contents.is_some()) {
                 let hex = l.contents.as_deref().unwrap_or_default();
                 body.push_str(&format!(
@@ -564,6 +570,7 @@ impl Reporter {
             retractions: self.retractions,
             incomplete_scans: self.incomplete_scans,
             suppressed: &suppressed,
+            unsymbolized_frames: report::unsymbolized::count(&leaks),
             stats,
         }));
         if self.out.lsan {
@@ -626,9 +633,15 @@ impl Reporter {
             leaks,
             self.out.top,
             self.out.color,
+            self.out.fold.as_ref(),
         ));
         if self.out.show_possible {
-            body.push_str(&text::render_possible(leaks, self.out.top, self.out.color));
+            body.push_str(&text::render_possible(
+                leaks,
+                self.out.top,
+                self.out.color,
+                self.out.fold.as_ref(),
+            ));
         }
         for s in suppressed {
             body.push_str(&format!(
@@ -638,6 +651,10 @@ impl Reporter {
                 s.objects,
                 text::bytes(s.bytes)
             ));
+        }
+        if let Some(line) = report::unsymbolized::summary_line(&report::unsymbolized::count(leaks))
+        {
+            body.push_str(&line);
         }
         body.push_str(&format!(
             "events: {} records, {} lost, {} undecodable; {} retractions\n",
