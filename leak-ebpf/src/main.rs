@@ -12,6 +12,7 @@
 //! * `probes::process` — fork, exec, exit of traced processes
 //! * `probes::mapping` — mmap/mremap/munmap/brk, to know which memory the allocator owns
 //! * `probes::kmem`    — kernel slab mode (kmalloc, kmem_cache_alloc and their frees)
+//! * `unwind`          — user stacks walked with the daemon's CFI tables (no frame pointers needed)
 //!
 //! Whatever cannot be recorded is counted in `LOSSES` ([`leak_common::Loss`]), never
 //! dropped silently. On the host this crate compiles to an empty program.
@@ -24,6 +25,8 @@ mod maps;
 mod probes;
 #[cfg(target_arch = "bpf")]
 mod record;
+#[cfg(target_arch = "bpf")]
+mod unwind;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

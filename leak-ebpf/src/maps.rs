@@ -77,6 +77,10 @@ static SAMPLE_SHIFT: u32 = 0;
 #[unsafe(no_mangle)]
 static CAPTURE_STACKS: u32 = 1;
 
+/// Set by the daemon: how user stacks are captured ([`leak_common::StackMode`]).
+#[unsafe(no_mangle)]
+static STACK_MODE: u32 = 0;
+
 /// Set by the daemon: kernel mode traces only the tgids in `TARGETS`.
 #[unsafe(no_mangle)]
 static KERNEL_FILTER_PIDS: u32 = 0;
@@ -123,6 +127,12 @@ pub fn sampled(ptr: u64) -> bool {
 pub fn capture_stacks() -> bool {
     // SAFETY: a global the daemon wrote before load; reading it has no precondition.
     unsafe { core::ptr::read_volatile(&raw const CAPTURE_STACKS) != 0 }
+}
+
+/// Are user stacks walked with the CFI unwinder (rather than frame pointers)?
+pub fn cfi_stacks() -> bool {
+    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
+    unsafe { core::ptr::read_volatile(&raw const STACK_MODE) == leak_common::StackMode::Cfi as u32 }
 }
 
 pub fn kernel_filter_pids() -> bool {

@@ -4,7 +4,7 @@
 use std::{ffi::OsString, io::IsTerminal as _, path::PathBuf, time::Duration};
 
 use crate::{
-    cli::{Args, ColorArg, FreeProbesArg, ReadMethodArg},
+    cli::{Args, ColorArg, FreeProbesArg, ReadMethodArg, StacksArg},
     proc::mem::ReadMethod,
     report::{
         exitcode::{ErrorExit, LeakKinds},
@@ -96,6 +96,8 @@ pub struct Config {
     pub kernel: KernelConfig,
     /// Capture allocation stacks (user and kernel mode).
     pub stacks: bool,
+    /// How user-mode stacks are walked (when `stacks`).
+    pub stack_walk: StackWalk,
     /// `--error-exitcode`: the status for leaks left at the end.
     pub error_exit: Option<ErrorExit>,
     pub verbose: u8,
@@ -230,11 +232,26 @@ impl Config {
                 ReadMethodArg::ProcessVmReadv => ReadMethod::ProcessVmReadv,
                 ReadMethodArg::ProcMem => ReadMethod::ProcMem,
             },
-            stacks: !args.no_stacks,
+            stacks: !args.no_stacks && args.stacks != StacksArg::Caller,
+            stack_walk: match args.stacks {
+                StacksArg::Fp => StackWalk::FramePointers,
+                StacksArg::Dwarf => StackWalk::Cfi,
+                StacksArg::Auto | StacksArg::Caller => StackWalk::Auto,
+            },
             verbose: args.verbose,
             dump_objects: args.dump_objects,
         })
     }
+}
+
+/// How user stacks are walked (`--stacks`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StackWalk {
+    /// CFI where the kernel can run the unwinder, else frame pointers.
+    Auto,
+    FramePointers,
+    /// CFI, or an error when the unwinder cannot load.
+    Cfi,
 }
 
 /// What to trace: processes, a command, or the kernel.

@@ -19,4 +19,5 @@ pub mod scan;
 pub mod session;
 pub mod symbolize;
 pub mod table;
+pub mod unwind;
 pub mod user;

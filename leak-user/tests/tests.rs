@@ -14,4 +14,5 @@ mod shutdown;
 mod survival;
 mod targets;
 mod tracking;
+mod unwind;
 mod util;

@@ -29,6 +29,12 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ),
     ("reaper", "reaper.c", &[]),
     ("soak", "soak.c", &["-fno-omit-frame-pointer"]),
+    // As distributions build: CFI only (gcc's defaults, spelled out).
+    (
+        "unwind",
+        "unwind.c",
+        &["-fomit-frame-pointer", "-fasynchronous-unwind-tables"],
+    ),
 ];
 
 pub fn dir() -> PathBuf {

@@ -21,8 +21,9 @@ use leak_common::{
 
 use super::regs;
 use crate::{
-    maps::{CALLS, HINTS, STACKS, capture_stacks},
+    maps::{CALLS, HINTS, STACKS, capture_stacks, cfi_stacks},
     record::{USER_STACK, capture_stack, count, current_ids, emit, is_target, now_ns},
+    unwind,
 };
 
 const CALLOC: u32 = AllocFn::Calloc as u32;
@@ -133,7 +134,11 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
         _ => call.size = a0,
     }
     if capture_stacks() {
-        call.stack_id = capture_stack(ctx, &STACKS, USER_STACK);
+        call.stack_id = if cfi_stacks() {
+            unwind::capture(r, tgid)
+        } else {
+            capture_stack(ctx, &STACKS, USER_STACK)
+        };
     }
     let (caller, via_new) = allocating_call_site(tgid, sp);
     call.caller = caller;

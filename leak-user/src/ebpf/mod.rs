@@ -14,14 +14,15 @@ use std::{io, num::NonZeroU32, os::fd::AsRawFd as _, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         ProgramError, RawTracePoint, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
 use leak_common::{
-    FreeProbeCount, HintKey, Loss, STACK_DEPTH, Stack, TargetFlags, TracepointLayout, names,
+    FreeProbeCount, HintKey, Loss, MAX_MODULES, ModuleRange, ModuleSlot, STACK_DEPTH, Stack,
+    StackMode, TargetFlags, TracepointLayout, UnwindRow, UnwindTable, names,
 };
 
 use crate::allocator::HookPlan;
@@ -84,6 +85,15 @@ pub struct LoadOptions {
     pub kernel_filter_cgroups: bool,
     /// Kernel mode: a raw and a classic program share each free tracepoint.
     pub dual_free_probes: bool,
+    /// How user stacks are walked.
+    pub stack_mode: StackMode,
+    /// Rows of the CFI unwinder's table array (with [`StackMode::Cfi`]).
+    pub unwind_rows: u32,
+    /// Processes whose code mappings the CFI unwinder can hold at once.
+    pub unwind_processes: u32,
+    /// With [`StackMode::Cfi`]: use frame pointers when the unwinder cannot load
+    /// (else that is an error).
+    pub unwind_fallback: bool,
 }
 
 /// Which processes a uprobe fires for.
@@ -101,6 +111,8 @@ pub struct Probes {
     ebpf: Ebpf,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub tracefs: PathBuf,
+    /// How user stacks are walked (frame pointers when the unwinder could not load).
+    pub stack_mode: StackMode,
     pub layout: TracepointLayout,
     /// Uprobe links per target (or 0 for all-process links).
     uprobe_links: Vec<(u32, &'static str, UProbeLinkId)>,
@@ -153,8 +165,29 @@ fn is_permission(err: &aya::EbpfError) -> bool {
 }
 
 impl Probes {
-    /// Loads the object with its maps sized and globals set.
+    /// Loads the object with its maps sized and globals set. When the CFI unwinder
+    /// is asked for but the kernel refuses it, falls back to frame pointers with a
+    /// one-line notice (`stack_mode` says which one runs).
     pub fn load(options: &LoadOptions) -> Result<Self, EbpfError> {
+        let mut probes = Self::load_as(options)?;
+        if options.stack_mode == StackMode::Cfi && options.capture_stacks {
+            if let Err(err) = probes.program::<UProbe>("alloc_enter") {
+                if !options.unwind_fallback {
+                    return Err(err);
+                }
+                log::warn!("the CFI unwinder cannot load here ({err}); stacks use frame pointers");
+                drop(probes);
+                let fallback = LoadOptions {
+                    stack_mode: StackMode::FramePointers,
+                    ..options.clone()
+                };
+                probes = Self::load_as(&fallback)?;
+            }
+        }
+        Ok(probes)
+    }
+
+    fn load_as(options: &LoadOptions) -> Result<Self, EbpfError> {
         check_environment()?;
         let tracefs = tracefs::ensure_mounted()?;
         let layout = tracefs::layout(&tracefs);
@@ -166,10 +199,28 @@ impl Probes {
         let filter_cgroups = flag(options.kernel_filter_cgroups);
         let dual_frees = flag(options.dual_free_probes);
         let (user_stacks, kernel_stacks) = stack_map_sizes(options);
+        let stack_mode = if options.capture_stacks && !options.kernel_stacks {
+            options.stack_mode
+        } else {
+            StackMode::FramePointers
+        };
+        let cfi = stack_mode == StackMode::Cfi;
+        let mode_tag = stack_mode as u32;
+        let unwind_rows = if cfi { options.unwind_rows.max(1) } else { 1 };
+        let unwind_modules = if cfi { 4096 } else { 1 };
+        let unwind_ranges = if cfi {
+            options.unwind_processes.max(1) * MAX_MODULES as u32
+        } else {
+            MAX_MODULES as u32
+        };
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::EVENTS, options.ring_bytes)
             .map_max_entries(names::STACKS, user_stacks)
             .map_max_entries(names::KSTACKS, kernel_stacks)
+            .map_max_entries(names::UNWIND_ROWS, unwind_rows)
+            .map_max_entries(names::UNWIND_MODULES, unwind_modules)
+            .map_max_entries(names::UNWIND_RANGES, unwind_ranges)
+            .override_global(names::STACK_MODE, &mode_tag, true)
             .override_global(names::FOLLOW_FORKS, &follow, true)
             .override_global(names::CAPTURE_STACKS, &stacks, true)
             .override_global(names::WAKEUP_BYTES, &wakeup, true)
@@ -198,6 +249,7 @@ impl Probes {
             _logger: logger,
             tracefs,
             layout,
+            stack_mode,
             uprobe_links: Vec::new(),
             loaded: Vec::new(),
         })
@@ -443,6 +495,32 @@ impl Probes {
         })
     }
 
+    /// The CFI unwinder's maps, for the daemon to fill.
+    pub fn take_unwind_maps(&mut self) -> Result<UnwindMaps, EbpfError> {
+        let mut take = |name: &'static str| {
+            self.ebpf.take_map(name).ok_or(EbpfError::Map(
+                name,
+                aya::maps::MapError::InvalidName {
+                    name: name.to_owned(),
+                },
+            ))
+        };
+        let rows = take(names::UNWIND_ROWS)?;
+        let tables = take(names::UNWIND_TABLES)?;
+        let modules = take(names::UNWIND_MODULES)?;
+        let ranges = take(names::UNWIND_RANGES)?;
+        let counts = take(names::UNWIND_COUNTS)?;
+        Ok(UnwindMaps {
+            rows: Array::try_from(rows).map_err(|e| EbpfError::Map(names::UNWIND_ROWS, e))?,
+            tables: Array::try_from(tables).map_err(|e| EbpfError::Map(names::UNWIND_TABLES, e))?,
+            modules: HashMap::try_from(modules)
+                .map_err(|e| EbpfError::Map(names::UNWIND_MODULES, e))?,
+            ranges: Array::try_from(ranges).map_err(|e| EbpfError::Map(names::UNWIND_RANGES, e))?,
+            counts: PerCpuArray::try_from(counts)
+                .map_err(|e| EbpfError::Map(names::UNWIND_COUNTS, e))?,
+        })
+    }
+
     /// Run counts of the programs (only counted while kernel.bpf_stats_enabled=1).
     pub fn run_counts(&self) -> Vec<(String, u64)> {
         self.program_info(RUN_CNT_OFFSET).collect()
@@ -528,6 +606,73 @@ fn prog_info_u64(fd: i32, offset: usize) -> io::Result<u64> {
     }
     let bytes = &info.0[offset..offset + 8];
     Ok(u64::from_ne_bytes(bytes.try_into().expect("8 bytes")))
+}
+
+/// The CFI unwinder's maps: rows and tables shared by every process, each
+/// process's code mappings, and the walks' counters.
+pub struct UnwindMaps {
+    rows: Array<MapData, UnwindRow>,
+    tables: Array<MapData, UnwindTable>,
+    modules: HashMap<MapData, u32, ModuleSlot>,
+    ranges: Array<MapData, ModuleRange>,
+    counts: PerCpuArray<MapData, u64>,
+}
+
+impl UnwindMaps {
+    /// Writes a table's rows from `first` on, then the table itself (the eBPF side
+    /// only finds the rows through the table, so it never sees half of them).
+    pub fn write_table(
+        &mut self,
+        id: u32,
+        first: u32,
+        rows: &[UnwindRow],
+    ) -> Result<(), EbpfError> {
+        for (i, row) in rows.iter().enumerate() {
+            self.rows
+                .set(first + i as u32, row, 0)
+                .map_err(|e| EbpfError::Map(names::UNWIND_ROWS, e))?;
+        }
+        let table = UnwindTable {
+            first,
+            rows: rows.len() as u32,
+        };
+        self.tables
+            .set(id, table, 0)
+            .map_err(|e| EbpfError::Map(names::UNWIND_TABLES, e))
+    }
+
+    /// Replaces the code mappings of `tgid`, kept in process slot `slot` (the
+    /// caller hands out slots; at most [`MAX_MODULES`] ranges).
+    pub fn set_modules(
+        &mut self,
+        tgid: u32,
+        slot: u32,
+        ranges: &[ModuleRange],
+    ) -> Result<(), EbpfError> {
+        let first = slot * MAX_MODULES as u32;
+        let ranges = &ranges[..ranges.len().min(MAX_MODULES)];
+        for (i, range) in ranges.iter().enumerate() {
+            self.ranges
+                .set(first + i as u32, range, 0)
+                .map_err(|e| EbpfError::Map(names::UNWIND_RANGES, e))?;
+        }
+        let value = ModuleSlot {
+            first,
+            count: ranges.len() as u32,
+        };
+        self.modules
+            .insert(tgid, value, 0)
+            .map_err(|e| EbpfError::Map(names::UNWIND_MODULES, e))
+    }
+
+    pub fn remove_modules(&mut self, tgid: u32) {
+        let _ = self.modules.remove(&tgid);
+    }
+
+    /// The walks' counters summed over CPUs, by [`leak_common::UnwindCount`].
+    pub fn counts(&self) -> [u64; leak_common::UnwindCount::COUNT as usize] {
+        sum_per_cpu(&self.counts)
+    }
 }
 
 /// The maps the daemon reads while it runs.

@@ -183,6 +183,10 @@ fn load(config: &Config, k: &KernelConfig, cgroups: Option<&[u64]>) -> anyhow::R
         kernel_filter_pids: !k.pids.is_empty(),
         kernel_filter_cgroups: cgroups.is_some(),
         dual_free_probes: k.free_probes == FreeProbes::Both,
+        stack_mode: leak_common::StackMode::FramePointers,
+        unwind_rows: 1,
+        unwind_processes: 1,
+        unwind_fallback: true,
     })?;
     for &pid in &k.pids {
         probes.add_target(pid)?;
