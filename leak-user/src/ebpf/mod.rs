@@ -170,19 +170,20 @@ impl Probes {
     /// one-line notice (`stack_mode` says which one runs).
     pub fn load(options: &LoadOptions) -> Result<Self, EbpfError> {
         let mut probes = Self::load_as(options)?;
-        if options.stack_mode == StackMode::Cfi && options.capture_stacks {
-            if let Err(err) = probes.program::<UProbe>("alloc_enter") {
-                if !options.unwind_fallback {
-                    return Err(err);
-                }
-                log::warn!("the CFI unwinder cannot load here ({err}); stacks use frame pointers");
-                drop(probes);
-                let fallback = LoadOptions {
-                    stack_mode: StackMode::FramePointers,
-                    ..options.clone()
-                };
-                probes = Self::load_as(&fallback)?;
+        if options.stack_mode == StackMode::Cfi
+            && options.capture_stacks
+            && let Err(err) = probes.program::<UProbe>("alloc_enter")
+        {
+            if !options.unwind_fallback {
+                return Err(err);
             }
+            log::warn!("the CFI unwinder cannot load here ({err}); stacks use frame pointers");
+            drop(probes);
+            let fallback = LoadOptions {
+                stack_mode: StackMode::FramePointers,
+                ..options.clone()
+            };
+            probes = Self::load_as(&fallback)?;
         }
         Ok(probes)
     }
