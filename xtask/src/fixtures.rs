@@ -29,6 +29,12 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
     ),
     ("reaper", "reaper.c", &[]),
     ("soak", "soak.c", &["-fno-omit-frame-pointer"]),
+    ("unwind-loop", "unwind_loop.c", &["-fomit-frame-pointer"]),
+    (
+        "unwind-loop-fp",
+        "unwind_loop.c",
+        &["-fno-omit-frame-pointer"],
+    ),
     // As distributions build: CFI only (gcc's defaults, spelled out).
     (
         "unwind",
