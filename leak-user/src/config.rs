@@ -96,6 +96,8 @@ pub struct Config {
     pub kernel: KernelConfig,
     /// Capture allocation stacks (user and kernel mode).
     pub stacks: bool,
+    /// Benchmarks only: the allocator probes do nothing (`--empty-probes`).
+    pub empty_probes: bool,
     /// `--error-exitcode`: the status for leaks left at the end.
     pub error_exit: Option<ErrorExit>,
     pub verbose: u8,
@@ -231,6 +233,7 @@ impl Config {
                 ReadMethodArg::ProcMem => ReadMethod::ProcMem,
             },
             stacks: !args.no_stacks,
+            empty_probes: args.empty_probes,
             verbose: args.verbose,
             dump_objects: args.dump_objects,
         })

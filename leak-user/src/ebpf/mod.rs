@@ -84,6 +84,15 @@ pub struct LoadOptions {
     pub kernel_filter_cgroups: bool,
     /// Kernel mode: a raw and a classic program share each free tracepoint.
     pub dual_free_probes: bool,
+    /// User mode: keep calls in flight in task-local storage when the kernel lets
+    /// uprobe programs use it (the verifier decides at load), else in a hash map
+    /// by thread id.
+    pub task_calls: bool,
+    /// The overhead benchmark's floor: the allocator probes return at once.
+    pub empty_probes: bool,
+    /// User mode: every allocator uprobe will be attached with
+    /// [`Scope::Process`], so the programs trust the kernel's filter.
+    pub scoped_probes: bool,
 }
 
 /// Which processes a uprobe fires for.
@@ -153,11 +162,31 @@ fn is_permission(err: &aya::EbpfError) -> bool {
 }
 
 impl Probes {
-    /// Loads the object with its maps sized and globals set.
+    /// Loads the object with its maps sized and globals set. With `task_calls`, the
+    /// allocator entry program is loaded at once to learn whether this kernel lets
+    /// it use task-local storage; if not, the object is loaded again without.
     pub fn load(options: &LoadOptions) -> Result<Self, EbpfError> {
         check_environment()?;
         let tracefs = tracefs::ensure_mounted()?;
         let layout = tracefs::layout(&tracefs);
+        if options.task_calls {
+            match Self::load_with(options, &tracefs, layout, true) {
+                Ok(probes) => return Ok(probes),
+                Err(err) => log::warn!(
+                    "calls in flight kept in a hash map by thread id (slower): this kernel \
+                     does not let uprobe programs use task-local storage ({err})"
+                ),
+            }
+        }
+        Self::load_with(options, &tracefs, layout, false)
+    }
+
+    fn load_with(
+        options: &LoadOptions,
+        tracefs: &std::path::Path,
+        layout: TracepointLayout,
+        task_calls: bool,
+    ) -> Result<Self, EbpfError> {
         let flag = |b: bool| u32::from(b);
         let follow = flag(options.follow_forks);
         let stacks = flag(options.capture_stacks);
@@ -165,8 +194,13 @@ impl Probes {
         let filter_pids = flag(options.kernel_filter_pids);
         let filter_cgroups = flag(options.kernel_filter_cgroups);
         let dual_frees = flag(options.dual_free_probes);
+        let task_calls_flag = flag(task_calls);
+        let empty = flag(options.empty_probes);
+        let scoped = flag(options.scoped_probes);
         let (user_stacks, kernel_stacks) = stack_map_sizes(options);
         let mut ebpf = EbpfLoader::new()
+            // TASK_CALLS: aya has no type for task storage, and we never read it.
+            .allow_unsupported_maps()
             .map_max_entries(names::EVENTS, options.ring_bytes)
             .map_max_entries(names::STACKS, user_stacks)
             .map_max_entries(names::KSTACKS, kernel_stacks)
@@ -178,6 +212,9 @@ impl Probes {
             .override_global(names::KERNEL_FILTER_CGROUPS, &filter_cgroups, true)
             .override_global(names::DUAL_FREE_PROBES, &dual_frees, true)
             .override_global(names::TP_LAYOUT, &layout, true)
+            .override_global(names::USE_TASK_CALLS, &task_calls_flag, true)
+            .override_global(names::EMPTY_PROBES, &empty, true)
+            .override_global(names::SCOPED_PROBES, &scoped, true)
             .load(OBJECT)
             .map_err(|e| {
                 if is_permission(&e) {
@@ -193,14 +230,19 @@ impl Probes {
                 None
             }
         };
-        Ok(Self {
+        let mut probes = Self {
             ebpf,
             _logger: logger,
-            tracefs,
+            tracefs: tracefs.to_owned(),
             layout,
             uprobe_links: Vec::new(),
             loaded: Vec::new(),
-        })
+        };
+        if task_calls {
+            // The verifier decides here whether the helper is allowed.
+            probes.program::<UProbe>("alloc_enter")?;
+        }
+        Ok(probes)
     }
 
     /// The aya-log reader, to poll so that eBPF log lines reach the terminal.

@@ -182,6 +182,9 @@ fn load(config: &Config, k: &KernelConfig, cgroups: Option<&[u64]>) -> anyhow::R
         sample_shift: k.sample_shift,
         kernel_filter_pids: !k.pids.is_empty(),
         kernel_filter_cgroups: cgroups.is_some(),
+        task_calls: false,
+        empty_probes: false,
+        scoped_probes: false,
         dual_free_probes: k.free_probes == FreeProbes::Both,
     })?;
     for &pid in &k.pids {
