@@ -12,6 +12,8 @@
 //! * `probes::process` — fork, exec, exit of traced processes
 //! * `probes::mapping` — mmap/mremap/munmap/brk, to know which memory the allocator owns
 //! * `probes::kmem`    — kernel slab mode (kmalloc, kmem_cache_alloc and their frees)
+//! * `calls`           — each thread's allocator call between entry and return
+//!   (task-local storage, or a hash map by tid where the kernel refuses it)
 //!
 //! Whatever cannot be recorded is counted in `LOSSES` ([`leak_common::Loss`]), never
 //! dropped silently. On the host this crate compiles to an empty program.
