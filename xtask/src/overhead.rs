@@ -133,13 +133,17 @@ impl Tracer {
             .collect()
     }
 
-    /// Ends the run; the end record.
+    /// Ends the run; the end record. Returns once the probes are gone too: the
+    /// kernel takes ~120 ms per uprobe to let go of them after leaktrace exits, and
+    /// a server measured meanwhile would still trap.
     fn stop(mut self) -> anyhow::Result<Value> {
+        let programs = program_ids(self.child.id());
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let _ = self.child.wait();
         let end = self.records().into_iter().rfind(|r| r["type"] == "end");
         let _ = std::fs::remove_file(&self.out);
+        wait_released(&programs);
         end.context("leaktrace wrote no end record")
     }
 }
@@ -217,6 +221,22 @@ fn program_ids(pid: u32) -> Vec<u64> {
                 .and_then(|id| id.trim().parse().ok())
         })
         .collect()
+}
+
+/// Waits (up to 30 s) until none of the programs `ids` exists any more.
+fn wait_released(ids: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exists = |id: &u64| {
+        Command::new("bpftool")
+            .args(["prog", "show", "id", &id.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    while ids.iter().any(exists) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Run time per run (ns) of each of [`PROGRAMS`] held by process `owner`, from
