@@ -5,7 +5,8 @@
 //!
 //! * the malloc/free loop (random sizes 16 B–4 KiB, a small live set, built without
 //!   frame pointers), on 1 and 2 threads: untraced; the floor (leaktrace attached the
-//!   same way with programs that return at once, `--empty-probes`); leaktrace with
+//!   same way with programs that return at once, `--empty-probes`; and tracefs
+//!   uprobe events on the same sites, no BPF at all); leaktrace with
 //!   and without stacks. The figure that matters is the *added* cost per pair,
 //!   leaktrace's against the floor's;
 //! * each program's own run time per event (kernel.bpf_stats_enabled, switched on
@@ -71,6 +72,9 @@ enum Setup {
     Untraced,
     /// leaktrace with `--empty-probes`: the same probes, programs that do nothing.
     Floor,
+    /// tracefs uprobe events on the same sites (system-wide, a filter that never
+    /// matches): the floor without any BPF.
+    TracefsFloor,
     Leaktrace(&'static [&'static str]),
 }
 
@@ -79,6 +83,7 @@ impl Setup {
         match self {
             Setup::Untraced => "untraced".into(),
             Setup::Floor => "floor (empty programs)".into(),
+            Setup::TracefsFloor => "floor (tracefs events)".into(),
             Setup::Leaktrace([]) => "leaktrace".into(),
             Setup::Leaktrace(args) => format!("leaktrace {}", args.join(" ")),
         }
@@ -86,7 +91,7 @@ impl Setup {
 
     fn args(self) -> Vec<&'static str> {
         match self {
-            Setup::Untraced => Vec::new(),
+            Setup::Untraced | Setup::TracefsFloor => Vec::new(),
             Setup::Floor => vec!["--empty-probes", "--no-stacks"],
             Setup::Leaktrace(args) => args.to_vec(),
         }
@@ -148,15 +153,80 @@ impl Tracer {
     }
 }
 
-/// Traces `pid` the way `setup` says; None when untraced.
+/// Traces `pid` the way `setup` says; None when leaktrace does not run.
 fn trace(leaktrace: &Path, pid: u32, setup: Setup) -> anyhow::Result<Option<Tracer>> {
     match setup {
-        Setup::Untraced => Ok(None),
+        Setup::Untraced | Setup::TracefsFloor => Ok(None),
         _ => Tracer::attach(leaktrace, pid, &setup.args()).map(Some),
     }
 }
 
-/// ns per pair of one run of the loop fixture, and the tracer's end record.
+/// tracefs uprobe events on the sites of a `hooks` record, enabled while this lives.
+struct TracefsEvents {
+    root: PathBuf,
+    names: Vec<String>,
+}
+
+const TRACEFS_GROUP: &str = "leaktrace_floor";
+
+impl TracefsEvents {
+    fn create(hooks: &Value) -> anyhow::Result<Self> {
+        let root = PathBuf::from("/sys/kernel/tracing");
+        let mut events = Self {
+            root,
+            names: Vec::new(),
+        };
+        let mut specs = Vec::new();
+        for object in hooks["objects"].as_array().into_iter().flatten() {
+            let path = object["object"].as_str().context("hooks: object")?;
+            for f in object["functions"].as_array().into_iter().flatten() {
+                let offset = f["file_offset"].as_str().context("hooks: file_offset")?;
+                let n = specs.len();
+                specs.push(format!("p:{TRACEFS_GROUP}/e{n} {path}:{offset}"));
+                if f["return_probe"] == true {
+                    specs.push(format!("r:{TRACEFS_GROUP}/r{n} {path}:{offset}"));
+                }
+            }
+        }
+        for spec in specs {
+            let name = spec.split_whitespace().next().expect("spec")[2..].to_owned();
+            append(&events.root.join("uprobe_events"), &spec)
+                .with_context(|| format!("cannot add uprobe event {spec}"))?;
+            let dir = events.root.join("events").join(&name);
+            events.names.push(name);
+            // Never true: the trap is taken, nothing is recorded.
+            std::fs::write(dir.join("filter"), "common_pid == 1")?;
+            std::fs::write(dir.join("enable"), "1")?;
+        }
+        Ok(events)
+    }
+}
+
+impl Drop for TracefsEvents {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = std::fs::write(self.root.join("events").join(name).join("enable"), "0");
+        }
+        for name in &self.names {
+            let _ = append(&self.root.join("uprobe_events"), &format!("-:{name}"));
+        }
+    }
+}
+
+fn append(path: &Path, line: &str) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new().append(true).open(path)?;
+    f.write_all(format!("{line}\n").as_bytes())
+}
+
+/// One run of the loop fixture: ns per pair, the programs' own time (with
+/// `stats`), and the `hooks` record leaktrace wrote (the sites, for the tracefs
+/// floor, which needs `hooks`).
+struct LoopRun {
+    ns: f64,
+    per_program: Option<[f64; 3]>,
+    hooks: Option<Value>,
+}
+
 fn loop_once(
     leaktrace: &Path,
     loop_bin: &Path,
@@ -164,7 +234,8 @@ fn loop_once(
     threads: u32,
     setup: Setup,
     stats: bool,
-) -> anyhow::Result<(f64, Option<[f64; 3]>)> {
+    hooks: Option<&Value>,
+) -> anyhow::Result<LoopRun> {
     let mut child = Command::new(loop_bin)
         .args(["--wait-go", &pairs.to_string(), &threads.to_string()])
         .stdin(Stdio::piped())
@@ -183,6 +254,14 @@ fn loop_once(
     };
     wait_for("WAITING")?;
     let tracer = trace(leaktrace, child.id(), setup)?;
+    let _events = match (setup, hooks) {
+        (Setup::TracefsFloor, Some(h)) => Some(TracefsEvents::create(h)?),
+        (Setup::TracefsFloor, None) => bail!("the tracefs floor needs the sites first"),
+        _ => None,
+    };
+    let hooks_seen = tracer
+        .as_ref()
+        .and_then(|t| t.records().into_iter().find(|r| r["type"] == "hooks"));
     let mut stdin = child.stdin.take().expect("piped");
     stdin.write_all(b"go\n")?;
     let line = wait_for("NS_PER_PAIR")?;
@@ -206,7 +285,11 @@ fn loop_once(
         .strip_prefix("NS_PER_PAIR ")
         .and_then(|n| n.trim().parse().ok())
         .with_context(|| format!("unexpected line {line:?}"))?;
-    Ok((ns, per_program.flatten()))
+    Ok(LoopRun {
+        ns,
+        per_program: per_program.flatten(),
+        hooks: hooks_seen,
+    })
 }
 
 /// The ids of the BPF programs process `pid` holds (from its descriptors' fdinfo).
@@ -282,9 +365,10 @@ impl Drop for BpfStats {
     }
 }
 
-const LOOP_SETUPS: [Setup; 4] = [
+const LOOP_SETUPS: [Setup; 5] = [
     Setup::Untraced,
     Setup::Floor,
+    Setup::TracefsFloor,
     Setup::Leaktrace(&[]),
     Setup::Leaktrace(&["--no-stacks"]),
 ];
@@ -302,9 +386,22 @@ fn loop_figures(
     ));
     let loop_bin = fixtures.join("malloc-loop");
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); LOOP_SETUPS.len()];
+    let mut hooks: Option<Value> = None;
     for _ in 0..rounds {
         for (i, setup) in LOOP_SETUPS.iter().enumerate() {
-            ns[i].push(loop_once(leaktrace, &loop_bin, pairs, threads, *setup, false)?.0);
+            let run = loop_once(
+                leaktrace,
+                &loop_bin,
+                pairs,
+                threads,
+                *setup,
+                false,
+                hooks.as_ref(),
+            )?;
+            ns[i].push(run.ns);
+            if *setup == Setup::Floor {
+                hooks = hooks.or(run.hooks);
+            }
         }
     }
     let spreads: Vec<Spread> = ns.iter().map(|v| Spread::of(v)).collect();
@@ -330,8 +427,8 @@ fn loop_figures(
     // One more run of each traced setup with bpf_stats on, for the programs' own time.
     let _stats = BpfStats::on();
     for setup in [Setup::Leaktrace(&[]), Setup::Leaktrace(&["--no-stacks"])] {
-        let (_, per) = loop_once(leaktrace, &loop_bin, pairs, threads, setup, true)?;
-        match per {
+        let run = loop_once(leaktrace, &loop_bin, pairs, threads, setup, true, None)?;
+        match run.per_program {
             Some(p) => println!(
                 "  {:<26} programs' own time: alloc_enter {:.0} + alloc_return {:.0} + \
                  free_enter {:.0} = {:.0} ns per pair",
