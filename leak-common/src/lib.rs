@@ -47,6 +47,15 @@ pub mod names {
     pub const DUAL_FREE_PROBES: &str = "DUAL_FREE_PROBES";
     /// Per-CPU counters of how the two free probes shared the frees.
     pub const FREE_PROBES: &str = "FREE_PROBES";
+    /// Global: non-zero when every allocator uprobe is attached for one process.
+    pub const SCOPED_PROBES: &str = "SCOPED_PROBES";
+    /// Global: non-zero when the allocator probes do nothing (the benchmark's floor).
+    pub const EMPTY_PROBES: &str = "EMPTY_PROBES";
+    /// Global: non-zero when calls in flight are kept in task-local storage
+    /// (`TASK_CALLS`) rather than in `CALLS`.
+    pub const USE_TASK_CALLS: &str = "USE_TASK_CALLS";
+    /// Allocator calls in flight, in task-local storage (kernels that allow it).
+    pub const TASK_CALLS: &str = "TASK_CALLS";
     /// Global: non-zero when allocation stacks are captured.
     pub const CAPTURE_STACKS: &str = "CAPTURE_STACKS";
     /// Global: non-zero when kernel mode traces only the processes in `TARGETS`.

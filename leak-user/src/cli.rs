@@ -160,6 +160,11 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "HOW", default_value_t = StacksArg::Auto)]
     pub stacks: StacksArg,
 
+    /// Benchmarks only: attach the allocator probes with programs that return at
+    /// once and record nothing (the cost of the traps alone).
+    #[arg(long, hide = true, conflicts_with = "kernel")]
+    pub empty_probes: bool,
+
     /// Kernel mode: record one object in N (a power of two), chosen by address so
     /// that an object's allocation and free are both kept or both dropped; counts
     /// are scaled back up. For machines whose allocation rate loses events.

@@ -98,6 +98,8 @@ pub struct Config {
     pub stacks: bool,
     /// How user-mode stacks are walked (when `stacks`).
     pub stack_walk: StackWalk,
+    /// Benchmarks only: the allocator probes do nothing (`--empty-probes`).
+    pub empty_probes: bool,
     /// `--error-exitcode`: the status for leaks left at the end.
     pub error_exit: Option<ErrorExit>,
     pub verbose: u8,
@@ -238,6 +240,7 @@ impl Config {
                 StacksArg::Dwarf => StackWalk::Cfi,
                 StacksArg::Auto | StacksArg::Caller => StackWalk::Auto,
             },
+            empty_probes: args.empty_probes,
             verbose: args.verbose,
             dump_objects: args.dump_objects,
         })

@@ -2,9 +2,8 @@
 //! baseline in the same run and printed as a ratio: these machines are shared and
 //! noisy, so absolute numbers mean little and no test asserts on time.
 //!
-//! * tracing overhead: a malloc(16)/free loop untraced, under leaktrace (with and
-//!   without stacks), and under bpftrace running BCC memleak's probes (BCC itself
-//!   needs kernel headers this machine kind lacks);
+//! * tracing overhead (`overhead.rs`): a malloc/free loop and two servers, untraced,
+//!   at the floor (empty programs) and traced; each program's own time; start-up;
 //! * scanning: leaktrace's scan rate over a heap of a million objects, against a plain
 //!   sequential read of the same process's memory (the physical limit);
 //! * kernel slab mode: eventfd open/close untraced and under `leaktrace --kernel`,
@@ -157,107 +156,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("RssAnon:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
-}
-
-fn ns_per_pair(line: &str) -> anyhow::Result<f64> {
-    line.strip_prefix("NS_PER_PAIR ")
-        .and_then(|n| n.trim().parse().ok())
-        .with_context(|| format!("unexpected line {line:?}"))
-}
-
-/// malloc/free loop: untraced, leaktrace, BCC memleak.
-fn overhead(leaktrace: &Path, fixtures: &Path, pairs: u64) -> anyhow::Result<()> {
-    step(&format!("tracing overhead: {pairs} malloc(16)/free pairs"));
-    let loop_bin = fixtures.join("malloc-loop");
-    let n = pairs.to_string();
-    let run = |trace: &dyn Fn(u32) -> anyhow::Result<Option<Child>>| -> anyhow::Result<f64> {
-        let mut f = Fixture::start(&loop_bin, &[&n])?;
-        let tracer = trace(f.pid())?;
-        f.go()?;
-        let line = f.wait_for("NS_PER_PAIR")?;
-        f.finish();
-        if let Some(mut t) = tracer {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(t.id() as i32, libc::SIGINT) };
-            let _ = t.wait();
-        }
-        ns_per_pair(&line)
-    };
-    let untraced = run(&|_| Ok(None))?;
-    let leaktrace_run = |extra: &[&str]| -> anyhow::Result<f64> {
-        let mut f = Fixture::start(&loop_bin, &[&n])?;
-        let mut args = vec!["--interval", "60s"];
-        args.extend_from_slice(extra);
-        let t = Tracer::attach(leaktrace, f.pid(), &args)?;
-        f.go()?;
-        let line = f.wait_for("NS_PER_PAIR")?;
-        f.finish();
-        let records = t.stop();
-        let end = records
-            .iter()
-            .rfind(|r| r["type"] == "end")
-            .context("no end record")?;
-        let seen = end["counters"]["allocs"].as_u64().unwrap_or(0);
-        eprintln!(
-            "xtask: leaktrace {extra:?}: {seen} allocations seen, {} events lost",
-            end["lost_total"]
-        );
-        if seen < pairs {
-            bail!("leaktrace saw {seen} of {pairs} allocations");
-        }
-        ns_per_pair(&line)
-    };
-    let traced = leaktrace_run(&[])?;
-    let no_stacks = leaktrace_run(&["--no-stacks"])?;
-    println!(
-        "  {:<28} {:>10.0} ns/pair {:>8.1}x",
-        "untraced", untraced, 1.0
-    );
-    println!(
-        "  {:<28} {:>10.0} ns/pair {:>8.1}x",
-        "leaktrace",
-        traced,
-        traced / untraced
-    );
-    println!(
-        "  {:<28} {:>10.0} ns/pair {:>8.1}x",
-        "leaktrace --no-stacks",
-        no_stacks,
-        no_stacks / untraced
-    );
-    if let Ok(bpftrace) = which::which("bpftrace") {
-        // What BCC's memleak does (it needs kernel headers this machine lacks):
-        // malloc entry and return, free at its first instruction, user stacks.
-        let libc = "/lib/x86_64-linux-gnu/libc.so.6";
-        let script = format!(
-            "uprobe:{libc}:malloc {{ @size[tid] = arg0; }} \
-             uretprobe:{libc}:malloc /@size[tid]/ {{ @live[retval] = (@size[tid], ustack); delete(@size[tid]); }} \
-             uprobe:{libc}:free {{ delete(@live[arg0]); }}"
-        );
-        let peer = run(&|pid| {
-            let mut child = Command::new(&bpftrace)
-                .args(["-p", &pid.to_string(), "-e", &script])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()?;
-            let mut out = BufReader::new(child.stdout.take().expect("piped"));
-            let mut line = String::new();
-            while out.read_line(&mut line)? > 0 && !line.contains("Attaching") {
-                line.clear();
-            }
-            std::thread::sleep(Duration::from_millis(500));
-            Ok(Some(child))
-        })?;
-        println!(
-            "  {:<28} {:>10.0} ns/pair {:>8.1}x",
-            "bpftrace (memleak's probes)",
-            peer,
-            peer / untraced
-        );
-    } else {
-        println!("  (bpftrace not installed: apt-get install bpftrace to compare)");
-    }
-    Ok(())
 }
 
 /// Kernel slab mode: eventfd open/close as fast as one process can, untraced and
@@ -462,7 +360,7 @@ fn scanning(leaktrace: &Path, fixtures: &Path, objects: u64, every: u32) -> anyh
 /// The benchmarks, for `--only`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Bench {
-    /// malloc/free tracing overhead against untraced and bpftrace.
+    /// Tracing overhead against untraced and the floor: loop, servers, start-up.
     Overhead,
     /// Kernel slab mode event rate and losses.
     Kernel,
@@ -482,14 +380,10 @@ pub fn run(quick: bool, only: &[Bench]) -> anyhow::Result<()> {
     step("building leaktrace (release)");
     util::cargo(&["build", "--release", "--package", "leaktrace"], &[])?;
     let leaktrace = util::root().join("target/release/leaktrace");
-    let (pairs, objects) = if quick {
-        (200_000, 200_000)
-    } else {
-        (2_000_000, 1_000_000)
-    };
+    let objects = if quick { 200_000 } else { 1_000_000 };
     println!("leaktrace benchmarks (ratios are measured side by side in this run)");
     if wanted(Bench::Overhead) {
-        overhead(&leaktrace, &fixtures, pairs)?;
+        crate::overhead::run(&leaktrace, &fixtures, quick)?;
     }
     if wanted(Bench::Kernel) {
         kernel(&leaktrace, &fixtures, if quick { 2 } else { 5 })?;

@@ -94,6 +94,15 @@ pub struct LoadOptions {
     /// With [`StackMode::Cfi`]: use frame pointers when the unwinder cannot load
     /// (else that is an error).
     pub unwind_fallback: bool,
+    /// User mode: keep calls in flight in task-local storage when the kernel lets
+    /// uprobe programs use it (the verifier decides at load), else in a hash map
+    /// by thread id.
+    pub task_calls: bool,
+    /// The overhead benchmark's floor: the allocator probes return at once.
+    pub empty_probes: bool,
+    /// User mode: every allocator uprobe will be attached with
+    /// [`Scope::Process`], so the programs trust the kernel's filter.
+    pub scoped_probes: bool,
 }
 
 /// Which processes a uprobe fires for.
@@ -165,33 +174,79 @@ fn is_permission(err: &aya::EbpfError) -> bool {
 }
 
 impl Probes {
-    /// Loads the object with its maps sized and globals set. When the CFI unwinder
-    /// is asked for but the kernel refuses it, falls back to frame pointers with a
-    /// one-line notice (`stack_mode` says which one runs).
+    /// Loads the object with its maps sized and globals set. Two choices are left
+    /// to the verifier, which decides when the allocator entry program loads: the
+    /// CFI unwinder (`bpf_loop`, Linux 5.17) and task-local storage for calls in
+    /// flight. Each is tried first; where the kernel refuses it, the object is
+    /// loaded again without (frame pointers with `unwind_fallback`, else an
+    /// error; a hash map by thread id), each with a one-line notice.
+    /// `stack_mode` says which walk runs.
     pub fn load(options: &LoadOptions) -> Result<Self, EbpfError> {
-        let mut probes = Self::load_as(options)?;
-        if options.stack_mode == StackMode::Cfi
-            && options.capture_stacks
-            && let Err(err) = probes.program::<UProbe>("alloc_enter")
-        {
-            if !options.unwind_fallback {
-                return Err(err);
-            }
-            log::warn!("the CFI unwinder cannot load here ({err}); stacks use frame pointers");
-            drop(probes);
-            let fallback = LoadOptions {
-                stack_mode: StackMode::FramePointers,
-                ..options.clone()
-            };
-            probes = Self::load_as(&fallback)?;
-        }
-        Ok(probes)
-    }
-
-    fn load_as(options: &LoadOptions) -> Result<Self, EbpfError> {
         check_environment()?;
         let tracefs = tracefs::ensure_mounted()?;
         let layout = tracefs::layout(&tracefs);
+        let cfi = options.stack_mode == StackMode::Cfi
+            && options.capture_stacks
+            && !options.kernel_stacks;
+        let mut modes = vec![options.stack_mode];
+        if cfi && options.unwind_fallback {
+            modes.push(StackMode::FramePointers);
+        }
+        let storages: &[bool] = if options.task_calls {
+            &[true, false]
+        } else {
+            &[false]
+        };
+        let mut last_err = None;
+        let mut cfi_err = None;
+        for &stack_mode in &modes {
+            // Why task storage was refused with this walk.
+            let mut task_err = None;
+            for &task_calls in storages {
+                let attempt = LoadOptions {
+                    stack_mode,
+                    ..options.clone()
+                };
+                match Self::load_with(&attempt, &tracefs, layout, task_calls) {
+                    Ok(probes) => {
+                        if let Some(err) = cfi_err.filter(|_| stack_mode != options.stack_mode) {
+                            log::warn!(
+                                "the CFI unwinder cannot load here ({err}); stacks use frame \
+                                 pointers"
+                            );
+                        }
+                        if let Some(err) = task_err.filter(|_| !task_calls) {
+                            log::warn!(
+                                "calls in flight kept in a hash map by thread id (slower): this \
+                                 kernel does not let uprobe programs use task-local storage \
+                                 ({err})"
+                            );
+                        }
+                        return Ok(probes);
+                    }
+                    Err(EbpfError::NotPermitted) => return Err(EbpfError::NotPermitted),
+                    Err(err) => {
+                        let text = err.to_string();
+                        if task_calls {
+                            task_err.get_or_insert(text.clone());
+                        }
+                        if stack_mode == StackMode::Cfi && cfi {
+                            cfi_err.get_or_insert(text);
+                        }
+                        last_err = Some(err);
+                    }
+                }
+            }
+        }
+        Err(last_err.expect("at least one attempt"))
+    }
+
+    fn load_with(
+        options: &LoadOptions,
+        tracefs: &std::path::Path,
+        layout: TracepointLayout,
+        task_calls: bool,
+    ) -> Result<Self, EbpfError> {
         let flag = |b: bool| u32::from(b);
         let follow = flag(options.follow_forks);
         let stacks = flag(options.capture_stacks);
@@ -199,6 +254,9 @@ impl Probes {
         let filter_pids = flag(options.kernel_filter_pids);
         let filter_cgroups = flag(options.kernel_filter_cgroups);
         let dual_frees = flag(options.dual_free_probes);
+        let task_calls_flag = flag(task_calls);
+        let empty = flag(options.empty_probes);
+        let scoped = flag(options.scoped_probes);
         let (user_stacks, kernel_stacks) = stack_map_sizes(options);
         let stack_mode = if options.capture_stacks && !options.kernel_stacks {
             options.stack_mode
@@ -215,6 +273,8 @@ impl Probes {
             MAX_MODULES as u32
         };
         let mut ebpf = EbpfLoader::new()
+            // TASK_CALLS: aya has no type for task storage, and we never read it.
+            .allow_unsupported_maps()
             .map_max_entries(names::EVENTS, options.ring_bytes)
             .map_max_entries(names::STACKS, user_stacks)
             .map_max_entries(names::KSTACKS, kernel_stacks)
@@ -230,6 +290,9 @@ impl Probes {
             .override_global(names::KERNEL_FILTER_CGROUPS, &filter_cgroups, true)
             .override_global(names::DUAL_FREE_PROBES, &dual_frees, true)
             .override_global(names::TP_LAYOUT, &layout, true)
+            .override_global(names::USE_TASK_CALLS, &task_calls_flag, true)
+            .override_global(names::EMPTY_PROBES, &empty, true)
+            .override_global(names::SCOPED_PROBES, &scoped, true)
             .load(OBJECT)
             .map_err(|e| {
                 if is_permission(&e) {
@@ -245,15 +308,21 @@ impl Probes {
                 None
             }
         };
-        Ok(Self {
+        let mut probes = Self {
             ebpf,
             _logger: logger,
-            tracefs,
+            tracefs: tracefs.to_owned(),
             layout,
             stack_mode,
             uprobe_links: Vec::new(),
             loaded: Vec::new(),
-        })
+        };
+        if task_calls || cfi {
+            // The verifier decides here whether the helper (task storage, bpf_loop)
+            // is allowed.
+            probes.program::<UProbe>("alloc_enter")?;
+        }
+        Ok(probes)
     }
 
     /// The aya-log reader, to poll so that eBPF log lines reach the terminal.

@@ -165,6 +165,10 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         sample_shift: 0,
         kernel_filter_pids: false,
         kernel_filter_cgroups: false,
+        task_calls: true,
+        empty_probes: config.empty_probes,
+        // As `UserSession::scope` decides.
+        scoped_probes: !config.follow_forks,
         dual_free_probes: false,
         stack_mode: match config.stack_walk {
             StackWalk::FramePointers => StackMode::FramePointers,
