@@ -47,10 +47,31 @@ pub mod names {
     pub const DUAL_FREE_PROBES: &str = "DUAL_FREE_PROBES";
     /// Per-CPU counters of how the two free probes shared the frees.
     pub const FREE_PROBES: &str = "FREE_PROBES";
+    /// Global: non-zero when every allocator uprobe is attached for one process.
+    pub const SCOPED_PROBES: &str = "SCOPED_PROBES";
+    /// Global: non-zero when the allocator probes do nothing (the benchmark's floor).
+    pub const EMPTY_PROBES: &str = "EMPTY_PROBES";
+    /// Global: non-zero when calls in flight are kept in task-local storage
+    /// (`TASK_CALLS`) rather than in `CALLS`.
+    pub const USE_TASK_CALLS: &str = "USE_TASK_CALLS";
+    /// Allocator calls in flight, in task-local storage (kernels that allow it).
+    pub const TASK_CALLS: &str = "TASK_CALLS";
     /// Global: non-zero when allocation stacks are captured.
     pub const CAPTURE_STACKS: &str = "CAPTURE_STACKS";
     /// Global: non-zero when kernel mode traces only the processes in `TARGETS`.
     pub const KERNEL_FILTER_PIDS: &str = "KERNEL_FILTER_PIDS";
+    /// Global: how user stacks are captured, a [`super::StackMode`] tag.
+    pub const STACK_MODE: &str = "STACK_MODE";
+    /// Unwind rows of every loaded module, back to back ([`super::UnwindRow`]).
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    /// Unwind tables: table id -> [`super::UnwindTable`] (a slice of `UNWIND_ROWS`).
+    pub const UNWIND_TABLES: &str = "UNWIND_TABLES";
+    /// The code modules of each traced process: tgid -> [`super::ModuleSlot`].
+    pub const UNWIND_MODULES: &str = "UNWIND_MODULES";
+    /// Every process's code mappings, [`super::MAX_MODULES`] per process slot.
+    pub const UNWIND_RANGES: &str = "UNWIND_RANGES";
+    /// Per-CPU counters of the unwinder, indexed by [`super::UnwindCount`].
+    pub const UNWIND_COUNTS: &str = "UNWIND_COUNTS";
 }
 
 /// The signal the entry-point probe sends to hold a launched command at its entry
@@ -67,6 +88,111 @@ pub const STACK_DEPTH: usize = 64;
 #[derive(Clone, Copy)]
 pub struct Stack {
     pub frames: [u64; STACK_DEPTH],
+}
+
+/// How the allocation probes capture user stacks (the `STACK_MODE` global).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StackMode {
+    /// `bpf_get_stack`: the kernel's frame-pointer walk.
+    FramePointers = 0,
+    /// The CFI unwinder over the tables in `UNWIND_*`.
+    Cfi = 1,
+}
+
+/// A stack frame that says "the walk stopped here: the next frame could not be
+/// unwound". Only ever the last frame of a stack; never a code address.
+pub const FRAME_UNWIND_STOPPED: u64 = u64::MAX;
+
+/// How many frames the CFI unwinder walks at most.
+pub const UNWIND_DEPTH: usize = 32;
+
+/// How many code mappings of one process the unwinder knows.
+pub const MAX_MODULES: usize = 512;
+
+/// How the CFA of an [`UnwindRow`] is found.
+pub mod cfa {
+    /// No rule we can follow (no CFI, an expression, another register): stop.
+    pub const UNKNOWN: u8 = 0;
+    /// CFA = rsp + offset.
+    pub const RSP: u8 = 1;
+    /// CFA = rbp + offset.
+    pub const RBP: u8 = 2;
+    /// The outermost frame (`_start`, a thread's start: the return address is
+    /// undefined): the stack is complete.
+    pub const END: u8 = 3;
+}
+
+/// One row of a module's unwind table: from `pc` (an ELF virtual address of the
+/// module, up to the next row's) the caller's frame is found this way. The return
+/// address is at CFA - 8 (x86-64's rule everywhere we accept a row).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindRow {
+    pub pc: u32,
+    /// Added to the register [`UnwindRow::cfa_reg`] names.
+    pub cfa_offset: u16,
+    /// One of the [`cfa`] constants.
+    pub cfa_reg: u8,
+    /// 0: rbp is unchanged in this frame; otherwise the caller's rbp is saved at
+    /// CFA + 8 * `rbp_slot` (negative).
+    pub rbp_slot: i8,
+}
+
+/// A module's table: rows `first .. first + rows` of `UNWIND_ROWS`, sorted by pc.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindTable {
+    pub first: u32,
+    pub rows: u32,
+}
+
+/// One executable mapping of a process: `[start, end)` runs code whose ELF virtual
+/// address is `pc - bias`, described by table `table`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModuleRange {
+    pub start: u64,
+    pub end: u64,
+    pub bias: u64,
+    pub table: u32,
+    pub _pad: u32,
+}
+
+/// Where the code mappings of one process are: entries `first .. first + count`
+/// of `UNWIND_RANGES`, sorted by start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModuleSlot {
+    pub first: u32,
+    pub count: u32,
+}
+
+/// Counters of the CFI unwinder, per CPU.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnwindCount {
+    /// Stacks walked.
+    Stacks = 0,
+    /// Frames produced.
+    Frames = 1,
+    /// Walks that reached the outermost frame (or a zero return address).
+    Complete = 2,
+    /// Walks stopped at a pc in no known module (e.g. a library mapped since the
+    /// daemon last read the process's maps, or JIT code).
+    NoModule = 3,
+    /// Walks stopped at a pc whose CFI we cannot follow (or that has none).
+    NoRule = 4,
+    /// Walks stopped because the stack could not be read.
+    ReadFailed = 5,
+    /// Walks cut at [`UNWIND_DEPTH`] frames.
+    Truncated = 6,
+    /// Processes with no module list at all (their tables are not loaded yet).
+    NoProcess = 7,
+}
+
+impl UnwindCount {
+    pub const COUNT: u32 = 8;
 }
 
 /// Tags the first `u32` of every ring-buffer record.
@@ -443,6 +569,10 @@ mod pod {
     unsafe impl aya::Pod for super::TracepointLayout {}
     unsafe impl aya::Pod for super::Stack {}
     unsafe impl aya::Pod for super::HintKey {}
+    unsafe impl aya::Pod for super::UnwindRow {}
+    unsafe impl aya::Pod for super::UnwindTable {}
+    unsafe impl aya::Pod for super::ModuleRange {}
+    unsafe impl aya::Pod for super::ModuleSlot {}
 }
 
 #[cfg(test)]
@@ -458,6 +588,9 @@ mod tests {
         assert_eq!(size_of::<PendingCall>(), 7 * 8);
         assert_eq!(size_of::<TracepointLayout>(), 21 * 4);
         assert_eq!(size_of::<Stack>(), STACK_DEPTH * 8);
+        assert_eq!(size_of::<UnwindRow>(), 8);
+        assert_eq!(size_of::<ModuleRange>(), 32);
+        assert_eq!(size_of::<ModuleSlot>(), 8);
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //! * `probes::process` — fork, exec, exit of traced processes
 //! * `probes::mapping` — mmap/mremap/munmap/brk, to know which memory the allocator owns
 //! * `probes::kmem`    — kernel slab mode (kmalloc, kmem_cache_alloc and their frees)
+//! * `unwind`          — user stacks walked with the daemon's CFI tables (no frame pointers needed)
+//! * `calls`           — each thread's allocator call between entry and return
+//!   (task-local storage, or a hash map by tid where the kernel refuses it)
 //!
 //! Whatever cannot be recorded is counted in `LOSSES` ([`leak_common::Loss`]), never
 //! dropped silently. On the host this crate compiles to an empty program.
@@ -19,11 +22,15 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod calls;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod probes;
 #[cfg(target_arch = "bpf")]
 mod record;
+#[cfg(target_arch = "bpf")]
+mod unwind;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

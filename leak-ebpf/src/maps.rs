@@ -23,7 +23,8 @@ pub static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(Loss::COUNT,
 #[map]
 pub static TARGETS: HashMap<u32, TargetFlags> = HashMap::with_max_entries(4096, 0);
 
-/// The outermost allocator call each thread is in, between entry and return.
+/// The outermost allocator call each thread is in, between entry and return, on
+/// kernels without task storage for uprobes (`calls.rs`).
 #[map]
 pub static CALLS: HashMap<u32, PendingCall> = HashMap::with_max_entries(1 << 16, 0);
 
@@ -69,6 +70,22 @@ static FOLLOW_FORKS: u32 = 0;
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 1 << 20;
 
+/// Set by the daemon when the kernel lets uprobe programs use task-local storage:
+/// calls in flight live there instead of in `CALLS` (see `calls.rs`).
+#[unsafe(no_mangle)]
+static USE_TASK_CALLS: u32 = 0;
+
+/// Set by the daemon when every allocator uprobe is attached for one process only
+/// (no `--follow-forks`): the kernel runs the programs for the targets alone, so
+/// they need not look the process up in `TARGETS`.
+#[unsafe(no_mangle)]
+static SCOPED_PROBES: u32 = 0;
+
+/// Set by the daemon for the overhead benchmark's floor: the allocator probes
+/// return at once, so what is left is the cost of the traps themselves.
+#[unsafe(no_mangle)]
+static EMPTY_PROBES: u32 = 0;
+
 /// Set by the daemon (`--sample N`): kernel mode keeps one object in 2^shift.
 #[unsafe(no_mangle)]
 static SAMPLE_SHIFT: u32 = 0;
@@ -76,6 +93,10 @@ static SAMPLE_SHIFT: u32 = 0;
 /// Set by the daemon: capture allocation stacks (`--no-stacks` clears it).
 #[unsafe(no_mangle)]
 static CAPTURE_STACKS: u32 = 1;
+
+/// Set by the daemon: how user stacks are captured ([`leak_common::StackMode`]).
+#[unsafe(no_mangle)]
+static STACK_MODE: u32 = 0;
 
 /// Set by the daemon: kernel mode traces only the tgids in `TARGETS`.
 #[unsafe(no_mangle)]
@@ -102,6 +123,21 @@ pub fn follow_forks() -> bool {
     unsafe { core::ptr::read_volatile(&raw const FOLLOW_FORKS) != 0 }
 }
 
+pub fn use_task_calls() -> bool {
+    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
+    unsafe { core::ptr::read_volatile(&raw const USE_TASK_CALLS) != 0 }
+}
+
+pub fn scoped_probes() -> bool {
+    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
+    unsafe { core::ptr::read_volatile(&raw const SCOPED_PROBES) != 0 }
+}
+
+pub fn empty_probes() -> bool {
+    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
+    unsafe { core::ptr::read_volatile(&raw const EMPTY_PROBES) != 0 }
+}
+
 pub fn wakeup_bytes() -> u64 {
     // SAFETY: a global the daemon wrote before load; reading it has no precondition.
     unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) }
@@ -123,6 +159,12 @@ pub fn sampled(ptr: u64) -> bool {
 pub fn capture_stacks() -> bool {
     // SAFETY: a global the daemon wrote before load; reading it has no precondition.
     unsafe { core::ptr::read_volatile(&raw const CAPTURE_STACKS) != 0 }
+}
+
+/// Are user stacks walked with the CFI unwinder (rather than frame pointers)?
+pub fn cfi_stacks() -> bool {
+    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
+    unsafe { core::ptr::read_volatile(&raw const STACK_MODE) == leak_common::StackMode::Cfi as u32 }
 }
 
 pub fn kernel_filter_pids() -> bool {

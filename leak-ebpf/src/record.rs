@@ -90,6 +90,14 @@ pub fn capture_stack<C: EbpfContext>(ctx: &C, map: &HashMap<u64, Stack>, flags: 
         return 0;
     }
     // bpf_get_stack zeroes what it did not fill, so a 0 frame ends the stack.
+    store_stack(buf, map)
+}
+
+/// Stores the stack in the scratch buffer `buf` (ended by a 0 frame or full) in
+/// `map` under a hash of its frames; returns the hash, or 0 when the map is full
+/// (counted).
+#[inline(always)]
+pub fn store_stack(buf: *mut Stack, map: &HashMap<u64, Stack>) -> u64 {
     // SAFETY: a map value from get_ptr_mut is valid and aligned during the run.
     let frames = unsafe { &(*buf).frames };
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;

@@ -232,9 +232,22 @@ pub struct Args {
     pub pages: bool,
 
     /// Do not capture allocation stacks: cheaper; reports name the allocating call
-    /// site only.
-    #[arg(long)]
+    /// site only (the same as `--stacks caller`).
+    #[arg(long, conflicts_with = "stacks")]
     pub no_stacks: bool,
+
+    /// How allocation stacks are walked: `dwarf` unwinds with each module's
+    /// .eh_frame/.debug_frame (whole stacks without frame pointers), `fp` follows
+    /// frame pointers (cheaper, short stacks in code built without them), `caller`
+    /// records the call site only, `auto` unwinds with CFI and falls back to frame
+    /// pointers where the kernel cannot run the unwinder.
+    #[arg(long, value_enum, value_name = "HOW", default_value_t = StacksArg::Auto)]
+    pub stacks: StacksArg,
+
+    /// Benchmarks only: attach the allocator probes with programs that return at
+    /// once and record nothing (the cost of the traps alone).
+    #[arg(long, hide = true, conflicts_with = "kernel")]
+    pub empty_probes: bool,
 
     /// Kernel mode: record one object in N (a power of two), chosen by address so
     /// that an object's allocation and free are both kept or both dropped; counts
@@ -273,6 +286,14 @@ pub struct Args {
     /// The command to launch under the tracer, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StacksArg {
+    Auto,
+    Fp,
+    Dwarf,
+    Caller,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

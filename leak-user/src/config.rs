@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    cli::{Args, ColorArg, FormatArg, FreeProbesArg, ReadMethodArg},
+    cli::{Args, ColorArg, FormatArg, FreeProbesArg, ReadMethodArg, StacksArg},
     fleet::{Pattern, Selector, limits::Limits},
     proc::mem::ReadMethod,
     report::{
@@ -133,6 +133,10 @@ pub struct Config {
     pub kernel: KernelConfig,
     /// Capture allocation stacks (user and kernel mode).
     pub stacks: bool,
+    /// How user-mode stacks are walked (when `stacks`).
+    pub stack_walk: StackWalk,
+    /// Benchmarks only: the allocator probes do nothing (`--empty-probes`).
+    pub empty_probes: bool,
     /// `--error-exitcode`: the status for leaks left at the end.
     pub error_exit: Option<ErrorExit>,
     pub verbose: u8,
@@ -310,7 +314,13 @@ impl Config {
                 ReadMethodArg::ProcessVmReadv => ReadMethod::ProcessVmReadv,
                 ReadMethodArg::ProcMem => ReadMethod::ProcMem,
             },
-            stacks: !args.no_stacks,
+            stacks: !args.no_stacks && args.stacks != StacksArg::Caller,
+            stack_walk: match args.stacks {
+                StacksArg::Fp => StackWalk::FramePointers,
+                StacksArg::Dwarf => StackWalk::Cfi,
+                StacksArg::Auto | StacksArg::Caller => StackWalk::Auto,
+            },
+            empty_probes: args.empty_probes,
             verbose: args.verbose,
             dump_objects: args.dump_objects,
             limits: Limits {
@@ -319,6 +329,16 @@ impl Config {
             },
         })
     }
+}
+
+/// How user stacks are walked (`--stacks`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StackWalk {
+    /// CFI where the kernel can run the unwinder, else frame pointers.
+    Auto,
+    FramePointers,
+    /// CFI, or an error when the unwinder cannot load.
+    Cfi,
 }
 
 /// What to trace: processes, a command, the kernel, or processes as they start.

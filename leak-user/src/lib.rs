@@ -21,4 +21,5 @@ pub mod scan;
 pub mod session;
 pub mod symbolize;
 pub mod table;
+pub mod unwind;
 pub mod user;

@@ -21,4 +21,5 @@ mod shutdown;
 mod survival;
 mod targets;
 mod tracking;
+mod unwind;
 mod util;

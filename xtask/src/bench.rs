@@ -2,15 +2,16 @@
 //! baseline in the same run and printed as a ratio: these machines are shared and
 //! noisy, so absolute numbers mean little and no test asserts on time.
 //!
-//! * tracing overhead: a malloc(16)/free loop untraced, under leaktrace (with and
-//!   without stacks), and under bpftrace running BCC memleak's probes (BCC itself
-//!   needs kernel headers this machine kind lacks);
+//! * tracing overhead (`overhead.rs`): a malloc/free loop and two servers, untraced,
+//!   at the floor (empty programs) and traced; each program's own time; start-up;
 //! * scanning: leaktrace's scan rate over a heap of a million objects, against a plain
 //!   sequential read of the same process's memory (the physical limit);
 //! * kernel slab mode: eventfd open/close untraced and under `leaktrace --kernel`,
 //!   with the event rate sustained and the events lost;
 //! * table memory: leaktrace's resident memory per tracked object at a million
-//!   objects, and the longest lock holds of those scans.
+//!   objects, and the longest lock holds of those scans;
+//! * stack capture (`--only unwind`): the allocation probe's own run time (bpf_stats)
+//!   with no stack, frame pointers and the CFI unwinder, at 8, 16 and 32 frames.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -155,107 +156,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("RssAnon:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
-}
-
-fn ns_per_pair(line: &str) -> anyhow::Result<f64> {
-    line.strip_prefix("NS_PER_PAIR ")
-        .and_then(|n| n.trim().parse().ok())
-        .with_context(|| format!("unexpected line {line:?}"))
-}
-
-/// malloc/free loop: untraced, leaktrace, BCC memleak.
-fn overhead(leaktrace: &Path, fixtures: &Path, pairs: u64) -> anyhow::Result<()> {
-    step(&format!("tracing overhead: {pairs} malloc(16)/free pairs"));
-    let loop_bin = fixtures.join("malloc-loop");
-    let n = pairs.to_string();
-    let run = |trace: &dyn Fn(u32) -> anyhow::Result<Option<Child>>| -> anyhow::Result<f64> {
-        let mut f = Fixture::start(&loop_bin, &[&n])?;
-        let tracer = trace(f.pid())?;
-        f.go()?;
-        let line = f.wait_for("NS_PER_PAIR")?;
-        f.finish();
-        if let Some(mut t) = tracer {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(t.id() as i32, libc::SIGINT) };
-            let _ = t.wait();
-        }
-        ns_per_pair(&line)
-    };
-    let untraced = run(&|_| Ok(None))?;
-    let leaktrace_run = |extra: &[&str]| -> anyhow::Result<f64> {
-        let mut f = Fixture::start(&loop_bin, &[&n])?;
-        let mut args = vec!["--interval", "60s"];
-        args.extend_from_slice(extra);
-        let t = Tracer::attach(leaktrace, f.pid(), &args)?;
-        f.go()?;
-        let line = f.wait_for("NS_PER_PAIR")?;
-        f.finish();
-        let records = t.stop();
-        let end = records
-            .iter()
-            .rfind(|r| r["type"] == "end")
-            .context("no end record")?;
-        let seen = end["counters"]["allocs"].as_u64().unwrap_or(0);
-        eprintln!(
-            "xtask: leaktrace {extra:?}: {seen} allocations seen, {} events lost",
-            end["lost_total"]
-        );
-        if seen < pairs {
-            bail!("leaktrace saw {seen} of {pairs} allocations");
-        }
-        ns_per_pair(&line)
-    };
-    let traced = leaktrace_run(&[])?;
-    let no_stacks = leaktrace_run(&["--no-stacks"])?;
-    println!(
-        "  {:<28} {:>10.0} ns/pair {:>8.1}x",
-        "untraced", untraced, 1.0
-    );
-    println!(
-        "  {:<28} {:>10.0} ns/pair {:>8.1}x",
-        "leaktrace",
-        traced,
-        traced / untraced
-    );
-    println!(
-        "  {:<28} {:>10.0} ns/pair {:>8.1}x",
-        "leaktrace --no-stacks",
-        no_stacks,
-        no_stacks / untraced
-    );
-    if let Ok(bpftrace) = which::which("bpftrace") {
-        // What BCC's memleak does (it needs kernel headers this machine lacks):
-        // malloc entry and return, free at its first instruction, user stacks.
-        let libc = "/lib/x86_64-linux-gnu/libc.so.6";
-        let script = format!(
-            "uprobe:{libc}:malloc {{ @size[tid] = arg0; }} \
-             uretprobe:{libc}:malloc /@size[tid]/ {{ @live[retval] = (@size[tid], ustack); delete(@size[tid]); }} \
-             uprobe:{libc}:free {{ delete(@live[arg0]); }}"
-        );
-        let peer = run(&|pid| {
-            let mut child = Command::new(&bpftrace)
-                .args(["-p", &pid.to_string(), "-e", &script])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()?;
-            let mut out = BufReader::new(child.stdout.take().expect("piped"));
-            let mut line = String::new();
-            while out.read_line(&mut line)? > 0 && !line.contains("Attaching") {
-                line.clear();
-            }
-            std::thread::sleep(Duration::from_millis(500));
-            Ok(Some(child))
-        })?;
-        println!(
-            "  {:<28} {:>10.0} ns/pair {:>8.1}x",
-            "bpftrace (memleak's probes)",
-            peer,
-            peer / untraced
-        );
-    } else {
-        println!("  (bpftrace not installed: apt-get install bpftrace to compare)");
-    }
-    Ok(())
 }
 
 /// Kernel slab mode: eventfd open/close as fast as one process can, untraced and
@@ -460,12 +360,14 @@ fn scanning(leaktrace: &Path, fixtures: &Path, objects: u64, every: u32) -> anyh
 /// The benchmarks, for `--only`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Bench {
-    /// malloc/free tracing overhead against untraced and bpftrace.
+    /// Tracing overhead against untraced and the floor: loop, servers, start-up.
     Overhead,
     /// Kernel slab mode event rate and losses.
     Kernel,
     /// Scan rate, table memory and lock holds at a million objects.
     Scan,
+    /// Stack capture cost per allocation: none, frame pointers, CFI unwinding.
+    Unwind,
 }
 
 pub fn run(quick: bool, only: &[Bench]) -> anyhow::Result<()> {
@@ -478,14 +380,10 @@ pub fn run(quick: bool, only: &[Bench]) -> anyhow::Result<()> {
     step("building leaktrace (release)");
     util::cargo(&["build", "--release", "--package", "leaktrace"], &[])?;
     let leaktrace = util::root().join("target/release/leaktrace");
-    let (pairs, objects) = if quick {
-        (200_000, 200_000)
-    } else {
-        (2_000_000, 1_000_000)
-    };
+    let objects = if quick { 200_000 } else { 1_000_000 };
     println!("leaktrace benchmarks (ratios are measured side by side in this run)");
     if wanted(Bench::Overhead) {
-        overhead(&leaktrace, &fixtures, pairs)?;
+        crate::overhead::run(&leaktrace, &fixtures, quick)?;
     }
     if wanted(Bench::Kernel) {
         kernel(&leaktrace, &fixtures, if quick { 2 } else { 5 })?;
@@ -495,5 +393,122 @@ pub fn run(quick: bool, only: &[Bench]) -> anyhow::Result<()> {
         scanning(&leaktrace, &fixtures, objects, 4)?;
         scanning(&leaktrace, &fixtures, objects, 2)?;
     }
+    if wanted(Bench::Unwind) {
+        unwind(&leaktrace, &fixtures, if quick { 100_000 } else { 300_000 })?;
+    }
     Ok(())
+}
+
+/// (run_time_ns, run_cnt) of the program `name` among the BPF programs open in
+/// process `pid` (its fds, so that other tracers on the machine do not count).
+fn program_stats(pid: u32, name: &str) -> anyhow::Result<(u64, u64)> {
+    let mut total = (0, 0);
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(info) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        let field = |key: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let (Some(id), Some(ns), Some(cnt)) =
+            (field("prog_id:"), field("run_time_ns:"), field("run_cnt:"))
+        else {
+            continue;
+        };
+        let out = Command::new("bpftool")
+            .args(["prog", "show", "id", &id.to_string(), "--json"])
+            .output()
+            .context("cannot run bpftool")?;
+        let shown: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if shown["name"] == name {
+            total = (total.0 + ns, total.1 + cnt);
+        }
+    }
+    Ok(total)
+}
+
+/// Median, min and max.
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// The allocation probe's run time per call with each way of taking stacks, at
+/// 8, 16 and 32 frames: medians of several runs, side by side.
+fn unwind(leaktrace: &Path, fixtures: &Path, pairs: u64) -> anyhow::Result<()> {
+    step(&format!(
+        "stack capture: {pairs} malloc(16)/free pairs, bpf_stats"
+    ));
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let before = std::fs::read_to_string(STATS)?.trim().to_owned();
+    std::fs::write(STATS, "1")?;
+    let result = (|| -> anyhow::Result<()> {
+        let n = pairs.to_string();
+        // (label, fixture, --stacks)
+        let modes: [(&str, &str, &str); 4] = [
+            ("no stack", "unwind-loop", "caller"),
+            ("fp (built with fp)", "unwind-loop-fp", "fp"),
+            ("dwarf (no fp)", "unwind-loop", "dwarf"),
+            ("dwarf (built with fp)", "unwind-loop-fp", "dwarf"),
+        ];
+        println!(
+            "  alloc_enter run time per call, ns: median [min-max] of 3 runs; frames per dwarf stack"
+        );
+        for depth in [8u32, 16, 32] {
+            let d = depth.to_string();
+            let mut line = format!("  {depth:>2} frames:");
+            let mut medians = Vec::new();
+            for (label, fixture, how) in modes {
+                let mut per_call = Vec::new();
+                let mut frames = 0.0;
+                for _ in 0..3 {
+                    let mut f = Fixture::start(&fixtures.join(fixture), &[&n, &d])?;
+                    let t = Tracer::attach(
+                        leaktrace,
+                        f.pid(),
+                        &["--interval", "60s", "--stacks", how],
+                    )?;
+                    let start = program_stats(t.child.id(), "alloc_enter")?;
+                    f.go()?;
+                    f.wait_for("NS_PER_PAIR")?;
+                    let end = program_stats(t.child.id(), "alloc_enter")?;
+                    f.finish();
+                    let records = t.stop();
+                    let calls = end.1.saturating_sub(start.1).max(1);
+                    per_call.push(end.0.saturating_sub(start.0) as f64 / calls as f64);
+                    if let Some(u) = records
+                        .iter()
+                        .rfind(|r| r["type"] == "end")
+                        .map(|e| &e["unwind"])
+                        && let (Some(fr), Some(st)) = (u["frames"].as_u64(), u["stacks"].as_u64())
+                    {
+                        frames = fr as f64 / st.max(1) as f64;
+                    }
+                }
+                let (median, min, max) = spread(per_call);
+                medians.push(median);
+                line += &format!("  {label} {median:.0} [{min:.0}-{max:.0}]");
+                if how == "dwarf" {
+                    line += &format!(" ({frames:.1} frames)");
+                }
+            }
+            let (none, fp, dwarf) = (medians[0], medians[1], medians[2]);
+            line += &format!(
+                "  | capture: fp {:.0}, dwarf {:.0} ns = {:.2}x fp",
+                fp - none,
+                dwarf - none,
+                (dwarf - none) / (fp - none).max(1.0)
+            );
+            println!("{line}");
+        }
+        println!(
+            "  (capture = run time minus the no-stack run's; frame pointers stop at libc's \
+             start-up code, built without them: 2 frames fewer than dwarf at each depth)"
+        );
+        Ok(())
+    })();
+    std::fs::write(STATS, before)?;
+    result
 }

@@ -38,6 +38,18 @@ const FIXTURES: &[(&str, &str, &[&str])] = &[
         &["-fno-omit-frame-pointer", "-fsanitize=leak"],
     ),
     ("wrappers", "wrappers.c", &["-fno-omit-frame-pointer"]),
+    ("unwind-loop", "unwind_loop.c", &["-fomit-frame-pointer"]),
+    (
+        "unwind-loop-fp",
+        "unwind_loop.c",
+        &["-fno-omit-frame-pointer"],
+    ),
+    // As distributions build: CFI only (gcc's defaults, spelled out).
+    (
+        "unwind",
+        "unwind.c",
+        &["-fomit-frame-pointer", "-fasynchronous-unwind-tables"],
+    ),
 ];
 
 pub fn dir() -> PathBuf {

@@ -2,7 +2,7 @@
 //! posix_memalign, aligned_alloc/memalign, valloc, pvalloc, operator new.
 //!
 //! The attach cookie says which function this is ([`AllocFn`]). The entry remembers
-//! the arguments and the stack in `CALLS` for the return probe. Only the outermost
+//! the arguments and the stack (`calls.rs`) for the return probe. Only the outermost
 //! allocator call of a thread is recorded: glibc's posix_memalign and realloc(NULL, n)
 //! call malloc, reallocarray tail-calls realloc, operator new calls malloc. A nested
 //! (or tail) call runs on a stack pointer at or below the outer call's one.
@@ -21,8 +21,10 @@ use leak_common::{
 
 use super::regs;
 use crate::{
-    maps::{CALLS, HINTS, STACKS, capture_stacks},
+    calls,
+    maps::{HINTS, STACKS, capture_stacks, cfi_stacks, scoped_probes},
     record::{USER_STACK, capture_stack, count, current_ids, emit, is_target, now_ns},
+    unwind,
 };
 
 const CALLOC: u32 = AllocFn::Calloc as u32;
@@ -33,6 +35,9 @@ const ALIGNED_ALLOC: u32 = AllocFn::AlignedAlloc as u32;
 
 #[uprobe]
 pub fn alloc_enter(ctx: ProbeContext) -> u32 {
+    if crate::maps::empty_probes() {
+        return 0;
+    }
     let _ = try_alloc_enter(&ctx);
     0
 }
@@ -91,15 +96,15 @@ fn allocating_call_site(tgid: u32, sp: u64) -> (u64, bool) {
 
 fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
     let (tgid, tid) = current_ids();
-    if !is_target(tgid) {
+    if !scoped_probes() && !is_target(tgid) {
         return Ok(());
     }
     // SAFETY: a uprobe's context points at the saved registers.
     let r = unsafe { &*ctx.regs };
     let sp = regs::sp(r);
-    if let Some(outer) = CALLS.get_ptr(&tid) {
-        // SAFETY: a map value from get_ptr is valid and aligned during the run.
-        if sp <= unsafe { (*outer).sp } {
+    let entry = calls::Entry::of(tid);
+    if let Some(outer_sp) = entry.outer_sp() {
+        if sp <= outer_sp {
             return Ok(()); // nested in (or tail-called from) another allocator call
         }
         // The outer call's frame is gone but its return was never seen.
@@ -133,12 +138,16 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
         _ => call.size = a0,
     }
     if capture_stacks() {
-        call.stack_id = capture_stack(ctx, &STACKS, USER_STACK);
+        call.stack_id = if cfi_stacks() {
+            unwind::capture(r, tgid)
+        } else {
+            capture_stack(ctx, &STACKS, USER_STACK)
+        };
     }
     let (caller, via_new) = allocating_call_site(tgid, sp);
     call.caller = caller;
     call.via_new = u32::from(via_new);
-    if CALLS.insert(&tid, &call, 0).is_err() {
+    if entry.begin(&call).is_err() {
         count(Loss::CallsFull);
         return Err(());
     }

@@ -14,19 +14,23 @@ use leak_common::{Loss, RecordKind, UserRecord};
 
 use super::regs;
 use crate::{
-    maps::CALLS,
+    calls,
+    maps::scoped_probes,
     record::{current_ids, emit, is_target, now_ns},
 };
 
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
+    if crate::maps::empty_probes() {
+        return 0;
+    }
     try_free_enter(&ctx);
     0
 }
 
 fn try_free_enter(ctx: &ProbeContext) {
     let (tgid, tid) = current_ids();
-    if !is_target(tgid) {
+    if !scoped_probes() && !is_target(tgid) {
         return;
     }
     // SAFETY: a uprobe's context points at the saved registers.
@@ -35,10 +39,7 @@ fn try_free_enter(ctx: &ProbeContext) {
     if ptr == 0 {
         return;
     }
-    if let Some(outer) = CALLS.get_ptr(&tid)
-        // SAFETY: a map value from get_ptr is valid and aligned during the run.
-        && regs::sp(r) <= unsafe { (*outer).sp }
-    {
+    if calls::outer_sp(tid).is_some_and(|outer| regs::sp(r) <= outer) {
         return;
     }
     let record = UserRecord {

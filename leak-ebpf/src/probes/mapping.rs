@@ -1,5 +1,5 @@
 //! Which memory does the allocator own? mmap and mremap made from inside an allocator
-//! call (the thread has a record in `CALLS`) map allocator memory: heap arenas,
+//! call (the thread has a call in flight, `calls.rs`) map allocator memory: heap arenas,
 //! jemalloc extents and metadata, big blocks. brk moves the main heap. munmap ends
 //! any mapping. In launch mode the daemon uses this to keep allocator-owned memory
 //! (free lists, caches of stale block addresses) out of the scanner's roots.
@@ -12,7 +12,8 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use leak_common::{Loss, PendingSyscall, RecordKind, UserRecord};
 
 use crate::{
-    maps::{CALLS, SYSCALLS},
+    calls,
+    maps::SYSCALLS,
     record::{count, current_ids, emit, is_target, now_ns},
 };
 
@@ -47,7 +48,7 @@ fn mapping_record(
 }
 
 fn inside_allocator(tid: u32) -> bool {
-    CALLS.get_ptr(&tid).is_some()
+    calls::outer_sp(tid).is_some()
 }
 
 fn remember(tid: u32, pending: &PendingSyscall) {

@@ -7,7 +7,8 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use leak_common::{Loss, RecordKind, TargetFlags, TracepointLayout, UserRecord};
 
 use crate::{
-    maps::{CALLS, SYSCALLS, TARGETS, follow_forks, layout},
+    calls,
+    maps::{SYSCALLS, TARGETS, follow_forks, layout},
     record::{current_ids, emit, is_target, now_ns},
 };
 
@@ -73,7 +74,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
 
 fn try_sched_process_exit(ctx: &TracePointContext) {
     let (tgid, tid) = current_ids();
-    let _ = CALLS.remove(&tid);
+    calls::forget(tid);
     let _ = SYSCALLS.remove(&tid);
     if !is_target(tgid) {
         return;

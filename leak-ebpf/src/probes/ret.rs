@@ -14,7 +14,7 @@ use leak_common::{AllocFn, Loss, RecordKind, UserRecord};
 
 use super::regs;
 use crate::{
-    maps::CALLS,
+    calls,
     record::{current_ids, emit, now_ns},
 };
 
@@ -29,25 +29,24 @@ const MAP_FAILED: u64 = u64::MAX;
 
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    if crate::maps::empty_probes() {
+        return 0;
+    }
     try_alloc_return(&ctx);
     0
 }
 
 fn try_alloc_return(ctx: &RetProbeContext) {
     let (tgid, tid) = current_ids();
-    let Some(pending) = CALLS.get_ptr(&tid) else {
-        return;
-    };
-    // SAFETY: a map value from get_ptr is valid and aligned during the run.
-    let call = unsafe { *pending };
     // SAFETY: the helper only reads the program's own context.
     let func = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
     // SAFETY: a uprobe's context points at the saved registers.
     let r = unsafe { &*ctx.regs };
-    if call.func != func || call.sp.wrapping_add(8) != regs::sp(r) {
-        return; // the return of a nested call
-    }
-    let _ = CALLS.remove(&tid);
+    let sp = regs::sp(r);
+    // Anything else is the return of a nested call.
+    let Some(call) = calls::finish(tid, |c| c.func == func && c.sp.wrapping_add(8) == sp) else {
+        return;
+    };
     let ret = regs::ret(r);
     let addr = if func == POSIX_MEMALIGN {
         if ret as u32 == 0 {

@@ -14,15 +14,15 @@ use std::{io, num::NonZeroU32, os::fd::AsRawFd as _, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         ProgramError, RawTracePoint, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
 use leak_common::{
-    AllocFn, FreeProbeCount, HintKey, Loss, STACK_DEPTH, Stack, TargetFlags, TracepointLayout,
-    names,
+    AllocFn, FreeProbeCount, HintKey, Loss, MAX_MODULES, ModuleRange, ModuleSlot, STACK_DEPTH,
+    Stack, StackMode, TargetFlags, TracepointLayout, UnwindRow, UnwindTable, names,
 };
 
 use crate::allocator::HookPlan;
@@ -85,6 +85,24 @@ pub struct LoadOptions {
     pub kernel_filter_cgroups: bool,
     /// Kernel mode: a raw and a classic program share each free tracepoint.
     pub dual_free_probes: bool,
+    /// How user stacks are walked.
+    pub stack_mode: StackMode,
+    /// Rows of the CFI unwinder's table array (with [`StackMode::Cfi`]).
+    pub unwind_rows: u32,
+    /// Processes whose code mappings the CFI unwinder can hold at once.
+    pub unwind_processes: u32,
+    /// With [`StackMode::Cfi`]: use frame pointers when the unwinder cannot load
+    /// (else that is an error).
+    pub unwind_fallback: bool,
+    /// User mode: keep calls in flight in task-local storage when the kernel lets
+    /// uprobe programs use it (the verifier decides at load), else in a hash map
+    /// by thread id.
+    pub task_calls: bool,
+    /// The overhead benchmark's floor: the allocator probes return at once.
+    pub empty_probes: bool,
+    /// User mode: every allocator uprobe will be attached with
+    /// [`Scope::Process`], so the programs trust the kernel's filter.
+    pub scoped_probes: bool,
 }
 
 /// Which processes a uprobe fires for.
@@ -102,6 +120,8 @@ pub struct Probes {
     ebpf: Ebpf,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub tracefs: PathBuf,
+    /// How user stacks are walked (frame pointers when the unwinder could not load).
+    pub stack_mode: StackMode,
     pub layout: TracepointLayout,
     /// Uprobe links per target (or 0 for all-process links).
     uprobe_links: Vec<(u32, &'static str, UProbeLinkId)>,
@@ -154,11 +174,79 @@ fn is_permission(err: &aya::EbpfError) -> bool {
 }
 
 impl Probes {
-    /// Loads the object with its maps sized and globals set.
+    /// Loads the object with its maps sized and globals set. Two choices are left
+    /// to the verifier, which decides when the allocator entry program loads: the
+    /// CFI unwinder (`bpf_loop`, Linux 5.17) and task-local storage for calls in
+    /// flight. Each is tried first; where the kernel refuses it, the object is
+    /// loaded again without (frame pointers with `unwind_fallback`, else an
+    /// error; a hash map by thread id), each with a one-line notice.
+    /// `stack_mode` says which walk runs.
     pub fn load(options: &LoadOptions) -> Result<Self, EbpfError> {
         check_environment()?;
         let tracefs = tracefs::ensure_mounted()?;
         let layout = tracefs::layout(&tracefs);
+        let cfi = options.stack_mode == StackMode::Cfi
+            && options.capture_stacks
+            && !options.kernel_stacks;
+        let mut modes = vec![options.stack_mode];
+        if cfi && options.unwind_fallback {
+            modes.push(StackMode::FramePointers);
+        }
+        let storages: &[bool] = if options.task_calls {
+            &[true, false]
+        } else {
+            &[false]
+        };
+        let mut last_err = None;
+        let mut cfi_err = None;
+        for &stack_mode in &modes {
+            // Why task storage was refused with this walk.
+            let mut task_err = None;
+            for &task_calls in storages {
+                let attempt = LoadOptions {
+                    stack_mode,
+                    ..options.clone()
+                };
+                match Self::load_with(&attempt, &tracefs, layout, task_calls) {
+                    Ok(probes) => {
+                        if let Some(err) = cfi_err.filter(|_| stack_mode != options.stack_mode) {
+                            log::warn!(
+                                "the CFI unwinder cannot load here ({err}); stacks use frame \
+                                 pointers"
+                            );
+                        }
+                        if let Some(err) = task_err.filter(|_| !task_calls) {
+                            log::warn!(
+                                "calls in flight kept in a hash map by thread id (slower): this \
+                                 kernel does not let uprobe programs use task-local storage \
+                                 ({err})"
+                            );
+                        }
+                        return Ok(probes);
+                    }
+                    Err(EbpfError::NotPermitted) => return Err(EbpfError::NotPermitted),
+                    Err(err) => {
+                        let text = err.to_string();
+                        if task_calls {
+                            task_err.get_or_insert(text.clone());
+                        }
+                        if stack_mode == StackMode::Cfi && cfi {
+                            cfi_err.get_or_insert(text);
+                        }
+                        last_err = Some(err);
+                    }
+                }
+            }
+        }
+        Err(last_err.expect("at least one attempt"))
+    }
+
+    fn load_with(
+        options: &LoadOptions,
+        tracefs: &std::path::Path,
+        layout: TracepointLayout,
+        task_calls: bool,
+    ) -> Result<Self, EbpfError> {
         let flag = |b: bool| u32::from(b);
         let follow = flag(options.follow_forks);
         let stacks = flag(options.capture_stacks);
@@ -166,11 +254,34 @@ impl Probes {
         let filter_pids = flag(options.kernel_filter_pids);
         let filter_cgroups = flag(options.kernel_filter_cgroups);
         let dual_frees = flag(options.dual_free_probes);
+        let task_calls_flag = flag(task_calls);
+        let empty = flag(options.empty_probes);
+        let scoped = flag(options.scoped_probes);
         let (user_stacks, kernel_stacks) = stack_map_sizes(options);
+        let stack_mode = if options.capture_stacks && !options.kernel_stacks {
+            options.stack_mode
+        } else {
+            StackMode::FramePointers
+        };
+        let cfi = stack_mode == StackMode::Cfi;
+        let mode_tag = stack_mode as u32;
+        let unwind_rows = if cfi { options.unwind_rows.max(1) } else { 1 };
+        let unwind_modules = if cfi { 4096 } else { 1 };
+        let unwind_ranges = if cfi {
+            options.unwind_processes.max(1) * MAX_MODULES as u32
+        } else {
+            MAX_MODULES as u32
+        };
         let mut ebpf = EbpfLoader::new()
+            // TASK_CALLS: aya has no type for task storage, and we never read it.
+            .allow_unsupported_maps()
             .map_max_entries(names::EVENTS, options.ring_bytes)
             .map_max_entries(names::STACKS, user_stacks)
             .map_max_entries(names::KSTACKS, kernel_stacks)
+            .map_max_entries(names::UNWIND_ROWS, unwind_rows)
+            .map_max_entries(names::UNWIND_MODULES, unwind_modules)
+            .map_max_entries(names::UNWIND_RANGES, unwind_ranges)
+            .override_global(names::STACK_MODE, &mode_tag, true)
             .override_global(names::FOLLOW_FORKS, &follow, true)
             .override_global(names::CAPTURE_STACKS, &stacks, true)
             .override_global(names::WAKEUP_BYTES, &wakeup, true)
@@ -179,6 +290,9 @@ impl Probes {
             .override_global(names::KERNEL_FILTER_CGROUPS, &filter_cgroups, true)
             .override_global(names::DUAL_FREE_PROBES, &dual_frees, true)
             .override_global(names::TP_LAYOUT, &layout, true)
+            .override_global(names::USE_TASK_CALLS, &task_calls_flag, true)
+            .override_global(names::EMPTY_PROBES, &empty, true)
+            .override_global(names::SCOPED_PROBES, &scoped, true)
             .load(OBJECT)
             .map_err(|e| {
                 if is_permission(&e) {
@@ -194,14 +308,21 @@ impl Probes {
                 None
             }
         };
-        Ok(Self {
+        let mut probes = Self {
             ebpf,
             _logger: logger,
-            tracefs,
+            tracefs: tracefs.to_owned(),
             layout,
+            stack_mode,
             uprobe_links: Vec::new(),
             loaded: Vec::new(),
-        })
+        };
+        if task_calls || cfi {
+            // The verifier decides here whether the helper (task storage, bpf_loop)
+            // is allowed.
+            probes.program::<UProbe>("alloc_enter")?;
+        }
+        Ok(probes)
     }
 
     /// The aya-log reader, to poll so that eBPF log lines reach the terminal.
@@ -452,6 +573,32 @@ impl Probes {
         })
     }
 
+    /// The CFI unwinder's maps, for the daemon to fill.
+    pub fn take_unwind_maps(&mut self) -> Result<UnwindMaps, EbpfError> {
+        let mut take = |name: &'static str| {
+            self.ebpf.take_map(name).ok_or(EbpfError::Map(
+                name,
+                aya::maps::MapError::InvalidName {
+                    name: name.to_owned(),
+                },
+            ))
+        };
+        let rows = take(names::UNWIND_ROWS)?;
+        let tables = take(names::UNWIND_TABLES)?;
+        let modules = take(names::UNWIND_MODULES)?;
+        let ranges = take(names::UNWIND_RANGES)?;
+        let counts = take(names::UNWIND_COUNTS)?;
+        Ok(UnwindMaps {
+            rows: Array::try_from(rows).map_err(|e| EbpfError::Map(names::UNWIND_ROWS, e))?,
+            tables: Array::try_from(tables).map_err(|e| EbpfError::Map(names::UNWIND_TABLES, e))?,
+            modules: HashMap::try_from(modules)
+                .map_err(|e| EbpfError::Map(names::UNWIND_MODULES, e))?,
+            ranges: Array::try_from(ranges).map_err(|e| EbpfError::Map(names::UNWIND_RANGES, e))?,
+            counts: PerCpuArray::try_from(counts)
+                .map_err(|e| EbpfError::Map(names::UNWIND_COUNTS, e))?,
+        })
+    }
+
     /// Run counts of the programs (only counted while kernel.bpf_stats_enabled=1).
     pub fn run_counts(&self) -> Vec<(String, u64)> {
         self.program_info(RUN_CNT_OFFSET).collect()
@@ -537,6 +684,73 @@ fn prog_info_u64(fd: i32, offset: usize) -> io::Result<u64> {
     }
     let bytes = &info.0[offset..offset + 8];
     Ok(u64::from_ne_bytes(bytes.try_into().expect("8 bytes")))
+}
+
+/// The CFI unwinder's maps: rows and tables shared by every process, each
+/// process's code mappings, and the walks' counters.
+pub struct UnwindMaps {
+    rows: Array<MapData, UnwindRow>,
+    tables: Array<MapData, UnwindTable>,
+    modules: HashMap<MapData, u32, ModuleSlot>,
+    ranges: Array<MapData, ModuleRange>,
+    counts: PerCpuArray<MapData, u64>,
+}
+
+impl UnwindMaps {
+    /// Writes a table's rows from `first` on, then the table itself (the eBPF side
+    /// only finds the rows through the table, so it never sees half of them).
+    pub fn write_table(
+        &mut self,
+        id: u32,
+        first: u32,
+        rows: &[UnwindRow],
+    ) -> Result<(), EbpfError> {
+        for (i, row) in rows.iter().enumerate() {
+            self.rows
+                .set(first + i as u32, row, 0)
+                .map_err(|e| EbpfError::Map(names::UNWIND_ROWS, e))?;
+        }
+        let table = UnwindTable {
+            first,
+            rows: rows.len() as u32,
+        };
+        self.tables
+            .set(id, table, 0)
+            .map_err(|e| EbpfError::Map(names::UNWIND_TABLES, e))
+    }
+
+    /// Replaces the code mappings of `tgid`, kept in process slot `slot` (the
+    /// caller hands out slots; at most [`MAX_MODULES`] ranges).
+    pub fn set_modules(
+        &mut self,
+        tgid: u32,
+        slot: u32,
+        ranges: &[ModuleRange],
+    ) -> Result<(), EbpfError> {
+        let first = slot * MAX_MODULES as u32;
+        let ranges = &ranges[..ranges.len().min(MAX_MODULES)];
+        for (i, range) in ranges.iter().enumerate() {
+            self.ranges
+                .set(first + i as u32, range, 0)
+                .map_err(|e| EbpfError::Map(names::UNWIND_RANGES, e))?;
+        }
+        let value = ModuleSlot {
+            first,
+            count: ranges.len() as u32,
+        };
+        self.modules
+            .insert(tgid, value, 0)
+            .map_err(|e| EbpfError::Map(names::UNWIND_MODULES, e))
+    }
+
+    pub fn remove_modules(&mut self, tgid: u32) {
+        let _ = self.modules.remove(&tgid);
+    }
+
+    /// The walks' counters summed over CPUs, by [`leak_common::UnwindCount`].
+    pub fn counts(&self) -> [u64; leak_common::UnwindCount::COUNT as usize] {
+        sum_per_cpu(&self.counts)
+    }
 }
 
 /// The maps the daemon reads while it runs.

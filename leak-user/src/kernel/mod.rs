@@ -186,7 +186,14 @@ fn load(config: &Config, k: &KernelConfig, cgroups: Option<&[u64]>) -> anyhow::R
         sample_shift: k.sample_shift,
         kernel_filter_pids: !k.pids.is_empty(),
         kernel_filter_cgroups: cgroups.is_some(),
+        task_calls: false,
+        empty_probes: false,
+        scoped_probes: false,
         dual_free_probes: k.free_probes == FreeProbes::Both,
+        stack_mode: leak_common::StackMode::FramePointers,
+        unwind_rows: 1,
+        unwind_processes: 1,
+        unwind_fallback: true,
     })?;
     for &pid in &k.pids {
         probes.add_target(pid)?;

@@ -312,6 +312,37 @@ pub struct Stats {
     pub objects: u64,
     pub bytes: u64,
     pub counters: Counters,
+    /// The CFI unwinder's tables and walks (`--stacks dwarf`/`auto`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unwind: Option<UnwindStats>,
+}
+
+/// The CFI unwinder in a `stats` record.
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct UnwindStats {
+    /// Bytes of unwind rows loaded, over every module (each file once).
+    pub table_bytes: u64,
+    /// Bytes the kernel preallocated for rows.
+    pub table_capacity_bytes: u64,
+    pub modules: Vec<UnwindModule>,
+    /// Code files mapped by targets that have no table (no CFI, unreadable, full).
+    pub modules_without_table: u64,
+    pub stacks: u64,
+    pub frames: u64,
+    /// Walks that reached the outermost frame.
+    pub complete: u64,
+    /// Walks cut at the depth limit.
+    pub truncated: u64,
+    /// Walks that ended with the "cannot unwind" marker, by reason.
+    pub stopped: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// One module's unwind table.
+#[derive(Serialize, Clone, Debug)]
+pub struct UnwindModule {
+    pub path: String,
+    pub rows: u32,
+    pub bytes: u64,
 }
 
 /// One suppression rule that matched, in the end record.

@@ -1,13 +1,17 @@
 //! The event figures every stats and end record carries, in both modes: how many
 //! records came through the ring, how many were lost and why, how long the table
-//! lock was held at most.
+//! lock was held at most; and the CFI unwinder's tables and walks.
 
 use std::{collections::BTreeMap, sync::atomic::Ordering, time::Instant};
 
-use leak_common::Loss;
+use leak_common::{Loss, UnwindCount};
 
 use super::ingest::IngestCounters;
-use crate::{ebpf::LossCounts, report::records::EventFigures};
+use crate::{
+    ebpf::LossCounts,
+    report::records::{EventFigures, UnwindModule, UnwindStats},
+    unwind::UnwindFigures,
+};
 
 /// The event figures now. `longest_lock_hold_us` is the table's, taken by the
 /// caller.
@@ -51,4 +55,70 @@ pub fn lost_map(losses: &LossCounts) -> (BTreeMap<&'static str, u64>, u64) {
         .map(|l| losses[*l as usize])
         .sum();
     (map, total)
+}
+
+/// The CFI unwinder's figures as the `stats` record shows them.
+pub fn unwind_stats(f: &UnwindFigures) -> UnwindStats {
+    let count = |c: UnwindCount| f.counts[c as usize];
+    let stopped = [
+        ("no_module", UnwindCount::NoModule),
+        ("no_rule", UnwindCount::NoRule),
+        ("read_failed", UnwindCount::ReadFailed),
+        ("no_tables_yet", UnwindCount::NoProcess),
+    ]
+    .into_iter()
+    .map(|(name, c)| (name, count(c)))
+    .collect();
+    UnwindStats {
+        table_bytes: f.table_bytes,
+        table_capacity_bytes: f.capacity_bytes,
+        modules: f
+            .modules
+            .iter()
+            .map(|m| UnwindModule {
+                path: m.path.display().to_string(),
+                rows: m.rows,
+                bytes: m.bytes,
+            })
+            .collect(),
+        modules_without_table: f.modules_without_table,
+        stacks: count(UnwindCount::Stacks),
+        frames: count(UnwindCount::Frames),
+        complete: count(UnwindCount::Complete),
+        truncated: count(UnwindCount::Truncated),
+        stopped,
+    }
+}
+
+#[cfg(test)]
+mod unwind_tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::unwind::ModuleFigure;
+
+    #[test]
+    fn unwind_stats_name_every_stop_reason() {
+        let mut counts = [0; UnwindCount::COUNT as usize];
+        counts[UnwindCount::Stacks as usize] = 10;
+        counts[UnwindCount::Complete as usize] = 7;
+        counts[UnwindCount::NoModule as usize] = 2;
+        counts[UnwindCount::NoRule as usize] = 1;
+        let stats = unwind_stats(&UnwindFigures {
+            modules: vec![ModuleFigure {
+                path: PathBuf::from("/lib/libc.so.6"),
+                rows: 3,
+                bytes: 24,
+            }],
+            table_bytes: 24,
+            capacity_bytes: 800,
+            modules_without_table: 1,
+            counts,
+        });
+        assert_eq!((stats.stacks, stats.complete), (10, 7));
+        assert_eq!(stats.stopped["no_module"], 2);
+        assert_eq!(stats.stopped["no_rule"], 1);
+        assert_eq!(stats.stopped.values().sum::<u64>(), 3);
+        assert_eq!(stats.modules[0].path, "/lib/libc.so.6");
+    }
 }

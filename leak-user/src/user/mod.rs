@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use leak_common::Loss;
+use leak_common::{Loss, StackMode};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -33,11 +33,11 @@ const DISCOVER_PERIOD: Duration = Duration::from_millis(500);
 use crate::{
     allocator::{HookPlan, WrapperObject, discover, resolve::LoaderEnv},
     clock,
-    config::{Config, Mode},
+    config::{Config, Mode, StackWalk},
     ebpf::{LoadOptions, Probes, Scope},
     events::Event,
     fleet::{self, Selector, discover::Discovery},
-    proc,
+    proc::{self, maps::Mapping},
     ptrace::{ChildEvent, PtraceHandle, launch},
     report::{
         files::OutputFiles,
@@ -56,6 +56,7 @@ use crate::{
         status::{Status, StatusLine},
     },
     table::{Notice, SharedTable, Table, verdict::VerdictBook},
+    unwind::{self, Unwinder},
 };
 
 /// Applies ring-buffer events to the user-mode table.
@@ -123,6 +124,8 @@ struct UserSession {
     live: Option<LiveScreen>,
     /// Daemon mode: which processes were tried, given up on, refused.
     discovery: Discovery,
+    /// The CFI unwinder's tables (with `--stacks dwarf`/`auto` when it loaded).
+    unwinder: Option<Unwinder>,
 }
 
 /// Checks the targets before anything is loaded, so that a typo costs nothing.
@@ -182,9 +185,29 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         sample_shift: 0,
         kernel_filter_pids: false,
         kernel_filter_cgroups: false,
+        task_calls: true,
+        empty_probes: config.empty_probes,
+        // As `UserSession::scope` decides.
+        scoped_probes: !config.follow_forks,
         dual_free_probes: false,
+        stack_mode: match config.stack_walk {
+            StackWalk::FramePointers => StackMode::FramePointers,
+            StackWalk::Auto | StackWalk::Cfi => StackMode::Cfi,
+        },
+        unwind_rows: unwind::DEFAULT_ROWS,
+        unwind_processes: unwind::PROCESS_SLOTS,
+        unwind_fallback: config.stack_walk == StackWalk::Auto,
     })?;
     probes.attach_process_tracepoints()?;
+    let unwinder = if config.stacks && probes.stack_mode == StackMode::Cfi {
+        Some(Unwinder::new(
+            probes.take_unwind_maps()?,
+            unwind::DEFAULT_ROWS,
+            unwind::PROCESS_SLOTS,
+        ))
+    } else {
+        None
+    };
     if let Some(logger) = probes.take_logger() {
         spawn_logger(logger);
     }
@@ -218,6 +241,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         signal: None,
         live: None,
         discovery: Discovery::default(),
+        unwinder,
     };
     let mut signals = signals;
     if let Some(signal) = signals.pending() {
@@ -396,15 +420,11 @@ impl UserSession {
     }
 
     /// Makes `pid` a target and attaches what `plan` needs for it.
-    fn attach_plan(
-        &mut self,
-        pid: u32,
-        maps: &[proc::maps::Mapping],
-        plan: HookPlan,
-    ) -> anyhow::Result<()> {
+    fn attach_plan(&mut self, pid: u32, maps: &[Mapping], plan: HookPlan) -> anyhow::Result<()> {
         self.add_target(pid, true)?;
         self.attach(pid, plan)?;
         self.reporter.remember_maps(pid, maps);
+        self.refresh_unwind(pid, Some(maps));
         Ok(())
     }
 
@@ -477,6 +497,21 @@ impl UserSession {
         }
     }
 
+    /// Gives the unwinder `pid`'s code mappings (read now unless given).
+    fn refresh_unwind(&mut self, pid: u32, maps: Option<&[Mapping]>) {
+        let Some(unwinder) = self.unwinder.as_mut() else {
+            return;
+        };
+        match maps {
+            Some(maps) => unwinder.refresh(pid, maps),
+            None => {
+                if let Ok(maps) = proc::maps::read(pid) {
+                    unwinder.refresh(pid, &maps);
+                }
+            }
+        }
+    }
+
     /// Starts the command; it is held at its exec stop until resumed.
     async fn launch(&mut self, argv: &[OsString]) -> anyhow::Result<u32> {
         let program = launch::resolve_program(&argv[0])?;
@@ -510,10 +545,11 @@ impl UserSession {
     /// Lets `pid` run on from its exec stop, held again at its entry point (see
     /// `ptrace/entry.rs`) when its wrappers' hints must wait for its libraries.
     fn resume_exec(&mut self, pid: u32) {
+        // Wrappers' hints and the unwinder's tables both need the libraries mapped.
         let wanted = self
             .targets
             .get(&pid)
-            .is_some_and(|t| !t.wrappers.is_empty());
+            .is_some_and(|t| !t.wrappers.is_empty() || self.unwinder.is_some());
         let held = wanted
             && crate::ptrace::locate_entry(pid)
                 .map_err(anyhow::Error::from)
@@ -587,6 +623,10 @@ impl UserSession {
                     self.keep_to_object_cap();
                     self.poll_losses();
                     self.rehook();
+                    // Libraries dlopen'ed since the last look get their tables.
+                    for pid in self.live_targets() {
+                        self.refresh_unwind(pid, None);
+                    }
                     self.show_status();
                 }
                 _ = hint_tick.tick(), if self.pending_hints() => {
@@ -659,6 +699,7 @@ impl UserSession {
                 // before the program's first instruction.
                 self.probes.detach_entry_hold(pid);
                 self.install_hints(pid);
+                self.refresh_unwind(pid, None);
                 self.ptrace.resume(pid);
             }
             ChildEvent::Exiting { pid } => {
@@ -745,6 +786,9 @@ impl UserSession {
             return;
         };
         self.probes.remove_hints(pid, &target.hints);
+        if let Some(u) = self.unwinder.as_mut() {
+            u.forget(pid);
+        }
         self.reporter.process(ProcessEvent::Exit, pid, None, status);
         self.probes.detach_process(pid);
         self.probes.remove_target(pid);
@@ -767,6 +811,7 @@ impl UserSession {
                         log::warn!("pid {child}: {err}");
                     }
                     self.targets.insert(child, target);
+                    self.refresh_unwind(child, None);
                     self.reporter
                         .process(ProcessEvent::Fork, child, Some(parent), None);
                 }
@@ -812,6 +857,7 @@ impl UserSession {
                 log::warn!("pid {pid}: cannot hook the new image: {err:#}");
             }
             self.reporter.remember_maps(pid, &maps);
+            self.refresh_unwind(pid, Some(&maps));
         }
     }
 
@@ -857,6 +903,7 @@ impl UserSession {
         match result {
             Ok(Ok(scan)) => {
                 self.reporter.remember_maps(pid, &scan.maps);
+                self.refresh_unwind(pid, Some(&scan.maps));
                 self.reporter.scan(&scan);
             }
             Ok(Err(ScanError::Gone(_))) => {}
@@ -891,6 +938,10 @@ impl UserSession {
             objects,
             bytes,
             counters,
+            unwind: self
+                .unwinder
+                .as_ref()
+                .map(|u| figures::unwind_stats(&u.figures())),
         }
     }
 

@@ -11,6 +11,8 @@ use std::{
     sync::Arc,
 };
 
+use leak_common::MAX_WRAPPER_DEPTH;
+
 use crate::{
     allocator::HookPlan,
     config::{Config, OutputConfig},
@@ -277,7 +279,12 @@ impl Reporter {
         // frame-pointer walk at a function's first instruction.
         let rest = frames.get(1..).unwrap_or(&[]);
         let mut addrs = Vec::with_capacity(rest.len() + 1);
-        if site.caller != 0 && rest.first() != Some(&site.caller) {
+        // An unwound stack has it already, a few wrapper frames up.
+        let walked = rest
+            .iter()
+            .take(MAX_WRAPPER_DEPTH + 1)
+            .any(|a| *a == site.caller);
+        if site.caller != 0 && !walked {
             addrs.push(site.caller);
         }
         // The walk is only as good as its first frame outside any code: stop there.

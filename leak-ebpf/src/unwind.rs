@@ -1,0 +1,298 @@
+//! The CFI unwinder: whole user stacks on code built without frame pointers.
+//!
+//! `bpf_get_stack` follows frame pointers, which distributions leave out, so at an
+//! allocation in such code it returns one or two frames. Here the stack is walked
+//! with tables the daemon built from each module's `.eh_frame`/`.debug_frame`
+//! (`UNWIND_ROWS`, shared by every process that maps the module): per frame, find
+//! the module of the pc (`UNWIND_MODULES`, the process's code mappings, a binary
+//! search), then its row (a second binary search), compute the CFA from rsp or rbp,
+//! read the return address at CFA - 8 and, when the row says so, the caller's rbp.
+//! A frame whose rule we cannot follow ends the stack with
+//! [`FRAME_UNWIND_STOPPED`], counted by reason in `UNWIND_COUNTS`: never a guess.
+//! The stack is stored like a frame-pointer one (content hash into `STACKS`).
+//! The frame loop is `bpf_loop` (Linux 5.17+; the daemon falls back to frame
+//! pointers where this program does not load).
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::pt_regs,
+    helpers::{bpf_probe_read_user, generated::bpf_loop},
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use leak_common::{
+    FRAME_UNWIND_STOPPED, MAX_MODULES, ModuleRange, ModuleSlot, STACK_DEPTH, UNWIND_DEPTH,
+    UnwindCount, UnwindRow, UnwindTable, cfa,
+};
+
+use crate::{
+    maps::{STACK_SCRATCH, STACKS},
+    record::{bump, store_stack},
+};
+
+/// Rows of every module's table, back to back. Sized by the daemon at load time.
+#[map]
+pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1 << 20, 0);
+
+/// Table id -> its slice of `UNWIND_ROWS`. Id 0 is never used.
+#[map]
+pub static UNWIND_TABLES: Array<UnwindTable> = Array::with_max_entries(4096, 0);
+
+/// Where each traced process's code mappings are in `UNWIND_RANGES`.
+#[map]
+pub static UNWIND_MODULES: HashMap<u32, ModuleSlot> = HashMap::with_max_entries(4096, 0);
+
+/// Code mappings, `MAX_MODULES` per process slot. Sized by the daemon at load time.
+#[map]
+pub static UNWIND_RANGES: Array<ModuleRange> = Array::with_max_entries(MAX_MODULES as u32, 0);
+
+/// The frames of the walk in progress, per CPU. Written through map lookups, not
+/// by index into one value: the verifier would then track the frame number
+/// exactly and check the loop body once per frame.
+#[map]
+pub static UNWIND_FRAMES: PerCpuArray<u64> = PerCpuArray::with_max_entries(UNWIND_DEPTH as u32, 0);
+
+/// What the walks met, per CPU, by [`UnwindCount`].
+#[map]
+pub static UNWIND_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(UnwindCount::COUNT, 0);
+
+/// Binary search steps: enough for `MAX_MODULES` ranges and for 2^22 rows.
+const MODULE_STEPS: usize = 10;
+const ROW_STEPS: usize = 22;
+
+#[inline(always)]
+fn note(what: UnwindCount) {
+    bump(&UNWIND_COUNTS, what as u32);
+}
+
+/// Is `a <= b`, as 0 or 1, without a branch? (Both below 2^63.)
+#[inline(always)]
+fn at_or_below(a: u64, b: u64) -> u64 {
+    (b.wrapping_sub(a) >> 63) ^ 1
+}
+
+/// The index of the last of `count` sorted keys (from `first`) at or below `pc`,
+/// assuming the first is. Branch-free with a fixed number of steps: a search that
+/// branches gives the verifier two paths per step, and it follows them all.
+#[inline(always)]
+fn search(
+    first: u32,
+    count: u32,
+    steps: usize,
+    key_at: impl Fn(u32) -> Option<u64>,
+    pc: u64,
+) -> Option<u32> {
+    let mut base = 0u32;
+    let mut n = count;
+    for _ in 0..steps {
+        let half = n / 2;
+        let key = key_at(first.wrapping_add(base + half))?;
+        base += half * at_or_below(key, pc) as u32;
+        n -= half;
+    }
+    Some(base)
+}
+
+/// The module range holding `pc`, if any.
+#[inline(always)]
+fn module_of(slot: ModuleSlot, pc: u64) -> Option<ModuleRange> {
+    if slot.count == 0 || slot.count as usize > MAX_MODULES {
+        return None;
+    }
+    let start_of = |i: u32| UNWIND_RANGES.get(i).map(|r| r.start);
+    let i = search(slot.first, slot.count, MODULE_STEPS, start_of, pc)?;
+    let range = *UNWIND_RANGES.get(slot.first.wrapping_add(i))?;
+    (range.start <= pc && pc < range.end).then_some(range)
+}
+
+/// The row of `table` that covers module address `pc`, if any.
+#[inline(always)]
+fn row_of(table: UnwindTable, pc: u32) -> Option<UnwindRow> {
+    if table.rows == 0 || table.rows > 1 << ROW_STEPS {
+        return None;
+    }
+    let pc_of = |i: u32| UNWIND_ROWS.get(i).map(|r| u64::from(r.pc));
+    let i = search(table.first, table.rows, ROW_STEPS, pc_of, u64::from(pc))?;
+    let row = *UNWIND_ROWS.get(table.first.wrapping_add(i))?;
+    (row.pc <= pc).then_some(row)
+}
+
+#[inline(always)]
+fn read_user(addr: u64) -> Option<u64> {
+    // SAFETY: the helper checks the user address and fails cleanly.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// How one frame step ended.
+enum Step {
+    /// The caller's registers: (pc, sp, rbp).
+    Caller(u64, u64, u64),
+    /// The stack is complete.
+    End,
+    /// The walk cannot go on: why.
+    Stop(UnwindCount),
+}
+
+/// Unwinds one frame: from `pc` (exact for the first frame, a return address after)
+/// to the caller's registers.
+#[inline(always)]
+fn step(modules: ModuleSlot, pc: u64, after_first: u64, sp: u64, rbp: u64) -> Step {
+    // A return address may point past the last instruction of its function (a
+    // call to a noreturn function): look up the call instruction instead. The
+    // first frame's pc is exact.
+    let lookup = pc.wrapping_sub(after_first);
+    let Some(range) = module_of(modules, lookup) else {
+        return Step::Stop(UnwindCount::NoModule);
+    };
+    let offset = lookup.wrapping_sub(range.bias);
+    if offset > u64::from(u32::MAX) {
+        return Step::Stop(UnwindCount::NoRule);
+    }
+    let Some(table) = UNWIND_TABLES.get(range.table).copied() else {
+        return Step::Stop(UnwindCount::NoRule);
+    };
+    let Some(row) = row_of(table, offset as u32) else {
+        return Step::Stop(UnwindCount::NoRule);
+    };
+    let base = match row.cfa_reg {
+        cfa::RSP => sp,
+        cfa::RBP => rbp,
+        cfa::END => return Step::End,
+        _ => return Step::Stop(UnwindCount::NoRule),
+    };
+    let cfa = base.wrapping_add(u64::from(row.cfa_offset));
+    let Some(ret) = read_user(cfa.wrapping_sub(8)) else {
+        return Step::Stop(UnwindCount::ReadFailed);
+    };
+    let caller_rbp = if row.rbp_slot == 0 {
+        rbp
+    } else {
+        match read_user(cfa.wrapping_add((i64::from(row.rbp_slot) * 8) as u64)) {
+            Some(v) => v,
+            None => return Step::Stop(UnwindCount::ReadFailed),
+        }
+    };
+    if ret == 0 {
+        return Step::End;
+    }
+    Step::Caller(ret, cfa, caller_rbp)
+}
+
+/// The state of one walk, on the probe's stack, handed to [`walk_frame`].
+#[repr(C)]
+struct Walk {
+    pc: u64,
+    sp: u64,
+    rbp: u64,
+    tgid: u32,
+    /// Frames written so far.
+    depth: u32,
+    /// How the walk ended, an [`UnwindCount`] (`Truncated` until it ends).
+    end: u32,
+    _pad: u32,
+}
+
+/// One frame of a walk, run by `bpf_loop`: the verifier checks this body once,
+/// not once per frame (bounded loops nested in a frame loop exceed its budget).
+/// Returns 1 to stop the loop.
+#[inline(never)]
+extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the pointer `capture` gave it: its own Walk.
+    let walk = unsafe { &mut *ctx.cast::<Walk>() };
+    let Some(modules) = UNWIND_MODULES.get_ptr(&walk.tgid) else {
+        walk.end = UnwindCount::NoProcess as u32;
+        return 1;
+    };
+    // SAFETY: a map value from get_ptr is valid and aligned during the run.
+    let modules = unsafe { *modules };
+    let Some(slot) = UNWIND_FRAMES.get_ptr_mut(walk.depth) else {
+        return 1; // UNWIND_DEPTH frames written
+    };
+    // SAFETY: this CPU's value, valid and aligned during the run.
+    unsafe { *slot = walk.pc };
+    // 0 for the first frame, else 1, without a branch (see `search`).
+    let after_first = (u64::from(walk.depth) + 0xffff_ffff) >> 32;
+    walk.depth += 1;
+    match step(modules, walk.pc, after_first, walk.sp, walk.rbp) {
+        Step::Caller(pc, sp, rbp) => {
+            (walk.pc, walk.sp, walk.rbp) = (pc, sp, rbp);
+            0
+        }
+        Step::End => {
+            walk.end = UnwindCount::Complete as u32;
+            1
+        }
+        Step::Stop(why) => {
+            walk.end = why as u32;
+            1
+        }
+    }
+}
+
+/// Walks the user stack of `tgid` from the probe's registers and stores it in
+/// `STACKS`; returns its key, or 0 when nothing could be stored (counted).
+#[inline(always)]
+pub fn capture(regs: &pt_regs, tgid: u32) -> u64 {
+    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    note(UnwindCount::Stacks);
+    let mut walk = Walk {
+        pc: regs.rip,
+        sp: regs.rsp,
+        rbp: regs.rbp,
+        tgid,
+        depth: 0,
+        end: UnwindCount::Truncated as u32,
+        _pad: 0,
+    };
+    // SAFETY: the callback is a BPF function taking (index, ctx); ctx is our
+    // own stack variable, alive for the whole call.
+    unsafe {
+        bpf_loop(
+            UNWIND_DEPTH as u32,
+            walk_frame as *mut c_void,
+            (&raw mut walk).cast(),
+            0,
+        )
+    };
+    // SAFETY: this CPU's scratch value, valid and aligned during the run.
+    let frames = unsafe { &mut (*buf).frames };
+    for i in 0..UNWIND_DEPTH {
+        if i as u32 >= walk.depth {
+            break;
+        }
+        if let Some(frame) = UNWIND_FRAMES.get(i as u32) {
+            frames[i] = *frame;
+        }
+    }
+    let mut depth = walk.depth as usize;
+    if depth == 0 {
+        // No module list for this process yet: the pc alone, then the marker.
+        frames[0] = regs.rip;
+        depth = 1;
+    }
+    let end = walk.end;
+    if end == UnwindCount::Complete as u32 {
+        note(UnwindCount::Complete);
+    } else if end == UnwindCount::Truncated as u32 {
+        note(UnwindCount::Truncated);
+    } else {
+        if end < UnwindCount::COUNT {
+            bump(&UNWIND_COUNTS, end);
+        }
+        if depth < STACK_DEPTH {
+            frames[depth] = FRAME_UNWIND_STOPPED;
+            depth += 1;
+        }
+    }
+    if depth < STACK_DEPTH {
+        frames[depth] = 0;
+    }
+    if let Some(counter) = UNWIND_COUNTS.get_ptr_mut(UnwindCount::Frames as u32) {
+        // SAFETY: the map value is a live, aligned u64 for the program's duration.
+        unsafe { *counter += depth as u64 };
+    }
+    store_stack(buf, &STACKS)
+}
