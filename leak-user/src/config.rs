@@ -92,6 +92,8 @@ pub struct Config {
     pub ring_bytes: u32,
     pub stack_entries: u32,
     pub read_method: ReadMethod,
+    /// Threads one scan uses, the CPUs available or fewer.
+    pub scan_threads: usize,
     pub suppressions: Suppressions,
     pub kernel: KernelConfig,
     /// Capture allocation stacks (user and kernel mode).
@@ -190,6 +192,12 @@ impl Config {
         let mode = mode_of(&args)?;
         check_limits(&args)?;
         check_combinations(&args, &mode)?;
+        if args.scan_threads == 0 {
+            return Err(ConfigError::Zero {
+                what: "--scan-threads",
+            });
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let interval = parse_duration("--interval", &args.interval)?;
         if interval.is_zero() {
             return Err(ConfigError::Zero { what: "--interval" });
@@ -230,6 +238,7 @@ impl Config {
                 ReadMethodArg::ProcessVmReadv => ReadMethod::ProcessVmReadv,
                 ReadMethodArg::ProcMem => ReadMethod::ProcMem,
             },
+            scan_threads: (args.scan_threads as usize).min(cpus),
             stacks: !args.no_stacks,
             verbose: args.verbose,
             dump_objects: args.dump_objects,
