@@ -330,6 +330,8 @@ pub struct Workspace {
     /// [`TASK`] and [`PARALLEL_MIN`] (tests shrink them).
     task_bytes: u64,
     parallel_min: u64,
+    /// The last snapshot's buffers, for the next one.
+    snapshot: Snapshot,
 }
 
 impl Default for Workspace {
@@ -650,7 +652,25 @@ impl Workspace {
             threads,
             task_bytes: TASK,
             parallel_min: PARALLEL_MIN,
+            snapshot: Snapshot::default(),
         }
+    }
+
+    /// An empty snapshot with the last one's memory, to fill for the next scan.
+    pub fn take_snapshot(&mut self) -> Snapshot {
+        let mut s = std::mem::take(&mut self.snapshot);
+        s.objects.clear();
+        s.owned.clear();
+        s.attached_late = false;
+        s.watched.clear();
+        s.by_new.clear();
+        s.usable_size.clear();
+        s
+    }
+
+    /// Keeps a scanned snapshot's memory for [`Self::take_snapshot`].
+    pub fn keep_snapshot(&mut self, snapshot: Snapshot) {
+        self.snapshot = snapshot;
     }
 
     /// Runs one scan, reusing this workspace's buffers.
