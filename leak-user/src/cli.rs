@@ -120,7 +120,7 @@ pub struct Args {
     pub stack_map_entries: u32,
 
     /// Threads that read and scan one target's memory at once (the tracer's CPU
-    /// share during a scan); at most the CPUs available.
+    /// share during a scan); at most the CPUs available, at most 256.
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub scan_threads: u32,
 
