@@ -207,7 +207,7 @@ mod tests {
 
     #[test]
     fn vector_and_scalar_filters_agree_with_the_definition() {
-        let spans = vec![
+        let spans = [
             0x1000..0x9000,
             0x5555_0000_0000..0x5555_1000_0000,
             0x5555_2000_0000..0x5555_2000_1000,

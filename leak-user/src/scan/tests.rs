@@ -297,7 +297,11 @@ fn random_heap(seed: u64) -> Fixture {
     f.object(big_heap + big_len - 64, 256);
     let pointer = |r: u64, objects: &[(u64, u64)]| {
         let (a, size) = objects[(r % objects.len() as u64) as usize];
-        if r % 5 == 0 { a + (r >> 20) % size } else { a }
+        if r.is_multiple_of(5) {
+            a + (r >> 20) % size
+        } else {
+            a
+        }
     };
     for &(a, size) in &objects {
         let words = (size / 8).min(64);
