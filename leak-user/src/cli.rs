@@ -202,6 +202,11 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 65536)]
     pub stack_map_entries: u32,
 
+    /// Threads that read and scan one target's memory at once (the tracer's CPU
+    /// share during a scan); at most the CPUs available, at most 256.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub scan_threads: u32,
+
     /// How to read target memory.
     #[arg(long, value_enum, default_value_t = ReadMethodArg::ProcessVmReadv, hide = true)]
     pub read_method: ReadMethodArg,

@@ -127,6 +127,8 @@ pub struct Config {
     pub ring_bytes: u32,
     pub stack_entries: u32,
     pub read_method: ReadMethod,
+    /// Threads one scan uses, the CPUs available or fewer.
+    pub scan_threads: usize,
     pub suppressions: Suppressions,
     /// `--debug-dir`: roots for separate debug files.
     pub debug_dirs: Vec<PathBuf>,
@@ -208,6 +210,8 @@ const MAX_DURATION_S: f64 = 365.0 * 24.0 * 3600.0;
 pub const MAX_STACK_ENTRIES: u32 = 1 << 19;
 /// The most consecutive scans --min-scans may ask for.
 const MAX_MIN_SCANS: u16 = 1000;
+/// More scan threads than this is a typo (and more than the CPUs are not used).
+const MAX_SCAN_THREADS: u32 = 256;
 /// The most stacks --top may show.
 const MAX_TOP: usize = 1_000_000;
 
@@ -273,6 +277,7 @@ impl Config {
         let mode = mode_of(&args)?;
         check_limits(&args)?;
         check_combinations(&args, &mode)?;
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let interval = parse_duration("--interval", &args.interval)?;
         if interval.is_zero() {
             return Err(ConfigError::Zero { what: "--interval" });
@@ -321,6 +326,7 @@ impl Config {
                 StacksArg::Auto | StacksArg::Caller => StackWalk::Auto,
             },
             empty_probes: args.empty_probes,
+            scan_threads: (args.scan_threads as usize).min(cpus),
             verbose: args.verbose,
             dump_objects: args.dump_objects,
             limits: Limits {
@@ -389,6 +395,11 @@ fn check_limits(args: &Args) -> Result<(), ConfigError> {
             what: "--stack-map-entries",
         });
     }
+    if args.scan_threads == 0 {
+        return Err(ConfigError::Zero {
+            what: "--scan-threads",
+        });
+    }
     let too_large = |what, limit: &dyn ToString, value: &dyn ToString| ConfigError::TooLarge {
         what,
         limit: limit.to_string(),
@@ -399,6 +410,13 @@ fn check_limits(args: &Args) -> Result<(), ConfigError> {
             "--stack-map-entries",
             &MAX_STACK_ENTRIES,
             &args.stack_map_entries,
+        ));
+    }
+    if args.scan_threads > MAX_SCAN_THREADS {
+        return Err(too_large(
+            "--scan-threads",
+            &MAX_SCAN_THREADS,
+            &args.scan_threads,
         ));
     }
     if args.min_scans > MAX_MIN_SCANS {
@@ -630,6 +648,24 @@ mod tests {
             config(&["lt", "-p", "0"]).unwrap_err(),
             ConfigError::BadPid(0)
         );
+        assert_eq!(
+            config(&["lt", "-p", "1", "--scan-threads", "0"]).unwrap_err(),
+            ConfigError::Zero {
+                what: "--scan-threads"
+            }
+        );
+    }
+
+    #[test]
+    fn scan_threads_are_at_most_the_cpus() {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let threads = |argv: &[&str]| config(argv).expect("valid").scan_threads;
+        assert_eq!(threads(&["lt", "-p", "1"]), 2.min(cpus));
+        assert_eq!(threads(&["lt", "-p", "1", "--scan-threads", "1"]), 1);
+        assert_eq!(
+            threads(&["lt", "-p", "1", "--scan-threads", "256"]),
+            cpus.min(256)
+        );
     }
 
     #[test]
@@ -641,6 +677,7 @@ mod tests {
             ("--min-growth-window", "9999999999h", "365 days"),
             ("--min-age", "25h", "24h"),
             ("--stack-map-entries", "4294967295", "524288"),
+            ("--scan-threads", "257", "256"),
             ("--stack-map-entries", "100000000", "524288"),
             ("--min-scans", "60000", "1000"),
             ("--top", "18446744073709551615", "1000000"),

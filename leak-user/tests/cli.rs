@@ -126,6 +126,7 @@ fn big_numbers_are_refused_naming_the_flag_and_the_limit() {
         ("--stack-map-entries", "100000000", "at most 524288"),
         ("--stack-map-entries", "4294967295", "at most 524288"),
         ("--min-scans", "65535", "at most 1000"),
+        ("--scan-threads", "257", "at most 256"),
         ("--top", "99999999999", "at most 1000000"),
     ] {
         let out = leaktrace(&["-p", "1", flag, value]);

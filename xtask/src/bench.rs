@@ -4,12 +4,15 @@
 //!
 //! * tracing overhead (`overhead.rs`): a malloc/free loop and two servers, untraced,
 //!   at the floor (empty programs) and traced; each program's own time; start-up;
-//! * scanning: leaktrace's scan rate over a heap of a million objects, against a plain
-//!   sequential read of the same process's memory (the physical limit);
+//! * scanning: leaktrace's scan rate over a heap of a million objects with 1 and 2
+//!   scan threads, each scan paired with a plain sequential `process_vm_readv` of the
+//!   same process's memory right after it (the physical limit), and cycles per word;
 //! * kernel slab mode: eventfd open/close untraced and under `leaktrace --kernel`,
 //!   with the event rate sustained and the events lost;
 //! * table memory: leaktrace's resident memory per tracked object at a million
 //!   objects, and the longest lock holds of those scans;
+//! * scanning under churn: events lost while a 2 GB heap is scanned and a thread
+//!   churns malloc/free;
 //! * stack capture (`--only unwind`): the allocation probe's own run time (bpf_stats)
 //!   with no stack, frame pointers and the CFI unwinder, at 8, 16 and 32 frames.
 
@@ -253,7 +256,94 @@ fn sequential_read_mb_s(pid: u32) -> anyhow::Result<(f64, u64)> {
     Ok((total as f64 / 1e6 / start.elapsed().as_secs_f64(), total))
 }
 
-/// Scan rate, table memory and lock holds over a heap of `objects` objects where
+/// Scans of the same configuration, each paired with a sequential read of the
+/// same process right after it.
+const SCAN_ROUNDS: usize = 5;
+
+/// Median, min and max.
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn show(v: Vec<f64>, precision: usize) -> String {
+    let (m, lo, hi) = spread(v);
+    format!("{m:.precision$} ({lo:.precision$}-{hi:.precision$})")
+}
+
+/// The nominal clock (the TSC's, in this VM kind), from /proc/cpuinfo.
+fn nominal_mhz() -> Option<f64> {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cpu MHz")?
+                .split(':')
+                .nth(1)?
+                .trim()
+                .parse()
+                .ok()
+        })
+}
+
+/// One figure per scan round: (scan MB/s, process_vm_readv MB/s, scan record).
+type Rounds = Vec<(f64, f64, Value)>;
+
+/// Attaches with `--scan-threads threads` to a hog and pairs each full scan with
+/// a sequential read of the same memory right after it (scans come every 3 s and
+/// take less than that, so the two never run at once).
+fn scan_rounds(
+    leaktrace: &Path,
+    hog: &Path,
+    hog_args: &[&str],
+    objects: u64,
+    threads: u32,
+) -> anyhow::Result<(Rounds, u64)> {
+    let mut f = Fixture::start(hog, hog_args)?;
+    let threads = threads.to_string();
+    let args = [
+        "--interval",
+        "3s",
+        "--min-age",
+        "1s",
+        "--scan-threads",
+        &threads,
+    ];
+    let t = Tracer::attach(leaktrace, f.pid(), &args)?;
+    f.go()?;
+    f.wait_for("READY")?;
+    let full = |r: &Value| r["type"] == "scan" && r["objects"].as_u64() == Some(objects);
+    let mut rounds = Vec::new();
+    let mut seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while rounds.len() < SCAN_ROUNDS {
+        if Instant::now() > deadline {
+            bail!("leaktrace took too long to scan");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let scans: Vec<Value> = t.records().into_iter().filter(full).collect();
+        if scans.len() <= seen {
+            continue;
+        }
+        seen = scans.len();
+        let scan = scans.last().expect("a scan").clone();
+        let (read_mb_s, _) = sequential_read_mb_s(f.pid())?;
+        let bytes = scan["bytes_read"].as_f64().unwrap_or(0.0);
+        let ms = scan["duration_ms"].as_f64().unwrap_or(f64::MAX);
+        rounds.push((bytes / 1e6 / (ms / 1e3), read_mb_s, scan));
+    }
+    let records = t.stop();
+    f.finish();
+    let longest = records
+        .iter()
+        .filter_map(|r| r["longest_lock_hold_us"].as_u64())
+        .max()
+        .unwrap_or(0);
+    Ok((rounds, longest))
+}
+
+/// Scan rate against `process_vm_readv` of the same memory, with 1 and 2 scan
+/// threads, table memory and lock holds over a heap of `objects` objects where
 /// one word in `every` is a pointer.
 fn scanning(leaktrace: &Path, fixtures: &Path, objects: u64, every: u32) -> anyhow::Result<()> {
     step(&format!(
@@ -284,59 +374,46 @@ fn scanning(leaktrace: &Path, fixtures: &Path, objects: u64, every: u32) -> anyh
         f.finish();
         (before, last, heap)
     };
-    let mut f = Fixture::start(&hog, &hog_args)?;
-    let mut t = Tracer::attach(leaktrace, f.pid(), &["--interval", "2s", "--min-age", "1s"])?;
-    f.go()?;
-    f.wait_for("READY")?;
-    t.wait(|r| {
-        r.iter()
-            .filter(|x| x["type"] == "scan" && x["objects"].as_u64() == Some(objects))
-            .count()
-            >= 3
-    })?;
-    // The best of three, as the scan figure is the best of its scans.
-    let mut read_mb_s = 0.0f64;
-    let mut read_bytes = 0;
-    for _ in 0..3 {
-        let (rate, bytes) = sequential_read_mb_s(f.pid())?;
-        read_mb_s = read_mb_s.max(rate);
-        read_bytes = bytes;
-    }
-    let records = t.stop();
-    f.finish();
-    let scans: Vec<&Value> = records.iter().filter(|r| r["type"] == "scan").collect();
-    let best = scans
-        .iter()
-        .filter(|s| s["objects"].as_u64() == Some(objects))
-        .map(|s| {
-            let bytes = s["bytes_read"].as_f64().unwrap_or(0.0);
-            let ms = s["duration_ms"].as_f64().unwrap_or(f64::MAX);
-            (bytes / 1e6 / (ms / 1e3), s)
-        })
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .context("no scan covered every object")?;
-    let (scan_mb_s, scan) = best;
-    let per_object = (rss_table.saturating_sub(rss_before) * 1024) as f64 / objects as f64;
-    let longest = records
-        .iter()
-        .filter_map(|r| r["longest_lock_hold_us"].as_u64())
-        .max()
-        .unwrap_or(0);
+    let mhz = nominal_mhz();
     println!("  heap: {heap}");
     println!(
-        "  {:<28} {:>10.0} MB/s  ({} MB in all writable mappings)",
-        "sequential read",
-        read_mb_s,
-        read_bytes / 1_000_000
+        "  {:<8} {:>22} {:>22} {:>18} {:>20}",
+        "threads", "scan MB/s", "process_vm_readv MB/s", "scan/readv", "cycles/word"
     );
+    let mut holds = Vec::new();
+    for threads in [1, 2] {
+        let (rounds, longest) = scan_rounds(leaktrace, &hog, &hog_args, objects, threads)?;
+        let cycles = |r: &(f64, f64, Value)| {
+            let words = r.2["bytes_read"].as_f64().unwrap_or(0.0) / 8.0;
+            let secs = r.2["duration_ms"].as_f64().unwrap_or(0.0) / 1e3;
+            mhz.map_or(f64::NAN, |mhz| secs * mhz * 1e6 / words)
+        };
+        println!(
+            "  {:<8} {:>22} {:>22} {:>18} {:>20}",
+            threads,
+            show(rounds.iter().map(|r| r.0).collect(), 0),
+            show(rounds.iter().map(|r| r.1).collect(), 0),
+            show(rounds.iter().map(|r| r.0 / r.1).collect(), 2),
+            show(rounds.iter().map(cycles).collect(), 1),
+        );
+        let us = |k: &str| {
+            rounds
+                .iter()
+                .map(|r| r.2[k].as_f64().unwrap_or(0.0))
+                .collect()
+        };
+        holds.push((
+            threads,
+            us("snapshot_lock_us"),
+            us("apply_lock_us"),
+            longest,
+        ));
+    }
     println!(
-        "  {:<28} {:>10.0} MB/s  {:.2} of the read rate ({} MB read, {:.0} ms)",
-        "leaktrace scan",
-        scan_mb_s,
-        scan_mb_s / read_mb_s,
-        scan["bytes_read"].as_u64().unwrap_or(0) / 1_000_000,
-        scan["duration_ms"].as_f64().unwrap_or(0.0)
+        "  (medians (min-max) of {SCAN_ROUNDS} scans, each paired with a process_vm_readv of every writable mapping of the target right after it; a scan's time is its whole duration: snapshot, index, read, walk, mark and sweep; cycles/word: wall time x {} MHz nominal / words read: this VM has no cycle counters)",
+        mhz.map_or("?".to_owned(), |m| format!("{m:.0}"))
     );
+    let per_object = (rss_table.saturating_sub(rss_before) * 1024) as f64 / objects as f64;
     println!(
         "  {:<28} {:>10.1} bytes/object (resident memory growth over {objects} objects)",
         "table memory", per_object
@@ -350,9 +427,81 @@ fn scanning(leaktrace: &Path, fixtures: &Path, objects: u64, every: u32) -> anyh
         "  (resident memory before, with the eBPF maps set up: {:.1} MiB)",
         rss_before as f64 / 1024.0
     );
+    for (threads, snapshot, apply, longest) in holds {
+        println!(
+            "  {:<28} snapshot {} us, apply {} us (longest per scan, median (min-max)); longest hold of the run {longest} us",
+            format!("table lock, {threads} thread(s)"),
+            show(snapshot, 0),
+            show(apply, 0)
+        );
+    }
+    Ok(())
+}
+
+/// A scan must never make the ingest fall behind: a hog of `objects` objects (4
+/// million: about 2 GB) with a thread churning malloc/free as fast as it can,
+/// traced with a 1 s interval (default scan threads and ring buffer); the events
+/// lost while full scans run back to back, from the stats records.
+fn scan_under_churn(leaktrace: &Path, fixtures: &Path, objects: u64) -> anyhow::Result<()> {
+    step(&format!(
+        "scanning under churn: {objects} tracked objects and a thread churning malloc/free"
+    ));
+    let hog = fixtures.join("hog");
+    let n = objects.to_string();
+    let mut f = Fixture::start(&hog, &[&n, "4", "--churn"])?;
+    let t = Tracer::attach(leaktrace, f.pid(), &["--interval", "1s", "--min-age", "1s"])?;
+    f.go()?;
+    let heap = f.wait_for("HEAP")?;
+    f.wait_for("READY")?;
+    let churning = Instant::now();
+    let full = |r: &Value| r["type"] == "scan" && r["objects"].as_u64() >= Some(objects);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while t.records().iter().filter(|r| full(r)).count() < SCAN_ROUNDS {
+        if Instant::now() > deadline {
+            bail!("leaktrace took too long to scan");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let records = t.stop();
+    let seconds = churning.elapsed().as_secs_f64();
+    drop(f.child.stdin.take());
+    let pairs: f64 = f
+        .wait_for("CHURN")?
+        .strip_prefix("CHURN ")
+        .and_then(|n| n.trim().parse().ok())
+        .context("unexpected CHURN line")?;
+    f.finish();
+    let scans: Vec<&Value> = records.iter().filter(|r| full(r)).collect();
+    let ms = |k: &str| {
+        scans
+            .iter()
+            .map(|s| s[k].as_f64().unwrap_or(0.0))
+            .collect::<Vec<_>>()
+    };
+    let end = records
+        .iter()
+        .rfind(|r| r["type"] == "end")
+        .context("no end record")?;
+    let lost_in_stats = records
+        .iter()
+        .filter(|r| r["type"] == "stats")
+        .filter_map(|r| r["lost_total"].as_u64())
+        .max()
+        .unwrap_or(0);
+    println!("  heap: {heap}");
     println!(
-        "  {:<28} snapshot {} us, apply {} us; longest hold of the run {} us",
-        "table lock", scan["snapshot_lock_us"], scan["apply_lock_us"], longest
+        "  {} full scans of {:.0} MB, {} ms each (median (min-max)), while the churn ran {:.0} malloc/free pairs/s for {seconds:.0} s",
+        scans.len(),
+        ms("bytes_read").iter().copied().fold(0.0, f64::max) / 1e6,
+        show(ms("duration_ms"), 0),
+        pairs / seconds
+    );
+    println!(
+        "  events lost: {} (end), {lost_in_stats} (highest in stats records); {} records read at {:.0}/s; longest lock hold {} us",
+        end["lost_total"],
+        end["records"],
+        end["records_per_sec"].as_f64().unwrap_or(0.0),
+        end["longest_lock_hold_us"]
     );
     Ok(())
 }
@@ -364,7 +513,9 @@ pub enum Bench {
     Overhead,
     /// Kernel slab mode event rate and losses.
     Kernel,
-    /// Scan rate, table memory and lock holds at a million objects.
+    /// Scan rate against process_vm_readv (1 and 2 threads), table memory and
+    /// lock holds at a million objects; events lost while a 2 GB heap is scanned
+    /// under churn.
     Scan,
     /// Stack capture cost per allocation: none, frame pointers, CFI unwinding.
     Unwind,
@@ -392,6 +543,11 @@ pub fn run(quick: bool, only: &[Bench]) -> anyhow::Result<()> {
         // Struct-like heaps (a quarter of the words are pointers), and pointer arrays.
         scanning(&leaktrace, &fixtures, objects, 4)?;
         scanning(&leaktrace, &fixtures, objects, 2)?;
+        scan_under_churn(
+            &leaktrace,
+            &fixtures,
+            if quick { 400_000 } else { 4_000_000 },
+        )?;
     }
     if wanted(Bench::Unwind) {
         unwind(&leaktrace, &fixtures, if quick { 100_000 } else { 300_000 })?;
@@ -399,40 +555,24 @@ pub fn run(quick: bool, only: &[Bench]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// (run_time_ns, run_cnt) of the program `name` among the BPF programs open in
-/// process `pid` (its fds, so that other tracers on the machine do not count).
+/// (run_time_ns, run_cnt) of the programs named `name` that process `pid`
+/// holds (its descriptors, so that other tracers on the machine do not count).
 fn program_stats(pid: u32, name: &str) -> anyhow::Result<(u64, u64)> {
-    let mut total = (0, 0);
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let Ok(info) = std::fs::read_to_string(entry?.path()) else {
-            continue;
-        };
-        let field = |key: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        let (Some(id), Some(ns), Some(cnt)) =
-            (field("prog_id:"), field("run_time_ns:"), field("run_cnt:"))
-        else {
-            continue;
-        };
-        let out = Command::new("bpftool")
-            .args(["prog", "show", "id", &id.to_string(), "--json"])
-            .output()
-            .context("cannot run bpftool")?;
-        let shown: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if shown["name"] == name {
-            total = (total.0 + ns, total.1 + cnt);
-        }
-    }
-    Ok(total)
-}
-
-/// Median, min and max.
-fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
+    let ids = crate::overhead::program_ids(pid);
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .context("cannot run bpftool")?;
+    let progs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    Ok(progs
+        .iter()
+        .filter(|p| p["name"] == name && p["id"].as_u64().is_some_and(|id| ids.contains(&id)))
+        .fold((0, 0), |(ns, cnt), p| {
+            (
+                ns + p["run_time_ns"].as_u64().unwrap_or(0),
+                cnt + p["run_cnt"].as_u64().unwrap_or(0),
+            )
+        }))
 }
 
 /// The allocation probe's run time per call with each way of taking stacks, at

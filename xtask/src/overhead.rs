@@ -293,7 +293,7 @@ fn loop_once(
 }
 
 /// The ids of the BPF programs process `pid` holds (from its descriptors' fdinfo).
-fn program_ids(pid: u32) -> Vec<u64> {
+pub fn program_ids(pid: u32) -> Vec<u64> {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
         return Vec::new();
     };

@@ -152,6 +152,99 @@ impl Graph {
     }
 }
 
+/// The edges and root hits that one run of memory produced, recorded with the
+/// same rules as [`Graph::add_edge`] and [`Graph::add_root`] and appended to the
+/// graph in address order ([`Graph::append`]). Workers fill parts of one scan at
+/// the same time; the graph is the same however the memory was split, provided no
+/// object's memory is split between two parts.
+#[derive(Default)]
+pub struct Part {
+    /// (source, index in `edges` of its first edge), sources increasing.
+    sources: Vec<(u32, u32)>,
+    edges: Vec<u32>,
+    /// (index in `edges`, offset) of the interior edges.
+    interior_edges: Vec<(u32, u32)>,
+    /// Objects a root word points at the start of.
+    strong_roots: Vec<u32>,
+    /// (object, offset) of root words pointing into an object's middle.
+    interior_roots: Vec<(u32, u32)>,
+}
+
+impl Part {
+    /// Empties the part, keeping its memory.
+    pub fn clear(&mut self) {
+        self.sources.clear();
+        self.edges.clear();
+        self.interior_edges.clear();
+        self.strong_roots.clear();
+        self.interior_roots.clear();
+    }
+
+    /// [`Graph::add_edge`], into this part.
+    #[inline]
+    pub fn add_edge(&mut self, src: u32, dst: u32, offset: u64) {
+        if src == dst {
+            return;
+        }
+        let interior = offset != 0;
+        let edge = dst | if interior { INTERIOR } else { 0 };
+        let len = self.edges.len() as u32;
+        match self.sources.last() {
+            Some(&(last, _)) if last == src => {
+                if self.edges.last() == Some(&edge) {
+                    return; // the same pointer again in the same object
+                }
+            }
+            last => {
+                debug_assert!(last.is_none_or(|l| l.0 < src), "sources in order");
+                self.sources.push((src, len));
+            }
+        }
+        if interior {
+            self.interior_edges
+                .push((len, offset.min(u64::from(u32::MAX)) as u32));
+        }
+        self.edges.push(edge);
+    }
+
+    /// [`Graph::add_root`], into this part.
+    #[inline]
+    pub fn add_root(&mut self, dst: u32, offset: u64) {
+        if offset != 0 {
+            self.interior_roots
+                .push((dst, offset.min(u64::from(u32::MAX)) as u32));
+        } else {
+            self.strong_roots.push(dst);
+        }
+    }
+
+    pub fn edge_count(&self) -> usize {
+        self.edges.len()
+    }
+}
+
+impl Graph {
+    /// Appends a part's edges and root hits, as if they had been added here one
+    /// by one. Its sources must all come after the graph's.
+    pub fn append(&mut self, part: &Part) {
+        let base = self.edges.len() as u32;
+        for &(src, first) in &part.sources {
+            debug_assert!(self.starts.len() <= src as usize, "parts in order");
+            self.starts.resize(src as usize + 1, base + first);
+        }
+        self.edges.extend_from_slice(&part.edges);
+        self.interior_edges
+            .extend(part.interior_edges.iter().map(|&(k, off)| (base + k, off)));
+        for &j in &part.strong_roots {
+            self.strong_roots[j as usize] = true;
+        }
+        for &(j, off) in &part.interior_roots {
+            self.weak_roots[j as usize] = true;
+            self.interior_roots.push((j, off));
+        }
+    }
+}
+
 /// What roots point to.
 struct Roots<'a> {
     strong: &'a [bool],
@@ -422,6 +515,74 @@ mod tests {
     fn leaked_object_pointing_into_live_memory_does_not_change_it() {
         let r = graph(2, &[(0, 1, false)], &[(1, false)]);
         assert_eq!(r, vec![Reach::Direct, Reach::Reachable]);
+    }
+
+    /// A pseudo-random edge and root list, in source order.
+    fn random_calls(n: u32, seed: u64) -> Vec<(Option<u32>, u32, u64)> {
+        let mut x = seed;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut calls = Vec::new();
+        let mut src = 0;
+        while src < n {
+            // A root word, an edge (sometimes the same one twice), or the next source.
+            match next() % 6 {
+                0 => calls.push((None, (next() % u64::from(n)) as u32, next() % 3 * 8)),
+                1 => src += 1 + (next() % 3) as u32,
+                _ => {
+                    let call = (Some(src), (next() % u64::from(n)) as u32, next() % 2 * 16);
+                    calls.push(call);
+                    if next() % 4 == 0 {
+                        calls.push(call);
+                    }
+                }
+            }
+        }
+        calls
+    }
+
+    #[test]
+    fn parts_appended_in_order_make_the_same_graph_as_direct_calls() {
+        let n = 300;
+        for seed in 1..20u64 {
+            let calls = random_calls(n, seed * 0x9e37_79b9);
+            let mut direct = Graph::new(n as usize);
+            for &(src, dst, off) in &calls {
+                match src {
+                    Some(s) => direct.add_edge(s, dst, off),
+                    None => direct.add_root(dst, off),
+                }
+            }
+            // Split wherever the source changes, as the scanner does.
+            let mut merged = Graph::new(n as usize);
+            let mut part = Part::default();
+            let mut last_src = None;
+            for (k, &(src, dst, off)) in calls.iter().enumerate() {
+                if src.is_some() && last_src.is_some() && src != last_src && k % 3 == 0 {
+                    merged.append(&part);
+                    part.clear();
+                }
+                match src {
+                    Some(s) => {
+                        part.add_edge(s, dst, off);
+                        last_src = src;
+                    }
+                    None => part.add_root(dst, off),
+                }
+            }
+            merged.append(&part);
+            assert_eq!(merged.edges, direct.edges, "seed {seed}");
+            assert_eq!(merged.interior_edges, direct.interior_edges);
+            assert_eq!(merged.interior_roots, direct.interior_roots);
+            assert_eq!(merged.strong_roots, direct.strong_roots);
+            assert_eq!(merged.weak_roots, direct.weak_roots);
+            assert_eq!(merged.classify(|_, _| false), direct.classify(|_, _| false));
+            assert_eq!(merged.starts, direct.starts);
+        }
     }
 
     #[test]

@@ -25,6 +25,29 @@ fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// Makes room for `len` elements in `v` (which is empty). A table of several
+/// megabytes gets fresh memory with transparent huge pages asked for before it is
+/// first written: its lookups are random, and with 4 KiB pages nearly every one
+/// would also miss the TLB (a page walk, costly in a virtual machine).
+fn reserve_huge<T>(v: &mut Vec<T>, len: usize) {
+    const HUGE: usize = 2 << 20;
+    debug_assert!(v.is_empty());
+    if v.capacity() >= len {
+        return;
+    }
+    // Some headroom: a growing heap should not get a new table at every scan.
+    *v = Vec::with_capacity(len + len / 8);
+    let bytes = v.capacity() * size_of::<T>();
+    let from = (v.as_ptr() as usize).next_multiple_of(HUGE);
+    let to = (v.as_ptr() as usize + bytes) & !(HUGE - 1);
+    if from < to {
+        // SAFETY: advice on memory this vector owns; it changes no contents.
+        unsafe {
+            libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE);
+        }
+    }
+}
+
 /// log2 of the granule size.
 const GRANULE_SHIFT: u32 = 8;
 /// log2 of a start slot's size: 32 slots per granule, one bit each.
@@ -36,7 +59,8 @@ const SPAN_GAP: u64 = 1 << 20;
 struct Span {
     base: u64,
     end: u64,
-    granules: Vec<Granule>,
+    /// Index of its first granule in [`ObjectIndex::granules`].
+    first: usize,
 }
 
 /// What one granule of a span knows.
@@ -49,28 +73,50 @@ struct Granule {
 }
 
 /// Sorted, non-overlapping object ranges and the granule tables over them.
+/// Rebuilt for every scan ([`Self::rebuild`]) in the same memory, so that a big
+/// index is not page-faulted afresh each time.
+#[derive(Default)]
 pub struct ObjectIndex {
     /// (start, end) side by side: a lookup touches one cache line, not two.
     ranges: Vec<(u64, u64)>,
     lo: u64,
     width: u64,
     spans: Vec<Span>,
+    /// Every span's granules, one after the other.
+    granules: Vec<Granule>,
     /// No two objects start in one slot: the popcount lookup is exact.
     exact_slots: bool,
+    /// Every object starts on an 8-byte boundary: with `exact_slots`, an aligned
+    /// address in a slot where an object starts is that object's start, and the
+    /// lookup needs no more than its granule.
+    aligned_starts: bool,
 }
 
 impl ObjectIndex {
     /// `ranges` are (start, length) pairs sorted by start, not overlapping.
     pub fn new(ranges: impl IntoIterator<Item = (u64, u64)>) -> Self {
-        let ranges: Vec<(u64, u64)> = ranges
-            .into_iter()
-            .map(|(s, len)| (s, s.saturating_add(len.max(1))))
-            .collect();
+        let mut index = Self::default();
+        index.rebuild(ranges);
+        index
+    }
+
+    /// [`Self::new`], reusing this index's memory.
+    pub fn rebuild(&mut self, ranges: impl IntoIterator<Item = (u64, u64)>) {
+        let ranges = ranges.into_iter();
+        self.ranges.clear();
+        reserve_huge(&mut self.ranges, ranges.size_hint().0);
+        self.ranges
+            .extend(ranges.map(|(s, len)| (s, s.saturating_add(len.max(1)))));
+        let ranges = &self.ranges;
         debug_assert!(ranges.windows(2).all(|w| w[0].0 < w[1].0), "sorted starts");
-        let lo = ranges.first().map_or(0, |r| r.0);
+        self.lo = ranges.first().map_or(0, |r| r.0);
         let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
-        let mut spans = Vec::new();
-        let mut exact_slots = true;
+        self.width = hi.saturating_sub(self.lo);
+        self.aligned_starts = ranges.iter().all(|r| r.0 % 8 == 0);
+        // The spans first, to size the granule table before writing it.
+        self.spans.clear();
+        let mut bounds = Vec::new();
+        let mut granules = 0;
         let mut i = 0;
         while i < ranges.len() {
             let first_obj = i;
@@ -81,32 +127,38 @@ impl ObjectIndex {
                 i += 1;
             }
             let base = ranges[first_obj].0 & !((1 << GRANULE_SHIFT) - 1);
-            let count = ((end - base) >> GRANULE_SHIFT) as usize + 1;
-            let mut granules = vec![Granule::default(); count];
-            let mut k = first_obj;
-            for (g, granule) in granules.iter_mut().enumerate() {
-                let granule_start = base + ((g as u64) << GRANULE_SHIFT);
+            self.spans.push(Span {
+                base,
+                end,
+                first: granules,
+            });
+            bounds.push(first_obj..i);
+            granules += ((end - base) >> GRANULE_SHIFT) as usize + 1;
+        }
+        self.granules.clear();
+        reserve_huge(&mut self.granules, granules);
+        self.granules.resize(granules, Granule::default());
+        let mut exact_slots = true;
+        for (span, objects) in self.spans.iter().zip(bounds) {
+            let mut k = objects.start;
+            let end = self.spans_end(span);
+            for (g, granule) in self.granules[span.first..end].iter_mut().enumerate() {
+                let granule_start = span.base + ((g as u64) << GRANULE_SHIFT);
                 granule.before = k as u32;
-                while k < i && ranges[k].0 < granule_start + (1 << GRANULE_SHIFT) {
+                while k < objects.end && ranges[k].0 < granule_start + (1 << GRANULE_SHIFT) {
                     let bit = 1 << ((ranges[k].0 - granule_start) >> SLOT_SHIFT);
                     exact_slots &= granule.starts & bit == 0;
                     granule.starts |= bit;
                     k += 1;
                 }
             }
-            spans.push(Span {
-                base,
-                end,
-                granules,
-            });
         }
-        Self {
-            ranges,
-            lo,
-            width: hi.saturating_sub(lo),
-            spans,
-            exact_slots,
-        }
+        self.exact_slots = exact_slots;
+    }
+
+    /// The end of `span`'s granules in [`Self::granules`].
+    fn spans_end(&self, span: &Span) -> usize {
+        span.first + ((span.end - span.base) >> GRANULE_SHIFT) as usize + 1
     }
 
     pub fn len(&self) -> usize {
@@ -136,16 +188,28 @@ impl ObjectIndex {
         (self.lo, self.width)
     }
 
-    /// The span and granule of `addr` (which passed the bounds filter).
+    /// The address ranges holding objects, sorted: gaps of more than 1 MiB
+    /// between objects separate them (the bulk filter's ranges).
+    pub fn spans(&self) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
+        self.spans.iter().map(|s| s.base..s.end)
+    }
+
+    /// The granule of `addr` (which passed the bounds filter).
     #[inline]
-    fn granule_of(&self, addr: u64) -> Option<(&Span, usize)> {
+    fn granule_of(&self, addr: u64) -> Option<&Granule> {
         let span = if self.spans.len() == 1 {
             &self.spans[0]
         } else {
             let k = self.spans.partition_point(|s| s.base <= addr);
             &self.spans[k.checked_sub(1)?]
         };
-        (addr < span.end).then(|| (span, ((addr - span.base) >> GRANULE_SHIFT) as usize))
+        if addr < span.end {
+            let g = span.first + ((addr - span.base) >> GRANULE_SHIFT) as usize;
+            // SAFETY: a span's granules cover base..end.
+            Some(unsafe { self.granules.get_unchecked(g) })
+        } else {
+            None
+        }
     }
 
     /// The one object that can contain `addr`, from its granule: the last one
@@ -176,32 +240,53 @@ impl ObjectIndex {
         (addr < self.ranges[j].1).then_some(j as u32)
     }
 
+    /// Starts loading the granules of `addrs` into the cache, for a
+    /// [`Self::find_batch`] of them a little later.
+    #[inline]
+    pub fn prefetch_batch(&self, addrs: &[u64]) {
+        for &a in addrs {
+            if let Some(granule) = self.granule_of(a) {
+                prefetch(granule);
+            }
+        }
+    }
+
     /// Looks up a batch of in-range addresses at once, prefetching each step's
     /// memory for the whole batch before using it: lookups into a big heap miss the
     /// cache, and a batch keeps many misses in flight instead of one. Calls
     /// `hit(k, object index, object start, object end)` for each `addrs[k]` inside
-    /// an object, in order.
+    /// an object, in order; the end is `None` when `addrs[k]` is the object's
+    /// start (found from its granule alone: the end is not read).
     #[inline]
-    pub fn find_batch(&self, addrs: &[u64], mut hit: impl FnMut(usize, u32, u64, u64)) {
+    pub fn find_batch(&self, addrs: &[u64], mut hit: impl FnMut(usize, u32, u64, Option<u64>)) {
         debug_assert!(addrs.len() <= BATCH);
         let mut found = [u32::MAX; BATCH];
+        // Bit k: addrs[k] is the start of object found[k].
+        let mut at_start = 0u64;
         if self.exact_slots {
             let mut slots: [Option<&Granule>; BATCH] = [None; BATCH];
             for (k, &a) in addrs.iter().enumerate() {
-                if let Some((span, g)) = self.granule_of(a) {
-                    let granule = &span.granules[g];
+                if let Some(granule) = self.granule_of(a) {
                     prefetch(granule);
                     slots[k] = Some(granule);
                 }
             }
+            let aligned = self.aligned_starts;
             for (k, &a) in addrs.iter().enumerate() {
                 if let Some(granule) = slots[k] {
                     found[k] = self.candidate(*granule, a);
-                    prefetch(self.ranges.as_ptr().wrapping_add(found[k] as usize));
+                    let slot = (a >> SLOT_SHIFT) & ((1 << (GRANULE_SHIFT - SLOT_SHIFT)) - 1);
+                    if aligned && a % 8 == 0 && granule.starts >> slot & 1 == 1 {
+                        at_start |= 1 << k;
+                    } else {
+                        prefetch(self.ranges.as_ptr().wrapping_add(found[k] as usize));
+                    }
                 }
             }
             for (k, &a) in addrs.iter().enumerate() {
-                found[k] = self.check(found[k], a).unwrap_or(u32::MAX);
+                if at_start >> k & 1 == 0 {
+                    found[k] = self.check(found[k], a).unwrap_or(u32::MAX);
+                }
             }
         } else {
             for (k, &a) in addrs.iter().enumerate() {
@@ -209,8 +294,10 @@ impl ObjectIndex {
             }
         }
         for (k, &j) in found.iter().take(addrs.len()).enumerate() {
-            if let Some(&(start, end)) = self.ranges.get(j as usize) {
-                hit(k, j, start, end);
+            if at_start >> k & 1 == 1 {
+                hit(k, j, addrs[k], None);
+            } else if let Some(&(start, end)) = self.ranges.get(j as usize) {
+                hit(k, j, start, Some(end));
             }
         }
     }
@@ -221,8 +308,7 @@ impl ObjectIndex {
         if addr.wrapping_sub(self.lo) >= self.width {
             return None;
         }
-        let (span, g) = self.granule_of(addr)?;
-        let granule = span.granules[g];
+        let granule = *self.granule_of(addr)?;
         if self.exact_slots {
             return self.check(self.candidate(granule, addr), addr);
         }
@@ -330,9 +416,18 @@ mod tests {
             assert_eq!(index.find(s + l.max(1) - 1), index.find(s));
         }
         for probes in ranges.chunks(BATCH) {
-            let addrs: Vec<u64> = probes.iter().map(|&(s, l)| s + l / 2).collect();
+            // Starts (the granule-only path) and middles.
+            let addrs: Vec<u64> = probes
+                .iter()
+                .enumerate()
+                .map(|(i, &(s, l))| if i % 2 == 0 { s } else { s + l / 2 })
+                .collect();
             let mut found = vec![None; addrs.len()];
-            index.find_batch(&addrs, |k, j, _, _| found[k] = Some(j));
+            index.find_batch(&addrs, |k, j, start, end| {
+                assert!(end.is_some() || addrs[k] == start);
+                assert_eq!(end.unwrap_or(index.end(j)), index.end(j));
+                found[k] = Some(j);
+            });
             let single: Vec<Option<u32>> = addrs.iter().map(|&a| index.find(a)).collect();
             assert_eq!(found, single);
         }
@@ -368,7 +463,7 @@ mod tests {
         let addrs: Vec<u64> = (0..BATCH as u64).map(|k| 0x10000 + k * 0x5d3).collect();
         let mut out = vec![None; addrs.len()];
         index.find_batch(&addrs, |k, j, start, end| {
-            assert!(start <= addrs[k] && addrs[k] < end);
+            assert!(start <= addrs[k] && end.is_none_or(|end| addrs[k] < end));
             out[k] = Some(j);
         });
         let single: Vec<Option<u32>> = addrs.iter().map(|&a| index.find(a)).collect();

@@ -12,27 +12,38 @@
 //!    stale addresses that would hide leaks). Mappings are judged by what they hold,
 //!    not by name: a static binary's TLS lives in `[heap]`, jemalloc's blocks in
 //!    plain anonymous mappings.
-//! 2. Walk: read the planned ranges in chunks of up to 1 MiB; every aligned word that
-//!    points into a tracked object ([`index::ObjectIndex`]) is a root hit or a graph
-//!    edge ([`graph::Graph`]); each object's contents are checksummed on the way.
+//! 2. Walk: read the planned ranges in chunks of up to 1 MiB, on one or more
+//!    threads (tasks of a few MiB, appended to the graph in address order, so the
+//!    result does not depend on the thread count); words outside the objects'
+//!    address ranges are rejected in bulk ([`filter::Filter`]), the rest looked up
+//!    ([`index::ObjectIndex`]): every word that points into a tracked object is a
+//!    root hit or a graph edge ([`graph::Graph`]).
 //! 3. Mark and sweep ([`graph::Graph::classify`]), giving the [`Candidate`]s
 //!    that the caller applies under the lock ([`crate::table::verdict::VerdictBook`]).
 //!
 //! Everything here is pure given a [`MemorySource`]; tests run it on fake memory.
 
+pub mod filter;
 pub mod graph;
 pub mod heuristics;
 pub mod index;
 pub mod scanner;
 
-use std::ops::Range;
+use std::{
+    ops::Range,
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use serde::Serialize;
 
 use rustc_hash::FxHashMap;
 
 use self::{
-    graph::{Graph, Reach},
+    filter::Filter,
+    graph::{Graph, Part, Reach},
     heuristics::{Block, Heuristics},
     index::ObjectIndex,
 };
@@ -52,6 +63,10 @@ const CHUNK: u64 = 1 << 20;
 const READ_THROUGH: u64 = 16 << 10;
 /// LSan's filter: smaller values are never pointers.
 const MIN_POINTER: u64 = 16 << 10;
+/// Planned bytes one worker reads and walks at a time (a task).
+const TASK: u64 = 4 << 20;
+/// Scans planning fewer bytes run on the calling thread alone.
+const PARALLEL_MIN: u64 = 32 << 20;
 
 /// Where ptmalloc's header of the chunk after a `size`-byte block lies, as an offset
 /// into the block, when that is inside it (glibc lends the next chunk's first word,
@@ -116,6 +131,20 @@ pub struct ScanOutput {
     /// Watched objects (reported leaks) found reachable: (address, checksum).
     pub watched_reached: Vec<(u64, u64)>,
     pub stats: ScanStats,
+    pub timings: ScanTimings,
+}
+
+/// Where one scan's time went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScanTimings {
+    /// Building the object index and planning the reads.
+    pub index_and_plan: std::time::Duration,
+    /// Reading target memory and looking up its words (all threads).
+    pub read_and_walk: std::time::Duration,
+    /// Mark, sweep and the candidates' checksums.
+    pub mark_and_sweep: std::time::Duration,
+    /// Threads that read and walked.
+    pub threads: usize,
 }
 
 /// A range to read, and what its words are.
@@ -284,14 +313,32 @@ fn checksum(bytes: &[u8]) -> u64 {
 
 /// Buffers one scan needs, kept between scans so that a large target does not
 /// page-fault hundreds of megabytes of fresh memory at every scan.
-#[derive(Default)]
 pub struct Workspace {
+    index: ObjectIndex,
     graph: Graph,
     /// Indices of the watched objects the last scan found reachable.
     watched: Vec<usize>,
     read_ok: Vec<bool>,
-    buf: Vec<u8>,
+    /// One read window per worker (the first also serves the checksums).
+    bufs: Vec<Vec<u8>>,
     pieces: Vec<Piece>,
+    tasks: Vec<Range<usize>>,
+    /// Parts ready for the next tasks.
+    parts: Vec<Part>,
+    /// Most threads one scan uses (0 and 1: the calling thread only).
+    threads: usize,
+    /// [`TASK`] and [`PARALLEL_MIN`] (tests shrink them).
+    task_bytes: u64,
+    parallel_min: u64,
+    /// The last snapshot's buffers, for the next one.
+    snapshot: Snapshot,
+}
+
+impl Default for Workspace {
+    /// Scans on the calling thread alone.
+    fn default() -> Self {
+        Self::with_threads(1)
+    }
 }
 
 /// Words of objects an interior pointer points into, read on demand for the
@@ -342,21 +389,42 @@ const ROOT: u32 = u32::MAX;
 
 struct Walker<'a> {
     index: &'a ObjectIndex,
-    lo: u64,
-    width: u64,
-    graph: &'a mut Graph,
+    filter: &'a Filter,
+    /// Bytes read and walked.
     stats: ScanStats,
+    /// Objects not read whole (they get no verdict).
+    not_whole: Vec<u32>,
     /// Words that may be pointers, waiting for a batched lookup, and the object
-    /// each was found in ([`ROOT`] for roots). Batches span object boundaries.
-    pending: [u64; index::BATCH],
-    sources: [u32; index::BATCH],
+    /// each was found in ([`ROOT`] for roots), in two batches: while one fills,
+    /// the index memory of the other, full one is being prefetched. Batches span
+    /// object boundaries.
+    pending: [[u64; index::BATCH]; 2],
+    sources: [[u32; index::BATCH]; 2],
+    /// The batch filling, and how full it is.
+    filling: usize,
     pending_len: usize,
+    /// Whether the other batch is full and waits for its lookups.
+    other_full: bool,
 }
 
-impl Walker<'_> {
+impl<'a> Walker<'a> {
+    fn new(index: &'a ObjectIndex, filter: &'a Filter) -> Self {
+        Self {
+            index,
+            filter,
+            stats: ScanStats::default(),
+            not_whole: Vec::new(),
+            pending: [[0; index::BATCH]; 2],
+            sources: [[0; index::BATCH]; 2],
+            filling: 0,
+            pending_len: 0,
+            other_full: false,
+        }
+    }
+
     /// Scans the aligned words of `bytes`, which hold target memory at `addr`, as
-    /// words of object `source` (or of a root, [`ROOT`]).
-    fn scan(&mut self, addr: u64, bytes: &[u8], source: u32) {
+    /// words of object `source` (or of a root, [`ROOT`]), into `part`.
+    fn scan(&mut self, part: &mut Part, addr: u64, bytes: &[u8], source: u32) {
         let skip = (addr.next_multiple_of(8) - addr) as usize;
         let Some(bytes) = bytes.get(skip..) else {
             return;
@@ -366,124 +434,68 @@ impl Walker<'_> {
         } else {
             self.stats.object_bytes += bytes.len() as u64;
         }
-        let (lo, width) = (self.lo, self.width);
-        for c in bytes.chunks_exact(8) {
-            let w = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
-            if w.wrapping_sub(lo) < width && w >= MIN_POINTER {
-                self.pending[self.pending_len] = w;
-                self.sources[self.pending_len] = source;
-                self.pending_len += 1;
-                if self.pending_len == index::BATCH {
-                    self.resolve();
+        let filter = self.filter;
+        filter.each(bytes, |w| {
+            let b = self.filling;
+            self.pending[b][self.pending_len] = w;
+            self.sources[b][self.pending_len] = source;
+            self.pending_len += 1;
+            if self.pending_len == index::BATCH {
+                // Start this batch's cache misses, then look up the other one,
+                // whose misses had a whole batch's time to complete.
+                self.index.prefetch_batch(&self.pending[b]);
+                if self.other_full {
+                    self.resolve(part, b ^ 1, index::BATCH);
                 }
+                self.other_full = true;
+                self.filling ^= 1;
+                self.pending_len = 0;
             }
-        }
+        });
     }
 
-    /// Looks up the pending words and records what they point to.
-    fn resolve(&mut self) {
-        let (pending, sources) = (&self.pending, &self.sources);
-        let graph = &mut *self.graph;
-        self.index
-            .find_batch(&pending[..self.pending_len], |k, j, start, end| {
-                let w = pending[k];
-                let interior = w != start;
-                if interior && Some(w - start) == next_chunk_offset(end - start) {
-                    // The allocator's own pointer to the next chunk, not the program's.
-                    return;
-                }
-                if sources[k] == ROOT {
-                    graph.add_root(j, w - start);
-                } else {
-                    graph.add_edge(sources[k], j, w - start);
-                }
-            });
+    /// Looks up every pending word, in order, and records what they point to.
+    fn flush(&mut self, part: &mut Part) {
+        if self.other_full {
+            self.resolve(part, self.filling ^ 1, index::BATCH);
+            self.other_full = false;
+        }
+        self.resolve(part, self.filling, self.pending_len);
         self.pending_len = 0;
     }
-}
 
-/// Walks `pieces`, read into `bytes` from `start` on (`bytes` may stop short of
-/// the last pieces: what it lacks is unreadable). An object not read whole gets no
-/// verdict; a root not read is counted.
-fn walk_window(
-    walker: &mut Walker,
-    read_ok: &mut [bool],
-    pieces: &[Piece],
-    start: u64,
-    bytes: &[u8],
-) {
-    let readable_end = start + bytes.len() as u64;
-    let window = |r: Range<u64>| {
-        let from = r.start.clamp(start, readable_end);
-        &bytes[(from - start) as usize..(r.end.clamp(start, readable_end) - start) as usize]
-    };
-    for piece in pieces {
-        let r = &piece.range;
-        match piece.role {
-            Role::Root => {
-                walker.scan(r.start, window(r.clone()), ROOT);
-                walker.stats.unreadable_root_bytes +=
-                    r.end.saturating_sub(r.start.max(readable_end));
+    /// Looks up the first `len` words of batch `b` and records what they point to.
+    fn resolve(&self, part: &mut Part, b: usize, len: usize) {
+        let (pending, sources) = (&self.pending[b], &self.sources[b]);
+        self.index.find_batch(&pending[..len], |k, j, start, end| {
+            let w = pending[k];
+            if let Some(end) = end
+                && w != start
+                && Some(w - start) == next_chunk_offset(end - start)
+            {
+                // The allocator's own pointer to the next chunk, not the program's.
+                return;
             }
-            Role::Objects(first, last) => {
-                for o in first..=last {
-                    let range = walker.index.start(o).max(r.start)..walker.index.end(o).min(r.end);
-                    walker.scan(range.start, window(range.clone()), o);
-                    if readable_end < range.end {
-                        read_ok[o as usize] = false;
-                    }
-                }
+            if sources[k] == ROOT {
+                part.add_root(j, w - start);
+            } else {
+                part.add_edge(sources[k], j, w - start);
             }
-        }
+        });
     }
-}
 
-/// Runs one scan with fresh buffers. Pure apart from reading `memory`.
-pub fn scan(input: &ScanInput, memory: &dyn MemorySource) -> ScanOutput {
-    Workspace::default().scan(input, memory)
-}
-
-impl Workspace {
-    /// Runs one scan, reusing this workspace's buffers.
-    pub fn scan(&mut self, input: &ScanInput, memory: &dyn MemorySource) -> ScanOutput {
-        let objects = &input.snapshot.objects;
-        let started = std::time::Instant::now();
-        let index = ObjectIndex::new(objects.iter().map(|(a, o)| (*a, o.size())));
-        let plan = plan(input, &index, &mut self.pieces);
-        let planned = started.elapsed();
-        self.graph.reset(index.len());
-        self.read_ok.clear();
-        self.read_ok.resize(index.len(), true);
-        for &o in plan.unreadable.iter().chain(&plan.unmapped) {
-            self.read_ok[o as usize] = false;
-        }
-        let (lo, width) = index.bounds();
-        let mut walker = Walker {
-            index: &index,
-            lo,
-            width,
-            graph: &mut self.graph,
-            stats: ScanStats {
-                objects: index.len() as u64,
-                ..ScanStats::default()
-            },
-            pending: [0; index::BATCH],
-            sources: [0; index::BATCH],
-            pending_len: 0,
-        };
-        for &r in &input.registers {
-            if let Some(j) = index.find(r) {
-                walker.graph.add_root(j, r - index.start(j));
-            }
-        }
-        // Read windows of up to CHUNK bytes covering consecutive pieces. A window
-        // may read through small gaps between pieces; when such a read stops short
-        // (a gap between two mappings is not readable), the pieces after the stop
-        // are read again one window each, so that only memory that really cannot be
-        // read is missed.
-        let pieces = &self.pieces;
-        self.buf.resize(CHUNK as usize, 0);
-        let buf = &mut self.buf;
+    /// Reads and walks one task's pieces into `part`, in windows of up to CHUNK
+    /// bytes covering consecutive pieces. A window may read through small gaps
+    /// between pieces; when such a read stops short (a gap between two mappings
+    /// is not readable), the pieces after the stop are read again one window
+    /// each, so that only memory that really cannot be read is missed.
+    fn task(
+        &mut self,
+        part: &mut Part,
+        memory: &dyn MemorySource,
+        buf: &mut [u8],
+        pieces: &[Piece],
+    ) {
         let mut k = 0;
         let mut read_through = true;
         while k < pieces.len() {
@@ -498,7 +510,7 @@ impl Workspace {
             }
             let end = pieces[last].range.end;
             let got = memory.read(start, &mut buf[..(end - start) as usize]) as u64;
-            walker.stats.bytes_read += got;
+            self.stats.bytes_read += got;
             let readable_end = start + got;
             if readable_end < end && last > k {
                 // Walk the pieces read whole; read the rest again, piece by piece.
@@ -506,39 +518,252 @@ impl Workspace {
                     .iter()
                     .take_while(|p| p.range.end <= readable_end)
                     .count();
-                walk_window(
-                    &mut walker,
-                    &mut self.read_ok,
-                    &pieces[k..k + whole],
-                    start,
-                    &buf[..got as usize],
-                );
+                self.window(part, &pieces[k..k + whole], start, &buf[..got as usize]);
                 k += whole;
                 read_through = false;
                 continue;
             }
-            walk_window(
-                &mut walker,
-                &mut self.read_ok,
-                &pieces[k..=last],
-                start,
-                &buf[..got as usize],
-            );
+            self.window(part, &pieces[k..=last], start, &buf[..got as usize]);
             k = last + 1;
             read_through = true;
         }
-        walker.resolve();
-        let mut stats = walker.stats;
+        self.flush(part);
+    }
+
+    /// Walks `pieces`, read into `bytes` from `start` on (`bytes` may stop short
+    /// of the last pieces: what it lacks is unreadable). An object not read whole
+    /// gets no verdict; a root not read is counted.
+    fn window(&mut self, part: &mut Part, pieces: &[Piece], start: u64, bytes: &[u8]) {
+        let readable_end = start + bytes.len() as u64;
+        let window = |r: Range<u64>| {
+            let from = r.start.clamp(start, readable_end);
+            &bytes[(from - start) as usize..(r.end.clamp(start, readable_end) - start) as usize]
+        };
+        for piece in pieces {
+            let r = &piece.range;
+            match piece.role {
+                Role::Root => {
+                    self.scan(part, r.start, window(r.clone()), ROOT);
+                    self.stats.unreadable_root_bytes +=
+                        r.end.saturating_sub(r.start.max(readable_end));
+                }
+                Role::Objects(first, last) => {
+                    for o in first..=last {
+                        let range = self.index.start(o).max(r.start)..self.index.end(o).min(r.end);
+                        self.scan(part, range.start, window(range.clone()), o);
+                        if readable_end < range.end {
+                            self.not_whole.push(o);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Splits `pieces` into tasks of about `task` bytes, never between two pieces
+/// of one object (so that appending the tasks' parts in order gives the graph one
+/// thread would build, duplicate edges dropped alike). The split depends on the
+/// plan alone, not on the thread count.
+fn split_tasks(pieces: &[Piece], task: u64, tasks: &mut Vec<Range<usize>>) {
+    tasks.clear();
+    let shares_object = |a: &Piece, b: &Piece| matches!((a.role, b.role), (Role::Objects(_, last), Role::Objects(first, _)) if last == first);
+    let (mut from, mut bytes) = (0, 0);
+    for (k, piece) in pieces.iter().enumerate() {
+        if k > from && bytes >= task && !shares_object(&pieces[k - 1], piece) {
+            tasks.push(from..k);
+            (from, bytes) = (k, 0);
+        }
+        bytes += piece.range.end - piece.range.start;
+    }
+    if from < pieces.len() {
+        tasks.push(from..pieces.len());
+    }
+}
+
+/// Finished parts, appended to the graph in task order as soon as every earlier
+/// task's part has been.
+struct Merge<'a> {
+    graph: &'a mut Graph,
+    next: usize,
+    done: Vec<Option<Part>>,
+    pool: &'a mut Vec<Part>,
+}
+
+impl Merge<'_> {
+    fn finish(&mut self, task: usize, part: Part) {
+        self.done[task] = Some(part);
+        while let Some(mut part) = self.done.get_mut(self.next).and_then(Option::take) {
+            self.graph.append(&part);
+            part.clear();
+            self.pool.push(part);
+            self.next += 1;
+        }
+    }
+}
+
+/// What the workers of one scan share.
+struct Work<'a> {
+    index: &'a ObjectIndex,
+    filter: &'a Filter,
+    memory: &'a (dyn MemorySource + Sync),
+    pieces: &'a [Piece],
+    tasks: &'a [Range<usize>],
+    next: AtomicUsize,
+    merge: Mutex<Merge<'a>>,
+}
+
+impl Work<'_> {
+    /// Takes tasks until none is left; returns what was read and walked, and the
+    /// objects not read whole.
+    fn run(&self, buf: &mut [u8]) -> (ScanStats, Vec<u32>) {
+        let mut walker = Walker::new(self.index, self.filter);
+        let lock = || self.merge.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let t = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(task) = self.tasks.get(t) else { break };
+            let mut part = lock().pool.pop().unwrap_or_default();
+            walker.task(&mut part, self.memory, buf, &self.pieces[task.clone()]);
+            lock().finish(t, part);
+        }
+        (walker.stats, walker.not_whole)
+    }
+}
+
+/// Runs one scan with fresh buffers, on the calling thread. Pure apart from
+/// reading `memory`.
+pub fn scan(input: &ScanInput, memory: &(dyn MemorySource + Sync)) -> ScanOutput {
+    Workspace::with_threads(1).scan(input, memory)
+}
+
+impl Workspace {
+    /// A workspace whose scans use up to `threads` threads (the calling one
+    /// included) to read and walk memory.
+    pub fn with_threads(threads: usize) -> Self {
+        Self {
+            index: ObjectIndex::default(),
+            graph: Graph::default(),
+            watched: Vec::new(),
+            read_ok: Vec::new(),
+            bufs: Vec::new(),
+            pieces: Vec::new(),
+            tasks: Vec::new(),
+            parts: Vec::new(),
+            threads,
+            task_bytes: TASK,
+            parallel_min: PARALLEL_MIN,
+            snapshot: Snapshot::default(),
+        }
+    }
+
+    /// An empty snapshot with the last one's memory, to fill for the next scan.
+    pub fn take_snapshot(&mut self) -> Snapshot {
+        let mut s = std::mem::take(&mut self.snapshot);
+        s.objects.clear();
+        s.owned.clear();
+        s.attached_late = false;
+        s.watched.clear();
+        s.by_new.clear();
+        s.usable_size.clear();
+        s
+    }
+
+    /// Keeps a scanned snapshot's memory for [`Self::take_snapshot`].
+    pub fn keep_snapshot(&mut self, snapshot: Snapshot) {
+        self.snapshot = snapshot;
+    }
+
+    /// Runs one scan, reusing this workspace's buffers.
+    pub fn scan(&mut self, input: &ScanInput, memory: &(dyn MemorySource + Sync)) -> ScanOutput {
+        let objects = &input.snapshot.objects;
+        let started = std::time::Instant::now();
+        let mut index = std::mem::take(&mut self.index);
+        index.rebuild(objects.iter().map(|(a, o)| (*a, o.size())));
+        let plan = plan(input, &index, &mut self.pieces);
+        let planned = started.elapsed();
+        self.graph.reset(index.len());
+        self.read_ok.clear();
+        self.read_ok.resize(index.len(), true);
+        for &o in plan.unreadable.iter().chain(&plan.unmapped) {
+            self.read_ok[o as usize] = false;
+        }
+        let filter = Filter::new(index.spans(), MIN_POINTER);
+        let mut stats = ScanStats {
+            objects: index.len() as u64,
+            ..ScanStats::default()
+        };
+        for &r in &input.registers {
+            if let Some(j) = index.find(r) {
+                self.graph.add_root(j, r - index.start(j));
+            }
+        }
+        split_tasks(&self.pieces, self.task_bytes.max(1), &mut self.tasks);
+        let planned_bytes: u64 = self
+            .pieces
+            .iter()
+            .map(|p| p.range.end - p.range.start)
+            .sum();
+        let threads = if planned_bytes < self.parallel_min {
+            1
+        } else {
+            self.threads.clamp(1, self.tasks.len().max(1))
+        };
+        self.bufs
+            .resize_with(self.bufs.len().max(threads), Vec::new);
+        for buf in &mut self.bufs[..threads] {
+            buf.resize(CHUNK as usize, 0);
+        }
+        let work = Work {
+            index: &index,
+            filter: &filter,
+            memory,
+            pieces: &self.pieces,
+            tasks: &self.tasks,
+            next: AtomicUsize::new(0),
+            merge: Mutex::new(Merge {
+                graph: &mut self.graph,
+                next: 0,
+                done: (0..self.tasks.len()).map(|_| None).collect(),
+                pool: &mut self.parts,
+            }),
+        };
+        let (first, others) = self.bufs[..threads].split_first_mut().expect("one buffer");
+        let walked: Vec<(ScanStats, Vec<u32>)> = std::thread::scope(|s| {
+            let helpers: Vec<_> = others
+                .iter_mut()
+                .map(|buf| s.spawn(|| work.run(buf)))
+                .collect();
+            let mut all = vec![work.run(first)];
+            all.extend(helpers.into_iter().map(|h| h.join().expect("scan worker")));
+            all
+        });
+        for (walk, not_whole) in walked {
+            stats.root_bytes += walk.root_bytes;
+            stats.object_bytes += walk.object_bytes;
+            stats.bytes_read += walk.bytes_read;
+            stats.unreadable_root_bytes += walk.unreadable_root_bytes;
+            for o in not_whole {
+                self.read_ok[o as usize] = false;
+            }
+        }
         let walked = started.elapsed();
         let mut out = self.finish(input, &index, &mut stats, &plan.unmapped, memory);
         self.checksum_candidates(&mut out, &index, memory);
         out.stats = stats;
+        out.timings = ScanTimings {
+            index_and_plan: planned,
+            read_and_walk: walked - planned,
+            mark_and_sweep: started.elapsed() - walked,
+            threads,
+        };
         log::debug!(
-            "scan of {} objects: index and plan {planned:?}, read and walk {:?}, mark, sweep and checksums {:?}",
+            "scan of {} objects: index and plan {planned:?}, read and walk {:?} ({threads} threads, {} tasks), mark, sweep and checksums {:?}",
             objects.len(),
             walked - planned,
+            self.tasks.len(),
             started.elapsed() - walked
         );
+        self.index = index;
         out
     }
 
@@ -643,6 +868,7 @@ impl Workspace {
             unjudged,
             watched_reached: Vec::new(),
             stats: *stats,
+            timings: ScanTimings::default(),
         }
     }
 
@@ -702,13 +928,14 @@ impl Workspace {
                 last += 1;
             }
             let end = ranges[last].end.min(start + CHUNK);
-            let got = memory.read(start, &mut self.buf[..(end - start) as usize]) as u64;
+            let buf = &mut self.bufs[0];
+            let got = memory.read(start, &mut buf[..(end - start) as usize]) as u64;
             let whole = ranges[k..=last]
                 .iter()
                 .take_while(|r| r.end <= start + got)
                 .count();
             for r in &ranges[k..k + whole] {
-                let bytes = &self.buf[(r.start - start) as usize..(r.end - start) as usize];
+                let bytes = &buf[(r.start - start) as usize..(r.end - start) as usize];
                 sums.push(Some(checksum(bytes)));
             }
             if whole == 0 {
@@ -716,8 +943,7 @@ impl Workspace {
                 let r = &ranges[k];
                 let head = (start + got).min(r.end);
                 sums.push(
-                    (head == end && r.end > end)
-                        .then(|| checksum(&self.buf[..(head - start) as usize])),
+                    (head == end && r.end > end).then(|| checksum(&buf[..(head - start) as usize])),
                 );
                 k += 1;
                 read_through = true;

@@ -250,3 +250,147 @@ fn roots_after_an_unreadable_gap_are_still_read() {
     assert_eq!(kinds, vec![(B, LeakKind::Direct)]);
     assert_eq!(out.stats.unreadable_root_bytes, 0);
 }
+
+/// A pseudo-random heap in a larger mapping: objects of every size (some spanning
+/// several read windows), pointers between them (start and interior), roots in
+/// the data mapping, stale words in allocator-owned memory, and an object whose
+/// memory went away.
+fn random_heap(seed: u64) -> Fixture {
+    let mut x = seed;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut f = Fixture::new();
+    let big_heap = HEAP + LEN;
+    let big_len = 6 * CHUNK;
+    // Its last page went away after the maps were read.
+    let readable_end = big_heap + big_len - 0x1000;
+    f.memory.map(big_heap, (readable_end - big_heap) as usize);
+    f.input.maps.push(Mapping {
+        end: big_heap + big_len,
+        ..mapping(big_heap, Backing::Anonymous, true)
+    });
+    f.input.maps.sort_by_key(|m| m.start);
+    let mut objects = Vec::new();
+    for (base, len) in [(HEAP, LEN), (big_heap, big_len)] {
+        let mut addr = base + 0x100;
+        loop {
+            let size = match next() % 200 {
+                0 => CHUNK + next() % (2 * CHUNK),
+                1..=20 => next() % 4096 + 1,
+                _ => next() % 256 + 8,
+            };
+            if addr + size > base + len - 0x1000 {
+                break;
+            }
+            objects.push((addr, size));
+            addr = (addr + size + 16 + next() % 3 * 16).next_multiple_of(16);
+        }
+    }
+    for &(a, size) in &objects {
+        f.object(a, size);
+    }
+    // An object in the page that went away: never read whole.
+    f.object(big_heap + big_len - 64, 256);
+    let pointer = |r: u64, objects: &[(u64, u64)]| {
+        let (a, size) = objects[(r % objects.len() as u64) as usize];
+        if r.is_multiple_of(5) {
+            a + (r >> 20) % size
+        } else {
+            a
+        }
+    };
+    for &(a, size) in &objects {
+        let words = (size / 8).min(64);
+        for w in 0..words {
+            let r = next();
+            let value = if r % 40 == 0 {
+                pointer(r >> 6, &objects)
+            } else {
+                r >> 40
+            };
+            if a + w * 8 + 8 <= readable_end {
+                f.memory.write_u64(a + w * 8, value);
+            }
+        }
+    }
+    // Big objects: the same pointer on both sides of their first split into read
+    // windows (a task boundary there would keep it twice), and more at their end.
+    for &(a, size) in objects.iter().filter(|o| o.1 > CHUNK) {
+        let p = pointer(next(), &objects);
+        for at in [a + CHUNK - 8, a + CHUNK, a + size / 8 * 8 - 8] {
+            if at + 8 <= readable_end {
+                f.memory.write_u64(at, p);
+            }
+        }
+    }
+    for k in 0..20 {
+        let r = next();
+        f.memory.write_u64(DATA + k * 8, pointer(r, &objects));
+    }
+    f.input.snapshot.owned = std::iter::once(HEAP + LEN - 0x4000..HEAP + LEN).collect();
+    f
+}
+
+/// The verdicts of a scan, and its figures but for the bytes read (a task
+/// boundary decides which small gaps a window reads through).
+fn verdicts(o: &ScanOutput) -> String {
+    let stats = ScanStats {
+        bytes_read: 0,
+        ..o.stats
+    };
+    format!(
+        "{:?}",
+        (
+            &o.candidates,
+            &o.unmapped,
+            &o.unjudged,
+            &o.watched_reached,
+            stats
+        )
+    )
+}
+
+#[test]
+fn threads_and_task_sizes_do_not_change_a_scan() {
+    for seed in [1, 0xdead_beef] {
+        let f = random_heap(seed);
+        let out = scan(&f.input, &f.memory);
+        let s = out.stats;
+        assert!(
+            s.direct > 0 && s.indirect > 0 && s.possible > 0 && s.reachable > 0,
+            "{s:?}"
+        );
+        assert!(s.edges > 100 && s.unreadable == 1, "{s:?}");
+        let whole = verdicts(&out);
+        for task in [1, 4096, 64 << 10, 1 << 20] {
+            let mut one = Workspace::with_threads(1);
+            one.task_bytes = task;
+            let single = one.scan(&f.input, &f.memory);
+            assert!(one.tasks.len() > 1);
+            assert!(
+                verdicts(&single) == whole,
+                "tasks of {task} bytes: {:?}",
+                single.stats
+            );
+            for threads in [2, 3, 4] {
+                let mut ws = Workspace::with_threads(threads);
+                ws.task_bytes = task;
+                ws.parallel_min = 0;
+                // Twice: the second scan reuses the workspace's parts and index.
+                for _ in 0..2 {
+                    let out = ws.scan(&f.input, &f.memory);
+                    assert_eq!(out.timings.threads, threads);
+                    assert!(
+                        verdicts(&out) == whole && out.stats == single.stats,
+                        "{threads} threads, tasks of {task} bytes: {:?}",
+                        out.stats
+                    );
+                }
+            }
+        }
+    }
+}

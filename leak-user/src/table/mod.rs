@@ -333,6 +333,12 @@ impl Table {
             snapshot.owned = p.owned.iter().chain(p.freed.iter()).collect();
             snapshot.attached_late = p.attached_late;
             snapshot.watched = self.verdicts.reported(pid).iter().map(|r| r.0).collect();
+            // One allocation now rather than a copy at every doubling (a caller that
+            // reuses its snapshot has the room already).
+            let n = p.objects.len();
+            snapshot.objects.reserve(n);
+            snapshot.by_new.reserve(n);
+            snapshot.usable_size.reserve(n);
         }
         let mut next = None;
         for (i, (&a, &o)) in p.objects.range(from..).enumerate() {

@@ -222,6 +222,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let (child_tx, child_rx) = mpsc::unbounded_channel();
     let ptrace = PtraceHandle::spawn(child_tx);
     let status = StatusLine::new(config.output.status);
+    let workspace = Workspace::with_threads(config.scan_threads);
     let mut session = UserSession {
         config,
         probes,
@@ -237,7 +238,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         started: Instant::now(),
         last_records: (Instant::now(), 0),
         free_losses: 0,
-        workspace: Some(Workspace::default()),
+        workspace: Some(workspace),
         signal: None,
         live: None,
         discovery: Discovery::default(),
