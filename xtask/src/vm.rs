@@ -631,6 +631,10 @@ $B mount -t devpts devpts $R/dev/pts
 $B mount -t tracefs tracefs $R/sys/kernel/tracing || fail "no tracefs"
 $B mount -t debugfs debugfs $R/sys/kernel/debug
 $B mount -t bpf bpf $R/sys/fs/bpf
+$B mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || echo "xtask-vm: no cgroup2"
+# Servers the tests start (Prometheus, debuginfod, leaktrace --metrics) listen
+# on 127.0.0.1.
+$B ip link set lo up || $B ifconfig lo 127.0.0.1 up || fail "cannot bring up the loopback interface"
 for d in {writable}; do $B mount -t tmpfs tmpfs "$R$d" || fail "cannot mount a tmpfs on $d"; done
 echo "xtask-vm: kernel $($B uname -r), running the integration tests"
 # The host's root becomes the guest's (a chroot would not do: paths in

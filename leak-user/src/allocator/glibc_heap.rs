@@ -11,7 +11,8 @@
 //!   the arena, the previous heap, the size in use): the current one from its
 //!   chunks to the arena's top chunk, the older ones (followed through `prev`) to
 //!   the fenceposts glibc leaves at their end when it moves to a new heap;
-//! * big blocks, each a mapping of its own whose first chunk has IS_MMAPPED set.
+//! * big blocks: chunks with IS_MMAPPED set at page starts of anonymous mappings (each
+//!   mapped on its own, but the kernel may merge it with a neighbour).
 //!
 //! The free-but-cached chunks are subtracted: tcache entries hold, 8 bytes into
 //! their user data, the process's random `tcache_key` (glibc 2.34+), learnt from
@@ -42,6 +43,8 @@ const MIN_CHUNK: u64 = 32;
 const PREV_INUSE: u64 = 1;
 const IS_MMAPPED: u64 = 2;
 const FLAGS: u64 = 7;
+/// Mapped chunks start and end on pages.
+const PAGE: u64 = 4096;
 /// A thread arena's heaps are this big and this aligned (2 × the largest mmap
 /// threshold on 64-bit).
 const HEAP_MAX: u64 = 64 << 20;
@@ -426,31 +429,39 @@ pub fn walk(
             });
         }
     }
-    // Big blocks: mappings of their own, chunks with IS_MMAPPED set.
+    // Big blocks: mapped on their own, chunks with IS_MMAPPED set. Each starts
+    // a page, but not always a mapping: the kernel merges anonymous mappings
+    // that touch (a block right above a thread stack or another block; kernels
+    // before 6.7 do not space large ones apart), so every page of an anonymous
+    // mapping outside the arenas' heaps may start one.
     for m in maps {
         if m.backing != Backing::Anonymous || !m.read || !m.write || m.shared {
             continue;
         }
         let mut c = m.start;
         while c + HEADER <= m.end {
+            if let Some(h) = heaps.iter().find(|h| h.contains(&c)) {
+                c = h.end.next_multiple_of(PAGE);
+                continue;
+            }
             let Ok(head) = words.word(c + WORD) else {
                 break;
             };
             let size = head & !FLAGS;
-            let prev = words.word(c).unwrap_or(u64::MAX);
-            if head & IS_MMAPPED == 0
-                || prev != 0
-                || !size.is_multiple_of(4096)
-                || size == 0
-                || c + size > m.end
-            {
-                break;
+            let mmapped = head & FLAGS == IS_MMAPPED
+                && size.is_multiple_of(PAGE)
+                && size != 0
+                && c + size <= m.end
+                && words.word(c).is_ok_and(|prev| prev == 0);
+            if mmapped {
+                walk.blocks.push(LiveBlock {
+                    addr: c + HEADER,
+                    size: size - HEADER,
+                });
+                c += size;
+            } else {
+                c += PAGE;
             }
-            walk.blocks.push(LiveBlock {
-                addr: c + HEADER,
-                size: size - HEADER,
-            });
-            c += size;
         }
     }
     walk.blocks.sort_unstable_by_key(|b| b.addr);

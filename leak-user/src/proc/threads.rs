@@ -89,19 +89,44 @@ pub fn idle_thread_stacks(
 }
 
 /// glibc's thread control block near the top of `m`: an address whose first word
-/// (`tcb`) and third word (`self`) hold the address itself.
+/// (`tcb`) and third word (`self`) hold the address itself. The top
+/// [`TCB_SEARCH`] bytes first; then, downwards a window at a time, the rest of
+/// the first [`TCB_SEARCH_MAX`] bytes: where the kernel merged the stack with
+/// anonymous memory mapped right above it (a big malloc block; kernels before
+/// 6.7 do not align large anonymous mappings, so such neighbours touch), the
+/// block ends below the mapping's end.
 fn find_tcb(m: &Mapping, memory: &dyn MemorySource) -> Option<u64> {
-    let from = m.end - TCB_SEARCH;
-    let mut buf = vec![0u8; TCB_SEARCH as usize];
-    if memory.read(from, &mut buf) != buf.len() {
-        return None;
+    let lowest = m.start.max(m.end.saturating_sub(TCB_SEARCH_MAX));
+    let mut hi = m.end;
+    let mut window = TCB_SEARCH;
+    while hi > lowest {
+        // Windows overlap by the pattern's span, so none is cut in two.
+        let from = hi.saturating_sub(window).max(lowest);
+        let to = (hi + 16).min(m.end);
+        let mut buf = vec![0u8; (to - from) as usize];
+        if memory.read(from, &mut buf) != buf.len() {
+            return None;
+        }
+        let word = |i: usize| u64::from_ne_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
+        let found = (0..buf.len().saturating_sub(23))
+            .step_by(8)
+            .rev()
+            .find(|&i| word(i) == from + i as u64 && word(i + 16) == from + i as u64);
+        if let Some(i) = found {
+            return Some(from + i as u64);
+        }
+        hi = from;
+        window = TCB_WINDOW;
     }
-    let word = |i: usize| u64::from_ne_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
-    (0..buf.len() - 24)
-        .step_by(8)
-        .find(|&i| word(i) == from + i as u64 && word(i + 16) == from + i as u64)
-        .map(|i| from + i as u64)
+    None
 }
+
+/// How far below a guarded mapping's end its thread control block is looked for
+/// (a thread stack with its TLS; glibc's default is RLIMIT_STACK, 8 MiB).
+const TCB_SEARCH_MAX: u64 = 64 << 20;
+
+/// The window of that search past the top [`TCB_SEARCH`] bytes.
+const TCB_WINDOW: u64 = 1 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -164,6 +189,16 @@ mod tests {
         // A live thread runs on `a`.
         let idle = idle_thread_stacks(&maps, &[a + 0x800], &memory);
         assert_eq!(idle, vec![b..b + LEN - 0x900]);
+        // A stack the kernel merged with a block mapped right above it: the
+        // control block is below the mapping's top.
+        let merged = map(b, LEN + (3 << 20), true);
+        let mut memory = FakeMemory::new();
+        memory.map(b, (LEN + (3 << 20)) as usize);
+        let tcb = b + LEN - 0x900;
+        memory.write_u64(tcb, tcb);
+        memory.write_u64(tcb + 16, tcb);
+        let pair = [maps[2].clone(), merged];
+        assert_eq!(idle_thread_stacks(&pair, &[], &memory), vec![b..tcb]);
         // Without a control block, `b` is some other guarded mapping (a coroutine's).
         let mut plain = FakeMemory::new();
         plain.map(b, LEN as usize);
