@@ -80,7 +80,7 @@ pub fn idle_thread_stacks(
             && m.len() > TCB_SEARCH;
         if shaped
             && !stack_pointers.iter().any(|&sp| m.contains(sp))
-            && let Some(tcb) = find_tcb(m, memory)
+            && let Some(tcb) = find_tcb(m, guard.start..guard.end, memory)
         {
             idle.push(m.start..tcb);
         }
@@ -89,29 +89,41 @@ pub fn idle_thread_stacks(
 }
 
 /// glibc's thread control block near the top of `m`: an address whose first word
-/// (`tcb`) and third word (`self`) hold the address itself. The top
-/// [`TCB_SEARCH`] bytes first; then, downwards a window at a time, the rest of
-/// the first [`TCB_SEARCH_MAX`] bytes: where the kernel merged the stack with
-/// anonymous memory mapped right above it (a big malloc block; kernels before
-/// 6.7 do not align large anonymous mappings, so such neighbours touch), the
-/// block ends below the mapping's end.
-fn find_tcb(m: &Mapping, memory: &dyn MemorySource) -> Option<u64> {
+/// (`tcb`) and third word (`self`) hold the address itself, followed within
+/// [`PTHREAD_SPAN`] bytes by the thread's `stackblock`, the start of the block
+/// its stack was mapped in: in the guard page(s) below `m` (the guard mapping
+/// may have merged with protected memory below it). The top [`TCB_SEARCH`]
+/// bytes first; then, downwards a window at a time, the rest of the first
+/// [`TCB_SEARCH_MAX`] bytes: where the kernel merged the stack with anonymous
+/// memory mapped right above it (a big malloc block, the main thread's own
+/// control block; kernels before 6.7 do not space large anonymous mappings
+/// apart), the block ends below the mapping's end, and the main thread's control
+/// block (no `stackblock`) may be the first self-pointer seen.
+fn find_tcb(m: &Mapping, guard: Range<u64>, memory: &dyn MemorySource) -> Option<u64> {
     let lowest = m.start.max(m.end.saturating_sub(TCB_SEARCH_MAX));
     let mut hi = m.end;
     let mut window = TCB_SEARCH;
     while hi > lowest {
-        // Windows overlap by the pattern's span, so none is cut in two.
+        // Windows overlap by a control block's span, so none is cut in two.
         let from = hi.saturating_sub(window).max(lowest);
-        let to = (hi + 16).min(m.end);
+        let to = (hi + PTHREAD_SPAN).min(m.end);
         let mut buf = vec![0u8; (to - from) as usize];
         if memory.read(from, &mut buf) != buf.len() {
             return None;
         }
         let word = |i: usize| u64::from_ne_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
-        let found = (0..buf.len().saturating_sub(23))
-            .step_by(8)
+        let words = buf.len() / 8;
+        let found = (0..words.saturating_sub(2))
             .rev()
-            .find(|&i| word(i) == from + i as u64 && word(i + 16) == from + i as u64);
+            .map(|w| w * 8)
+            .find(|&i| {
+                let at = from + i as u64;
+                word(i) == at
+                    && word(i + 16) == at
+                    && (i + 24..(i + PTHREAD_SPAN as usize).min(words * 8))
+                        .step_by(8)
+                        .any(|j| guard.contains(&word(j)))
+            });
         if let Some(i) = found {
             return Some(from + i as u64);
         }
@@ -120,6 +132,9 @@ fn find_tcb(m: &Mapping, memory: &dyn MemorySource) -> Option<u64> {
     }
     None
 }
+
+/// Bytes of `struct pthread` searched for its `stackblock` after its start.
+const PTHREAD_SPAN: u64 = 4 << 10;
 
 /// How far below a guarded mapping's end its thread control block is looked for
 /// (a thread stack with its TLS; glibc's default is RLIMIT_STACK, 8 MiB).
@@ -185,6 +200,7 @@ mod tests {
             let tcb = m.end - 0x900;
             memory.write_u64(tcb, tcb);
             memory.write_u64(tcb + 16, tcb);
+            memory.write_u64(tcb + 0x6a0, m.start - 0x1000); // stackblock
         }
         // A live thread runs on `a`.
         let idle = idle_thread_stacks(&maps, &[a + 0x800], &memory);
@@ -197,6 +213,11 @@ mod tests {
         let tcb = b + LEN - 0x900;
         memory.write_u64(tcb, tcb);
         memory.write_u64(tcb + 16, tcb);
+        memory.write_u64(tcb + 0x6a0, guard_b);
+        // The main thread's control block at the top: no stackblock.
+        let main_tcb = b + LEN + (3 << 20) - 0x800;
+        memory.write_u64(main_tcb, main_tcb);
+        memory.write_u64(main_tcb + 16, main_tcb);
         let pair = [maps[2].clone(), merged];
         assert_eq!(idle_thread_stacks(&pair, &[], &memory), vec![b..tcb]);
         // Without a control block, `b` is some other guarded mapping (a coroutine's).
