@@ -186,6 +186,14 @@ fn reported(records: &[Value], pid: u32) -> BTreeMap<String, (u64, u64)> {
 
 /// Scans of `pid` since its last leak, possible leak or retraction record.
 fn quiet_scans(records: &[Value], pid: u32) -> usize {
+    // Scans before the first leak (the fixture still making its leaks, or a
+    // loaded machine slow to report them) do not count as settled.
+    if !records
+        .iter()
+        .any(|r| r["pid"] == pid && r["type"] == "leak")
+    {
+        return 0;
+    }
     records
         .iter()
         .rev()
