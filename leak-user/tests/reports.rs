@@ -39,27 +39,11 @@ fn leak_stacks_name_the_allocating_function_file_and_line() {
     let run = launch("cxx", &["--hold-ms", "500"], FAST);
     let line = util::source_line("cxx.cc", "ALLOC:make_node");
     let leaks = run.leaks();
-    // An unwound stack (`--stacks auto`) starts in the wrapper (`operator new`,
-    // `strdup`), a frame like any other; the fixture's own frames follow it.
-    let own_frames = |r: &serde_json::Value| -> Vec<serde_json::Value> {
-        let stack = r["stack"].as_array().cloned().unwrap_or_default();
-        let own = stack
-            .iter()
-            .position(|f| f["module"].as_str().is_some_and(|m| m.ends_with("/cxx")))
-            .unwrap_or(stack.len());
-        assert!(
-            stack[..own].iter().all(|f| f["function"]
-                .as_str()
-                .is_some_and(|n| n.starts_with("operator new") || n.contains("strdup"))),
-            "only the wrapper may come before the fixture's frames: {r}"
-        );
-        stack[own..].to_vec()
-    };
     let by_function = |function: &str| {
         leaks
             .values()
             .filter(|r| r["kind"] == "direct")
-            .map(|r| own_frames(r))
+            .map(|r| util::frames_from_module(r, "/cxx"))
             .find(|s| s.first().is_some_and(|f| f["function"] == function))
             .unwrap_or_else(|| panic!("no direct leak from {function}: {leaks:?}"))
     };

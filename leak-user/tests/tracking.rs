@@ -212,21 +212,11 @@ fn cxx_operator_new_and_delete() {
             record["allocator"], expected,
             "strdup's block is malloc's, the others operator new's: {record}"
         );
-        // The wrapper is a frame like any other in an unwound stack (`--stacks
-        // auto`), the first one; its caller, the fixture's own code, comes next.
-        let stack = record["stack"].as_array().unwrap();
-        let own = stack
-            .iter()
-            .position(|f| f["module"].as_str().is_some_and(|m| m.ends_with("/cxx")))
+        let own = util::frames_from_module(record, "/cxx");
+        let caller = own
+            .first()
             .unwrap_or_else(|| panic!("no frame of the fixture's own: {record}"));
-        assert!(
-            stack[..own].iter().all(|f| {
-                let name = f["function"].as_str().unwrap_or("?");
-                name.starts_with("operator new") || name.contains("strdup")
-            }),
-            "only the wrapper may come before its caller: {record}"
-        );
-        callers.push(stack[own]["function"].as_str().unwrap().to_owned());
+        callers.push(caller["function"].as_str().unwrap().to_owned());
     }
     // The first two are made before main does anything else: the wrappers' call
     // sites are known from the entry point on.

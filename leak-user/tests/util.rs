@@ -464,3 +464,23 @@ impl Tracer {
         }
     }
 }
+
+/// The frames of `record`'s stack from the first one in a module whose path ends
+/// with `module` (the fixture's own code) on. Only an allocation wrapper
+/// (`operator new`, `strdup`) may come before it: an unwound stack (`--stacks
+/// auto`) starts in the wrapper, a frame like any other. Empty when no frame is
+/// the fixture's.
+pub fn frames_from_module<'a>(record: &'a Value, module: &str) -> &'a [Value] {
+    let stack = record["stack"].as_array().map_or(&[][..], Vec::as_slice);
+    let own = stack
+        .iter()
+        .position(|f| f["module"].as_str().is_some_and(|m| m.ends_with(module)))
+        .unwrap_or(stack.len());
+    assert!(
+        stack[..own].iter().all(|f| f["function"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("operator new") || n.contains("strdup"))),
+        "only the wrapper may come before the fixture's frames: {record}"
+    );
+    &stack[own..]
+}

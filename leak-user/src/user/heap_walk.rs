@@ -78,20 +78,20 @@ fn read_heap(pid: u32, method: ReadMethod) -> Result<HeapWalk, String> {
     // A running target's heap changes while it is read: a torn walk is tried
     // again (with fresh maps: a thread heap may have come or gone).
     let mut maps = maps;
-    for attempt in 1.. {
+    let mut attempt = 1;
+    loop {
         match glibc_heap::walk(&maps, &data, &memory, layout) {
-            Ok(walk) => return Ok(walk),
             Err(err) if err.may_be_torn() && attempt < WALK_ATTEMPTS => {
                 log::debug!("pid {pid}: heap walk {attempt} torn ({err}); walking again");
                 maps = proc::maps::read(pid).map_err(|e| format!("cannot read its maps: {e}"))?;
+                attempt += 1;
             }
             Err(err) if err.may_be_torn() => {
                 return Err(format!("{err} (the heap kept changing: {attempt} walks)"));
             }
-            Err(err) => return Err(err.to_string()),
+            result => return result.map_err(|e| e.to_string()),
         }
     }
-    unreachable!("the loop returns")
 }
 
 /// How many times a torn walk of a running target is tried.
