@@ -90,6 +90,20 @@ pub fn check_traceable(pid: u32) -> Result<(), Untraceable> {
     }
 }
 
+/// Whether `pid` has exited: gone, or a zombie with no thread left. (A process
+/// whose main thread called `pthread_exit` shows a zombie main thread while the
+/// others run.)
+pub fn has_exited(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    match parse_stat(&stat) {
+        Some(("Z" | "X" | "x", _)) => !threads::list(pid).is_ok_and(|tids| tids.len() > 1),
+        Some(_) => false,
+        None => true,
+    }
+}
+
 /// The state letter and the flags of a `/proc/PID/stat` line.
 fn parse_stat(stat: &str) -> Option<(&str, u64)> {
     // The command name may hold spaces and parentheses: fields start after the last ')'.
@@ -168,5 +182,20 @@ mod tests {
         assert_eq!(check_traceable(u32::MAX), Err(Untraceable::Gone(u32::MAX)));
         let zombie = "42 (a (b) c) Z 1 42 42 0 -1 4194564 0 0";
         assert_eq!(parse_stat(zombie), Some(("Z", 4194564)));
+    }
+
+    #[test]
+    fn an_unreaped_child_has_exited() {
+        assert!(!has_exited(std::process::id()));
+        assert!(has_exited(u32::MAX));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !has_exited(child.id()) {
+            assert!(std::time::Instant::now() < deadline, "`true` never exited");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Still there, a zombie, until reaped.
+        assert!(std::path::Path::new(&format!("/proc/{}", child.id())).exists());
+        child.wait().unwrap();
     }
 }

@@ -621,6 +621,7 @@ impl UserSession {
                     None => keys_open = false,
                 },
                 _ = status_tick.tick() => {
+                    self.end_unseen_exits().await;
                     self.keep_to_object_cap();
                     self.poll_losses();
                     self.rehook();
@@ -722,6 +723,30 @@ impl UserSession {
                 self.ingest.drain().await;
                 self.handle_notices();
                 self.end_target(pid, Some(status));
+            }
+        }
+    }
+
+    /// Ends the targets that exited without their exit record: gone before they
+    /// were in the probes' target set (between the checks of an attach and the
+    /// probes), or the record lost to a full ring. What the ring still holds is
+    /// applied first. (The launched command's end comes from ptrace.)
+    async fn end_unseen_exits(&mut self) {
+        let exited: Vec<u32> = self
+            .targets
+            .keys()
+            .copied()
+            .filter(|&pid| Some(pid) != self.launched && proc::has_exited(pid))
+            .collect();
+        if exited.is_empty() {
+            return;
+        }
+        self.ingest.drain().await;
+        self.handle_notices();
+        for pid in exited {
+            if self.targets.contains_key(&pid) {
+                log::debug!("process {pid} exited unseen by the probes: ended from /proc");
+                self.end_target(pid, None);
             }
         }
     }
