@@ -62,9 +62,14 @@ fn a_target_that_exits_during_attach_still_gets_an_end_record() {
     let _s = serial();
     let mut exercised = 0;
     // Alive when leaktrace checks it, gone (a zombie: this test reaps it later)
-    // by the time the probes are attached.
-    for seconds in ["0.03", "0.06", "0.1", "0.15"] {
-        let mut target = Command::new("sleep").arg(seconds).spawn().unwrap();
+    // by the time the probes are attached; the longest lives through the attach
+    // (where everything runs slower, all live longer).
+    for ms in [30, 60, 100, 150, 1000] {
+        let seconds = f64::from(ms * util::slowness()) / 1000.0;
+        let mut target = Command::new("sleep")
+            .arg(seconds.to_string())
+            .spawn()
+            .unwrap();
         let (_, stderr, records) = attach(target.id());
         target.wait().unwrap();
         if !records.iter().any(|r| r["type"] == "start") {

@@ -127,15 +127,19 @@ pub fn complete_records(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// A time limit of `secs` seconds, stretched `LEAKTRACE_TEST_PATIENCE` times
-/// where everything runs slower (the VM suite runs under emulation).
-pub fn patience(secs: u64) -> Duration {
-    let factor = std::env::var("LEAKTRACE_TEST_PATIENCE")
+/// How many times slower than natively everything runs here:
+/// `LEAKTRACE_TEST_PATIENCE` (the VM suite runs under emulation), else 1.
+pub fn slowness() -> u32 {
+    std::env::var("LEAKTRACE_TEST_PATIENCE")
         .ok()
-        .and_then(|f| f.parse::<u64>().ok())
+        .and_then(|f| f.parse::<u32>().ok())
         .unwrap_or(1)
-        .max(1);
-    Duration::from_secs(secs * factor)
+        .max(1)
+}
+
+/// A time limit of `secs` seconds, stretched [`slowness`] times.
+pub fn patience(secs: u64) -> Duration {
+    Duration::from_secs(secs * u64::from(slowness()))
 }
 
 /// Waits until `done` holds for the records leaktrace (`child`) has written to
