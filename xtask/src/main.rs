@@ -113,15 +113,19 @@ enum Task {
         /// Leave out tests whose name contains this (repeatable).
         #[arg(long)]
         skip: Vec<String>,
-        /// Stop a kernel's run after this many seconds, boot included.
-        #[arg(long, default_value_t = 1800)]
+        /// Stop a guest after this many seconds, boot included.
+        #[arg(long, default_value_t = 3600)]
         timeout: u64,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 2048)]
         memory: u32,
-        /// Guest CPUs (TCG runs one host thread per CPU).
+        /// CPUs of each guest (all emulated on one host thread: single-threaded TCG).
         #[arg(long, default_value_t = 2)]
         cpus: u32,
+        /// Guests per kernel run side by side, each with a share of the tests
+        /// (default: the host's CPUs).
+        #[arg(long)]
+        shards: Option<u32>,
     },
 }
 
@@ -153,6 +157,7 @@ fn main() {
             timeout,
             memory,
             cpus,
+            shards,
         } => vm::run(&vm::Options {
             kernels,
             filters: filter,
@@ -160,6 +165,9 @@ fn main() {
             timeout: std::time::Duration::from_secs(timeout),
             memory_mib: memory,
             cpus,
+            shards: shards.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+            }),
         }),
     };
     if let Err(err) = result {

@@ -12,6 +12,10 @@
 //! it, puts tmpfs where the tests write, mounts proc, sys, tracefs, debugfs and
 //! bpffs, and runs the test binary as root; the serial console carries its output
 //! and a marker line with its exit code, then the guest powers off.
+//!
+//! A guest runs on one host thread (see `run_vm`), so the suite is dealt out to
+//! several guests side by side, one per host CPU by default: the tests are listed
+//! on the host, dealt in turn, and each guest runs its share by exact name.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -44,10 +48,12 @@ pub struct Options {
     pub filters: Vec<String>,
     /// Skip tests whose name contains one of these.
     pub skips: Vec<String>,
-    /// Per-kernel limit, boot included.
+    /// Per-guest limit, boot included.
     pub timeout: Duration,
     pub memory_mib: u32,
     pub cpus: u32,
+    /// Guests per kernel, each running a share of the tests.
+    pub shards: u32,
 }
 
 /// Where a suite runs.
@@ -66,13 +72,70 @@ struct Outcome {
     exit: Option<i32>,
     timed_out: bool,
     wall: Duration,
-    log: PathBuf,
+    logs: Vec<PathBuf>,
 }
 
 impl Outcome {
     fn ok(&self) -> bool {
         !self.timed_out && self.exit == Some(0) && self.summary.as_ref().is_some_and(|s| s.ok)
     }
+
+    /// One kernel's outcome from its shards': counts add up, the wall time is the
+    /// longest shard's, the exit status the first failing one's. `total` is the
+    /// number of tests in the whole suite (for the filtered-out count).
+    fn merge(kernel: &str, shards: Vec<Outcome>, total: u32) -> Outcome {
+        let mut merged = Outcome {
+            kernel: kernel.to_owned(),
+            summary: None,
+            failed_tests: Vec::new(),
+            exit: Some(0),
+            timed_out: false,
+            wall: Duration::ZERO,
+            logs: Vec::new(),
+        };
+        let mut sum = Summary {
+            ok: true,
+            passed: 0,
+            failed: 0,
+            ignored: 0,
+            filtered_out: 0,
+        };
+        let mut every_summary = true;
+        for shard in shards {
+            match &shard.summary {
+                Some(s) => {
+                    sum.ok &= s.ok;
+                    sum.passed += s.passed;
+                    sum.failed += s.failed;
+                    sum.ignored += s.ignored;
+                }
+                None => every_summary = false,
+            }
+            if merged.exit == Some(0) {
+                merged.exit = shard.exit;
+            }
+            merged.timed_out |= shard.timed_out;
+            merged.wall = merged.wall.max(shard.wall);
+            merged.failed_tests.extend(shard.failed_tests);
+            merged.logs.extend(shard.logs);
+        }
+        sum.filtered_out = total.saturating_sub(sum.passed + sum.failed + sum.ignored);
+        sum.ok &= every_summary;
+        merged.summary = Some(sum);
+        merged
+    }
+}
+
+/// Deals `tests` out to `hands` shares in turn (neighbours in the list, often
+/// alike in cost, land in different shares); empty shares are dropped.
+fn deal(tests: &[String], hands: usize) -> Vec<Vec<String>> {
+    let hands = hands.max(1);
+    let mut shares = vec![Vec::new(); hands];
+    for (i, test) in tests.iter().enumerate() {
+        shares[i % hands].push(test.clone());
+    }
+    shares.retain(|s| !s.is_empty());
+    shares
 }
 
 /// libtest's `test result:` line.
@@ -131,7 +194,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             Target::Host => suite.run_host()?,
             Target::Debian(package) => {
                 let kernel = Kernel::fetch(package)?;
-                suite.run_vm(&kernel)?
+                suite.run_vm_sharded(&kernel)?
             }
         };
         outcomes.push(outcome);
@@ -508,11 +571,36 @@ impl Suite<'_> {
     /// The test binary's arguments: filters, skips, two threads like `cargo xtask test`.
     fn test_args(&self) -> Vec<String> {
         let mut args = vec!["--test-threads=2".to_owned()];
+        args.extend(self.selection());
+        args
+    }
+
+    /// The filters and skips, as libtest takes them.
+    fn selection(&self) -> Vec<String> {
+        let mut args = Vec::new();
         for skip in &self.options.skips {
             args.extend(["--skip".to_owned(), skip.clone()]);
         }
         args.extend(self.options.filters.iter().cloned());
         args
+    }
+
+    /// The environment the tests need besides the fixtures, natively and in a guest.
+    fn test_env(&self) -> [(&'static str, String); 1] {
+        [("LEAKTRACE_PYTHON", setup::python().display().to_string())]
+    }
+
+    /// The names of the tests the filters and skips select (listed on the host).
+    fn list(&self) -> anyhow::Result<Vec<String>> {
+        let mut cmd = Command::new(&self.test_binary);
+        cmd.args(["--list", "--format", "terse"])
+            .args(self.selection())
+            .current_dir(self.test_dir());
+        Ok(util::output(&mut cmd)?
+            .lines()
+            .filter_map(|l| l.strip_suffix(": test"))
+            .map(str::to_owned)
+            .collect())
     }
 
     /// The directory cargo runs the tests in (the package's).
@@ -538,17 +626,64 @@ impl Suite<'_> {
         let mut cmd = Command::new(&self.test_binary);
         cmd.args(self.test_args())
             .current_dir(self.test_dir())
-            .env("LEAKTRACE_FIXTURES", &self.fixtures);
+            .env("LEAKTRACE_FIXTURES", &self.fixtures)
+            .envs(self.test_env());
         let log = self.log_path("host")?;
         run_logged(cmd, &kernel, &log, self.options.timeout)
     }
 
-    fn run_vm(&self, kernel: &Kernel) -> anyhow::Result<Outcome> {
-        step(&format!("integration tests in qemu on {}", kernel.release));
+    /// The selected tests on `kernel`, dealt out to `--shards` guests run side by side.
+    fn run_vm_sharded(&self, kernel: &Kernel) -> anyhow::Result<Outcome> {
+        let tests = self.list()?;
+        if tests.is_empty() {
+            bail!("no integration test matches the filters and skips");
+        }
+        let total = u32::try_from(self.list_all()?.len())?;
+        let shares = deal(&tests, self.options.shards as usize);
+        step(&format!(
+            "integration tests in qemu on {}: {} tests in {} guests side by side",
+            kernel.release,
+            tests.len(),
+            shares.len()
+        ));
+        let outcomes = std::thread::scope(|scope| {
+            let runs: Vec<_> = shares
+                .iter()
+                .enumerate()
+                .map(|(i, share)| {
+                    let name = if shares.len() == 1 {
+                        kernel.release.clone()
+                    } else {
+                        format!("{}#{}", kernel.release, i + 1)
+                    };
+                    scope.spawn(move || self.run_vm(kernel, &name, share))
+                })
+                .collect();
+            runs.into_iter()
+                .map(|run| run.join().expect("a guest's runner panicked"))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })?;
+        Ok(Outcome::merge(&kernel.release, outcomes, total))
+    }
+
+    /// Every test of the binary, unfiltered.
+    fn list_all(&self) -> anyhow::Result<Vec<String>> {
+        let mut cmd = Command::new(&self.test_binary);
+        cmd.args(["--list", "--format", "terse"])
+            .current_dir(self.test_dir());
+        Ok(util::output(&mut cmd)?
+            .lines()
+            .filter(|l| l.ends_with(": test"))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// One guest on `kernel`, named `name` in its output and log, running `tests`.
+    fn run_vm(&self, kernel: &Kernel, name: &str, tests: &[String]) -> anyhow::Result<Outcome> {
         let initramfs = util::root()
             .join("target/vm")
-            .join(format!("initramfs-{}.cpio", kernel.release));
-        std::fs::write(&initramfs, self.initramfs(kernel)?)?;
+            .join(format!("initramfs-{name}.cpio"));
+        std::fs::write(&initramfs, self.initramfs(kernel, tests)?)?;
         let mut cmd = Command::new("qemu-system-x86_64");
         // One host thread runs all the guest's CPUs: with multi-threaded TCG, the
         // kernel's live code patching (text_poke_bp: int3 on every CPU, as perf
@@ -568,12 +703,12 @@ impl Suite<'_> {
                 "-virtfs",
                 "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
             ]);
-        let log = self.log_path(&kernel.release)?;
-        run_logged(cmd, &kernel.release, &log, self.options.timeout)
+        let log = self.log_path(name)?;
+        run_logged(cmd, name, &log, self.options.timeout)
     }
 
     /// busybox as init, the root's modules, and the script that runs the suite.
-    fn initramfs(&self, kernel: &Kernel) -> anyhow::Result<Vec<u8>> {
+    fn initramfs(&self, kernel: &Kernel, tests: &[String]) -> anyhow::Result<Vec<u8>> {
         let mut cpio = Cpio::default();
         for dir in ["bin", "dev", "proc", "sys", "modules", "newroot"] {
             cpio.dir(dir);
@@ -588,24 +723,34 @@ impl Suite<'_> {
                 &read_module(module)?,
             );
         }
-        cpio.file("init", 0o755, self.init_script().as_bytes());
+        cpio.file("init", 0o755, self.init_script(tests).as_bytes());
         Ok(cpio.finish())
     }
 
-    fn init_script(&self) -> String {
+    /// The guest's init: mounts, then the test binary on `tests` by exact name.
+    fn init_script(&self, tests: &[String]) -> String {
         let path = |p: &Path| quote(&p.display().to_string());
+        // HOME is a scratch directory, not a tmpfs over /root: the host's /root
+        // holds things the tests use (pyenv's interpreter that target/pyenv's
+        // python links to).
         let mut command = format!(
-            "cd {} && exec env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-             HOME=/root RUST_BACKTRACE=1 LEAKTRACE_TEST_PATIENCE={PATIENCE} LEAKTRACE_FIXTURES={} {}",
+            "cd {} && mkdir -p /tmp/home && exec env -i \
+             PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+             HOME=/tmp/home RUST_BACKTRACE=1 LEAKTRACE_TEST_PATIENCE={PATIENCE} LEAKTRACE_FIXTURES={}",
             path(&self.test_dir()),
             path(&self.fixtures),
-            path(&self.test_binary),
         );
-        for arg in self.test_args() {
-            command.push(' ');
-            command.push_str(&quote(&arg));
+        for (key, value) in self.test_env() {
+            command.push_str(&format!(" {key}={}", quote(&value)));
         }
-        let writable = ["/tmp", "/run", "/var/tmp", "/root", "/dev/shm"]
+        command.push(' ');
+        command.push_str(&path(&self.test_binary));
+        command.push_str(" --test-threads=2 --exact");
+        for test in tests {
+            command.push(' ');
+            command.push_str(&quote(test));
+        }
+        let writable = ["/tmp", "/run", "/var/tmp", "/dev/shm"]
             .map(str::to_owned)
             .into_iter()
             .chain([self.target_tmp.display().to_string()])
@@ -650,8 +795,10 @@ exec $B switch_root $R /bin/busybox sh -c {pid1}
     }
 }
 
-/// How many times longer the tests wait for things under emulation.
-const PATIENCE: u32 = 5;
+/// How many times longer the tests wait for things, and their fixtures live,
+/// under emulation: single-threaded TCG runs the guest's two CPUs on one host
+/// thread, about ten times slower than natively here.
+const PATIENCE: u32 = 10;
 
 /// Runs `cmd`, echoing its output with a `[kernel]` prefix and keeping it in
 /// `log`; kills it after `timeout`.
@@ -690,7 +837,7 @@ fn run_logged(
         exit: None,
         timed_out: false,
         wall: Duration::ZERO,
-        log: log.to_owned(),
+        logs: vec![log.to_owned()],
     };
     let short = kernel.split(' ').next().unwrap_or(kernel);
     loop {
@@ -788,7 +935,9 @@ fn print_results(outcomes: &[Outcome]) {
         if o.summary.is_none() {
             println!("    no test summary; exit {:?}", o.exit);
         }
-        println!("    log: {}", o.log.display());
+        for log in &o.logs {
+            println!("    log: {}", log.display());
+        }
     }
 }
 
@@ -811,6 +960,61 @@ mod tests {
             })
         );
         assert_eq!(parse_summary("running 24 tests"), None);
+    }
+
+    #[test]
+    fn tests_are_dealt_out_in_turn() {
+        let tests: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).into();
+        assert_eq!(
+            deal(&tests, 2),
+            [vec!["a", "c", "e"], vec!["b", "d"]]
+                .map(|h| h.into_iter().map(String::from).collect::<Vec<_>>())
+        );
+        assert_eq!(deal(&tests, 8).len(), 5, "no empty guests");
+        assert_eq!(deal(&tests, 0), std::slice::from_ref(&tests));
+    }
+
+    #[test]
+    fn shard_outcomes_add_up() {
+        let shard = |passed, failed, exit, secs, failing: &[&str]| Outcome {
+            kernel: "k".into(),
+            summary: Some(Summary {
+                ok: failed == 0,
+                passed,
+                failed,
+                ignored: 0,
+                filtered_out: 50,
+            }),
+            failed_tests: failing.iter().map(|s| s.to_string()).collect(),
+            exit: Some(exit),
+            timed_out: false,
+            wall: Duration::from_secs(secs),
+            logs: vec![PathBuf::from(format!("k#{secs}.log"))],
+        };
+        let ok = Outcome::merge(
+            "k",
+            vec![shard(3, 0, 0, 10, &[]), shard(2, 0, 0, 20, &[])],
+            9,
+        );
+        assert!(ok.ok());
+        assert_eq!(ok.wall, Duration::from_secs(20));
+        let sum = ok.summary.as_ref().unwrap();
+        assert_eq!((sum.passed, sum.failed, sum.filtered_out), (5, 0, 4));
+        assert_eq!(ok.logs.len(), 2);
+        let bad = Outcome::merge(
+            "k",
+            vec![shard(3, 0, 0, 10, &[]), shard(1, 1, 101, 5, &["t"])],
+            5,
+        );
+        assert!(!bad.ok());
+        assert_eq!(bad.exit, Some(101));
+        assert_eq!(bad.failed_tests, ["t"]);
+        let mut lost = shard(0, 0, 0, 1, &[]);
+        lost.summary = None;
+        assert!(
+            !Outcome::merge("k", vec![shard(1, 0, 0, 1, &[]), lost], 2).ok(),
+            "a guest without a summary fails the kernel"
+        );
     }
 
     #[test]
