@@ -590,11 +590,12 @@ impl Suite<'_> {
         [("LEAKTRACE_PYTHON", setup::python().display().to_string())]
     }
 
-    /// The names of the tests the filters and skips select (listed on the host).
-    fn list(&self) -> anyhow::Result<Vec<String>> {
+    /// The names of the tests that `selection` (filters and skips, as libtest
+    /// takes them) selects, listed on the host.
+    fn list(&self, selection: &[String]) -> anyhow::Result<Vec<String>> {
         let mut cmd = Command::new(&self.test_binary);
         cmd.args(["--list", "--format", "terse"])
-            .args(self.selection())
+            .args(selection)
             .current_dir(self.test_dir());
         Ok(util::output(&mut cmd)?
             .lines()
@@ -634,11 +635,11 @@ impl Suite<'_> {
 
     /// The selected tests on `kernel`, dealt out to `--shards` guests run side by side.
     fn run_vm_sharded(&self, kernel: &Kernel) -> anyhow::Result<Outcome> {
-        let tests = self.list()?;
+        let tests = self.list(&self.selection())?;
         if tests.is_empty() {
             bail!("no integration test matches the filters and skips");
         }
-        let total = u32::try_from(self.list_all()?.len())?;
+        let total = u32::try_from(self.list(&[])?.len())?;
         let shares = deal(&tests, self.options.shards as usize);
         step(&format!(
             "integration tests in qemu on {}: {} tests in {} guests side by side",
@@ -664,18 +665,6 @@ impl Suite<'_> {
                 .collect::<anyhow::Result<Vec<_>>>()
         })?;
         Ok(Outcome::merge(&kernel.release, outcomes, total))
-    }
-
-    /// Every test of the binary, unfiltered.
-    fn list_all(&self) -> anyhow::Result<Vec<String>> {
-        let mut cmd = Command::new(&self.test_binary);
-        cmd.args(["--list", "--format", "terse"])
-            .current_dir(self.test_dir());
-        Ok(util::output(&mut cmd)?
-            .lines()
-            .filter(|l| l.ends_with(": test"))
-            .map(str::to_owned)
-            .collect())
     }
 
     /// One guest on `kernel`, named `name` in its output and log, running `tests`.
