@@ -41,18 +41,40 @@ pub fn parse_syscall_sp(line: &str) -> Option<u64> {
     u64::from_str_radix(sp.strip_prefix("0x").unwrap_or(sp), 16).ok()
 }
 
-/// Stack pointers of the threads that are blocked right now, and whether that is
-/// every thread.
+/// Whether a `/proc/PID/task/TID/syscall` line shows the thread in `exit_group`.
+pub fn in_exit_group(line: &str) -> bool {
+    line.split_whitespace().next() == Some(EXIT_GROUP)
+}
+
+/// `exit_group`'s number on x86-64, as the syscall file prints it.
+const EXIT_GROUP: &str = "231";
+
+/// Whether one of the threads of `pid` is in `exit_group`: the process is
+/// exiting (see [`blocked_stack_pointers`]).
+pub fn exiting(pid: u32) -> bool {
+    list(pid).unwrap_or_default().iter().any(|tid| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall"))
+            .is_ok_and(|line| in_exit_group(&line))
+    })
+}
+
+/// Stack pointers of the threads that are blocked right now, and whether they
+/// place every live thread. Not while a thread is in `exit_group`: the process is
+/// exiting, its other threads are killed (gone from the list, their stacks still
+/// mapped and live until the exit; launch mode holds the process there, at its
+/// exit stop, for the last scan).
 pub fn blocked_stack_pointers(pid: u32) -> (Vec<u64>, bool) {
     let tids = list(pid).unwrap_or_default();
+    let mut exiting = false;
     let sps: Vec<u64> = tids
         .iter()
         .filter_map(|tid| {
             let line = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+            exiting |= in_exit_group(&line);
             parse_syscall_sp(&line)
         })
         .collect();
-    let all = !tids.is_empty() && sps.len() == tids.len();
+    let all = !tids.is_empty() && sps.len() == tids.len() && !exiting;
     (sps, all)
 }
 
@@ -158,6 +180,13 @@ mod tests {
             Some(0x7ffc_3a9e_1b48)
         );
         assert_eq!(parse_syscall_sp("running\n"), None);
+        let exiting = "231 0x0 0x0 0x0 0x0 0x0 0x0 0x7ffc3a9e1b48 0x7f0c1d2e3f4a\n";
+        assert!(in_exit_group(exiting));
+        assert!(!in_exit_group(
+            "0 0x3 0x7f1 0x1 0x0 0x0 0x0 0x7ffc3a9e1b48 0x7f0c1d2e3f4a"
+        ));
+        assert!(!in_exit_group("2310 0x0 0x0 0x0 0x0 0x0 0x0 0x7ffc 0x7f0c"));
+        assert!(!in_exit_group("running"));
     }
 
     fn map(start: u64, len: u64, rw: bool) -> Mapping {

@@ -171,7 +171,13 @@ fn scan_frozen_or_not(
         taking.elapsed()
     );
     let (stack_pointers, registers, every_sp) = match frozen {
-        Some(f) => (f.stack_pointers.clone(), f.registers.clone(), true),
+        // A thread whose registers could not be read, or an exiting process
+        // (its killed threads are gone from the list), leaves stacks unplaced.
+        Some(f) => (
+            f.stack_pointers.clone(),
+            f.registers.clone(),
+            f.stack_pointers.len() == f.threads && !threads::exiting(pid),
+        ),
         None => {
             let (sps, all) = threads::blocked_stack_pointers(pid);
             (sps, Vec::new(), all)
