@@ -93,13 +93,15 @@ impl Discovery {
     }
 
     /// `pid` could not be attached to yet (no allocator mapped): try again at the
-    /// next poll, up to [`MAX_TRIES`].
-    pub fn failed(&mut self, pid: u32) {
+    /// next poll, up to [`MAX_TRIES`]. Returns true when that was the last try.
+    pub fn failed(&mut self, pid: u32) -> bool {
         let tries = self.tries.entry(pid).or_default();
         *tries += 1;
-        if *tries >= MAX_TRIES {
+        let last = *tries >= MAX_TRIES;
+        if last {
             self.give_up(pid);
         }
+        last
     }
 
     /// Never try `pid` again (a kernel thread, a process with nothing to hook).
@@ -171,10 +173,10 @@ mod tests {
         let none = |_| false;
         for _ in 0..MAX_TRIES - 1 {
             assert_eq!(d.pick(&selector(5), &procs, &none, 0, 1), [10]);
-            d.failed(10);
+            assert!(!d.failed(10));
         }
         assert_eq!(d.pick(&selector(5), &procs, &none, 0, 1), [10]);
-        d.failed(10);
+        assert!(d.failed(10), "the last try");
         assert!(d.pick(&selector(5), &procs, &none, 0, 1).is_empty());
         // The pid is reused by a new process after the old one is gone.
         assert!(d.pick(&selector(5), &[], &none, 0, 1).is_empty());

@@ -473,13 +473,19 @@ impl UserSession {
             let plan = discover::for_process(pid, &maps);
             if plan.is_empty() {
                 // Still in the loader, or nothing to hook: look again later.
-                self.discovery.failed(pid);
+                if self.discovery.failed(pid) {
+                    log::info!(
+                        "pid {pid} ({}): no allocator to hook after {} looks; left untraced",
+                        proc::comm(pid).unwrap_or_default(),
+                        fleet::discover::MAX_TRIES
+                    );
+                }
                 continue;
             }
             if let Err(err) = self.attach_plan(pid, &maps, plan) {
                 // Undo what was attached, and try again at the next poll.
                 log::warn!("pid {pid}: cannot trace it (yet): {err:#}");
-                self.discovery.failed(pid);
+                let _ = self.discovery.failed(pid);
                 if let Some(target) = self.targets.remove(&pid) {
                     self.probes.remove_hints(pid, &target.hints);
                     self.probes.detach_process(pid);
