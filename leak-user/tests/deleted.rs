@@ -113,7 +113,9 @@ fn a_launched_command_whose_files_are_deleted_while_it_runs() {
     let script = format!(
         "export LD_LIBRARY_PATH={d}; \
          (while ! grep -q {d}/libc.so.6 /proc/$$/maps 2>/dev/null; do sleep 0.02; done; \
-          rm {d}/app {d}/libc.so.6) & exec {d}/app --hold-ms 1500"
+          rm {d}/app {d}/libc.so.6) & exec {d}/app --hold-ms {hold_ms}",
+        // Long enough for scans, which come slower under emulation.
+        hold_ms = 1500 * util::slowness(),
     );
     let run = util::launch_command("deleted", &["sh", "-c", &script], FAST, &[]);
     assert!(!dir.join("app").exists(), "the app was deleted");

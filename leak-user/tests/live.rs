@@ -66,7 +66,7 @@ impl Tmux {
 
     /// Waits until the screen of `name` satisfies `done`; returns it.
     fn wait_for(&self, name: &str, what: &str, done: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + util::patience(60);
         loop {
             let screen = self.screen(name);
             if done(&screen) {
@@ -135,10 +135,11 @@ impl LiveRun {
         std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
     }
 
-    /// Waits for leaktrace to exit; returns its status.
+    /// Waits for leaktrace to exit (and the shell to record the terminal's
+    /// settings after it, the last thing it writes); returns its status.
     fn wait_exit(&self) -> i32 {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.file("status").trim().is_empty() {
+        let deadline = Instant::now() + util::patience(60);
+        while self.file("status").trim().is_empty() || self.file("stty.after").is_empty() {
             assert!(Instant::now() < deadline, "leaktrace did not exit");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -225,7 +226,8 @@ fn live_view_appends_plain_text_when_stdout_is_not_a_terminal() {
             "--min-age",
             "300ms",
         ])
-        .args(["--duration", "3s"])
+        // Scans come slower under emulation: as many views take longer.
+        .args(["--duration", &format!("{}s", 3 * util::slowness())])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

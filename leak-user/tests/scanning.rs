@@ -45,6 +45,9 @@ pub(crate) fn assert_matches_truth(run: &Run) {
                 "{} {} {:#x} ({} bytes): reported {got:?}",
                 t.tag, t.kind, t.addr, t.size
             ));
+            if let Some(r) = leaks.get(&t.addr) {
+                errors.push(format!("  the report: {r}"));
+            }
         }
         if let Some(r) = leaks.get(&t.addr) {
             assert_eq!(r["size"].as_u64(), Some(t.size), "size of {:#x}", t.addr);
@@ -55,12 +58,25 @@ pub(crate) fn assert_matches_truth(run: &Run) {
             errors.push(format!("not a leak of the fixture: {r}"));
         }
     }
-    assert!(
-        errors.is_empty(),
-        "{} mismatches:\n{}",
-        errors.len(),
-        errors.join("\n")
-    );
+    if !errors.is_empty() {
+        // Which scans decided them: the record that precedes each report.
+        let scans: Vec<String> = run
+            .of_type("scan")
+            .iter()
+            .map(|r| {
+                format!(
+                    "seq {} new {} complete {}",
+                    r["seq"], r["new_leaks"], r["complete"]
+                )
+            })
+            .collect();
+        panic!(
+            "{} mismatches:\n{}\nscans: {scans:?}\nstderr:\n{}",
+            errors.iter().filter(|e| !e.starts_with("  ")).count(),
+            errors.join("\n"),
+            run.stderr
+        );
+    }
     assert_eq!(
         cycle_direct, 1,
         "a leaked cycle has exactly one direct leak"
@@ -267,6 +283,9 @@ fn a_killed_target_keeps_its_leaks() {
 fn leaks_of_exited_threads_stay_leaks() {
     util::require_root();
     let _s = serial();
+    // The dead threads' stacks are roots at the exit stop (the threads killed by
+    // the exit itself look the same): the leaks are found by the scans while it
+    // holds.
     let run = launch(
         "lifetimes",
         &["--threads", "500", "--hold-ms", "2500"],

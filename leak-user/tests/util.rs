@@ -267,9 +267,25 @@ pub fn launch_with_env(
     env: &[(&str, &str)],
 ) -> Run {
     let program = fixture(fixture_name);
+    let fixture_args = stretch_holds(fixture_args);
     let mut argv = vec![program.to_str().unwrap()];
-    argv.extend_from_slice(fixture_args);
+    argv.extend(fixture_args.iter().map(String::as_str));
     launch_command(fixture_name, &argv, args, env)
+}
+
+/// Fixture arguments with each `--hold-ms N` stretched [`slowness`] times: a
+/// fixture holds so that the tracer scans it meanwhile, and scans come slower
+/// where everything runs slower.
+fn stretch_holds(args: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(args.len());
+    for arg in args {
+        let held = out.last().is_some_and(|a| a == "--hold-ms");
+        match arg.parse::<u32>() {
+            Ok(ms) if held => out.push((ms * slowness()).to_string()),
+            _ => out.push((*arg).to_owned()),
+        }
+    }
+    out
 }
 
 /// Runs `leaktrace ARGS -- ARGV` (ARGV ends up running a fixture), with `env`
