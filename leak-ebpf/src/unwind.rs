@@ -4,9 +4,11 @@
 //! allocation in such code it returns one or two frames. Here the stack is walked
 //! with tables the daemon built from each module's `.eh_frame`/`.debug_frame`
 //! (`UNWIND_ROWS`, shared by every process that maps the module): per frame, find
-//! the module of the pc (`UNWIND_MODULES`, the process's code mappings, a binary
-//! search), then its row (a second binary search), compute the CFA from rsp or rbp,
-//! read the return address at CFA - 8 and, when the row says so, the caller's rbp.
+//! the module of the pc (the process's code mappings, looked up in `UNWIND_MODULES`
+//! once a walk; a binary search unless the pc is in the previous frame's module),
+//! then its row (the table's index names the few rows of the pc's bucket, a short
+//! binary search among them), compute the CFA from rsp or rbp, read the return
+//! address at CFA - 8 and, when the row says so, the caller's rbp.
 //! A frame whose rule we cannot follow ends the stack with
 //! [`FRAME_UNWIND_STOPPED`], counted by reason in `UNWIND_COUNTS`: never a guess.
 //! The stack is stored like a frame-pointer one (content hash into `STACKS`).
@@ -23,7 +25,7 @@ use aya_ebpf::{
 };
 use leak_common::{
     FRAME_UNWIND_STOPPED, MAX_MODULES, ModuleRange, ModuleSlot, STACK_DEPTH, UNWIND_DEPTH,
-    UnwindCount, UnwindRow, UnwindTable, cfa,
+    UnwindCount, UnwindRow, UnwindTable, cfa, search,
 };
 
 use crate::{
@@ -35,9 +37,13 @@ use crate::{
 #[map]
 pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1 << 20, 0);
 
-/// Table id -> its slice of `UNWIND_ROWS`. Id 0 is never used.
+/// Table id -> its slice of `UNWIND_ROWS` and of `UNWIND_INDEX`. Id 0 is never used.
 #[map]
 pub static UNWIND_TABLES: Array<UnwindTable> = Array::with_max_entries(4096, 0);
+
+/// Every table's index (see [`UnwindTable`]), back to back. Sized by the daemon.
+#[map]
+pub static UNWIND_INDEX: Array<u32> = Array::with_max_entries(1 << 18, 0);
 
 /// Where each traced process's code mappings are in `UNWIND_RANGES`.
 #[map]
@@ -57,41 +63,12 @@ pub static UNWIND_FRAMES: PerCpuArray<u64> = PerCpuArray::with_max_entries(UNWIN
 #[map]
 pub static UNWIND_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(UnwindCount::COUNT, 0);
 
-/// Binary search steps: enough for `MAX_MODULES` ranges and for 2^22 rows.
-const MODULE_STEPS: usize = 10;
-const ROW_STEPS: usize = 22;
+/// Binary search steps: enough for `MAX_MODULES` ranges.
+const MODULE_STEPS: u32 = 10;
 
 #[inline(always)]
 fn note(what: UnwindCount) {
     bump(&UNWIND_COUNTS, what as u32);
-}
-
-/// Is `a <= b`, as 0 or 1, without a branch? (Both below 2^63.)
-#[inline(always)]
-fn at_or_below(a: u64, b: u64) -> u64 {
-    (b.wrapping_sub(a) >> 63) ^ 1
-}
-
-/// The index of the last of `count` sorted keys (from `first`) at or below `pc`,
-/// assuming the first is. Branch-free with a fixed number of steps: a search that
-/// branches gives the verifier two paths per step, and it follows them all.
-#[inline(always)]
-fn search(
-    first: u32,
-    count: u32,
-    steps: usize,
-    key_at: impl Fn(u32) -> Option<u64>,
-    pc: u64,
-) -> Option<u32> {
-    let mut base = 0u32;
-    let mut n = count;
-    for _ in 0..steps {
-        let half = n / 2;
-        let key = key_at(first.wrapping_add(base + half))?;
-        base += half * at_or_below(key, pc) as u32;
-        n -= half;
-    }
-    Some(base)
 }
 
 /// The module range holding `pc`, if any.
@@ -106,16 +83,15 @@ fn module_of(slot: ModuleSlot, pc: u64) -> Option<ModuleRange> {
     (range.start <= pc && pc < range.end).then_some(range)
 }
 
-/// The row of `table` that covers module address `pc`, if any.
+/// The row of `table` that covers module address `pc`, if any: among the few
+/// rows the index gives for the pc's bucket (neighbours in the array: a cache
+/// line or two), by [`UnwindTable::find_row`].
 #[inline(always)]
-fn row_of(table: UnwindTable, pc: u32) -> Option<UnwindRow> {
-    if table.rows == 0 || table.rows > 1 << ROW_STEPS {
-        return None;
-    }
-    let pc_of = |i: u32| UNWIND_ROWS.get(i).map(|r| u64::from(r.pc));
-    let i = search(table.first, table.rows, ROW_STEPS, pc_of, u64::from(pc))?;
-    let row = *UNWIND_ROWS.get(table.first.wrapping_add(i))?;
-    (row.pc <= pc).then_some(row)
+fn row_of(table: &UnwindTable, pc: u32) -> Option<UnwindRow> {
+    let entry_at = |i: u32| UNWIND_INDEX.get(i).copied();
+    let pc_at = |i: u32| UNWIND_ROWS.get(i).map(|r| u64::from(r.pc));
+    let i = table.find_row(pc, entry_at, pc_at)?;
+    UNWIND_ROWS.get(i).copied()
 }
 
 #[inline(always)]
@@ -134,22 +110,29 @@ enum Step {
     Stop(UnwindCount),
 }
 
-/// Unwinds one frame: from `pc` (exact for the first frame, a return address after)
-/// to the caller's registers.
+/// Unwinds one frame of `walk`: from `pc` (exact for the first frame, a return
+/// address after) to the caller's registers.
 #[inline(always)]
-fn step(modules: ModuleSlot, pc: u64, after_first: u64, sp: u64, rbp: u64) -> Step {
+fn step(walk: &mut Walk, pc: u64, after_first: u64, sp: u64, rbp: u64) -> Step {
     // A return address may point past the last instruction of its function (a
     // call to a noreturn function): look up the call instruction instead. The
     // first frame's pc is exact.
     let lookup = pc.wrapping_sub(after_first);
-    let Some(range) = module_of(modules, lookup) else {
-        return Step::Stop(UnwindCount::NoModule);
-    };
-    let offset = lookup.wrapping_sub(range.bias);
+    // Most callers are in the module of their callee: search only when not.
+    if !(walk.module_start <= lookup && lookup < walk.module_end) {
+        let Some(range) = module_of(walk.modules, lookup) else {
+            return Step::Stop(UnwindCount::NoModule);
+        };
+        walk.module_start = range.start;
+        walk.module_end = range.end;
+        walk.module_bias = range.bias;
+        walk.module_table = range.table;
+    }
+    let offset = lookup.wrapping_sub(walk.module_bias);
     if offset > u64::from(u32::MAX) {
         return Step::Stop(UnwindCount::NoRule);
     }
-    let Some(table) = UNWIND_TABLES.get(range.table).copied() else {
+    let Some(table) = UNWIND_TABLES.get(walk.module_table) else {
         return Step::Stop(UnwindCount::NoRule);
     };
     let Some(row) = row_of(table, offset as u32) else {
@@ -185,7 +168,13 @@ struct Walk {
     pc: u64,
     sp: u64,
     rbp: u64,
-    tgid: u32,
+    /// The module of the previous frame (none at first): its [`ModuleRange`].
+    module_start: u64,
+    module_end: u64,
+    module_bias: u64,
+    module_table: u32,
+    /// The process's code mappings, looked up once a walk.
+    modules: ModuleSlot,
     /// Frames written so far.
     depth: u32,
     /// How the walk ended, an [`UnwindCount`] (`Truncated` until it ends).
@@ -200,12 +189,6 @@ struct Walk {
 extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: bpf_loop hands back the pointer `capture` gave it: its own Walk.
     let walk = unsafe { &mut *ctx.cast::<Walk>() };
-    let Some(modules) = UNWIND_MODULES.get_ptr(&walk.tgid) else {
-        walk.end = UnwindCount::NoProcess as u32;
-        return 1;
-    };
-    // SAFETY: a map value from get_ptr is valid and aligned during the run.
-    let modules = unsafe { *modules };
     let Some(slot) = UNWIND_FRAMES.get_ptr_mut(walk.depth) else {
         return 1; // UNWIND_DEPTH frames written
     };
@@ -214,7 +197,7 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
     // 0 for the first frame, else 1, without a branch (see `search`).
     let after_first = (u64::from(walk.depth) + 0xffff_ffff) >> 32;
     walk.depth += 1;
-    match step(modules, walk.pc, after_first, walk.sp, walk.rbp) {
+    match step(walk, walk.pc, after_first, walk.sp, walk.rbp) {
         Step::Caller(pc, sp, rbp) => {
             (walk.pc, walk.sp, walk.rbp) = (pc, sp, rbp);
             0
@@ -242,21 +225,30 @@ pub fn capture(regs: &pt_regs, tgid: u32) -> u64 {
         pc: regs.rip,
         sp: regs.rsp,
         rbp: regs.rbp,
-        tgid,
+        module_start: 0,
+        module_end: 0,
+        module_bias: 0,
+        module_table: 0,
+        modules: ModuleSlot::default(),
         depth: 0,
-        end: UnwindCount::Truncated as u32,
+        end: UnwindCount::NoProcess as u32,
         _pad: 0,
     };
-    // SAFETY: the callback is a BPF function taking (index, ctx); ctx is our
-    // own stack variable, alive for the whole call.
-    unsafe {
-        bpf_loop(
-            UNWIND_DEPTH as u32,
-            walk_frame as *mut c_void,
-            (&raw mut walk).cast(),
-            0,
-        )
-    };
+    if let Some(modules) = UNWIND_MODULES.get_ptr(&tgid) {
+        // SAFETY: a map value from get_ptr is valid and aligned during the run.
+        walk.modules = unsafe { *modules };
+        walk.end = UnwindCount::Truncated as u32;
+        // SAFETY: the callback is a BPF function taking (index, ctx); ctx is our
+        // own stack variable, alive for the whole call.
+        unsafe {
+            bpf_loop(
+                UNWIND_DEPTH as u32,
+                walk_frame as *mut c_void,
+                (&raw mut walk).cast(),
+                0,
+            )
+        };
+    }
     // SAFETY: this CPU's scratch value, valid and aligned during the run.
     let frames = unsafe { &mut (*buf).frames };
     for i in 0..UNWIND_DEPTH {
