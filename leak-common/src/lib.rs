@@ -66,6 +66,8 @@ pub mod names {
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
     /// Unwind tables: table id -> [`super::UnwindTable`] (a slice of `UNWIND_ROWS`).
     pub const UNWIND_TABLES: &str = "UNWIND_TABLES";
+    /// Every table's index into its rows, back to back (u32 row numbers).
+    pub const UNWIND_INDEX: &str = "UNWIND_INDEX";
     /// The code modules of each traced process: tgid -> [`super::ModuleSlot`].
     pub const UNWIND_MODULES: &str = "UNWIND_MODULES";
     /// Every process's code mappings, [`super::MAX_MODULES`] per process slot.
@@ -139,12 +141,119 @@ pub struct UnwindRow {
     pub rbp_slot: i8,
 }
 
-/// A module's table: rows `first .. first + rows` of `UNWIND_ROWS`, sorted by pc.
+/// A module's table: rows `first .. first + rows` of `UNWIND_ROWS`, sorted by pc,
+/// and its index: entries `index ..= index + buckets` of `UNWIND_INDEX`.
+///
+/// The index cuts the module's addresses from `base` (the first row's pc) into
+/// buckets of `1 << shift` bytes; entry `b` is the table's last row (counted from
+/// `first`) at or below `base + (b << shift)`, and entry `buckets` is its last row.
+/// Bucket `b`'s pcs are covered by rows `entry[b] ..= entry[b + 1]`, at most
+/// `1 << steps` of them (the daemon picks `shift` so), so the unwinder finds a
+/// pc's row in `steps` halvings among neighbouring rows instead of searching the
+/// whole table. Pcs past the last bucket belong to the last one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UnwindTable {
     pub first: u32,
     pub rows: u32,
+    pub index: u32,
+    pub buckets: u32,
+    pub base: u32,
+    pub shift: u32,
+    /// [`INDEX_STEPS_SHORT`] or [`INDEX_STEPS_LONG`].
+    pub steps: u32,
+}
+
+/// Search steps within a bucket of an index: 5 (32 rows) where the index this
+/// takes is small next to the rows (glibc: 0.39 entries a row), else 7 (code
+/// whose densest spots would make the short index large). 32 rows always fit a
+/// 16-byte bucket (one row per instruction at most), so every table has an index.
+pub const INDEX_STEPS_SHORT: u32 = 5;
+pub const INDEX_STEPS_LONG: u32 = 7;
+
+/// The smallest bucket of an index, as a shift (16 bytes).
+pub const INDEX_MIN_SHIFT: u32 = 4;
+
+impl UnwindTable {
+    /// The bucket of module address `pc`: pcs past the last bucket belong to it;
+    /// `None` below the first row or when the table has no buckets.
+    #[inline(always)]
+    pub fn bucket(&self, pc: u32) -> Option<u32> {
+        if self.buckets == 0 || pc < self.base {
+            return None;
+        }
+        let b = (pc - self.base) >> (self.shift & 31);
+        Some(if b < self.buckets {
+            b
+        } else {
+            self.buckets - 1
+        })
+    }
+
+    /// Where in the row array the row covering module address `pc` is, given
+    /// the index array's entries (`entry_at`) and the row array's pcs (`pc_at`):
+    /// the eBPF unwinder's lookup, here so the daemon's tests run the same steps.
+    #[inline(always)]
+    pub fn find_row(
+        &self,
+        pc: u32,
+        entry_at: impl Fn(u32) -> Option<u32>,
+        pc_at: impl Fn(u32) -> Option<u64>,
+    ) -> Option<u32> {
+        let at = self.index.wrapping_add(self.bucket(pc)?);
+        let lo = entry_at(at)?;
+        let hi = entry_at(at.wrapping_add(1))?;
+        let count = hi.wrapping_sub(lo).wrapping_add(1);
+        let long = self.steps == INDEX_STEPS_LONG;
+        let most = if long {
+            1 << INDEX_STEPS_LONG
+        } else {
+            1 << INDEX_STEPS_SHORT
+        };
+        if count == 0 || count > most || hi >= self.rows {
+            return None;
+        }
+        let from = self.first.wrapping_add(lo);
+        let pc64 = u64::from(pc);
+        // Two copies of the search, each with a constant number of steps.
+        let i = if long {
+            search(from, count, INDEX_STEPS_LONG, &pc_at, pc64)
+        } else {
+            search(from, count, INDEX_STEPS_SHORT, &pc_at, pc64)
+        }?;
+        let row = from.wrapping_add(i);
+        (pc_at(row)? <= pc64).then_some(row)
+    }
+}
+
+/// Is `a <= b`, as 0 or 1, without a branch? (Both below 2^63.)
+#[inline(always)]
+pub fn at_or_below(a: u64, b: u64) -> u64 {
+    (b.wrapping_sub(a) >> 63) ^ 1
+}
+
+/// The index (from `first`) of the last of `count` sorted keys at or below `pc`,
+/// assuming the first is, in `steps` halvings (enough for `count <= 1 << steps`).
+/// Branch-free with a fixed number of steps: in eBPF, a search that branches gives
+/// the verifier two paths per step, and it follows them all. `key_at` fails only
+/// where the unwinder's map lookups fail.
+#[inline(always)]
+pub fn search(
+    first: u32,
+    count: u32,
+    steps: u32,
+    key_at: impl Fn(u32) -> Option<u64>,
+    pc: u64,
+) -> Option<u32> {
+    let mut base = 0u32;
+    let mut n = count;
+    for _ in 0..steps {
+        let half = n / 2;
+        let key = key_at(first.wrapping_add(base + half))?;
+        base += half * at_or_below(key, pc) as u32;
+        n -= half;
+    }
+    Some(base)
 }
 
 /// One executable mapping of a process: `[start, end)` runs code whose ELF virtual
@@ -589,6 +698,7 @@ mod tests {
         assert_eq!(size_of::<TracepointLayout>(), 21 * 4);
         assert_eq!(size_of::<Stack>(), STACK_DEPTH * 8);
         assert_eq!(size_of::<UnwindRow>(), 8);
+        assert_eq!(size_of::<UnwindTable>(), 7 * 4);
         assert_eq!(size_of::<ModuleRange>(), 32);
         assert_eq!(size_of::<ModuleSlot>(), 8);
     }

@@ -4,9 +4,11 @@
 //! allocation in such code it returns one or two frames. Here the stack is walked
 //! with tables the daemon built from each module's `.eh_frame`/`.debug_frame`
 //! (`UNWIND_ROWS`, shared by every process that maps the module): per frame, find
-//! the module of the pc (`UNWIND_MODULES`, the process's code mappings, a binary
-//! search), then its row (a second binary search), compute the CFA from rsp or rbp,
-//! read the return address at CFA - 8 and, when the row says so, the caller's rbp.
+//! the module of the pc (the process's code mappings, looked up in `UNWIND_MODULES`
+//! once a walk; a binary search unless the pc is in the previous frame's module),
+//! then its row (the table's index names the few rows of the pc's bucket, a short
+//! binary search among them), compute the CFA from rsp or rbp, read the return
+//! address at CFA - 8 and, when the row says so, the caller's rbp.
 //! A frame whose rule we cannot follow ends the stack with
 //! [`FRAME_UNWIND_STOPPED`], counted by reason in `UNWIND_COUNTS`: never a guess.
 //! The stack is stored like a frame-pointer one (content hash into `STACKS`).
@@ -17,13 +19,13 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::pt_regs,
-    helpers::{bpf_probe_read_user, generated::bpf_loop},
+    helpers::generated::{bpf_loop, bpf_probe_read_user},
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
 use leak_common::{
     FRAME_UNWIND_STOPPED, MAX_MODULES, ModuleRange, ModuleSlot, STACK_DEPTH, UNWIND_DEPTH,
-    UnwindCount, UnwindRow, UnwindTable, cfa,
+    UnwindCount, UnwindRow, UnwindTable, cfa, search,
 };
 
 use crate::{
@@ -35,9 +37,13 @@ use crate::{
 #[map]
 pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1 << 20, 0);
 
-/// Table id -> its slice of `UNWIND_ROWS`. Id 0 is never used.
+/// Table id -> its slice of `UNWIND_ROWS` and of `UNWIND_INDEX`. Id 0 is never used.
 #[map]
 pub static UNWIND_TABLES: Array<UnwindTable> = Array::with_max_entries(4096, 0);
+
+/// Every table's index (see [`UnwindTable`]), back to back. Sized by the daemon.
+#[map]
+pub static UNWIND_INDEX: Array<u32> = Array::with_max_entries(1 << 18, 0);
 
 /// Where each traced process's code mappings are in `UNWIND_RANGES`.
 #[map]
@@ -53,45 +59,44 @@ pub static UNWIND_RANGES: Array<ModuleRange> = Array::with_max_entries(MAX_MODUL
 #[map]
 pub static UNWIND_FRAMES: PerCpuArray<u64> = PerCpuArray::with_max_entries(UNWIND_DEPTH as u32, 0);
 
+/// Bytes of user stack read at once: one read serves the frames above it
+/// (a read costs ~60-100 ns here, whatever its size up to a few hundred bytes).
+const WINDOW_BYTES: u64 = 512;
+const WINDOW_WORDS: usize = WINDOW_BYTES as usize / 8;
+
+/// What the walk in progress keeps from frame to frame, per CPU: the previous
+/// frame's module (a [`ModuleRange`]) and a copy of part of the user stack.
+/// In a map value rather than in [`Walk`] on the probe's stack: the verifier
+/// tracks what the program stores on its stack, and checks the frame callback
+/// again for every new combination it can see there (a module cache in `Walk`
+/// took it from 0.25 to 0.9 of its 1M-instruction budget); map values it does
+/// not track.
+#[repr(C)]
+pub struct WalkScratch {
+    module_start: u64,
+    module_end: u64,
+    module_bias: u64,
+    /// `window_len` bytes of the user stack from `window_start` are in `words`.
+    window_start: u64,
+    window_len: u64,
+    module_table: u32,
+    _pad: u32,
+    words: [u64; WINDOW_WORDS],
+}
+
+#[map]
+pub static UNWIND_SCRATCH: PerCpuArray<WalkScratch> = PerCpuArray::with_max_entries(1, 0);
+
 /// What the walks met, per CPU, by [`UnwindCount`].
 #[map]
 pub static UNWIND_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(UnwindCount::COUNT, 0);
 
-/// Binary search steps: enough for `MAX_MODULES` ranges and for 2^22 rows.
-const MODULE_STEPS: usize = 10;
-const ROW_STEPS: usize = 22;
+/// Binary search steps: enough for `MAX_MODULES` ranges.
+const MODULE_STEPS: u32 = 10;
 
 #[inline(always)]
 fn note(what: UnwindCount) {
     bump(&UNWIND_COUNTS, what as u32);
-}
-
-/// Is `a <= b`, as 0 or 1, without a branch? (Both below 2^63.)
-#[inline(always)]
-fn at_or_below(a: u64, b: u64) -> u64 {
-    (b.wrapping_sub(a) >> 63) ^ 1
-}
-
-/// The index of the last of `count` sorted keys (from `first`) at or below `pc`,
-/// assuming the first is. Branch-free with a fixed number of steps: a search that
-/// branches gives the verifier two paths per step, and it follows them all.
-#[inline(always)]
-fn search(
-    first: u32,
-    count: u32,
-    steps: usize,
-    key_at: impl Fn(u32) -> Option<u64>,
-    pc: u64,
-) -> Option<u32> {
-    let mut base = 0u32;
-    let mut n = count;
-    for _ in 0..steps {
-        let half = n / 2;
-        let key = key_at(first.wrapping_add(base + half))?;
-        base += half * at_or_below(key, pc) as u32;
-        n -= half;
-    }
-    Some(base)
 }
 
 /// The module range holding `pc`, if any.
@@ -106,22 +111,68 @@ fn module_of(slot: ModuleSlot, pc: u64) -> Option<ModuleRange> {
     (range.start <= pc && pc < range.end).then_some(range)
 }
 
-/// The row of `table` that covers module address `pc`, if any.
+/// The row of `table` that covers module address `pc`, if any: among the few
+/// rows the index gives for the pc's bucket (neighbours in the array: a cache
+/// line or two), by [`UnwindTable::find_row`].
 #[inline(always)]
-fn row_of(table: UnwindTable, pc: u32) -> Option<UnwindRow> {
-    if table.rows == 0 || table.rows > 1 << ROW_STEPS {
-        return None;
-    }
-    let pc_of = |i: u32| UNWIND_ROWS.get(i).map(|r| u64::from(r.pc));
-    let i = search(table.first, table.rows, ROW_STEPS, pc_of, u64::from(pc))?;
-    let row = *UNWIND_ROWS.get(table.first.wrapping_add(i))?;
-    (row.pc <= pc).then_some(row)
+fn row_of(table: &UnwindTable, pc: u32) -> Option<UnwindRow> {
+    let entry_at = |i: u32| UNWIND_INDEX.get(i).copied();
+    let pc_at = |i: u32| UNWIND_ROWS.get(i).map(|r| u64::from(r.pc));
+    let i = table.find_row(pc, entry_at, pc_at)?;
+    UNWIND_ROWS.get(i).copied()
 }
 
+/// Makes the walk's window hold the user stack from `lo` up to `hi` (a frame's
+/// slots, at most `WINDOW_BYTES` apart): unless it does already, it is read
+/// again from `lo` on, `WINDOW_BYTES` of it (walks go up the stack, so the frames
+/// above find their slots there too), or, where that fails (the top of the
+/// stack), just `lo..hi`. False when the stack cannot be read.
+#[inline(always)]
+fn fill(sc: *mut WalkScratch, lo: u64, hi: u64) -> bool {
+    let len = hi.wrapping_sub(lo);
+    if len > WINDOW_BYTES {
+        return false;
+    }
+    // SAFETY: this CPU's scratch value, valid and aligned during the run.
+    let sc = unsafe { &mut *sc };
+    if lo.wrapping_sub(sc.window_start) <= sc.window_len.wrapping_sub(len) && len <= sc.window_len {
+        return true;
+    }
+    let words = (&raw mut sc.words).cast::<c_void>();
+    // SAFETY: at most WINDOW_BYTES into the window; the helper checks the user
+    // address and fails cleanly.
+    let read =
+        |size: u64| unsafe { bpf_probe_read_user(words, size as u32, lo as *const c_void) == 0 };
+    let size = if read(WINDOW_BYTES) {
+        WINDOW_BYTES
+    } else if read(len) {
+        len
+    } else {
+        sc.window_len = 0;
+        return false;
+    };
+    sc.window_start = lo;
+    sc.window_len = size;
+    true
+}
+
+/// The user stack word at `addr`, read alone.
 #[inline(always)]
 fn read_user(addr: u64) -> Option<u64> {
-    // SAFETY: the helper checks the user address and fails cleanly.
-    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+    let mut word = 0u64;
+    // SAFETY: 8 bytes into our own variable; the helper checks the user address
+    // and fails cleanly.
+    let failed = unsafe { bpf_probe_read_user((&raw mut word).cast(), 8, addr as *const c_void) };
+    (failed == 0).then_some(word)
+}
+
+/// The user stack word at `addr`, which the window holds (see [`fill`]).
+#[inline(always)]
+fn word(sc: *const WalkScratch, addr: u64) -> Option<u64> {
+    // SAFETY: this CPU's scratch value, valid and aligned during the run.
+    let sc = unsafe { &*sc };
+    let i = (addr.wrapping_sub(sc.window_start) / 8) as usize;
+    (i < WINDOW_WORDS).then(|| sc.words[i])
 }
 
 /// How one frame step ended.
@@ -134,22 +185,39 @@ enum Step {
     Stop(UnwindCount),
 }
 
-/// Unwinds one frame: from `pc` (exact for the first frame, a return address after)
-/// to the caller's registers.
+/// Unwinds one frame of `walk`: from `pc` (exact for the first frame, a return
+/// address after) to the caller's registers.
 #[inline(always)]
-fn step(modules: ModuleSlot, pc: u64, after_first: u64, sp: u64, rbp: u64) -> Step {
+fn step(walk: &Walk, pc: u64, after_first: u64, sp: u64, rbp: u64) -> Step {
     // A return address may point past the last instruction of its function (a
     // call to a noreturn function): look up the call instruction instead. The
     // first frame's pc is exact.
     let lookup = pc.wrapping_sub(after_first);
-    let Some(range) = module_of(modules, lookup) else {
+    let Some(sc) = UNWIND_SCRATCH.get_ptr_mut(0) else {
         return Step::Stop(UnwindCount::NoModule);
     };
-    let offset = lookup.wrapping_sub(range.bias);
+    // Most callers are in the module of their callee: search only when not.
+    // SAFETY: this CPU's scratch value, valid and aligned during the run.
+    let cached = unsafe { (*sc).module_start <= lookup && lookup < (*sc).module_end };
+    if !cached {
+        let Some(range) = module_of(walk.modules, lookup) else {
+            return Step::Stop(UnwindCount::NoModule);
+        };
+        // SAFETY: as above.
+        unsafe {
+            (*sc).module_start = range.start;
+            (*sc).module_end = range.end;
+            (*sc).module_bias = range.bias;
+            (*sc).module_table = range.table;
+        }
+    }
+    // SAFETY: as above.
+    let (bias, table) = unsafe { ((*sc).module_bias, (*sc).module_table) };
+    let offset = lookup.wrapping_sub(bias);
     if offset > u64::from(u32::MAX) {
         return Step::Stop(UnwindCount::NoRule);
     }
-    let Some(table) = UNWIND_TABLES.get(range.table).copied() else {
+    let Some(table) = UNWIND_TABLES.get(table) else {
         return Step::Stop(UnwindCount::NoRule);
     };
     let Some(row) = row_of(table, offset as u32) else {
@@ -162,16 +230,33 @@ fn step(modules: ModuleSlot, pc: u64, after_first: u64, sp: u64, rbp: u64) -> St
         _ => return Step::Stop(UnwindCount::NoRule),
     };
     let cfa = base.wrapping_add(u64::from(row.cfa_offset));
-    let Some(ret) = read_user(cfa.wrapping_sub(8)) else {
+    // The return address is at CFA - 8, the saved rbp (if any) below it: both
+    // from one window, unless rbp was saved too far below (then read alone).
+    let ra_at = cfa.wrapping_sub(8);
+    let rbp_at = cfa.wrapping_add((i64::from(row.rbp_slot) * 8) as u64);
+    let rbp_near = cfa.wrapping_sub(rbp_at).wrapping_sub(1) < WINDOW_BYTES;
+    let lo = if row.rbp_slot != 0 && rbp_near {
+        rbp_at
+    } else {
+        ra_at
+    };
+    // Slots are 8-byte aligned (the ABI aligns the CFA to 16 bytes); the window
+    // is read in words.
+    if (ra_at | lo) & 7 != 0 || !fill(sc, lo, cfa) {
+        return Step::Stop(UnwindCount::ReadFailed);
+    }
+    let Some(ret) = word(sc, ra_at) else {
         return Step::Stop(UnwindCount::ReadFailed);
     };
     let caller_rbp = if row.rbp_slot == 0 {
-        rbp
+        Some(rbp)
+    } else if rbp_near {
+        word(sc, rbp_at)
     } else {
-        match read_user(cfa.wrapping_add((i64::from(row.rbp_slot) * 8) as u64)) {
-            Some(v) => v,
-            None => return Step::Stop(UnwindCount::ReadFailed),
-        }
+        read_user(rbp_at)
+    };
+    let Some(caller_rbp) = caller_rbp else {
+        return Step::Stop(UnwindCount::ReadFailed);
     };
     if ret == 0 {
         return Step::End;
@@ -185,12 +270,12 @@ struct Walk {
     pc: u64,
     sp: u64,
     rbp: u64,
-    tgid: u32,
+    /// The process's code mappings, looked up once a walk.
+    modules: ModuleSlot,
     /// Frames written so far.
     depth: u32,
     /// How the walk ended, an [`UnwindCount`] (`Truncated` until it ends).
     end: u32,
-    _pad: u32,
 }
 
 /// One frame of a walk, run by `bpf_loop`: the verifier checks this body once,
@@ -200,12 +285,6 @@ struct Walk {
 extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: bpf_loop hands back the pointer `capture` gave it: its own Walk.
     let walk = unsafe { &mut *ctx.cast::<Walk>() };
-    let Some(modules) = UNWIND_MODULES.get_ptr(&walk.tgid) else {
-        walk.end = UnwindCount::NoProcess as u32;
-        return 1;
-    };
-    // SAFETY: a map value from get_ptr is valid and aligned during the run.
-    let modules = unsafe { *modules };
     let Some(slot) = UNWIND_FRAMES.get_ptr_mut(walk.depth) else {
         return 1; // UNWIND_DEPTH frames written
     };
@@ -214,7 +293,7 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
     // 0 for the first frame, else 1, without a branch (see `search`).
     let after_first = (u64::from(walk.depth) + 0xffff_ffff) >> 32;
     walk.depth += 1;
-    match step(modules, walk.pc, after_first, walk.sp, walk.rbp) {
+    match step(walk, walk.pc, after_first, walk.sp, walk.rbp) {
         Step::Caller(pc, sp, rbp) => {
             (walk.pc, walk.sp, walk.rbp) = (pc, sp, rbp);
             0
@@ -242,21 +321,32 @@ pub fn capture(regs: &pt_regs, tgid: u32) -> u64 {
         pc: regs.rip,
         sp: regs.rsp,
         rbp: regs.rbp,
-        tgid,
+        modules: ModuleSlot::default(),
         depth: 0,
-        end: UnwindCount::Truncated as u32,
-        _pad: 0,
+        end: UnwindCount::NoProcess as u32,
     };
-    // SAFETY: the callback is a BPF function taking (index, ctx); ctx is our
-    // own stack variable, alive for the whole call.
-    unsafe {
-        bpf_loop(
-            UNWIND_DEPTH as u32,
-            walk_frame as *mut c_void,
-            (&raw mut walk).cast(),
-            0,
-        )
-    };
+    let scratch = UNWIND_SCRATCH.get_ptr_mut(0);
+    if let (Some(modules), Some(sc)) = (UNWIND_MODULES.get_ptr(&tgid), scratch) {
+        // No module and no stack yet.
+        // SAFETY: this CPU's scratch value, valid and aligned during the run.
+        unsafe {
+            (*sc).module_end = 0;
+            (*sc).window_len = 0;
+        }
+        // SAFETY: a map value from get_ptr is valid and aligned during the run.
+        walk.modules = unsafe { *modules };
+        walk.end = UnwindCount::Truncated as u32;
+        // SAFETY: the callback is a BPF function taking (index, ctx); ctx is our
+        // own stack variable, alive for the whole call.
+        unsafe {
+            bpf_loop(
+                UNWIND_DEPTH as u32,
+                walk_frame as *mut c_void,
+                (&raw mut walk).cast(),
+                0,
+            )
+        };
+    }
     // SAFETY: this CPU's scratch value, valid and aligned during the run.
     let frames = unsafe { &mut (*buf).frames };
     for i in 0..UNWIND_DEPTH {

@@ -173,3 +173,34 @@ fn caller_mode_records_the_call_site_only() {
     let chain = leak_of(&run, "chain");
     assert_eq!(functions(chain), ["chain5"], "{chain}");
 }
+
+#[test]
+fn deep_stacks_are_whole_across_stack_reads() {
+    // 32 frames take more of the stack than the unwinder reads at once (512
+    // bytes a read): every frame must still be found, in code without frame
+    // pointers (rsp-based rows) and with them (rbp saved in every frame).
+    util::require_root();
+    let _s = serial();
+    for fixture in ["unwind-loop", "unwind-loop-fp"] {
+        let mut args = FAST.to_vec();
+        args.extend(["--stacks", "dwarf"]);
+        let run = launch(fixture, &["1000", "32", "--leak-one"], &args);
+        let leaks = run.leaks();
+        let leak = leaks
+            .values()
+            .find(|l| l["size"] == 24)
+            .unwrap_or_else(|| panic!("{fixture}: no 24-byte leak; records:\n{:?}", run.records));
+        let names = functions(leak);
+        let descend = names.iter().filter(|n| *n == "descend").count();
+        assert_eq!(names[0], "churn", "{fixture}: {names:?}");
+        assert_eq!(descend, 26, "{fixture}: {names:?}");
+        assert!(names[1..=26].iter().all(|n| n == "descend"), "{names:?}");
+        assert_eq!(names[27], "main", "{fixture}: {names:?}");
+        assert!(after_main_is_start_up(&names), "{fixture}: {names:?}");
+        assert_eq!(
+            names.last().map(String::as_str),
+            Some("_start"),
+            "{names:?}"
+        );
+    }
+}

@@ -521,7 +521,7 @@ pub enum Bench {
     Unwind,
 }
 
-pub fn run(quick: bool, only: &[Bench]) -> anyhow::Result<()> {
+pub fn run(quick: bool, only: &[Bench], against: Option<&Path>) -> anyhow::Result<()> {
     let wanted = |b: Bench| only.is_empty() || only.contains(&b);
     if !util::is_root() {
         bail!("the benchmarks load eBPF programs and need root: run `sudo -E cargo xtask bench`");
@@ -550,7 +550,8 @@ pub fn run(quick: bool, only: &[Bench]) -> anyhow::Result<()> {
         )?;
     }
     if wanted(Bench::Unwind) {
-        unwind(&leaktrace, &fixtures, if quick { 100_000 } else { 300_000 })?;
+        let pairs = if quick { 100_000 } else { 300_000 };
+        unwind(&leaktrace, against, &fixtures, pairs)?;
     }
     Ok(())
 }
@@ -576,8 +577,14 @@ fn program_stats(pid: u32, name: &str) -> anyhow::Result<(u64, u64)> {
 }
 
 /// The allocation probe's run time per call with each way of taking stacks, at
-/// 8, 16 and 32 frames: medians of several runs, side by side.
-fn unwind(leaktrace: &Path, fixtures: &Path, pairs: u64) -> anyhow::Result<()> {
+/// 8, 16 and 32 frames: medians of several runs, side by side; with `against`,
+/// also CFI unwinding with that other binary, for before/after figures.
+fn unwind(
+    leaktrace: &Path,
+    against: Option<&Path>,
+    fixtures: &Path,
+    pairs: u64,
+) -> anyhow::Result<()> {
     step(&format!(
         "stack capture: {pairs} malloc(16)/free pairs, bpf_stats"
     ));
@@ -586,30 +593,37 @@ fn unwind(leaktrace: &Path, fixtures: &Path, pairs: u64) -> anyhow::Result<()> {
     std::fs::write(STATS, "1")?;
     let result = (|| -> anyhow::Result<()> {
         let n = pairs.to_string();
-        // (label, fixture, --stacks)
-        let modes: [(&str, &str, &str); 4] = [
-            ("no stack", "unwind-loop", "caller"),
-            ("fp (built with fp)", "unwind-loop-fp", "fp"),
-            ("dwarf (no fp)", "unwind-loop", "dwarf"),
-            ("dwarf (built with fp)", "unwind-loop-fp", "dwarf"),
+        // (label, binary, fixture, --stacks)
+        let mut modes: Vec<(&str, &Path, &str, &str)> = vec![
+            ("no stack", leaktrace, "unwind-loop", "caller"),
+            ("fp (built with fp)", leaktrace, "unwind-loop-fp", "fp"),
+            ("dwarf (no fp)", leaktrace, "unwind-loop", "dwarf"),
+            (
+                "dwarf (built with fp)",
+                leaktrace,
+                "unwind-loop-fp",
+                "dwarf",
+            ),
         ];
+        if let Some(other) = against {
+            println!("  \"against\": {}", other.display());
+            modes.push(("against: dwarf (no fp)", other, "unwind-loop", "dwarf"));
+        }
         println!(
-            "  alloc_enter run time per call, ns: median [min-max] of 3 runs; frames per dwarf stack"
+            "  alloc_enter run time per call, ns: median [min-max] of 3 interleaved runs; frames per dwarf stack"
         );
         for depth in [8u32, 16, 32] {
             let d = depth.to_string();
             let mut line = format!("  {depth:>2} frames:");
-            let mut medians = Vec::new();
-            for (label, fixture, how) in modes {
-                let mut per_call = Vec::new();
-                let mut frames = 0.0;
-                for _ in 0..3 {
+            // Three rounds, each running every mode once: a slow minute on this
+            // shared machine then weighs on every mode alike.
+            let mut per_call = vec![Vec::new(); modes.len()];
+            let mut frames = vec![0.0; modes.len()];
+            for _ in 0..3 {
+                for (m, &(_, binary, fixture, how)) in modes.iter().enumerate() {
                     let mut f = Fixture::start(&fixtures.join(fixture), &[&n, &d])?;
-                    let t = Tracer::attach(
-                        leaktrace,
-                        f.pid(),
-                        &["--interval", "60s", "--stacks", how],
-                    )?;
+                    let t =
+                        Tracer::attach(binary, f.pid(), &["--interval", "60s", "--stacks", how])?;
                     let start = program_stats(t.child.id(), "alloc_enter")?;
                     f.go()?;
                     f.wait_for("NS_PER_PAIR")?;
@@ -617,21 +631,24 @@ fn unwind(leaktrace: &Path, fixtures: &Path, pairs: u64) -> anyhow::Result<()> {
                     f.finish();
                     let records = t.stop();
                     let calls = end.1.saturating_sub(start.1).max(1);
-                    per_call.push(end.0.saturating_sub(start.0) as f64 / calls as f64);
+                    per_call[m].push(end.0.saturating_sub(start.0) as f64 / calls as f64);
                     if let Some(u) = records
                         .iter()
                         .rfind(|r| r["type"] == "end")
                         .map(|e| &e["unwind"])
                         && let (Some(fr), Some(st)) = (u["frames"].as_u64(), u["stacks"].as_u64())
                     {
-                        frames = fr as f64 / st.max(1) as f64;
+                        frames[m] = fr as f64 / st.max(1) as f64;
                     }
                 }
-                let (median, min, max) = spread(per_call);
+            }
+            let mut medians = Vec::new();
+            for (m, &(label, _, _, how)) in modes.iter().enumerate() {
+                let (median, min, max) = spread(std::mem::take(&mut per_call[m]));
                 medians.push(median);
                 line += &format!("  {label} {median:.0} [{min:.0}-{max:.0}]");
                 if how == "dwarf" {
-                    line += &format!(" ({frames:.1} frames)");
+                    line += &format!(" ({:.1} frames)", frames[m]);
                 }
             }
             let (none, fp, dwarf) = (medians[0], medians[1], medians[2]);
@@ -641,6 +658,13 @@ fn unwind(leaktrace: &Path, fixtures: &Path, pairs: u64) -> anyhow::Result<()> {
                 dwarf - none,
                 (dwarf - none) / (fp - none).max(1.0)
             );
+            if let Some(&other) = medians.get(4) {
+                line += &format!(
+                    "; against: dwarf {:.0} ns = {:.2}x fp",
+                    other - none,
+                    (other - none) / (fp - none).max(1.0)
+                );
+            }
             println!("{line}");
         }
         println!(

@@ -69,6 +69,11 @@ enum Task {
         /// Only these benchmarks (repeatable; all by default).
         #[arg(long, value_enum)]
         only: Vec<bench::Bench>,
+        /// The stack-capture benchmark also runs CFI unwinding with this other
+        /// leaktrace binary (e.g. a copy of an earlier build), interleaved with
+        /// this build's runs: before/after figures from the same minutes.
+        #[arg(long, value_name = "LEAKTRACE")]
+        against: Option<std::path::PathBuf>,
     },
     /// Trace real programs (redis, nginx, sqlite3, hunspell, python3, python3-malloc) in pid and
     /// launch mode under a bounded load, next to valgrind; print a table.
@@ -141,7 +146,11 @@ fn main() {
             no_soak,
             filter,
         } => test(no_lint, no_fuzz, no_soak, filter.as_deref()),
-        Task::Bench { quick, only } => bench::run(quick, &only),
+        Task::Bench {
+            quick,
+            only,
+            against,
+        } => bench::run(quick, &only, against.as_deref()),
         Task::Corpus {
             quick,
             no_install,

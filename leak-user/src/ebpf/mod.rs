@@ -266,6 +266,11 @@ impl Probes {
         let cfi = stack_mode == StackMode::Cfi;
         let mode_tag = stack_mode as u32;
         let unwind_rows = if cfi { options.unwind_rows.max(1) } else { 1 };
+        let unwind_index = if cfi {
+            crate::unwind::index_capacity(unwind_rows)
+        } else {
+            1
+        };
         let unwind_modules = if cfi { 4096 } else { 1 };
         let unwind_ranges = if cfi {
             options.unwind_processes.max(1) * MAX_MODULES as u32
@@ -279,6 +284,7 @@ impl Probes {
             .map_max_entries(names::STACKS, user_stacks)
             .map_max_entries(names::KSTACKS, kernel_stacks)
             .map_max_entries(names::UNWIND_ROWS, unwind_rows)
+            .map_max_entries(names::UNWIND_INDEX, unwind_index)
             .map_max_entries(names::UNWIND_MODULES, unwind_modules)
             .map_max_entries(names::UNWIND_RANGES, unwind_ranges)
             .override_global(names::STACK_MODE, &mode_tag, true)
@@ -585,12 +591,14 @@ impl Probes {
         };
         let rows = take(names::UNWIND_ROWS)?;
         let tables = take(names::UNWIND_TABLES)?;
+        let index = take(names::UNWIND_INDEX)?;
         let modules = take(names::UNWIND_MODULES)?;
         let ranges = take(names::UNWIND_RANGES)?;
         let counts = take(names::UNWIND_COUNTS)?;
         Ok(UnwindMaps {
             rows: Array::try_from(rows).map_err(|e| EbpfError::Map(names::UNWIND_ROWS, e))?,
             tables: Array::try_from(tables).map_err(|e| EbpfError::Map(names::UNWIND_TABLES, e))?,
+            index: Array::try_from(index).map_err(|e| EbpfError::Map(names::UNWIND_INDEX, e))?,
             modules: HashMap::try_from(modules)
                 .map_err(|e| EbpfError::Map(names::UNWIND_MODULES, e))?,
             ranges: Array::try_from(ranges).map_err(|e| EbpfError::Map(names::UNWIND_RANGES, e))?,
@@ -691,29 +699,32 @@ fn prog_info_u64(fd: i32, offset: usize) -> io::Result<u64> {
 pub struct UnwindMaps {
     rows: Array<MapData, UnwindRow>,
     tables: Array<MapData, UnwindTable>,
+    index: Array<MapData, u32>,
     modules: HashMap<MapData, u32, ModuleSlot>,
     ranges: Array<MapData, ModuleRange>,
     counts: PerCpuArray<MapData, u64>,
 }
 
 impl UnwindMaps {
-    /// Writes a table's rows from `first` on, then the table itself (the eBPF side
-    /// only finds the rows through the table, so it never sees half of them).
+    /// Writes a table's rows and index entries, then the table itself (the eBPF
+    /// side only finds them through the table, so it never sees half of them).
     pub fn write_table(
         &mut self,
         id: u32,
-        first: u32,
+        table: UnwindTable,
         rows: &[UnwindRow],
+        index: &[u32],
     ) -> Result<(), EbpfError> {
         for (i, row) in rows.iter().enumerate() {
             self.rows
-                .set(first + i as u32, row, 0)
+                .set(table.first + i as u32, row, 0)
                 .map_err(|e| EbpfError::Map(names::UNWIND_ROWS, e))?;
         }
-        let table = UnwindTable {
-            first,
-            rows: rows.len() as u32,
-        };
+        for (i, entry) in index.iter().enumerate() {
+            self.index
+                .set(table.index + i as u32, entry, 0)
+                .map_err(|e| EbpfError::Map(names::UNWIND_INDEX, e))?;
+        }
         self.tables
             .set(id, table, 0)
             .map_err(|e| EbpfError::Map(names::UNWIND_TABLES, e))

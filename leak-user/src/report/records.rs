@@ -320,9 +320,9 @@ pub struct Stats {
 /// The CFI unwinder in a `stats` record.
 #[derive(Serialize, Clone, Debug, Default)]
 pub struct UnwindStats {
-    /// Bytes of unwind rows loaded, over every module (each file once).
+    /// Bytes of unwind rows and indexes loaded, over every module (each file once).
     pub table_bytes: u64,
-    /// Bytes the kernel preallocated for rows.
+    /// Bytes the kernel preallocated for rows and indexes.
     pub table_capacity_bytes: u64,
     pub modules: Vec<UnwindModule>,
     /// Code files mapped by targets that have no table (no CFI, unreadable, full).
@@ -342,7 +342,10 @@ pub struct UnwindStats {
 pub struct UnwindModule {
     pub path: String,
     pub rows: u32,
+    /// Rows and index.
     pub bytes: u64,
+    /// The index's share of `bytes`.
+    pub index_bytes: u64,
 }
 
 /// One suppression rule that matched, in the end record.

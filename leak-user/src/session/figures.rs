@@ -79,6 +79,7 @@ pub fn unwind_stats(f: &UnwindFigures) -> UnwindStats {
                 path: m.path.display().to_string(),
                 rows: m.rows,
                 bytes: m.bytes,
+                index_bytes: m.index_bytes,
             })
             .collect(),
         modules_without_table: f.modules_without_table,
@@ -108,9 +109,10 @@ mod unwind_tests {
             modules: vec![ModuleFigure {
                 path: PathBuf::from("/lib/libc.so.6"),
                 rows: 3,
-                bytes: 24,
+                bytes: 32,
+                index_bytes: 8,
             }],
-            table_bytes: 24,
+            table_bytes: 32,
             capacity_bytes: 800,
             modules_without_table: 1,
             counts,
