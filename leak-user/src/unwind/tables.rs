@@ -412,6 +412,16 @@ mod tests {
 
     /// Rows as code makes them: functions of varied sizes, prologues and
     /// epilogues a push (1-2 bytes) apart, gaps between functions.
+    /// The row at `pc` of a function that has pushed `pushes` registers.
+    fn after_pushes(pc: u32, pushes: u32) -> UnwindRow {
+        UnwindRow {
+            pc,
+            cfa_offset: 8 + 8 * pushes as u16,
+            cfa_reg: cfa::RSP,
+            rbp_slot: 0,
+        }
+    }
+
     fn realistic_rows(functions: usize, seed: u64) -> Vec<UnwindRow> {
         let mut state = seed;
         let mut next = |n: u32| {
@@ -425,22 +435,12 @@ mod tests {
         for _ in 0..functions {
             let pushes = next(7);
             for p in 0..=pushes {
-                rows.push(UnwindRow {
-                    pc,
-                    cfa_offset: 8 + 8 * p as u16,
-                    cfa_reg: cfa::RSP,
-                    rbp_slot: 0,
-                });
+                rows.push(after_pushes(pc, p));
                 pc += 1 + next(2);
             }
             pc += if next(4) == 0 { next(4000) } else { next(120) };
             for p in (0..pushes).rev() {
-                rows.push(UnwindRow {
-                    pc,
-                    cfa_offset: 8 + 8 * p as u16,
-                    cfa_reg: cfa::RSP,
-                    rbp_slot: 0,
-                });
+                rows.push(after_pushes(pc, p));
                 pc += 1 + next(2);
             }
             pc += 1 + next(40);
