@@ -124,9 +124,12 @@ fn row_of(table: &UnwindTable, pc: u32) -> Option<UnwindRow> {
 
 /// Makes the walk's window hold the user stack from `lo` up to `hi` (a frame's
 /// slots, at most `WINDOW_BYTES` apart): unless it does already, it is read
-/// again from `lo` on, `WINDOW_BYTES` of it (walks go up the stack, so the frames
-/// above find their slots there too), or, where that fails (the top of the
-/// stack), just `lo..hi`. False when the stack cannot be read.
+/// again, `WINDOW_BYTES` of it from `lo` on (walks go up the stack, so the frames
+/// above find their slots there too), or, where that runs past the top of the
+/// stack, the `WINDOW_BYTES` below `hi` (in use or mapped: a thread's stack is one
+/// mapping, the main thread's starts with 128 KiB). Always a constant size:
+/// older verifiers (6.1) lose the bounds of a variable size the compiler kept on
+/// the stack. False when the stack cannot be read.
 #[inline(always)]
 fn fill(sc: *mut WalkScratch, lo: u64, hi: u64) -> bool {
     let len = hi.wrapping_sub(lo);
@@ -139,20 +142,22 @@ fn fill(sc: *mut WalkScratch, lo: u64, hi: u64) -> bool {
         return true;
     }
     let words = (&raw mut sc.words).cast::<c_void>();
-    // SAFETY: at most WINDOW_BYTES into the window; the helper checks the user
-    // address and fails cleanly.
-    let read =
-        |size: u64| unsafe { bpf_probe_read_user(words, size as u32, lo as *const c_void) == 0 };
-    let size = if read(WINDOW_BYTES) {
-        WINDOW_BYTES
-    } else if read(len) {
-        len
+    // SAFETY: WINDOW_BYTES into the window; the helper checks the user address
+    // and fails cleanly.
+    let read = |from: u64| unsafe {
+        bpf_probe_read_user(words, WINDOW_BYTES as u32, from as *const c_void) == 0
+    };
+    let below_hi = hi.wrapping_sub(WINDOW_BYTES);
+    let start = if read(lo) {
+        lo
+    } else if read(below_hi) {
+        below_hi
     } else {
         sc.window_len = 0;
         return false;
     };
-    sc.window_start = lo;
-    sc.window_len = size;
+    sc.window_start = start;
+    sc.window_len = WINDOW_BYTES;
     true
 }
 

@@ -47,8 +47,8 @@ fn leak_of<'a>(run: &'a util::Run, kind: &str) -> &'a Value {
     let truth = util::parse_truth(&run.fixture_stdout);
     let t = truth.iter().find(|t| t.kind == kind).unwrap_or_else(|| {
         panic!(
-            "the fixture printed no {kind} leak:\n{}",
-            run.fixture_stdout
+            "the fixture printed no {kind} leak:\n{}\nleaktrace said:\n{}",
+            run.fixture_stdout, run.stderr
         )
     });
     let leaks = run.leaks();
