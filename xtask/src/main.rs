@@ -237,13 +237,9 @@ fn test(no_lint: bool, no_fuzz: bool, no_soak: bool, filter: Option<&str>) -> an
         "--test-threads=2",
     ];
     args.extend(filter);
-    util::cargo(
-        &args,
-        &[
-            ("LEAKTRACE_FIXTURES", &fixtures::dir().display().to_string()),
-            ("LEAKTRACE_PYTHON", &setup::python().display().to_string()),
-        ],
-    )?;
+    let env = setup::test_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    util::cargo(&args, &env)?;
     if filter.is_none() && !no_fuzz {
         util::step("fuzz (short pass)");
         fuzz::run(CI_FUZZ_SECONDS, &[])?;

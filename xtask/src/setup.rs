@@ -161,6 +161,18 @@ pub fn test_packages() -> anyhow::Result<()> {
     python_reader()
 }
 
+/// What the integration tests are told in their environment, natively and in a
+/// VM: where the fixtures are built, and the Python with the valgrind-XML reader.
+pub fn test_env() -> [(&'static str, String); 2] {
+    [
+        (
+            "LEAKTRACE_FIXTURES",
+            crate::fixtures::dir().display().to_string(),
+        ),
+        ("LEAKTRACE_PYTHON", python().display().to_string()),
+    ]
+}
+
 /// The Python interpreter of the environment that holds the valgrind-XML reader.
 pub fn python() -> PathBuf {
     util::root().join("target/pyenv/bin/python3")

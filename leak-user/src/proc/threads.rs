@@ -49,13 +49,23 @@ pub fn in_exit_group(line: &str) -> bool {
 /// `exit_group`'s number on x86-64, as the syscall file prints it.
 const EXIT_GROUP: &str = "231";
 
+/// Each thread's `/proc/PID/task/TID/syscall` line (`None` where it could not be
+/// read: the thread is gone).
+fn syscall_lines(pid: u32) -> Vec<Option<String>> {
+    list(pid)
+        .unwrap_or_default()
+        .iter()
+        .map(|tid| std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok())
+        .collect()
+}
+
 /// Whether one of the threads of `pid` is in `exit_group`: the process is
 /// exiting (see [`blocked_stack_pointers`]).
 pub fn exiting(pid: u32) -> bool {
-    list(pid).unwrap_or_default().iter().any(|tid| {
-        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall"))
-            .is_ok_and(|line| in_exit_group(&line))
-    })
+    syscall_lines(pid)
+        .iter()
+        .flatten()
+        .any(|l| in_exit_group(l))
 }
 
 /// Stack pointers of the threads that are blocked right now, and whether they
@@ -64,17 +74,14 @@ pub fn exiting(pid: u32) -> bool {
 /// mapped and live until the exit; launch mode holds the process there, at its
 /// exit stop, for the last scan).
 pub fn blocked_stack_pointers(pid: u32) -> (Vec<u64>, bool) {
-    let tids = list(pid).unwrap_or_default();
-    let mut exiting = false;
-    let sps: Vec<u64> = tids
+    let lines = syscall_lines(pid);
+    let sps: Vec<u64> = lines
         .iter()
-        .filter_map(|tid| {
-            let line = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
-            exiting |= in_exit_group(&line);
-            parse_syscall_sp(&line)
-        })
+        .flatten()
+        .filter_map(|l| parse_syscall_sp(l))
         .collect();
-    let all = !tids.is_empty() && sps.len() == tids.len() && !exiting;
+    let exiting = lines.iter().flatten().any(|l| in_exit_group(l));
+    let all = !lines.is_empty() && sps.len() == lines.len() && !exiting;
     (sps, all)
 }
 

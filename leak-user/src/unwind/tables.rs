@@ -91,26 +91,28 @@ impl RowIndex {
     /// index would take more than an entry for every two rows (a quarter of the
     /// rows' bytes), then long ones. No rows, no buckets.
     pub fn build(rows: &[UnwindRow]) -> Option<Self> {
-        let Some(first) = rows.first() else {
+        if rows.is_empty() {
             return Some(Self {
                 base: 0,
                 shift: INDEX_MIN_SHIFT,
                 steps: INDEX_STEPS_SHORT,
                 entries: Vec::new(),
             });
-        };
+        }
         if rows.windows(2).any(|w| w[0].pc >= w[1].pc) {
             return None;
         }
-        let short = Self::with_steps(rows, first.pc, INDEX_STEPS_SHORT)?;
+        let short = Self::with_steps(rows, INDEX_STEPS_SHORT)?;
         if short.entries.len() <= rows.len() / 2 + 2 {
             return Some(short);
         }
-        Self::with_steps(rows, first.pc, INDEX_STEPS_LONG)
+        Self::with_steps(rows, INDEX_STEPS_LONG)
     }
 
-    /// The index with the largest buckets that searches of `steps` cover.
-    fn with_steps(rows: &[UnwindRow], base: u32, steps: u32) -> Option<Self> {
+    /// The index (of rows, at least one) with the largest buckets that searches
+    /// of `steps` cover.
+    fn with_steps(rows: &[UnwindRow], steps: u32) -> Option<Self> {
+        let base = rows[0].pc;
         // A smaller bucket never spans more rows than the one it is part of:
         // the first size that fits, from the largest, is the largest that does.
         (INDEX_MIN_SHIFT..32).rev().find_map(|shift| {
@@ -410,8 +412,6 @@ mod tests {
         assert_eq!(set.index_used(), (7, 8));
     }
 
-    /// Rows as code makes them: functions of varied sizes, prologues and
-    /// epilogues a push (1-2 bytes) apart, gaps between functions.
     /// The row at `pc` of a function that has pushed `pushes` registers.
     fn after_pushes(pc: u32, pushes: u32) -> UnwindRow {
         UnwindRow {
@@ -422,6 +422,8 @@ mod tests {
         }
     }
 
+    /// Rows as code makes them: functions of varied sizes, prologues and
+    /// epilogues a push (1-2 bytes) apart, gaps between functions.
     fn realistic_rows(functions: usize, seed: u64) -> Vec<UnwindRow> {
         let mut state = seed;
         let mut next = |n: u32| {
@@ -547,7 +549,7 @@ mod tests {
             if index.steps == INDEX_STEPS_SHORT {
                 assert!(index.entries.len() <= rows / 2 + 2, "{path}");
             } else {
-                let short = RowIndex::with_steps(&cfi.rows, index.base, INDEX_STEPS_SHORT);
+                let short = RowIndex::with_steps(&cfi.rows, INDEX_STEPS_SHORT);
                 assert!(short.unwrap().entries.len() > rows / 2 + 2, "{path}");
                 assert!(index.entries.len() < rows / 4, "{path}");
             }

@@ -485,7 +485,7 @@ impl UserSession {
             if let Err(err) = self.attach_plan(pid, &maps, plan) {
                 // Undo what was attached, and try again at the next poll.
                 log::warn!("pid {pid}: cannot trace it (yet): {err:#}");
-                let _ = self.discovery.failed(pid);
+                self.discovery.failed(pid);
                 if let Some(target) = self.targets.remove(&pid) {
                     self.probes.remove_hints(pid, &target.hints);
                     self.probes.detach_process(pid);
