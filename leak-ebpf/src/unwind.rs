@@ -76,7 +76,8 @@ pub struct WalkScratch {
     module_start: u64,
     module_end: u64,
     module_bias: u64,
-    /// `window_len` bytes of the user stack from `window_start` are in `words`.
+    /// The user stack from `window_start` is in `words` (`WINDOW_BYTES` of it),
+    /// unless `window_len` is 0 (nothing read yet this walk).
     window_start: u64,
     window_len: u64,
     module_table: u32,
@@ -138,7 +139,7 @@ fn fill(sc: *mut WalkScratch, lo: u64, hi: u64) -> bool {
     }
     // SAFETY: this CPU's scratch value, valid and aligned during the run.
     let sc = unsafe { &mut *sc };
-    if lo.wrapping_sub(sc.window_start) <= sc.window_len.wrapping_sub(len) && len <= sc.window_len {
+    if sc.window_len != 0 && lo.wrapping_sub(sc.window_start) <= WINDOW_BYTES - len {
         return true;
     }
     let words = (&raw mut sc.words).cast::<c_void>();
@@ -190,10 +191,11 @@ enum Step {
     Stop(UnwindCount),
 }
 
-/// Unwinds one frame of `walk`: from `pc` (exact for the first frame, a return
-/// address after) to the caller's registers.
+/// Unwinds one frame of `walk`: from its pc (exact for the first frame, a return
+/// address after: `after_first` is 1 then) to the caller's registers.
 #[inline(always)]
-fn step(walk: &Walk, pc: u64, after_first: u64, sp: u64, rbp: u64) -> Step {
+fn step(walk: &Walk, after_first: u64) -> Step {
+    let (pc, sp, rbp) = (walk.pc, walk.sp, walk.rbp);
     // A return address may point past the last instruction of its function (a
     // call to a noreturn function): look up the call instruction instead. The
     // first frame's pc is exact.
@@ -298,7 +300,7 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
     // 0 for the first frame, else 1, without a branch (see `search`).
     let after_first = (u64::from(walk.depth) + 0xffff_ffff) >> 32;
     walk.depth += 1;
-    match step(walk, walk.pc, after_first, walk.sp, walk.rbp) {
+    match step(walk, after_first) {
         Step::Caller(pc, sp, rbp) => {
             (walk.pc, walk.sp, walk.rbp) = (pc, sp, rbp);
             0
