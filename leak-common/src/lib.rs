@@ -74,6 +74,9 @@ pub mod names {
     pub const UNWIND_RANGES: &str = "UNWIND_RANGES";
     /// Per-CPU counters of the unwinder, indexed by [`super::UnwindCount`].
     pub const UNWIND_COUNTS: &str = "UNWIND_COUNTS";
+    /// Bumped whenever tables, module lists or wrapper hints change: retires the
+    /// walks the allocation probe remembered (one u64).
+    pub const MEMO_EPOCH: &str = "MEMO_EPOCH";
 }
 
 /// The signal the entry-point probe sends to hold a launched command at its entry
@@ -298,10 +301,13 @@ pub enum UnwindCount {
     Truncated = 6,
     /// Processes with no module list at all (their tables are not loaded yet).
     NoProcess = 7,
+    /// Stacks not walked: the stack still held every word an earlier walk from the
+    /// same registers had read, so its result was reused (see the eBPF `memo`).
+    Reused = 8,
 }
 
 impl UnwindCount {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Tags the first `u32` of every ring-buffer record.

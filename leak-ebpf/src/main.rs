@@ -13,6 +13,8 @@
 //! * `probes::mapping` — mmap/mremap/munmap/brk, to know which memory the allocator owns
 //! * `probes::kmem`    — kernel slab mode (kmalloc, kmem_cache_alloc and their frees)
 //! * `unwind`          — user stacks walked with the daemon's CFI tables (no frame pointers needed)
+//! * `site`            — an allocation's stack and call site; a walk is reused while the stack
+//!   still holds every word it read
 //! * `calls`           — each thread's allocator call between entry and return
 //!   (task-local storage, or a hash map by tid where the kernel refuses it)
 //!
@@ -29,6 +31,8 @@ mod maps;
 mod probes;
 #[cfg(target_arch = "bpf")]
 mod record;
+#[cfg(target_arch = "bpf")]
+mod site;
 #[cfg(target_arch = "bpf")]
 mod unwind;
 

@@ -65,7 +65,8 @@ const WINDOW_BYTES: u64 = 512;
 const WINDOW_WORDS: usize = WINDOW_BYTES as usize / 8;
 
 /// What the walk in progress keeps from frame to frame, per CPU: the previous
-/// frame's module (a [`ModuleRange`]) and a copy of part of the user stack.
+/// frame's module (a [`ModuleRange`]), a copy of part of the user stack, and the
+/// stack words the walk read (for `site.rs`).
 /// In a map value rather than in [`Walk`] on the probe's stack: the verifier
 /// tracks what the program stores on its stack, and checks the frame callback
 /// again for every new combination it can see there (a module cache in `Walk`
@@ -81,9 +82,31 @@ pub struct WalkScratch {
     window_start: u64,
     window_len: u64,
     module_table: u32,
+    /// 1 while the walk's rbp is still the probe's register (no frame has
+    /// restored a saved one yet).
+    rbp_from_regs: u32,
+    /// The stack pointer at the probe: read offsets are relative to it.
+    entry_sp: u64,
+    /// Stack words read so far; more than `MEMO_WORDS` when the walk cannot be
+    /// remembered (too many words, or one could not be read). A u64: as a u32,
+    /// the compiler bounds-checked one zero-extended copy and indexed with
+    /// another, which the verifier refuses.
+    pub read_count: u64,
+    /// 1 when a CFA was computed from the probe's own rbp.
+    pub uses_rbp: u32,
     _pad: u32,
+    pub read_offsets: [u32; MEMO_WORDS],
+    pub read_values: [u64; MEMO_WORDS],
     words: [u64; WINDOW_WORDS],
 }
+
+/// Stack words a walk may read and still be remembered (`site.rs`): at most two
+/// per frame (return address, saved rbp) of `UNWIND_DEPTH` frames, and the call
+/// site's words (the return address, one per wrapper followed).
+pub const MEMO_WORDS: usize = 72;
+
+/// `read_count` of a walk that cannot be remembered.
+const UNREMEMBERED: u64 = MEMO_WORDS as u64 + 1;
 
 #[map]
 pub static UNWIND_SCRATCH: PerCpuArray<WalkScratch> = PerCpuArray::with_max_entries(1, 0);
@@ -132,7 +155,7 @@ fn row_of(table: &UnwindTable, pc: u32) -> Option<UnwindRow> {
 /// older verifiers (6.1) lose the bounds of a variable size the compiler kept on
 /// the stack. False when the stack cannot be read.
 #[inline(always)]
-fn fill(sc: *mut WalkScratch, lo: u64, hi: u64) -> bool {
+pub fn fill(sc: *mut WalkScratch, lo: u64, hi: u64) -> bool {
     let len = hi.wrapping_sub(lo);
     if len > WINDOW_BYTES {
         return false;
@@ -174,11 +197,57 @@ fn read_user(addr: u64) -> Option<u64> {
 
 /// The user stack word at `addr`, which the window holds (see [`fill`]).
 #[inline(always)]
-fn word(sc: *const WalkScratch, addr: u64) -> Option<u64> {
+pub fn word(sc: *const WalkScratch, addr: u64) -> Option<u64> {
     // SAFETY: this CPU's scratch value, valid and aligned during the run.
     let sc = unsafe { &*sc };
     let i = (addr.wrapping_sub(sc.window_start) / 8) as usize;
     (i < WINDOW_WORDS).then(|| sc.words[i])
+}
+
+/// Notes that the walk read `value` at `addr` (see `site.rs`).
+#[inline(always)]
+pub fn remember(sc: *mut WalkScratch, addr: u64, value: u64) {
+    // SAFETY: this CPU's scratch value, valid and aligned during the run.
+    let sc = unsafe { &mut *sc };
+    let n = sc.read_count;
+    let offset = addr.wrapping_sub(sc.entry_sp);
+    if n as usize >= MEMO_WORDS || offset > u64::from(u32::MAX) {
+        sc.read_count = UNREMEMBERED;
+        return;
+    }
+    sc.read_offsets[n as usize] = offset as u32;
+    sc.read_values[n as usize] = value;
+    sc.read_count = n + 1;
+}
+
+/// The walk's result depends on more than the words it read: never reuse it.
+#[inline(always)]
+pub fn unrememberable(sc: *mut WalkScratch) {
+    // SAFETY: this CPU's scratch value, valid and aligned during the run.
+    unsafe { (*sc).read_count = UNREMEMBERED };
+}
+
+/// This CPU's scratch.
+#[inline(always)]
+pub fn scratch() -> Option<*mut WalkScratch> {
+    UNWIND_SCRATCH.get_ptr_mut(0)
+}
+
+/// The scratch, ready for a walk from stack pointer `sp`: no module, no stack
+/// window, no words read.
+#[inline(always)]
+pub fn begin(sp: u64) -> Option<*mut WalkScratch> {
+    let sc = UNWIND_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch value, valid and aligned during the run.
+    unsafe {
+        (*sc).module_end = 0;
+        (*sc).window_len = 0;
+        (*sc).entry_sp = sp;
+        (*sc).read_count = 0;
+        (*sc).rbp_from_regs = 1;
+        (*sc).uses_rbp = 0;
+    }
+    Some(sc)
 }
 
 /// How one frame step ended.
@@ -232,7 +301,11 @@ fn step(walk: &Walk, after_first: u64) -> Step {
     };
     let base = match row.cfa_reg {
         cfa::RSP => sp,
-        cfa::RBP => rbp,
+        cfa::RBP => {
+            // SAFETY: as above.
+            unsafe { (*sc).uses_rbp |= (*sc).rbp_from_regs };
+            rbp
+        }
         cfa::END => return Step::End,
         _ => return Step::Stop(UnwindCount::NoRule),
     };
@@ -250,11 +323,14 @@ fn step(walk: &Walk, after_first: u64) -> Step {
     // Slots are 8-byte aligned (the ABI aligns the CFA to 16 bytes); the window
     // is read in words.
     if (ra_at | lo) & 7 != 0 || !fill(sc, lo, cfa) {
+        unrememberable(sc);
         return Step::Stop(UnwindCount::ReadFailed);
     }
     let Some(ret) = word(sc, ra_at) else {
+        unrememberable(sc);
         return Step::Stop(UnwindCount::ReadFailed);
     };
+    remember(sc, ra_at, ret);
     let caller_rbp = if row.rbp_slot == 0 {
         Some(rbp)
     } else if rbp_near {
@@ -263,8 +339,14 @@ fn step(walk: &Walk, after_first: u64) -> Step {
         read_user(rbp_at)
     };
     let Some(caller_rbp) = caller_rbp else {
+        unrememberable(sc);
         return Step::Stop(UnwindCount::ReadFailed);
     };
+    if row.rbp_slot != 0 {
+        remember(sc, rbp_at, caller_rbp);
+        // SAFETY: as above.
+        unsafe { (*sc).rbp_from_regs = 0 };
+    }
     if ret == 0 {
         return Step::End;
     }
@@ -318,8 +400,9 @@ extern "C" fn walk_frame(_index: u64, ctx: *mut c_void) -> i64 {
 
 /// Walks the user stack of `tgid` from the probe's registers and stores it in
 /// `STACKS`; returns its key, or 0 when nothing could be stored (counted).
+/// `sc` is the scratch from [`begin`], for these registers.
 #[inline(always)]
-pub fn capture(regs: &pt_regs, tgid: u32) -> u64 {
+pub fn capture(regs: &pt_regs, tgid: u32, sc: *mut WalkScratch) -> u64 {
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
@@ -332,14 +415,7 @@ pub fn capture(regs: &pt_regs, tgid: u32) -> u64 {
         depth: 0,
         end: UnwindCount::NoProcess as u32,
     };
-    let scratch = UNWIND_SCRATCH.get_ptr_mut(0);
-    if let (Some(modules), Some(sc)) = (UNWIND_MODULES.get_ptr(&tgid), scratch) {
-        // No module and no stack yet.
-        // SAFETY: this CPU's scratch value, valid and aligned during the run.
-        unsafe {
-            (*sc).module_end = 0;
-            (*sc).window_len = 0;
-        }
+    if let Some(modules) = UNWIND_MODULES.get_ptr(&tgid) {
         // SAFETY: a map value from get_ptr is valid and aligned during the run.
         walk.modules = unsafe { *modules };
         walk.end = UnwindCount::Truncated as u32;
@@ -353,6 +429,9 @@ pub fn capture(regs: &pt_regs, tgid: u32) -> u64 {
                 0,
             )
         };
+    } else {
+        // The tables are on their way: do not remember a stack of one frame.
+        unrememberable(sc);
     }
     // SAFETY: this CPU's scratch value, valid and aligned during the run.
     let frames = unsafe { &mut (*buf).frames };

@@ -204,3 +204,28 @@ fn deep_stacks_are_whole_across_stack_reads() {
         );
     }
 }
+
+#[test]
+fn a_walk_is_reused_only_while_the_stack_holds_what_it_read() {
+    // The twins reach malloc on one stack pointer with one return address, from
+    // two callers: in runs of 32, then in turn. The probe may reuse a walk (it
+    // must, or the default mode costs a walk per call), but each twin's leak
+    // keeps its own caller.
+    util::require_root();
+    let _s = serial();
+    let mut args = FAST.to_vec();
+    args.extend(["--stacks", "dwarf"]);
+    let run = launch("unwind", &["--hold-ms", "800"], &args);
+    for twin in ["twin_a", "twin_b"] {
+        let leak = leak_of(&run, twin);
+        let own = own_functions(leak);
+        assert_eq!(own[..2], ["twin_leaf", twin], "{leak}");
+        assert_eq!(own.last().map(String::as_str), Some("main"), "{leak}");
+        assert!(after_main_is_start_up(&functions(leak)), "{leak}");
+    }
+    let unwind = &run.end()["unwind"];
+    // Of the 128 twin calls, all but the first of each twin repeat a walk
+    // (two ways of one memo set hold both).
+    let reused = unwind["reused"].as_u64().unwrap();
+    assert!(reused >= 100, "{unwind}");
+}

@@ -8,23 +8,18 @@
 //! (or tail) call runs on a stack pointer at or below the outer call's one.
 
 use aya_ebpf::{
-    EbpfContext as _,
-    helpers::{bpf_probe_read_user, generated::bpf_get_attach_cookie},
-    macros::uprobe,
+    EbpfContext as _, helpers::generated::bpf_get_attach_cookie, macros::uprobe,
     programs::ProbeContext,
 };
 use aya_log_ebpf::debug;
-use leak_common::{
-    AllocFn, HINT_OPERATOR_NEW, HintKey, Loss, MAX_WRAPPER_DEPTH, PendingCall, RecordKind,
-    UserRecord,
-};
+use leak_common::{AllocFn, Loss, PendingCall, RecordKind, UserRecord};
 
 use super::regs;
 use crate::{
     calls,
-    maps::{HINTS, STACKS, capture_stacks, cfi_stacks, scoped_probes},
-    record::{USER_STACK, capture_stack, count, current_ids, emit, is_target, now_ns},
-    unwind,
+    maps::{capture_stacks, cfi_stacks, scoped_probes},
+    record::{count, current_ids, emit, is_target, now_ns},
+    site,
 };
 
 const CALLOC: u32 = AllocFn::Calloc as u32;
@@ -59,39 +54,6 @@ fn mul_or_max(a: u64, b: u64) -> u64 {
     let shifted = high << 32;
     let sum = shifted.wrapping_add((big & 0xffff_ffff) * small);
     if sum < shifted { u64::MAX } else { sum }
-}
-
-/// At the allocator's first instruction the return address is on top of the stack:
-/// it is the allocating call site, which frame-pointer walks often miss. When it
-/// lies in an allocation wrapper (operator new, strdup), the daemon has told us where
-/// that wrapper's own return address is: follow it, a few wrappers deep. Returns
-/// the call site and whether one of the wrappers was `operator new`.
-#[inline(always)]
-fn allocating_call_site(tgid: u32, sp: u64) -> (u64, bool) {
-    let mut slot = sp;
-    let mut via_new = false;
-    // SAFETY: the helper checks the user address and fails cleanly.
-    let mut caller = unsafe { bpf_probe_read_user(slot as *const u64) }.unwrap_or(0);
-    for _ in 0..MAX_WRAPPER_DEPTH {
-        let key = HintKey {
-            tgid,
-            _pad: 0,
-            ret: caller,
-        };
-        let Some(offset) = HINTS.get_ptr(&key) else {
-            break;
-        };
-        // SAFETY: a map value from get_ptr is valid and aligned during the run.
-        let hint = unsafe { *offset };
-        via_new |= hint & HINT_OPERATOR_NEW != 0;
-        slot += u64::from(hint & !HINT_OPERATOR_NEW);
-        // SAFETY: the helper checks the user address and fails cleanly.
-        match unsafe { bpf_probe_read_user(slot as *const u64) } {
-            Ok(up) => caller = up,
-            Err(_) => break,
-        }
-    }
-    (caller, via_new)
 }
 
 fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
@@ -137,16 +99,14 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
         // malloc, valloc, pvalloc, operator new (plain and aligned): size first.
         _ => call.size = a0,
     }
-    if capture_stacks() {
-        call.stack_id = if cfi_stacks() {
-            unwind::capture(r, tgid)
-        } else {
-            capture_stack(ctx, &STACKS, USER_STACK)
-        };
-    }
-    let (caller, via_new) = allocating_call_site(tgid, sp);
-    call.caller = caller;
-    call.via_new = u32::from(via_new);
+    let site = if capture_stacks() && cfi_stacks() {
+        site::by_cfi(r, tgid)
+    } else {
+        site::by_frame_pointers(ctx, tgid, sp, capture_stacks())
+    };
+    call.stack_id = site.stack_id;
+    call.caller = site.caller;
+    call.via_new = u32::from(site.via_new);
     if entry.begin(&call).is_err() {
         count(Loss::CallsFull);
         return Err(());

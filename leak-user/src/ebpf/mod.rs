@@ -27,6 +27,9 @@ use leak_common::{
 
 use crate::allocator::HookPlan;
 
+mod epoch;
+pub use epoch::MemoEpoch;
+
 /// The eBPF object built by `leak-user/build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace-ebpf"));
 
@@ -126,6 +129,7 @@ pub struct Probes {
     /// Uprobe links per target (or 0 for all-process links).
     uprobe_links: Vec<(u32, &'static str, UProbeLinkId)>,
     loaded: Vec<&'static str>,
+    memo_epoch: MemoEpoch,
 }
 
 fn check_environment() -> Result<(), EbpfError> {
@@ -314,7 +318,11 @@ impl Probes {
                 None
             }
         };
+        let epoch = ebpf
+            .take_map(names::MEMO_EPOCH)
+            .expect("the object defines MEMO_EPOCH");
         let mut probes = Self {
+            memo_epoch: MemoEpoch::new(epoch)?,
             ebpf,
             _logger: logger,
             tracefs: tracefs.to_owned(),
@@ -508,6 +516,7 @@ impl Probes {
             map.insert(key, offset, 0)
                 .map_err(|e| EbpfError::Map(names::HINTS, e))?;
         }
+        self.memo_epoch.bump();
         Ok(())
     }
 
@@ -525,6 +534,7 @@ impl Probes {
                 ret,
             });
         }
+        self.memo_epoch.bump();
     }
 
     /// Kernel mode `--cgroup`: trace these cgroup ids.
@@ -604,6 +614,7 @@ impl Probes {
             ranges: Array::try_from(ranges).map_err(|e| EbpfError::Map(names::UNWIND_RANGES, e))?,
             counts: PerCpuArray::try_from(counts)
                 .map_err(|e| EbpfError::Map(names::UNWIND_COUNTS, e))?,
+            epoch: self.memo_epoch.duplicate()?,
         })
     }
 
@@ -703,6 +714,7 @@ pub struct UnwindMaps {
     modules: HashMap<MapData, u32, ModuleSlot>,
     ranges: Array<MapData, ModuleRange>,
     counts: PerCpuArray<MapData, u64>,
+    epoch: MemoEpoch,
 }
 
 impl UnwindMaps {
@@ -727,7 +739,9 @@ impl UnwindMaps {
         }
         self.tables
             .set(id, table, 0)
-            .map_err(|e| EbpfError::Map(names::UNWIND_TABLES, e))
+            .map_err(|e| EbpfError::Map(names::UNWIND_TABLES, e))?;
+        self.epoch.bump();
+        Ok(())
     }
 
     /// Replaces the code mappings of `tgid`, kept in process slot `slot` (the
@@ -751,11 +765,14 @@ impl UnwindMaps {
         };
         self.modules
             .insert(tgid, value, 0)
-            .map_err(|e| EbpfError::Map(names::UNWIND_MODULES, e))
+            .map_err(|e| EbpfError::Map(names::UNWIND_MODULES, e))?;
+        self.epoch.bump();
+        Ok(())
     }
 
     pub fn remove_modules(&mut self, tgid: u32) {
         let _ = self.modules.remove(&tgid);
+        self.epoch.bump();
     }
 
     /// The walks' counters summed over CPUs, by [`leak_common::UnwindCount`].

@@ -327,7 +327,11 @@ pub struct UnwindStats {
     pub modules: Vec<UnwindModule>,
     /// Code files mapped by targets that have no table (no CFI, unreadable, full).
     pub modules_without_table: u64,
+    /// Stacks walked.
     pub stacks: u64,
+    /// Stacks not walked: the stack still held every word an earlier walk from
+    /// the same registers had read, and its result was reused.
+    pub reused: u64,
     pub frames: u64,
     /// Walks that reached the outermost frame.
     pub complete: u64,

@@ -84,6 +84,7 @@ pub fn unwind_stats(f: &UnwindFigures) -> UnwindStats {
             .collect(),
         modules_without_table: f.modules_without_table,
         stacks: count(UnwindCount::Stacks),
+        reused: count(UnwindCount::Reused),
         frames: count(UnwindCount::Frames),
         complete: count(UnwindCount::Complete),
         truncated: count(UnwindCount::Truncated),
