@@ -130,6 +130,8 @@ pub struct Probes {
     uprobe_links: Vec<(u32, &'static str, UProbeLinkId)>,
     loaded: Vec<&'static str>,
     memo_epoch: MemoEpoch,
+    /// Held until the first attach is done (`started`): see `teardown.rs`.
+    startup: Option<teardown::StartupLock>,
 }
 
 fn check_environment() -> Result<(), EbpfError> {
@@ -187,6 +189,7 @@ impl Probes {
     /// `stack_mode` says which walk runs.
     pub fn load(options: &LoadOptions) -> Result<Self, EbpfError> {
         check_environment()?;
+        let startup = teardown::StartupLock::take();
         let tracefs = tracefs::ensure_mounted()?;
         let layout = tracefs::layout(&tracefs);
         let cfi = options.stack_mode == StackMode::Cfi
@@ -212,7 +215,8 @@ impl Probes {
                     ..options.clone()
                 };
                 match Self::load_with(&attempt, &tracefs, layout, task_calls) {
-                    Ok(probes) => {
+                    Ok(mut probes) => {
+                        probes.startup = Some(startup);
                         if let Some(err) = cfi_err.filter(|_| stack_mode != options.stack_mode) {
                             log::warn!(
                                 "the CFI unwinder cannot load here ({err}); stacks use frame \
@@ -323,6 +327,7 @@ impl Probes {
             .expect("the object defines MEMO_EPOCH");
         let mut probes = Self {
             memo_epoch: MemoEpoch::new(epoch)?,
+            startup: None,
             ebpf,
             _logger: logger,
             tracefs: tracefs.to_owned(),
@@ -337,6 +342,11 @@ impl Probes {
             probes.program::<UProbe>("alloc_enter")?;
         }
         Ok(probes)
+    }
+
+    /// The first attach is done: other runs' releases may go on (`teardown.rs`).
+    pub fn started(&mut self) {
+        self.startup = None;
     }
 
     /// The aya-log reader, to poll so that eBPF log lines reach the terminal.

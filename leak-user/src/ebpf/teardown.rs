@@ -9,10 +9,66 @@
 //! end of a run a forked child inherits every descriptor and closes them after we
 //! have exited: our exit only drops references, and whoever waits for us is not
 //! kept waiting for the kernel's bookkeeping.
+//!
+//! That bookkeeping holds the kernel's trace-event mutex through its grace periods
+//! (destroying a uprobe's or a tracepoint's perf event), and every start of
+//! leaktrace needs that mutex too: to read tracepoint formats, to create each perf
+//! event. Runs started one after the other (a leak check per test of a suite) met
+//! their predecessors' releases and took 1–6 s to start instead of 0.2 s. So
+//! starting runs hold [`StartupLock`] shared while they load and attach; before
+//! each descriptor it closes, the released child waits until no start holds it
+//! (taking it exclusively and letting go at once: holding it through the close
+//! let the child win every race for it and starve the start), and the released
+//! children of several runs take turns. A start thus waits for at most one close
+//! in progress.
+
+use std::{ffi::CString, fs::File, os::fd::AsRawFd as _};
 
 use aya::programs::{UProbe, uprobe::UProbeLinkId};
 
 use super::Probes;
+
+/// Where the locks live (`name`: startup, release): shared by every leaktrace on
+/// the machine.
+fn lock_path(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new("/run/lock");
+    let dir = if dir.is_dir() {
+        dir.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    dir.join(format!("leaktrace-{name}.lock"))
+}
+
+/// Opens (creating it, open to every user: a start with CAP_BPF may run as
+/// anyone) a lock file.
+fn open_lock(name: &str) -> Option<File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path(name))
+        .ok()?;
+    let _ = file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    Some(file)
+}
+
+/// Held (shared) from loading the programs to the end of the first attach; see
+/// the module's header. Released when dropped. Without the lock file (a
+/// read-only /run/lock and temp dir) starts just do not wait for anyone.
+pub struct StartupLock {
+    _file: Option<File>,
+}
+
+impl StartupLock {
+    pub fn take() -> Self {
+        let file = open_lock("startup").filter(|file| {
+            // SAFETY: flock on a descriptor we own.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH) == 0 }
+        });
+        Self { _file: file }
+    }
+}
 
 /// How long a target's links wait before they are closed.
 const RELEASE_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -44,10 +100,25 @@ pub fn release_after_exit() {
         return;
     }
     let [read_end, write_end] = fds;
-    // SAFETY: the child only makes async-signal-safe calls (close, read, _exit).
+    // Everything the child needs is made before the fork: after it, in a copy of a
+    // multi-threaded process, only async-signal-safe calls are allowed.
+    let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|fd| *fd > 2 && *fd != read_end && *fd != write_end)
+                .collect()
+        })
+        .unwrap_or_default();
+    // Opened by the child (its own lock, not one shared with this process).
+    let startup = CString::new(lock_path("startup").into_os_string().into_encoded_bytes()).ok();
+    let release = open_lock("release");
+    let release_fd = release.as_ref().map_or(-1, |f| f.as_raw_fd());
+    // SAFETY: the child only makes async-signal-safe calls (close, read, open,
+    // flock, _exit) on memory allocated before the fork.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        // SAFETY: closing descriptors of this child, reading into a valid byte, exiting.
+        // SAFETY: closing descriptors of this child, reading into a valid byte,
+        // opening a path from a valid C string, locking, exiting.
         unsafe {
             // Whoever reads our output or waits for our pipes must see them close.
             for fd in [0, 1, 2, write_end] {
@@ -56,9 +127,29 @@ pub fn release_after_exit() {
             let mut byte = 0u8;
             // Returns (end of file) when the parent has exited.
             while libc::read(read_end, (&raw mut byte).cast(), 1) < 0 {}
+            let startup = startup.map_or(-1, |path| {
+                libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC)
+            });
+            // One run's release at a time.
+            if release_fd >= 0 {
+                libc::flock(release_fd, libc::LOCK_EX);
+            }
+            // The last references: each close may wait out grace periods holding
+            // the kernel's trace-event mutex. Newest first (links before the
+            // programs and maps they hold), each once no start is under way.
+            for &fd in open.iter().rev() {
+                if fd == startup || fd == release_fd {
+                    continue;
+                }
+                if startup >= 0 && libc::flock(startup, libc::LOCK_EX) == 0 {
+                    libc::flock(startup, libc::LOCK_UN);
+                }
+                libc::close(fd);
+            }
             libc::_exit(0);
         }
     }
+    drop(release);
     // SAFETY: closing our copy of the read end; the write end stays open until we
     // exit (and is closed on exec, should anything exec).
     unsafe { libc::close(read_end) };

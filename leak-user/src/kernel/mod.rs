@@ -119,6 +119,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let started = Instant::now();
     let mut probes = load(&config, &k, cgroups.as_deref())?;
     let free_probes = attach(&mut probes, &k)?;
+    probes.started();
     if let Some(logger) = probes.take_logger() {
         spawn_logger(logger);
     }

@@ -259,6 +259,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         crate::ebpf::teardown::release_after_exit();
         return Err(err);
     }
+    session.probes.started();
     session.reporter.begin();
     let keys = match session.config.output.live {
         Some(output) => {
