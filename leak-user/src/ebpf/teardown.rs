@@ -22,7 +22,12 @@
 //! children of several runs take turns. A start thus waits for at most one close
 //! in progress.
 
-use std::{ffi::CString, fs::File, os::fd::AsRawFd as _};
+use std::{
+    ffi::CString,
+    fs::File,
+    os::fd::AsRawFd as _,
+    sync::atomic::{AtomicI32, Ordering},
+};
 
 use aya::programs::{UProbe, uprobe::UProbeLinkId};
 
@@ -57,8 +62,13 @@ fn open_lock(name: &str) -> Option<File> {
 /// the module's header. Released when dropped. Without the lock file (a
 /// read-only /run/lock and temp dir) starts just do not wait for anyone.
 pub struct StartupLock {
-    _file: Option<File>,
+    file: Option<File>,
 }
+
+/// The descriptor of the [`StartupLock`] this process holds, or -1: a released
+/// child that inherits it (a run that ended before its first attach did) must
+/// let it go before waiting for starts, or it would wait for itself.
+static HELD_STARTUP_FD: AtomicI32 = AtomicI32::new(-1);
 
 impl StartupLock {
     pub fn take() -> Self {
@@ -66,7 +76,18 @@ impl StartupLock {
             // SAFETY: flock on a descriptor we own.
             unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH) == 0 }
         });
-        Self { _file: file }
+        if let Some(f) = &file {
+            HELD_STARTUP_FD.store(f.as_raw_fd(), Ordering::Relaxed);
+        }
+        Self { file }
+    }
+}
+
+impl Drop for StartupLock {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            HELD_STARTUP_FD.store(-1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -127,6 +148,11 @@ pub fn release_after_exit() {
             let mut byte = 0u8;
             // Returns (end of file) when the parent has exited.
             while libc::read(read_end, (&raw mut byte).cast(), 1) < 0 {}
+            // An inherited start's lock first: we are about to wait for starts.
+            let inherited = HELD_STARTUP_FD.load(Ordering::Relaxed);
+            if inherited >= 0 {
+                libc::close(inherited);
+            }
             let startup = startup.map_or(-1, |path| {
                 libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC)
             });
@@ -138,7 +164,7 @@ pub fn release_after_exit() {
             // the kernel's trace-event mutex. Newest first (links before the
             // programs and maps they hold), each once no start is under way.
             for &fd in open.iter().rev() {
-                if fd == startup || fd == release_fd {
+                if fd == startup || fd == release_fd || fd == inherited {
                     continue;
                 }
                 if startup >= 0 && libc::flock(startup, libc::LOCK_EX) == 0 {
