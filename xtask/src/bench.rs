@@ -14,7 +14,8 @@
 //! * scanning under churn: events lost while a 2 GB heap is scanned and a thread
 //!   churns malloc/free;
 //! * stack capture (`--only unwind`): the allocation probe's own run time (bpf_stats)
-//!   with no stack, frame pointers and the CFI unwinder, at 8, 16 and 32 frames.
+//!   with no stack, frame pointers and the CFI unwinder (each stack walked, and
+//!   walks reused as by default), at 8, 16 and 32 frames.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -593,21 +594,38 @@ fn unwind(
     std::fs::write(STATS, "1")?;
     let result = (|| -> anyhow::Result<()> {
         let n = pairs.to_string();
-        // (label, binary, fixture, --stacks)
-        let mut modes: Vec<(&str, &Path, &str, &str)> = vec![
-            ("no stack", leaktrace, "unwind-loop", "caller"),
-            ("fp (built with fp)", leaktrace, "unwind-loop-fp", "fp"),
-            ("dwarf (no fp)", leaktrace, "unwind-loop", "dwarf"),
+        // (label, binary, fixture, --stacks, more arguments). The loop allocates
+        // from one call path: with walks reused (the default) every call after the
+        // first takes the remembered walk; `--no-walk-reuse` times the walk itself.
+        const WALK: &[&str] = &["--no-walk-reuse"];
+        let mut modes: Vec<(&str, &Path, &str, &str, &[&str])> = vec![
+            ("no stack", leaktrace, "unwind-loop", "caller", &[]),
+            ("fp (built with fp)", leaktrace, "unwind-loop-fp", "fp", &[]),
             (
-                "dwarf (built with fp)",
+                "dwarf walked (no fp)",
+                leaktrace,
+                "unwind-loop",
+                "dwarf",
+                WALK,
+            ),
+            (
+                "dwarf reused (no fp)",
+                leaktrace,
+                "unwind-loop",
+                "dwarf",
+                &[],
+            ),
+            (
+                "dwarf walked (built with fp)",
                 leaktrace,
                 "unwind-loop-fp",
                 "dwarf",
+                WALK,
             ),
         ];
         if let Some(other) = against {
             println!("  \"against\": {}", other.display());
-            modes.push(("against: dwarf (no fp)", other, "unwind-loop", "dwarf"));
+            modes.push(("against: dwarf (no fp)", other, "unwind-loop", "dwarf", &[]));
         }
         println!(
             "  alloc_enter run time per call, ns: median [min-max] of 3 interleaved runs; frames per dwarf stack"
@@ -620,10 +638,11 @@ fn unwind(
             let mut per_call = vec![Vec::new(); modes.len()];
             let mut frames = vec![0.0; modes.len()];
             for _ in 0..3 {
-                for (m, &(_, binary, fixture, how)) in modes.iter().enumerate() {
+                for (m, &(_, binary, fixture, how, more)) in modes.iter().enumerate() {
                     let mut f = Fixture::start(&fixtures.join(fixture), &[&n, &d])?;
-                    let t =
-                        Tracer::attach(binary, f.pid(), &["--interval", "60s", "--stacks", how])?;
+                    let mut args = vec!["--interval", "60s", "--stacks", how];
+                    args.extend(more);
+                    let t = Tracer::attach(binary, f.pid(), &args)?;
                     let start = program_stats(t.child.id(), "alloc_enter")?;
                     f.go()?;
                     f.wait_for("NS_PER_PAIR")?;
@@ -643,7 +662,7 @@ fn unwind(
                 }
             }
             let mut medians = Vec::new();
-            for (m, &(label, _, _, how)) in modes.iter().enumerate() {
+            for (m, &(label, _, _, how, _)) in modes.iter().enumerate() {
                 let (median, min, max) = spread(std::mem::take(&mut per_call[m]));
                 medians.push(median);
                 line += &format!("  {label} {median:.0} [{min:.0}-{max:.0}]");
@@ -651,14 +670,15 @@ fn unwind(
                     line += &format!(" ({:.1} frames)", frames[m]);
                 }
             }
-            let (none, fp, dwarf) = (medians[0], medians[1], medians[2]);
+            let (none, fp, walked, reused) = (medians[0], medians[1], medians[2], medians[3]);
             line += &format!(
-                "  | capture: fp {:.0}, dwarf {:.0} ns = {:.2}x fp",
+                "  | capture: fp {:.0}, dwarf walked {:.0} ns = {:.2}x fp, reused {:.0} ns",
                 fp - none,
-                dwarf - none,
-                (dwarf - none) / (fp - none).max(1.0)
+                walked - none,
+                (walked - none) / (fp - none).max(1.0),
+                reused - none
             );
-            if let Some(&other) = medians.get(4) {
+            if let Some(&other) = medians.get(5) {
                 line += &format!(
                     "; against: dwarf {:.0} ns = {:.2}x fp",
                     other - none,
