@@ -32,6 +32,7 @@ pub enum Reach {
 
 /// The pointer graph of one scan, built in object order.
 #[derive(Default)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 pub struct Graph {
     objects: usize,
     /// `edges[starts[i]..starts[i + 1]]` are object i's edges. Filled up to the
