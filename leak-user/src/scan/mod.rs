@@ -12,7 +12,7 @@
 //!    stale addresses that would hide leaks). Mappings are judged by what they hold,
 //!    not by name: a static binary's TLS lives in `[heap]`, jemalloc's blocks in
 //!    plain anonymous mappings.
-//! 2. Walk: read the planned ranges in chunks of up to 1 MiB, on one or more
+//! 2. Walk: read the planned ranges in chunks of up to 256 KiB, on one or more
 //!    threads (tasks of a few MiB, appended to the graph in address order, so the
 //!    result does not depend on the thread count); words outside the objects'
 //!    address ranges are rejected in bulk ([`filter::Filter`]), the rest looked up
@@ -57,8 +57,10 @@ use crate::{
 
 /// Bytes below the stack pointer that a leaf function may still use (x86-64 ABI).
 const RED_ZONE: u64 = 128;
-/// Largest single read.
-const CHUNK: u64 = 1 << 20;
+/// Largest single read: small enough that the window stays in the L2 cache
+/// while it is walked, beside the index's busy part and the edges being written
+/// (with 1 MiB windows the walk ran a few per cent slower).
+const CHUNK: u64 = 256 << 10;
 /// Unneeded bytes between two needed ranges that are cheaper to read than to skip.
 const READ_THROUGH: u64 = 16 << 10;
 /// LSan's filter: smaller values are never pointers.
