@@ -11,16 +11,7 @@
 //! its slot (a popcount), minus one: one table read, one object read, no walk.
 //! (Allocators return 8-byte aligned blocks; if two objects ever start in one slot,
 //! lookups fall back to a short walk from the count.)
-#[inline(always)]
-fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: prefetching is a hint; any address is allowed, even an invalid one.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch(p.cast::<i8>(), core::arch::x86_64::_MM_HINT_T0);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
+use super::prefetch::prefetch;
 
 /// Makes room for `len` elements in `v` (which is empty). A table of several
 /// megabytes gets fresh memory with transparent huge pages asked for before it is

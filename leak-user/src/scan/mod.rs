@@ -27,6 +27,7 @@ pub mod filter;
 pub mod graph;
 pub mod heuristics;
 pub mod index;
+mod prefetch;
 pub mod scanner;
 
 use std::{
