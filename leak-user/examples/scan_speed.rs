@@ -108,6 +108,9 @@ fn input(heap: &Heap) -> ScanInput {
     ScanInput {
         snapshot: Snapshot {
             objects: heap.objects.clone(),
+            // As for a heap that grew after leaktrace attached: the allocator's
+            // memory (headers between blocks) is not a root; the list heads are.
+            owned: vec![heap.base + (LISTS * 8) as u64..heap.base + heap.len],
             ..Snapshot::default()
         },
         maps: vec![Mapping {
