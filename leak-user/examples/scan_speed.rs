@@ -110,7 +110,7 @@ fn input(heap: &Heap) -> ScanInput {
             objects: heap.objects.clone(),
             // As for a heap that grew after leaktrace attached: the allocator's
             // memory (headers between blocks) is not a root; the list heads are.
-            owned: vec![heap.base + (LISTS * 8) as u64..heap.base + heap.len],
+            owned: std::iter::once(heap.base + (LISTS * 8) as u64..heap.base + heap.len).collect(),
             ..Snapshot::default()
         },
         maps: vec![Mapping {
@@ -203,7 +203,12 @@ fn main() {
             hits = 0;
             read_all(&memory, &heap, &mut buf, |w| {
                 filter.collect(w, &mut positions);
-                for &k in positions.positions() {
+                let positions = positions.positions();
+                // As the walk does: each word's granule prefetched 16 words ahead.
+                for (n, &k) in positions.iter().enumerate() {
+                    if let Some(&ahead) = positions.get(n + 16) {
+                        index.prefetch(word_at(w, ahead));
+                    }
                     hits += u64::from(index.lookup(word_at(w, k)).is_some());
                 }
             });
