@@ -81,9 +81,11 @@ pub struct ObjectIndex {
     /// No two objects overlap (a snapshot taken in parts while the table changed
     /// can hold two that do).
     disjoint: bool,
-    /// With a single span (the usual heap): its base and length, so that finding
-    /// an address's granule is a subtraction, a compare and a shift.
-    one_span: Option<(u64, u64)>,
+    /// The span with the most granules (the main heap, usually): its base,
+    /// length and first granule, tried before any search of the spans, so that
+    /// finding the granule of an address in it is a subtraction, a compare and a
+    /// shift (other spans, as a thread arena's, cost a binary search).
+    main_span: (u64, u64, usize),
 }
 
 impl ObjectIndex {
@@ -149,10 +151,13 @@ impl ObjectIndex {
             }
         }
         self.exact_slots = exact_slots;
-        self.one_span = match self.spans.as_slice() {
-            [span] => Some((span.base, span.end - span.base)),
-            _ => None,
-        };
+        self.main_span = self
+            .spans
+            .iter()
+            .max_by_key(|span| span.end - span.base)
+            .map_or((0, 0, 0), |span| {
+                (span.base, span.end - span.base, span.first)
+            });
     }
 
     /// The end of `span`'s granules in [`Self::granules`].
@@ -198,19 +203,26 @@ impl ObjectIndex {
         self.spans.iter().map(|s| s.base..s.end)
     }
 
-    /// The granule of `addr` (which passed the bounds filter).
-    #[inline]
+    /// The granule of `addr`, if it lies in a span.
+    #[inline(always)]
     fn granule_of(&self, addr: u64) -> Option<&Granule> {
-        if let Some((base, len)) = self.one_span {
-            let offset = addr.wrapping_sub(base);
-            return (offset < len).then(|| {
-                // SAFETY: the span's granules cover base..base + len, from 0.
-                unsafe {
-                    self.granules
-                        .get_unchecked((offset >> GRANULE_SHIFT) as usize)
-                }
-            });
+        let (base, len, first) = self.main_span;
+        let offset = addr.wrapping_sub(base);
+        if offset < len {
+            let g = first + (offset >> GRANULE_SHIFT) as usize;
+            // SAFETY: the span's granules cover base..base + len, from `first`.
+            return Some(unsafe { self.granules.get_unchecked(g) });
         }
+        if self.spans.len() > 1 {
+            self.granule_in_other_span(addr)
+        } else {
+            None
+        }
+    }
+
+    /// [`Self::granule_of`] outside the main span.
+    #[inline(never)]
+    fn granule_in_other_span(&self, addr: u64) -> Option<&Granule> {
         let k = self.spans.partition_point(|s| s.base <= addr);
         let span = &self.spans[k.checked_sub(1)?];
         (addr < span.end).then(|| {
@@ -253,18 +265,8 @@ impl ObjectIndex {
     /// the cache, and prefetching keeps several misses in flight instead of one.
     #[inline(always)]
     pub fn prefetch(&self, addr: u64) {
-        match self.one_span {
-            // Any address may be prefetched: no bounds check needed.
-            Some((base, _)) => prefetch(
-                self.granules
-                    .as_ptr()
-                    .wrapping_add((addr.wrapping_sub(base) >> GRANULE_SHIFT) as usize),
-            ),
-            None => {
-                if let Some(granule) = self.granule_of(addr) {
-                    prefetch(granule);
-                }
-            }
+        if let Some(granule) = self.granule_of(addr) {
+            prefetch(granule);
         }
     }
 

@@ -616,12 +616,15 @@ impl<'a> Walker<'a> {
                 Role::Objects(first, last) => {
                     let index = self.index;
                     let clipped = |o: u32| index.start(o).max(r.start)..index.end(o).min(r.end);
-                    if index.disjoint() {
+                    // Overlapping objects come from a snapshot taken while the
+                    // table changed (under churn): only their runs go slowly.
+                    let disjoint = index.disjoint()
+                        || (first..last).all(|o| index.end(o) <= index.start(o + 1));
+                    if disjoint {
                         let run = clipped(first).start..clipped(last).end;
                         self.scan_objects(part, run.start, window(run.clone()), first, last);
                     } else {
-                        // Overlapping objects (a snapshot taken while the table
-                        // changed): each object's words are its own.
+                        // Each object's words are its own.
                         for o in first..=last {
                             let range = clipped(o);
                             self.scan_objects(part, range.start, window(range.clone()), o, o);
