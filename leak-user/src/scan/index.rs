@@ -446,9 +446,18 @@ mod tests {
             .iter()
             .map(|&(s, l)| (s + (s - 0x10000) / 0x900 * (SPAN_GAP + 0x1000), l))
             .collect();
-        for (ranges, spans) in [(one, 1), (several, 32)] {
+        // A big span between two small ones (a heap between thread arenas): the
+        // big one is looked up first, the others by search.
+        let small = |base: u64| (0..5u64).map(move |i| (base + i * 0x100, 0x20));
+        let big_in_the_middle: Vec<(u64, u64)> = small(0x1000)
+            .chain(one.iter().map(|&(s, l)| (s + (4 << 20), l)))
+            .chain(small(64 << 20))
+            .collect();
+        for (ranges, spans) in [(one, 1), (several, 32), (big_in_the_middle, 3)] {
             let index = ObjectIndex::new(ranges.clone());
             assert_eq!(index.spans.len(), spans);
+            let biggest = index.spans.iter().map(|s| s.end - s.base).max();
+            assert_eq!(Some(index.main_span.1), biggest);
             let (lo, hi) = (ranges[0].0 - 0x1000, ranges[ranges.len() - 1].0 + 0x1000);
             let mut hits = 0;
             for addr in (lo..hi).step_by(0x5d).chain([0, 8, u64::MAX - 7, lo, hi]) {
