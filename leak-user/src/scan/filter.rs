@@ -7,8 +7,10 @@
 //! their smallest gaps, and never below LSan's 16 KiB floor) and tests eight words
 //! at a time: with AVX2 (detected at run time) as four 4-lane subtract-and-compare
 //! steps per range, otherwise with scalar code. Both give the same mask, so the
-//! scan's results do not depend on the machine.
-
+//! scan's results do not depend on the machine. The words that pass are not
+//! handed on one by one: their positions are packed into a [`Passed`] list (with
+//! AVX2, one table look-up and one store per eight words, no branch per word),
+//! which the caller then resolves in a loop of its own.
 use std::ops::Range;
 
 /// Most ranges a filter checks; more spans are merged across their smallest gaps.
@@ -68,46 +70,76 @@ impl Filter {
             .any(|&(start, len)| w.wrapping_sub(start) < len)
     }
 
-    /// Calls `hit` with every aligned word of `bytes` that passes, in order (a
-    /// partial word at the end is ignored).
-    #[inline]
-    pub fn each(&self, bytes: &[u8], mut hit: impl FnMut(u64)) {
+    /// Packs into `passed` the positions (in words from the start of `bytes`) of
+    /// the aligned words of `bytes` that pass, in order (a partial word at the
+    /// end is ignored).
+    pub fn collect(&self, bytes: &[u8], passed: &mut Passed) {
+        passed.make_room(bytes.len() / 8);
+        let blocks = bytes.len() / (BLOCK * 8) * BLOCK;
+        let whole = &bytes[..blocks * 8];
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            // SAFETY: AVX2 was detected at run time.
-            return unsafe { avx2::each(&self.ranges, bytes, hit) };
+            // SAFETY: AVX2 was detected at run time; `passed` has room for every
+            // word of `bytes` and a block more.
+            unsafe { avx2::collect(&self.ranges, whole, passed) };
+            return self.collect_tail(bytes, blocks, passed);
         }
-        let mut blocks = bytes.chunks_exact(BLOCK * 8);
-        for block in &mut blocks {
-            let mut mask = 0u32;
-            for (k, w) in block.chunks_exact(8).enumerate() {
-                mask |= u32::from(self.passes(word(w))) << k;
-            }
-            each_set(mask, block, &mut hit);
+        // The same, without branches on the words either: every position is
+        // written, the count advances only past those that pass.
+        let mut n = 0;
+        for (k, w) in whole.chunks_exact(8).enumerate() {
+            passed.positions[n] = k as u32;
+            n += usize::from(self.passes(word(w)));
         }
-        self.each_word(blocks.remainder(), hit);
+        passed.len = n;
+        self.collect_tail(bytes, blocks, passed);
     }
 
-    /// One word at a time (the tail of a slice).
-    #[inline]
-    fn each_word(&self, bytes: &[u8], hit: impl FnMut(u64)) {
-        Self::each_word_in(&self.ranges, bytes, hit);
+    /// The words of `bytes` from word `from` on, one at a time (the tail that
+    /// fills no block), appended to `passed`.
+    fn collect_tail(&self, bytes: &[u8], from: usize, passed: &mut Passed) {
+        for (k, w) in bytes[from * 8..].chunks_exact(8).enumerate() {
+            if self.passes(word(w)) {
+                passed.positions[passed.len] = (from + k) as u32;
+                passed.len += 1;
+            }
+        }
     }
+}
+
+/// The positions of the words that passed a [`Filter::collect`], reused from one
+/// slice to the next.
+#[derive(Default)]
+pub struct Passed {
+    /// Room for every word of the slice and one block more: the vector path
+    /// stores a whole block's positions at once, however many passed.
+    positions: Vec<u32>,
+    len: usize,
+}
+
+impl Passed {
+    /// The positions, in words from the start of the slice, increasing.
+    pub fn positions(&self) -> &[u32] {
+        &self.positions[..self.len]
+    }
+
+    fn make_room(&mut self, words: usize) {
+        self.len = 0;
+        if self.positions.len() < words + BLOCK {
+            self.positions.resize(words + BLOCK, 0);
+        }
+    }
+}
+
+/// The word at position `k` of `bytes` (a [`Passed`] position).
+#[inline(always)]
+pub fn word_at(bytes: &[u8], k: u32) -> u64 {
+    word(&bytes[k as usize * 8..])
 }
 
 #[inline(always)]
 fn word(bytes: &[u8]) -> u64 {
     u64::from_ne_bytes(bytes[..8].try_into().expect("8 bytes"))
-}
-
-/// Calls `hit` with the words of `block` whose bit is set in `mask`.
-#[inline(always)]
-fn each_set(mut mask: u32, block: &[u8], hit: &mut impl FnMut(u64)) {
-    while mask != 0 {
-        let k = mask.trailing_zeros() as usize;
-        mask &= mask - 1;
-        hit(word(&block[k * 8..]));
-    }
 }
 
 fn avx2_available() -> bool {
@@ -122,25 +154,55 @@ fn avx2_available() -> bool {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::{
-        __m256i, _mm256_castsi256_pd, _mm256_cmpgt_epi64, _mm256_loadu_si256, _mm256_movemask_pd,
-        _mm256_set1_epi64x, _mm256_sub_epi64, _mm256_xor_si256,
+        __m256i, _mm_cvtsi64_si128, _mm256_add_epi32, _mm256_castsi256_pd, _mm256_cmpgt_epi64,
+        _mm256_cvtepu8_epi32, _mm256_loadu_si256, _mm256_movemask_pd, _mm256_set1_epi32,
+        _mm256_set1_epi64x, _mm256_storeu_si256, _mm256_sub_epi64, _mm256_xor_si256,
     };
 
-    use super::{BLOCK, Filter, RANGES, each_set};
+    use super::{BLOCK, Passed, RANGES};
 
-    /// [`Filter::each`] eight words at a time: `a - start < len` unsigned is a
-    /// signed compare of both sides with the sign bit flipped (AVX2 has no
-    /// unsigned 64-bit compare).
+    /// For each 8-bit mask, the positions of its set bits, one byte each, lowest
+    /// first: the left-packing of a block's passing words.
+    const PACK: [u64; 256] = {
+        let mut table = [0u64; 256];
+        let mut mask = 0;
+        while mask < 256 {
+            let (mut packed, mut n) = (0u64, 0);
+            let mut k = 0;
+            while k < 8 {
+                if mask >> k & 1 == 1 {
+                    packed |= (k as u64) << (8 * n);
+                    n += 1;
+                }
+                k += 1;
+            }
+            table[mask] = packed;
+            mask += 1;
+        }
+        table
+    };
+
+    /// [`super::Filter::collect`] eight words at a time: `a - start < len`
+    /// unsigned is a signed compare of both sides with the sign bit flipped (AVX2
+    /// has no unsigned 64-bit compare); the block's mask picks the packed
+    /// positions of its passing words, stored eight at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `passed` has room for every word of `bytes` and
+    /// [`BLOCK`] more.
     #[target_feature(enable = "avx2")]
-    pub(super) fn each(ranges: &[(u64, u64); RANGES], bytes: &[u8], mut hit: impl FnMut(u64)) {
+    pub(super) unsafe fn collect(ranges: &[(u64, u64); RANGES], bytes: &[u8], passed: &mut Passed) {
+        debug_assert!(passed.positions.len() >= bytes.len() / 8 + BLOCK);
         let sign = _mm256_set1_epi64x(i64::MIN);
         let used = ranges.iter().take_while(|r| r.1 != 0).count();
         let starts: [__m256i; RANGES] =
             std::array::from_fn(|r| _mm256_set1_epi64x(ranges[r].0 as i64));
         let limits: [__m256i; RANGES] =
             std::array::from_fn(|r| _mm256_xor_si256(_mm256_set1_epi64x(ranges[r].1 as i64), sign));
+        let out = passed.positions.as_mut_ptr();
+        let mut n = 0usize;
         let mut blocks = bytes.chunks_exact(BLOCK * 8);
-        for block in &mut blocks {
+        for (b, block) in (&mut blocks).enumerate() {
             // SAFETY: both loads read 32 bytes inside the 64-byte block.
             let (lo, hi) = unsafe {
                 (
@@ -154,25 +216,17 @@ mod avx2 {
                 let off_hi = _mm256_xor_si256(_mm256_sub_epi64(hi, starts[r]), sign);
                 let pass_lo = _mm256_cmpgt_epi64(limits[r], off_lo);
                 let pass_hi = _mm256_cmpgt_epi64(limits[r], off_hi);
-                let pass = _mm256_movemask_pd(_mm256_castsi256_pd(pass_lo)) as u32
+                mask |= _mm256_movemask_pd(_mm256_castsi256_pd(pass_lo)) as u32
                     | (_mm256_movemask_pd(_mm256_castsi256_pd(pass_hi)) as u32) << 4;
-                mask |= pass;
             }
-            each_set(mask, block, &mut hit);
+            let packed = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(PACK[mask as usize] as i64));
+            let positions = _mm256_add_epi32(packed, _mm256_set1_epi32((b * BLOCK) as i32));
+            // SAFETY: n counts passing words of earlier blocks, so n + 8 is within
+            // the room the caller made.
+            unsafe { _mm256_storeu_si256(out.add(n).cast::<__m256i>(), positions) };
+            n += mask.count_ones() as usize;
         }
-        Filter::each_word_in(ranges, blocks.remainder(), hit);
-    }
-}
-
-impl Filter {
-    /// [`Self::each_word`] without a filter at hand.
-    #[inline(always)]
-    fn each_word_in(ranges: &[(u64, u64); RANGES], bytes: &[u8], mut hit: impl FnMut(u64)) {
-        for w in bytes.chunks_exact(8).map(word) {
-            if ranges.iter().any(|&(s, l)| w.wrapping_sub(s) < l) {
-                hit(w);
-            }
-        }
+        passed.len = n;
     }
 }
 
@@ -200,9 +254,13 @@ mod tests {
     }
 
     fn passing(filter: &Filter, bytes: &[u8]) -> Vec<u64> {
-        let mut out = Vec::new();
-        filter.each(bytes, |w| out.push(w));
-        out
+        let mut passed = Passed::default();
+        filter.collect(bytes, &mut passed);
+        passed
+            .positions()
+            .iter()
+            .map(|&k| word_at(bytes, k))
+            .collect()
     }
 
     #[test]

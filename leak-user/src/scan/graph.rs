@@ -15,6 +15,8 @@
 //!   indirect; the rest are direct. A leaked cycle with no way in gets one direct
 //!   leak (its lowest address), so every lost structure shows a head.
 
+use super::prefetch::prefetch;
+
 /// Bit set on an edge (or root hit) that points into an object's middle.
 const INTERIOR: u32 = 1 << 31;
 
@@ -32,6 +34,7 @@ pub enum Reach {
 
 /// The pointer graph of one scan, built in object order.
 #[derive(Default)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 pub struct Graph {
     objects: usize,
     /// `edges[starts[i]..starts[i + 1]]` are object i's edges. Filled up to the
@@ -275,6 +278,21 @@ impl Edges<'_> {
             .map(|(&e, k)| (k, (e & !INTERIOR) as usize, e & INTERIOR != 0))
     }
 
+    /// Starts loading object i's first edges (its entry in `starts` should be
+    /// loaded already, see [`Self::prefetch_start`]).
+    #[inline(always)]
+    fn prefetch_list(&self, i: usize) {
+        if let Some(&from) = self.starts.get(i) {
+            prefetch(self.edges.as_ptr().wrapping_add(from as usize));
+        }
+    }
+
+    /// Starts loading object i's entry in `starts`.
+    #[inline(always)]
+    fn prefetch_start(&self, i: usize) {
+        prefetch(self.starts.as_ptr().wrapping_add(i));
+    }
+
     /// The offset of interior edge `k`.
     fn offset(&self, k: u32) -> u32 {
         self.interior
@@ -282,6 +300,10 @@ impl Edges<'_> {
             .map_or(0, |at| self.interior[at].1)
     }
 }
+
+/// How far down the mark's stack the entries of `starts` are prefetched (the
+/// edge lists, a quarter as far).
+const MARK_AHEAD: usize = 16;
 
 /// Marks what start pointers (and interior pointers a heuristic recognises)
 /// reach from the roots. Other interior edges met on the way (and interior root
@@ -306,12 +328,25 @@ fn mark_strong(
     let mut stack: Vec<usize> = (0..n).filter(|&i| strong[i]).collect();
     let mut weak_seeds: Vec<usize> = (0..n).filter(|&i| roots.weak[i] && !strong[i]).collect();
     while let Some(i) = stack.pop() {
+        // The objects walked next, unless i adds some: their edge lists lie
+        // anywhere in a large array (the order of the walk stays the same).
+        let below = |depth: usize| stack.len().checked_sub(depth).map(|k| stack[k]);
+        if let Some(later) = below(MARK_AHEAD) {
+            edges.prefetch_start(later);
+        }
+        if let Some(soon) = below(MARK_AHEAD / 4) {
+            edges.prefetch_list(soon);
+        }
+        if let Some(next) = below(1) {
+            edges.prefetch_list(next);
+        }
         for (k, j, interior) in edges.indexed(i) {
             if strong[j] {
                 continue;
             }
             if !interior {
                 strong[j] = true;
+                edges.prefetch_start(j);
                 stack.push(j);
             } else if recognize(j, edges.offset(k)) {
                 strong[j] = true;

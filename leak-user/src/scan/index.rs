@@ -11,19 +11,7 @@
 //! its slot (a popcount), minus one: one table read, one object read, no walk.
 //! (Allocators return 8-byte aligned blocks; if two objects ever start in one slot,
 //! lookups fall back to a short walk from the count.)
-/// Lookups resolved together by [`ObjectIndex::find_batch`].
-pub const BATCH: usize = 32;
-
-#[inline(always)]
-fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: prefetching is a hint; any address is allowed, even an invalid one.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch(p.cast::<i8>(), core::arch::x86_64::_MM_HINT_T0);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
+use super::prefetch::prefetch;
 
 /// Makes room for `len` elements in `v` (which is empty). A table of several
 /// megabytes gets fresh memory with transparent huge pages asked for before it is
@@ -90,6 +78,14 @@ pub struct ObjectIndex {
     /// address in a slot where an object starts is that object's start, and the
     /// lookup needs no more than its granule.
     aligned_starts: bool,
+    /// No two objects overlap (a snapshot taken in parts while the table changed
+    /// can hold two that do).
+    disjoint: bool,
+    /// The span with the most granules (the main heap, usually): its base,
+    /// length and first granule, tried before any search of the spans, so that
+    /// finding the granule of an address in it is a subtraction, a compare and a
+    /// shift (other spans, as a thread arena's, cost a binary search).
+    main_span: (u64, u64, usize),
 }
 
 impl ObjectIndex {
@@ -113,6 +109,7 @@ impl ObjectIndex {
         let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
         self.width = hi.saturating_sub(self.lo);
         self.aligned_starts = ranges.iter().all(|r| r.0 % 8 == 0);
+        self.disjoint = ranges.windows(2).all(|w| w[0].1 <= w[1].0);
         // The spans first, to size the granule table before writing it.
         self.spans.clear();
         let mut bounds = Vec::new();
@@ -154,6 +151,13 @@ impl ObjectIndex {
             }
         }
         self.exact_slots = exact_slots;
+        self.main_span = self
+            .spans
+            .iter()
+            .max_by_key(|span| span.end - span.base)
+            .map_or((0, 0, 0), |span| {
+                (span.base, span.end - span.base, span.first)
+            });
     }
 
     /// The end of `span`'s granules in [`Self::granules`].
@@ -177,6 +181,11 @@ impl ObjectIndex {
         self.ranges[i as usize].1
     }
 
+    /// Whether no two objects overlap.
+    pub fn disjoint(&self) -> bool {
+        self.disjoint
+    }
+
     /// Index of the first object whose end is above `addr`.
     pub fn first_ending_after(&self, addr: u64) -> usize {
         self.ranges.partition_point(|r| r.1 <= addr)
@@ -194,22 +203,33 @@ impl ObjectIndex {
         self.spans.iter().map(|s| s.base..s.end)
     }
 
-    /// The granule of `addr` (which passed the bounds filter).
-    #[inline]
+    /// The granule of `addr`, if it lies in a span.
+    #[inline(always)]
     fn granule_of(&self, addr: u64) -> Option<&Granule> {
-        let span = if self.spans.len() == 1 {
-            &self.spans[0]
-        } else {
-            let k = self.spans.partition_point(|s| s.base <= addr);
-            &self.spans[k.checked_sub(1)?]
-        };
-        if addr < span.end {
-            let g = span.first + ((addr - span.base) >> GRANULE_SHIFT) as usize;
-            // SAFETY: a span's granules cover base..end.
-            Some(unsafe { self.granules.get_unchecked(g) })
+        let (base, len, first) = self.main_span;
+        let offset = addr.wrapping_sub(base);
+        if offset < len {
+            let g = first + (offset >> GRANULE_SHIFT) as usize;
+            // SAFETY: the span's granules cover base..base + len, from `first`.
+            return Some(unsafe { self.granules.get_unchecked(g) });
+        }
+        if self.spans.len() > 1 {
+            self.granule_in_other_span(addr)
         } else {
             None
         }
+    }
+
+    /// [`Self::granule_of`] outside the main span.
+    #[inline(never)]
+    fn granule_in_other_span(&self, addr: u64) -> Option<&Granule> {
+        let k = self.spans.partition_point(|s| s.base <= addr);
+        let span = &self.spans[k.checked_sub(1)?];
+        (addr < span.end).then(|| {
+            let g = span.first + ((addr - span.base) >> GRANULE_SHIFT) as usize;
+            // SAFETY: a span's granules cover base..end.
+            unsafe { self.granules.get_unchecked(g) }
+        })
     }
 
     /// The one object that can contain `addr`, from its granule: the last one
@@ -240,66 +260,38 @@ impl ObjectIndex {
         (addr < self.ranges[j].1).then_some(j as u32)
     }
 
-    /// Starts loading the granules of `addrs` into the cache, for a
-    /// [`Self::find_batch`] of them a little later.
-    #[inline]
-    pub fn prefetch_batch(&self, addrs: &[u64]) {
-        for &a in addrs {
-            if let Some(granule) = self.granule_of(a) {
-                prefetch(granule);
-            }
+    /// Starts loading the memory a [`Self::lookup`] of `addr` will read first
+    /// (its granule), a little ahead of that lookup: lookups into a big heap miss
+    /// the cache, and prefetching keeps several misses in flight instead of one.
+    #[inline(always)]
+    pub fn prefetch(&self, addr: u64) {
+        if let Some(granule) = self.granule_of(addr) {
+            prefetch(granule);
         }
     }
 
-    /// Looks up a batch of in-range addresses at once, prefetching each step's
-    /// memory for the whole batch before using it: lookups into a big heap miss the
-    /// cache, and a batch keeps many misses in flight instead of one. Calls
-    /// `hit(k, object index, object start, object end)` for each `addrs[k]` inside
-    /// an object, in order; the end is `None` when `addrs[k]` is the object's
-    /// start (found from its granule alone: the end is not read).
-    #[inline]
-    pub fn find_batch(&self, addrs: &[u64], mut hit: impl FnMut(usize, u32, u64, Option<u64>)) {
-        debug_assert!(addrs.len() <= BATCH);
-        let mut found = [u32::MAX; BATCH];
-        // Bit k: addrs[k] is the start of object found[k].
-        let mut at_start = 0u64;
-        if self.exact_slots {
-            let mut slots: [Option<&Granule>; BATCH] = [None; BATCH];
-            for (k, &a) in addrs.iter().enumerate() {
-                if let Some(granule) = self.granule_of(a) {
-                    prefetch(granule);
-                    slots[k] = Some(granule);
-                }
-            }
-            let aligned = self.aligned_starts;
-            for (k, &a) in addrs.iter().enumerate() {
-                if let Some(granule) = slots[k] {
-                    found[k] = self.candidate(*granule, a);
-                    let slot = (a >> SLOT_SHIFT) & ((1 << (GRANULE_SHIFT - SLOT_SHIFT)) - 1);
-                    if aligned && a % 8 == 0 && granule.starts >> slot & 1 == 1 {
-                        at_start |= 1 << k;
-                    } else {
-                        prefetch(self.ranges.as_ptr().wrapping_add(found[k] as usize));
-                    }
-                }
-            }
-            for (k, &a) in addrs.iter().enumerate() {
-                if at_start >> k & 1 == 0 {
-                    found[k] = self.check(found[k], a).unwrap_or(u32::MAX);
-                }
-            }
-        } else {
-            for (k, &a) in addrs.iter().enumerate() {
-                found[k] = self.find(a).unwrap_or(u32::MAX);
-            }
+    /// The object containing `addr` and how far into it `addr` lies. An aligned
+    /// pointer to a slot where an object starts (the usual pointer) is resolved
+    /// from its granule alone; others read the candidate object's bounds.
+    #[inline(always)]
+    pub fn lookup(&self, addr: u64) -> Option<(u32, u64)> {
+        if !self.exact_slots {
+            return self.find(addr).map(|j| (j, addr - self.start(j)));
         }
-        for (k, &j) in found.iter().take(addrs.len()).enumerate() {
-            if at_start >> k & 1 == 1 {
-                hit(k, j, addrs[k], None);
-            } else if let Some(&(start, end)) = self.ranges.get(j as usize) {
-                hit(k, j, start, Some(end));
-            }
+        let granule = *self.granule_of(addr)?;
+        let slot = (addr >> SLOT_SHIFT) & ((1 << (GRANULE_SHIFT - SLOT_SHIFT)) - 1);
+        let candidate = self.candidate(granule, addr);
+        if self.aligned_starts && addr.is_multiple_of(8) && granule.starts >> slot & 1 == 1 {
+            return Some((candidate, 0));
         }
+        self.lookup_interior(candidate, addr)
+    }
+
+    /// [`Self::lookup`] of an address that is not an object's start.
+    #[inline(never)]
+    fn lookup_interior(&self, candidate: u32, addr: u64) -> Option<(u32, u64)> {
+        let j = self.check(candidate, addr)?;
+        Some((j, addr - self.start(j)))
     }
 
     /// The object containing `addr`, if any.
@@ -415,21 +407,12 @@ mod tests {
             assert!(index.find(s).is_some());
             assert_eq!(index.find(s + l.max(1) - 1), index.find(s));
         }
-        for probes in ranges.chunks(BATCH) {
-            // Starts (the granule-only path) and middles.
-            let addrs: Vec<u64> = probes
-                .iter()
-                .enumerate()
-                .map(|(i, &(s, l))| if i % 2 == 0 { s } else { s + l / 2 })
-                .collect();
-            let mut found = vec![None; addrs.len()];
-            index.find_batch(&addrs, |k, j, start, end| {
-                assert!(end.is_some() || addrs[k] == start);
-                assert_eq!(end.unwrap_or(index.end(j)), index.end(j));
-                found[k] = Some(j);
-            });
-            let single: Vec<Option<u32>> = addrs.iter().map(|&a| index.find(a)).collect();
-            assert_eq!(found, single);
+        // Starts (the granule-only path), middles and misses, through lookup.
+        for &(s, l) in &ranges {
+            for probe in [s, s + l / 2, s + l.max(1), s.wrapping_sub(1)] {
+                let want = brute(&ranges, probe).map(|j| (j, probe - ranges[j as usize].0));
+                assert_eq!(index.lookup(probe), want, "address {probe:#x}");
+            }
         }
     }
 
@@ -455,20 +438,37 @@ mod tests {
     }
 
     #[test]
-    fn batches_agree_with_single_lookups() {
-        let ranges: Vec<(u64, u64)> = (0..500)
+    fn lookups_agree_with_finds_in_one_span_and_in_several() {
+        let one: Vec<(u64, u64)> = (0..500)
             .map(|i| (0x10000 + i * 0x90, 0x40 + i % 7))
             .collect();
-        let index = ObjectIndex::new(ranges);
-        let addrs: Vec<u64> = (0..BATCH as u64).map(|k| 0x10000 + k * 0x5d3).collect();
-        let mut out = vec![None; addrs.len()];
-        index.find_batch(&addrs, |k, j, start, end| {
-            assert!(start <= addrs[k] && end.is_none_or(|end| addrs[k] < end));
-            out[k] = Some(j);
-        });
-        let single: Vec<Option<u32>> = addrs.iter().map(|&a| index.find(a)).collect();
-        assert_eq!(out, single);
-        assert!(out.iter().any(Option::is_some) && out.iter().any(Option::is_none));
+        let several: Vec<(u64, u64)> = one
+            .iter()
+            .map(|&(s, l)| (s + (s - 0x10000) / 0x900 * (SPAN_GAP + 0x1000), l))
+            .collect();
+        // A big span between two small ones (a heap between thread arenas): the
+        // big one is looked up first, the others by search.
+        let small = |base: u64| (0..5u64).map(move |i| (base + i * 0x100, 0x20));
+        let big_in_the_middle: Vec<(u64, u64)> = small(0x1000)
+            .chain(one.iter().map(|&(s, l)| (s + (4 << 20), l)))
+            .chain(small(64 << 20))
+            .collect();
+        for (ranges, spans) in [(one, 1), (several, 32), (big_in_the_middle, 3)] {
+            let index = ObjectIndex::new(ranges.clone());
+            assert_eq!(index.spans.len(), spans);
+            let biggest = index.spans.iter().map(|s| s.end - s.base).max();
+            assert_eq!(Some(index.main_span.1), biggest);
+            let (lo, hi) = (ranges[0].0 - 0x1000, ranges[ranges.len() - 1].0 + 0x1000);
+            let mut hits = 0;
+            for addr in (lo..hi).step_by(0x5d).chain([0, 8, u64::MAX - 7, lo, hi]) {
+                let found = index.find(addr).map(|j| (j, addr - index.start(j)));
+                assert_eq!(index.lookup(addr), found, "address {addr:#x}");
+                hits += usize::from(found.is_some());
+                // A hint, for any address.
+                index.prefetch(addr);
+            }
+            assert!(hits > 100);
+        }
     }
 
     #[test]
