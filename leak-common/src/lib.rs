@@ -51,9 +51,6 @@ pub mod names {
     pub const SCOPED_PROBES: &str = "SCOPED_PROBES";
     /// Global: non-zero when the allocator probes do nothing (the benchmark's floor).
     pub const EMPTY_PROBES: &str = "EMPTY_PROBES";
-    /// Global: non-zero when the allocation probe may reuse a remembered walk
-    /// (cleared by the benchmarks' `--no-walk-reuse`, to time the walk itself).
-    pub const REUSE_WALKS: &str = "REUSE_WALKS";
     /// Global: non-zero when calls in flight are kept in task-local storage
     /// (`TASK_CALLS`) rather than in `CALLS`.
     pub const USE_TASK_CALLS: &str = "USE_TASK_CALLS";

@@ -86,11 +86,6 @@ static SCOPED_PROBES: u32 = 0;
 #[unsafe(no_mangle)]
 static EMPTY_PROBES: u32 = 0;
 
-/// Set by the daemon: the allocation probe may reuse a remembered walk (`site.rs`);
-/// cleared only by the benchmarks, to time the walk itself.
-#[unsafe(no_mangle)]
-static REUSE_WALKS: u32 = 1;
-
 /// Set by the daemon (`--sample N`): kernel mode keeps one object in 2^shift.
 #[unsafe(no_mangle)]
 static SAMPLE_SHIFT: u32 = 0;
@@ -141,11 +136,6 @@ pub fn scoped_probes() -> bool {
 pub fn empty_probes() -> bool {
     // SAFETY: a global the daemon wrote before load; reading it has no precondition.
     unsafe { core::ptr::read_volatile(&raw const EMPTY_PROBES) != 0 }
-}
-
-pub fn reuse_walks() -> bool {
-    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
-    unsafe { core::ptr::read_volatile(&raw const REUSE_WALKS) != 0 }
 }
 
 pub fn wakeup_bytes() -> u64 {

@@ -27,7 +27,7 @@ use aya_ebpf::{
 use leak_common::{HINT_OPERATOR_NEW, HintKey, MAX_WRAPPER_DEPTH, UnwindCount};
 
 use crate::{
-    maps::{HINTS, STACKS, reuse_walks},
+    maps::{HINTS, STACKS},
     record::{USER_STACK, bump, capture_stack},
     unwind::{self, MEMO_WORDS, UNWIND_COUNTS},
 };
@@ -150,11 +150,10 @@ pub fn by_cfi(regs: &pt_regs, tgid: u32) -> Site {
         Some(value)
     };
     let (caller, via_new) = call_site(tgid, sp, read);
-    let reuse = reuse_walks();
     let epoch = MEMO_EPOCH.get(0).copied().unwrap_or(0);
     let set = ((caller ^ (sp >> 4)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 62) as u32 % MEMO_SETS;
     for way in 0..MEMO_WAYS {
-        let Some(m) = MEMOS.get(set * MEMO_WAYS + way).filter(|_| reuse) else {
+        let Some(m) = MEMOS.get(set * MEMO_WAYS + way) else {
             break;
         };
         if m.stack_id != 0
@@ -176,7 +175,7 @@ pub fn by_cfi(regs: &pt_regs, tgid: u32) -> Site {
     let stack_id = unwind::capture(regs, tgid, sc);
     // SAFETY: this CPU's scratch value, valid and aligned during the run.
     let s = unsafe { &*sc };
-    if reuse && stack_id != 0 && s.read_count as usize <= MEMO_WORDS {
+    if stack_id != 0 && s.read_count as usize <= MEMO_WORDS {
         if let (Some(next), Some(m)) = (MEMO_NEXT.get_ptr_mut(set), victim(set)) {
             // SAFETY: this CPU's values, valid and aligned during the run.
             let m = unsafe { &mut *m };

@@ -254,11 +254,6 @@ pub struct Args {
     #[arg(long, hide = true, conflicts_with = "kernel")]
     pub empty_probes: bool,
 
-    /// Benchmarks only: walk every allocation's stack, never reusing an earlier
-    /// walk (the cost of the walk itself).
-    #[arg(long, hide = true, conflicts_with = "kernel")]
-    pub no_walk_reuse: bool,
-
     /// Kernel mode: record one object in N (a power of two), chosen by address so
     /// that an object's allocation and free are both kept or both dropped; counts
     /// are scaled back up. For machines whose allocation rate loses events.

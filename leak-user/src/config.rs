@@ -139,8 +139,6 @@ pub struct Config {
     pub stack_walk: StackWalk,
     /// Benchmarks only: the allocator probes do nothing (`--empty-probes`).
     pub empty_probes: bool,
-    /// Benchmarks only: every allocation's stack is walked (`--no-walk-reuse`).
-    pub reuse_walks: bool,
     /// `--error-exitcode`: the status for leaks left at the end.
     pub error_exit: Option<ErrorExit>,
     pub verbose: u8,
@@ -328,7 +326,6 @@ impl Config {
                 StacksArg::Auto | StacksArg::Caller => StackWalk::Auto,
             },
             empty_probes: args.empty_probes,
-            reuse_walks: !args.no_walk_reuse,
             scan_threads: (args.scan_threads as usize).min(cpus),
             verbose: args.verbose,
             dump_objects: args.dump_objects,

@@ -594,10 +594,11 @@ fn unwind(
     std::fs::write(STATS, "1")?;
     let result = (|| -> anyhow::Result<()> {
         let n = pairs.to_string();
-        // (label, binary, fixture, --stacks, more arguments). The loop allocates
-        // from one call path: with walks reused (the default) every call after the
-        // first takes the remembered walk; `--no-walk-reuse` times the walk itself.
-        const WALK: &[&str] = &["--no-walk-reuse"];
+        // (label, binary, fixture, --stacks, the fixture's options). The loop
+        // allocates from one call path: every call after the first reuses the
+        // remembered walk, unless each call comes on another stack pointer
+        // (`--vary-sp`), which times the walk itself.
+        const WALK: &[&str] = &["--vary-sp"];
         let mut modes: Vec<(&str, &Path, &str, &str, &[&str])> = vec![
             ("no stack", leaktrace, "unwind-loop", "caller", &[]),
             ("fp (built with fp)", leaktrace, "unwind-loop-fp", "fp", &[]),
@@ -639,10 +640,11 @@ fn unwind(
             let mut frames = vec![0.0; modes.len()];
             for _ in 0..3 {
                 for (m, &(_, binary, fixture, how, more)) in modes.iter().enumerate() {
-                    let mut f = Fixture::start(&fixtures.join(fixture), &[&n, &d])?;
-                    let mut args = vec!["--interval", "60s", "--stacks", how];
-                    args.extend(more);
-                    let t = Tracer::attach(binary, f.pid(), &args)?;
+                    let mut fixture_args = vec![n.as_str(), d.as_str()];
+                    fixture_args.extend(more);
+                    let mut f = Fixture::start(&fixtures.join(fixture), &fixture_args)?;
+                    let t =
+                        Tracer::attach(binary, f.pid(), &["--interval", "60s", "--stacks", how])?;
                     let start = program_stats(t.child.id(), "alloc_enter")?;
                     f.go()?;
                     f.wait_for("NS_PER_PAIR")?;

@@ -103,9 +103,6 @@ pub struct LoadOptions {
     pub task_calls: bool,
     /// The overhead benchmark's floor: the allocator probes return at once.
     pub empty_probes: bool,
-    /// The allocation probe may reuse remembered walks (benchmarks turn it off to
-    /// time the walk itself).
-    pub reuse_walks: bool,
     /// User mode: every allocator uprobe will be attached with
     /// [`Scope::Process`], so the programs trust the kernel's filter.
     pub scoped_probes: bool,
@@ -267,7 +264,6 @@ impl Probes {
         let dual_frees = flag(options.dual_free_probes);
         let task_calls_flag = flag(task_calls);
         let empty = flag(options.empty_probes);
-        let reuse_walks = flag(options.reuse_walks);
         let scoped = flag(options.scoped_probes);
         let (user_stacks, kernel_stacks) = stack_map_sizes(options);
         let stack_mode = if options.capture_stacks && !options.kernel_stacks {
@@ -310,7 +306,6 @@ impl Probes {
             .override_global(names::TP_LAYOUT, &layout, true)
             .override_global(names::USE_TASK_CALLS, &task_calls_flag, true)
             .override_global(names::EMPTY_PROBES, &empty, true)
-            .override_global(names::REUSE_WALKS, &reuse_walks, true)
             .override_global(names::SCOPED_PROBES, &scoped, true)
             .load(OBJECT)
             .map_err(|e| {

@@ -189,7 +189,6 @@ fn load(config: &Config, k: &KernelConfig, cgroups: Option<&[u64]>) -> anyhow::R
         kernel_filter_cgroups: cgroups.is_some(),
         task_calls: false,
         empty_probes: false,
-        reuse_walks: false,
         scoped_probes: false,
         dual_free_probes: k.free_probes == FreeProbes::Both,
         stack_mode: leak_common::StackMode::FramePointers,

@@ -187,7 +187,6 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         kernel_filter_cgroups: false,
         task_calls: true,
         empty_probes: config.empty_probes,
-        reuse_walks: config.reuse_walks,
         // As `UserSession::scope` decides.
         scoped_probes: !config.follow_forks,
         dual_free_probes: false,
