@@ -1,8 +1,10 @@
 //! `MEMO_EPOCH`: the allocation probe reuses a walk it remembered only in the
 //! epoch the walk was made in (see the eBPF `site.rs`). Whatever a walk reads
-//! besides the stack — unwind tables, a process's module list, wrapper hints —
-//! is changed by the daemon first and the epoch bumped after, so no probe reuses
-//! a walk made with what was there before.
+//! besides the stack — a process's module list, wrapper hints — is changed by
+//! the daemon first and the epoch bumped after, so no probe reuses a walk made
+//! with what was there before. A new unwind table needs no bump of its own: it
+//! gets a fresh id (tables are never rewritten), and walks reach it only through
+//! a module list, whose update bumps the epoch.
 
 use aya::maps::{Array, Map, MapData};
 use leak_common::names;

@@ -749,9 +749,7 @@ impl UnwindMaps {
         }
         self.tables
             .set(id, table, 0)
-            .map_err(|e| EbpfError::Map(names::UNWIND_TABLES, e))?;
-        self.epoch.bump();
-        Ok(())
+            .map_err(|e| EbpfError::Map(names::UNWIND_TABLES, e))
     }
 
     /// Replaces the code mappings of `tgid`, kept in process slot `slot` (the
