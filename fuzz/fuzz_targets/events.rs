@@ -9,7 +9,7 @@ use leaktrace::events::{self, DecodeError, Event};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    match events::decode(data) {
+    match events::decode(data, 1) {
         Ok(Event::KernelAlloc(k)) => {
             assert!(data.len() >= size_of::<KernelRecord>());
             assert!(!k.cache.contains('\0') && !k.comm.contains('\0'));

@@ -425,7 +425,9 @@ pub struct UserRecord {
     pub tid: u32,
     /// An [`AllocFn`] for allocator records; 1 = "made by the allocator" for mapping records.
     pub func: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the record was made.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the record was made; 0 in
+    /// allocator records (reading the clock costs a probe a helper call): the daemon
+    /// stamps an allocation with the time it read it.
     pub ts_ns: u64,
     /// The block (or range, or child tgid) the record is about.
     pub addr: u64,

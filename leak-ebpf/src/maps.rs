@@ -15,6 +15,10 @@ use leak_common::{
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 
+/// Bytes this CPU wrote to `EVENTS` since it last woke the reader.
+#[map]
+pub static RING_WRITTEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// What could not be recorded, per CPU, indexed by [`Loss`].
 #[map]
 pub static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(Loss::COUNT, 0);
@@ -65,8 +69,8 @@ pub static FREE_PROBES: PerCpuArray<u64> = PerCpuArray::with_max_entries(FreePro
 static FOLLOW_FORKS: u32 = 0;
 
 /// Set by the daemon: records are written without waking the reader (which polls
-/// every few milliseconds) until this many bytes wait: a wakeup per record would
-/// cost more than the record.
+/// every few milliseconds) until one CPU wrote this many bytes since it last woke
+/// it: a wakeup per record would cost more than the record.
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 1 << 20;
 

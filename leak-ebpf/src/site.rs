@@ -190,8 +190,8 @@ pub fn by_cfi(regs: &pt_regs, tgid: u32) -> Site {
             m.via_new = u32::from(via_new);
             m.uses_rbp = s.uses_rbp;
             m.words = s.read_count as u32;
-            m.offsets = s.read_offsets;
-            m.values = s.read_values;
+            copy_words(&s.read_offsets, &mut m.offsets);
+            copy_words(&s.read_values, &mut m.values);
             m.stack_id = stack_id;
         }
     }
@@ -199,6 +199,17 @@ pub fn by_cfi(regs: &pt_regs, tgid: u32) -> Site {
         stack_id,
         caller,
         via_new,
+    }
+}
+
+/// Copies `from` into `to` element by element. A plain array assignment becomes a
+/// call to a memmove that copies a byte at a time (thousands of instructions for a
+/// memo); volatile stores keep LLVM from turning the loop back into one.
+#[inline(always)]
+fn copy_words<T: Copy>(from: &[T; MEMO_WORDS], to: &mut [T; MEMO_WORDS]) {
+    for i in 0..MEMO_WORDS {
+        // SAFETY: both indexes are in bounds of arrays we hold references to.
+        unsafe { core::ptr::write_volatile(&raw mut to[i], from[i]) };
     }
 }
 

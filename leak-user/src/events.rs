@@ -114,12 +114,15 @@ fn c_string(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
-fn alloc_of(r: &UserRecord) -> Result<Alloc, DecodeError> {
+/// A user allocation record carries no time (reading the clock would cost each
+/// probe a helper call); it gets the time the daemon read it, at most one drain
+/// period (10 ms) after the allocation: objects only ever look younger.
+fn alloc_of(r: &UserRecord, received_ns: u64) -> Result<Alloc, DecodeError> {
     Ok(Alloc {
         tgid: r.tgid,
         tid: r.tid,
         func: AllocFn::try_from(r.func).map_err(|UnknownTag(f)| DecodeError::UnknownFunction(f))?,
-        ts_ns: r.ts_ns,
+        ts_ns: if r.ts_ns != 0 { r.ts_ns } else { received_ns },
         addr: r.addr,
         size: r.size,
         stack_id: r.stack_id,
@@ -127,8 +130,8 @@ fn alloc_of(r: &UserRecord) -> Result<Alloc, DecodeError> {
     })
 }
 
-/// Decodes one ring-buffer record.
-pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+/// Decodes one ring-buffer record, read at `received_ns` (CLOCK_MONOTONIC).
+pub fn decode(bytes: &[u8], received_ns: u64) -> Result<Event, DecodeError> {
     let Some(tag) = bytes.get(..4) else {
         return Err(DecodeError::TooShort {
             kind: None,
@@ -156,7 +159,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     }
     let r: UserRecord = read_record(bytes, kind)?;
     Ok(match kind {
-        RecordKind::Alloc => Event::Alloc(alloc_of(&r)?),
+        RecordKind::Alloc => Event::Alloc(alloc_of(&r, received_ns)?),
         RecordKind::Free => Event::Free {
             tgid: r.tgid,
             tid: r.tid,
@@ -168,7 +171,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             old: r.old_addr,
         },
         RecordKind::Realloc => Event::Realloc {
-            alloc: alloc_of(&r)?,
+            alloc: alloc_of(&r, received_ns)?,
             old: r.old_addr,
         },
         RecordKind::AllocatorMap => Event::AllocatorMap {
@@ -226,8 +229,22 @@ mod tests {
     }
 
     #[test]
+    fn an_allocation_without_a_time_gets_the_time_it_was_read() {
+        let mut r = user(RecordKind::Alloc);
+        r.ts_ns = 0;
+        let Event::Alloc(a) = decode(&bytes_of(&r), 7).unwrap() else {
+            panic!("not an allocation");
+        };
+        assert_eq!(a.ts_ns, 7);
+        let Event::Alloc(a) = decode(&bytes_of(&user(RecordKind::Alloc)), 7).unwrap() else {
+            panic!("not an allocation");
+        };
+        assert_eq!(a.ts_ns, 5, "a record's own time wins");
+    }
+
+    #[test]
     fn decodes_allocations() {
-        let event = decode(&bytes_of(&user(RecordKind::Alloc))).unwrap();
+        let event = decode(&bytes_of(&user(RecordKind::Alloc)), 7).unwrap();
         assert_eq!(
             event,
             Event::Alloc(Alloc {
@@ -241,7 +258,8 @@ mod tests {
                 caller: 0x4000
             })
         );
-        let Event::Realloc { alloc, old } = decode(&bytes_of(&user(RecordKind::Realloc))).unwrap()
+        let Event::Realloc { alloc, old } =
+            decode(&bytes_of(&user(RecordKind::Realloc)), 7).unwrap()
         else {
             panic!("not a realloc");
         };
@@ -251,7 +269,7 @@ mod tests {
     #[test]
     fn decodes_process_and_mapping_records() {
         assert_eq!(
-            decode(&bytes_of(&user(RecordKind::Fork))).unwrap(),
+            decode(&bytes_of(&user(RecordKind::Fork)), 7).unwrap(),
             Event::Fork {
                 parent: 10,
                 child: 0x1000
@@ -260,7 +278,7 @@ mod tests {
         let mut brk = user(RecordKind::Brk);
         brk.func = 1;
         assert_eq!(
-            decode(&bytes_of(&brk)).unwrap(),
+            decode(&bytes_of(&brk), 7).unwrap(),
             Event::Brk {
                 tgid: 10,
                 brk: 0x1000,
@@ -290,7 +308,7 @@ mod tests {
             cache,
             comm,
         };
-        let Event::KernelAlloc(k) = decode(&bytes_of(&record)).unwrap() else {
+        let Event::KernelAlloc(k) = decode(&bytes_of(&record), 7).unwrap() else {
             panic!("not a kernel allocation");
         };
         assert_eq!(
@@ -302,16 +320,19 @@ mod tests {
     #[test]
     fn rejects_bad_records() {
         assert_eq!(
-            decode(&[1, 0]),
+            decode(&[1, 0], 7),
             Err(DecodeError::TooShort { kind: None, len: 2 })
         );
-        assert_eq!(decode(&[99, 0, 0, 0]), Err(DecodeError::UnknownKind(99)));
+        assert_eq!(decode(&[99, 0, 0, 0], 7), Err(DecodeError::UnknownKind(99)));
         let short = &bytes_of(&user(RecordKind::Free))[..20];
-        assert!(matches!(decode(short), Err(DecodeError::TooShort { .. })));
+        assert!(matches!(
+            decode(short, 7),
+            Err(DecodeError::TooShort { .. })
+        ));
         let mut bad = user(RecordKind::Alloc);
         bad.func = 77;
         assert_eq!(
-            decode(&bytes_of(&bad)),
+            decode(&bytes_of(&bad), 7),
             Err(DecodeError::UnknownFunction(77))
         );
     }

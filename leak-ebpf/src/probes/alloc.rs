@@ -18,7 +18,7 @@ use super::regs;
 use crate::{
     calls,
     maps::{capture_stacks, cfi_stacks, scoped_probes},
-    record::{count, current_ids, emit, is_target, now_ns},
+    record::{count, current_ids, emit, is_target},
     site,
 };
 
@@ -76,37 +76,33 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
     // SAFETY: the helper only reads the program's own context.
     let func = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
     let (a0, a1, a2) = (regs::arg(r, 0), regs::arg(r, 1), regs::arg(r, 2));
-    let mut call = PendingCall {
-        sp,
-        func,
-        ..PendingCall::default()
-    };
-    match func {
-        CALLOC => call.size = mul_or_max(a0, a1),
-        REALLOC => {
-            call.old_addr = a0;
-            call.size = a1;
-        }
-        REALLOCARRAY => {
-            call.old_addr = a0;
-            call.size = mul_or_max(a1, a2);
-        }
-        POSIX_MEMALIGN => {
-            call.out_ptr = a0;
-            call.size = a2;
-        }
-        ALIGNED_ALLOC => call.size = a1,
+    // (size, old_addr, out_ptr)
+    let (size, old_addr, out_ptr) = match func {
+        CALLOC => (mul_or_max(a0, a1), 0, 0),
+        REALLOC => (a1, a0, 0),
+        REALLOCARRAY => (mul_or_max(a1, a2), a0, 0),
+        POSIX_MEMALIGN => (a2, 0, a0),
+        ALIGNED_ALLOC => (a1, 0, 0),
         // malloc, valloc, pvalloc, operator new (plain and aligned): size first.
-        _ => call.size = a0,
-    }
+        _ => (a0, 0, 0),
+    };
     let site = if capture_stacks() && cfi_stacks() {
         site::by_cfi(r, tgid)
     } else {
         site::by_frame_pointers(ctx, tgid, sp, capture_stacks())
     };
-    call.stack_id = site.stack_id;
-    call.caller = site.caller;
-    call.via_new = u32::from(site.via_new);
+    // Every field is written: a struct update from `default()` makes LLVM call a
+    // byte-at-a-time memset, which costs more than the rest of the probe.
+    let call = PendingCall {
+        sp,
+        func,
+        via_new: u32::from(site.via_new),
+        size,
+        old_addr,
+        out_ptr,
+        stack_id: site.stack_id,
+        caller: site.caller,
+    };
     if entry.begin(&call).is_err() {
         count(Loss::CallsFull);
         return Err(());
@@ -119,7 +115,6 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
             tgid,
             tid,
             func,
-            ts_ns: now_ns(),
             old_addr: call.old_addr,
             ..UserRecord::default()
         };

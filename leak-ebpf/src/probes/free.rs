@@ -16,7 +16,7 @@ use super::regs;
 use crate::{
     calls,
     maps::scoped_probes,
-    record::{current_ids, emit, is_target, now_ns},
+    record::{current_ids, emit, is_target},
 };
 
 #[uprobe]
@@ -48,9 +48,8 @@ fn try_free_enter(ctx: &ProbeContext) {
         tid,
         // SAFETY: the helper only reads the program's own context.
         func: unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32,
-        ts_ns: now_ns(),
         addr: ptr,
-        ..UserRecord::default()
+        ..UserRecord::default() // no time: the daemon needs none for a free
     };
     emit(&record, Loss::RingFullFree);
 }

@@ -109,7 +109,7 @@ fn kernel_alloc(ctx: &TracePointContext, kind: RecordKind, f: AllocFields) {
         let _ = unsafe { bpf_probe_read_kernel_str_bytes(src, &mut record.cache) };
     }
     if EVENTS
-        .output::<KernelRecord>(&record, wakeup_flags())
+        .output::<KernelRecord>(&record, wakeup_flags(size_of::<KernelRecord>() as u64))
         .is_err()
     {
         count(Loss::RingFullKernel);
@@ -263,7 +263,7 @@ pub fn mm_page_alloc(ctx: TracePointContext) -> u32 {
                 comm: bpf_get_current_comm().unwrap_or([0; 16]),
             };
             if EVENTS
-                .output::<KernelRecord>(&record, wakeup_flags())
+                .output::<KernelRecord>(&record, wakeup_flags(size_of::<KernelRecord>() as u64))
                 .is_err()
             {
                 count(Loss::RingFullKernel);

@@ -15,7 +15,7 @@ use leak_common::{AllocFn, Loss, RecordKind, UserRecord};
 use super::regs;
 use crate::{
     calls,
-    record::{current_ids, emit, now_ns},
+    record::{current_ids, emit},
 };
 
 const MALLOC: u32 = AllocFn::Malloc as u32;
@@ -79,7 +79,7 @@ fn try_alloc_return(ctx: &RetProbeContext) {
         tgid,
         tid,
         func,
-        ts_ns: now_ns(),
+        ts_ns: 0, // the daemon stamps the allocation when it reads it
         addr,
         size: call.size,
         old_addr: call.old_addr,

@@ -14,7 +14,7 @@ use std::{io, num::NonZeroU32, os::fd::AsRawFd as _, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{
         ProgramError, RawTracePoint, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
@@ -28,7 +28,9 @@ use leak_common::{
 use crate::allocator::HookPlan;
 
 mod epoch;
+mod ring;
 pub use epoch::MemoEpoch;
+pub use ring::RingReader;
 
 /// The eBPF object built by `leak-user/build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace-ebpf"));
@@ -70,6 +72,8 @@ pub enum EbpfError {
     RefCtrConflict { what: String },
     #[error("eBPF map {0}: {1}")]
     Map(&'static str, #[source] aya::maps::MapError),
+    #[error("cannot map the ring buffer into memory: {0}")]
+    Ring(#[source] io::Error),
 }
 
 /// Sizes and switches fixed at load time.
@@ -258,7 +262,9 @@ impl Probes {
         let flag = |b: bool| u32::from(b);
         let follow = flag(options.follow_forks);
         let stacks = flag(options.capture_stacks);
-        let wakeup = u64::from(options.ring_bytes / 8);
+        // Each CPU wakes the reader after writing its share of an eighth of the ring.
+        let cpus = aya::util::online_cpus().map_or(1, |c| c.len().max(1)) as u64;
+        let wakeup = (u64::from(options.ring_bytes / 8) / cpus).max(64 << 10);
         let filter_pids = flag(options.kernel_filter_pids);
         let filter_cgroups = flag(options.kernel_filter_cgroups);
         let dual_frees = flag(options.dual_free_probes);
@@ -564,12 +570,17 @@ impl Probes {
     }
 
     /// The ring buffer, to be read by the ingest task.
-    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, EbpfError> {
+    pub fn take_ring(&mut self) -> Result<RingReader, EbpfError> {
         let map = self
             .ebpf
             .take_map(names::EVENTS)
             .expect("the object defines EVENTS");
-        RingBuf::try_from(map).map_err(|e| EbpfError::Map(names::EVENTS, e))
+        let Map::RingBuf(data) = map else {
+            return Err(EbpfError::Ring(io::Error::other(
+                "EVENTS is not a ring buffer in this eBPF object",
+            )));
+        };
+        RingReader::new(data).map_err(EbpfError::Ring)
     }
 
     /// A reader for the loss counters and stack maps, independent of `self`.

@@ -6,13 +6,15 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
-use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::{Notify, mpsc},
 };
 
-use crate::events::{self, Event};
+use crate::{
+    ebpf::RingReader,
+    events::{self, Event},
+};
 
 /// Most records applied under one lock hold.
 const BATCH: usize = 4096;
@@ -58,8 +60,8 @@ impl IngestHandle {
 }
 
 /// Starts the task.
-pub fn spawn(ring: RingBuf<MapData>, sink: impl EventSink) -> std::io::Result<IngestHandle> {
-    // SAFETY: the RingBuf owns its map descriptor and keeps it open, unchanged,
+pub fn spawn(ring: RingReader, sink: impl EventSink) -> std::io::Result<IngestHandle> {
+    // SAFETY: the reader owns its map descriptor and keeps it open, unchanged,
     // for as long as it lives inside the AsyncFd.
     let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -89,7 +91,7 @@ struct Task<S> {
 impl<S: EventSink> Task<S> {
     async fn run(
         mut self,
-        mut ring: AsyncFd<RingBuf<MapData>>,
+        mut ring: AsyncFd<RingReader>,
         mut drain_rx: mpsc::UnboundedReceiver<std::sync::mpsc::Sender<()>>,
     ) {
         // The programs wake us only when the ring fills up (a wakeup per record
@@ -115,21 +117,22 @@ impl<S: EventSink> Task<S> {
         }
     }
 
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
-        while let Some(item) = ring.next() {
-            self.counters.records.fetch_add(1, Ordering::Relaxed);
-            match events::decode(&item) {
+    fn drain(&mut self, ring: &mut RingReader) {
+        let records = ring.drain(|bytes, received_ns| {
+            match events::decode(bytes, received_ns) {
                 Ok(event) => self.batch.push(event),
                 Err(err) => {
                     self.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
                     log::debug!("undecodable record: {err}");
                 }
             }
-            drop(item);
             if self.batch.len() >= BATCH {
                 self.flush();
             }
-        }
+        });
+        self.counters
+            .records
+            .fetch_add(records as u64, Ordering::Relaxed);
         self.flush();
     }
 
