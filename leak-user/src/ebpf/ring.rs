@@ -128,7 +128,7 @@ impl RingReader {
     /// Hands every committed record to `each`, in ring order, with a
     /// CLOCK_MONOTONIC time read after the record was written, and returns how many
     /// there were. Stops at a record still being written; discarded records are
-    /// skipped. The space of read records is handed back every [`RELEASE_BYTES`]
+    /// skipped. The space of read records is handed back every `RELEASE_BYTES`
     /// and before returning.
     pub fn drain(&mut self, mut each: impl FnMut(&[u8], u64)) -> usize {
         let mut records = 0;
