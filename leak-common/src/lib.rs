@@ -29,6 +29,8 @@ pub mod names {
     /// Call sites inside allocation wrappers: [`super::HintKey`] -> bytes from that
     /// return address's stack slot to the wrapper's own return address.
     pub const HINTS: &str = "HINTS";
+    /// Bits of the return addresses `HINTS` may hold ([`super::hint_filter_bit`]).
+    pub const HINT_FILTER: &str = "HINT_FILTER";
     /// Global: field offsets of the tracepoints we read ([`super::TracepointLayout`]).
     pub const TP_LAYOUT: &str = "TP_LAYOUT";
     /// Kernel mode: cgroup ids to trace (filled when `--cgroup` is given).
@@ -597,6 +599,19 @@ pub struct HintKey {
     pub ret: u64,
 }
 
+/// Words (u64) of `HINT_FILTER`: one bit per return address class.
+pub const HINT_FILTER_WORDS: u32 = 1 << 12;
+
+/// Where return address `ret` has its bit in `HINT_FILTER`: (word, bit). The daemon
+/// sets the bit of every hinted address before it adds the hint; a probe looks a
+/// call site up in `HINTS` only when its bit is set. Most call sites are in no
+/// wrapper, and a hash-map lookup is a helper call where the filter is a load.
+#[inline(always)]
+pub const fn hint_filter_bit(ret: u64) -> (u32, u32) {
+    let h = ret.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - 18);
+    ((h >> 6) as u32 % HINT_FILTER_WORDS, (h & 63) as u32)
+}
+
 /// Set in a `HINTS` value when the wrapper is C++'s `operator new` (or `new[]`):
 /// valgrind applies some of its leak-check heuristics to such blocks only. The
 /// rest of the value is the byte offset.
@@ -722,6 +737,20 @@ mod tests {
             }
         }
         assert_eq!(RecordKind::try_from(99), Err(UnknownTag(99)));
+    }
+
+    #[test]
+    fn hint_filter_bits_are_in_range_and_spread() {
+        let mut words = [0u32; 1000];
+        for (i, w) in words.iter_mut().enumerate() {
+            let (word, bit) = hint_filter_bit(0x7f12_3456_0000 + i as u64 * 0x35);
+            assert!(word < HINT_FILTER_WORDS && bit < 64);
+            *w = word;
+        }
+        // Call sites a few bytes apart must not crowd into a few words.
+        words.sort_unstable();
+        let distinct = 1 + words.windows(2).filter(|p| p[0] != p[1]).count();
+        assert!(distinct > 800, "{distinct} words");
     }
 
     #[test]

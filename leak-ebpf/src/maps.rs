@@ -4,11 +4,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use leak_common::{
-    FreeProbeCount, HintKey, Loss, PendingCall, PendingSyscall, Stack, TargetFlags,
-    TracepointLayout,
+    FreeProbeCount, HINT_FILTER_WORDS, HintKey, Loss, PendingCall, PendingSyscall, Stack,
+    TargetFlags, TracepointLayout,
 };
 
 /// Every record of every program, in reservation order.
@@ -35,6 +35,11 @@ pub static CALLS: HashMap<u32, PendingCall> = HashMap::with_max_entries(1 << 16,
 /// Call sites inside allocation wrappers, filled by the daemon (see [`HintKey`]).
 #[map]
 pub static HINTS: HashMap<HintKey, u32> = HashMap::with_max_entries(1 << 14, 0);
+
+/// The bits of the return addresses `HINTS` may hold: a call site whose bit is
+/// clear is in no wrapper (see [`leak_common::hint_filter_bit`]).
+#[map]
+pub static HINT_FILTER: Array<u64> = Array::with_max_entries(HINT_FILTER_WORDS, 0);
 
 /// mmap/mremap arguments between syscall entry and exit, per thread.
 #[map]

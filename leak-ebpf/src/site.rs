@@ -24,10 +24,10 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray},
 };
-use leak_common::{HINT_OPERATOR_NEW, HintKey, MAX_WRAPPER_DEPTH, UnwindCount};
+use leak_common::{HINT_OPERATOR_NEW, HintKey, MAX_WRAPPER_DEPTH, UnwindCount, hint_filter_bit};
 
 use crate::{
-    maps::{HINTS, STACKS},
+    maps::{HINT_FILTER, HINTS, STACKS},
     record::{USER_STACK, bump, capture_stack},
     unwind::{self, MEMO_WORDS, UNWIND_COUNTS},
 };
@@ -90,6 +90,10 @@ fn call_site(tgid: u32, sp: u64, mut read: impl FnMut(u64) -> Option<u64>) -> (u
     let mut via_new = false;
     let mut caller = read(slot).unwrap_or(0);
     for _ in 0..MAX_WRAPPER_DEPTH {
+        let (word, bit) = hint_filter_bit(caller);
+        if HINT_FILTER.get(word).is_none_or(|w| w & (1 << bit) == 0) {
+            break;
+        }
         let key = HintKey {
             tgid,
             _pad: 0,

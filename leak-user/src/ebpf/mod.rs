@@ -22,7 +22,8 @@ use aya::{
 };
 use leak_common::{
     AllocFn, FreeProbeCount, HintKey, Loss, MAX_MODULES, ModuleRange, ModuleSlot, STACK_DEPTH,
-    Stack, StackMode, TargetFlags, TracepointLayout, UnwindRow, UnwindTable, names,
+    Stack, StackMode, TargetFlags, TracepointLayout, UnwindRow, UnwindTable, hint_filter_bit,
+    names,
 };
 
 use crate::allocator::HookPlan;
@@ -517,6 +518,7 @@ impl Probes {
     /// Tells the programs where, above a call site in an allocation wrapper of `pid`,
     /// the wrapper's own return address is ([`HintKey`]).
     pub fn add_hints(&mut self, pid: u32, hints: &[(u64, u32)]) -> Result<(), EbpfError> {
+        self.set_hint_filter_bits(hints)?;
         let map = self
             .ebpf
             .map_mut(names::HINTS)
@@ -533,6 +535,34 @@ impl Probes {
                 .map_err(|e| EbpfError::Map(names::HINTS, e))?;
         }
         self.memo_epoch.bump();
+        Ok(())
+    }
+
+    /// Sets the filter bits of `hints`' return addresses (before the hints go in:
+    /// a probe that sees a bit clear never looks the address up). Bits are never
+    /// cleared: a stale one costs a lookup, no more.
+    fn set_hint_filter_bits(&mut self, hints: &[(u64, u32)]) -> Result<(), EbpfError> {
+        let map = self
+            .ebpf
+            .map_mut(names::HINT_FILTER)
+            .expect("the object defines HINT_FILTER");
+        let mut filter: Array<&mut MapData, u64> =
+            Array::try_from(map).map_err(|e| EbpfError::Map(names::HINT_FILTER, e))?;
+        let mut words: std::collections::BTreeMap<u32, u64> = Default::default();
+        for &(ret, _) in hints {
+            let (word, bit) = hint_filter_bit(ret);
+            *words.entry(word).or_default() |= 1 << bit;
+        }
+        for (word, bits) in words {
+            let old = filter
+                .get(&word, 0)
+                .map_err(|e| EbpfError::Map(names::HINT_FILTER, e))?;
+            if old | bits != old {
+                filter
+                    .set(word, old | bits, 0)
+                    .map_err(|e| EbpfError::Map(names::HINT_FILTER, e))?;
+            }
+        }
         Ok(())
     }
 
