@@ -679,6 +679,14 @@ fn startup(leaktrace: &Path, rounds: usize) -> anyhow::Result<()> {
 }
 
 /// Every overhead figure; `quick` runs fewer pairs, requests and rounds.
+/// Debian packages of the server figures: (package, a file it installs).
+const SERVER_PACKAGES: [(&str, &str); 4] = [
+    ("redis-server", "/usr/bin/redis-server"),
+    ("redis-tools", "/usr/bin/redis-benchmark"),
+    ("nginx", "/usr/sbin/nginx"),
+    ("apache2-utils", "/usr/bin/ab"),
+];
+
 pub fn run(leaktrace: &Path, fixtures: &Path, quick: bool) -> anyhow::Result<()> {
     let (pairs, rounds, requests) = if quick {
         (100_000, 3, 5_000)
@@ -687,6 +695,10 @@ pub fn run(leaktrace: &Path, fixtures: &Path, quick: bool) -> anyhow::Result<()>
     };
     for threads in [1, 2] {
         loop_figures(leaktrace, fixtures, pairs, threads, rounds)?;
+    }
+    // The two servers and their load tools, from Debian (a fresh machine has none).
+    if let Err(err) = crate::setup::ensure_packages(&SERVER_PACKAGES) {
+        println!("  (cannot install the servers: {err:#})");
     }
     for make in [redis as fn(u32) -> anyhow::Result<Server>, nginx] {
         match make(requests) {
