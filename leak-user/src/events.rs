@@ -115,8 +115,8 @@ fn c_string(bytes: &[u8]) -> String {
 }
 
 /// A user allocation record carries no time (reading the clock would cost each
-/// probe a helper call); it gets the time the daemon read it, at most one drain
-/// period (10 ms) after the allocation: objects only ever look younger.
+/// probe a helper call); it gets the time the daemon read it, usually within one
+/// drain period (10 ms) of the allocation: objects only ever look younger.
 fn alloc_of(r: &UserRecord, received_ns: u64) -> Result<Alloc, DecodeError> {
     Ok(Alloc {
         tgid: r.tgid,
