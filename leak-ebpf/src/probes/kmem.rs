@@ -15,10 +15,13 @@
 //! Allocations are filtered by pid and cgroup when asked; frees never are: RCU frees
 //! run later in softirq context on whatever task is current.
 
+use core::{mem::MaybeUninit, ptr::write_volatile};
+
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_comm, bpf_probe_read_kernel_str_bytes, generated::bpf_get_current_cgroup_id,
+        bpf_probe_read_kernel_str_bytes,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
@@ -81,35 +84,79 @@ fn kernel_alloc(ctx: &TracePointContext, kind: RecordKind, f: AllocFields) {
     if !wanted(tgid) {
         return;
     }
-    let mut record = KernelRecord {
-        kind: kind as u32,
-        tgid,
-        tid,
-        in_irq: 0,
-        ts_ns: now_ns(),
+    let allocation = Allocation {
+        kind,
         ptr,
         call_site: read::<u64>(ctx, f.call_site).unwrap_or(0),
         bytes_req: read::<u64>(ctx, f.bytes_req).unwrap_or(0),
         bytes_alloc: read::<u64>(ctx, f.bytes_alloc).unwrap_or(0),
-        stack_id: if capture_stacks() {
-            capture_stack(ctx, &KSTACKS, 0)
-        } else {
-            0
-        },
-        // SAFETY: the helper takes no arguments.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        cache: [0; 32],
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        name: read::<u32>(ctx, f.name).unwrap_or(NO_NAME),
     };
-    if let Some(loc) = read::<u32>(ctx, f.name) {
-        // __data_loc: offset of the string in the record (low 16 bits), length (high).
-        // SAFETY: arithmetic only: the helper below reads and checks.
-        let src = unsafe { (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize) };
-        // SAFETY: the helper checks the address and bounds the copy.
-        let _ = unsafe { bpf_probe_read_kernel_str_bytes(src, &mut record.cache) };
-    }
+    emit_allocation(ctx, tgid, tid, &allocation);
+}
+
+/// No cache name: not a `__data_loc` a tracepoint writes (offset and length 0xffff).
+const NO_NAME: u32 = u32::MAX;
+
+/// What an allocation tracepoint says of one allocation.
+struct Allocation {
+    kind: RecordKind,
+    ptr: u64,
+    call_site: u64,
+    bytes_req: u64,
+    bytes_alloc: u64,
+    /// `__data_loc` of the slab cache's name in the tracepoint record, or
+    /// [`NO_NAME`]. (As an `Option`, LLVM stored its unset payload, which the
+    /// verifier refuses.)
+    name: u32,
+}
+
+/// Writes the record of an allocation by `tgid`/`tid`, with its stack, cgroup and
+/// task name, or counts it when the ring is full.
+fn emit_allocation(ctx: &TracePointContext, tgid: u32, tid: u32, a: &Allocation) {
+    let stack_id = if capture_stacks() {
+        capture_stack(ctx, &KSTACKS, 0)
+    } else {
+        0
+    };
+    // SAFETY: the helper takes no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // Written field by field with volatile stores, the byte arrays included: a
+    // `[0; 32]` in a struct literal becomes a call to a memset that writes one byte
+    // per iteration, four of them per allocation.
+    let mut out = MaybeUninit::<KernelRecord>::uninit();
+    let r = out.as_mut_ptr();
+    // SAFETY: every field of `out` is written before it is read; the pointers are
+    // to fields of our own stack variable, `cache` is 8-byte aligned (after seven
+    // u64s and four u32s), and the helpers write within the sizes given.
+    let record = unsafe {
+        write_volatile(&raw mut (*r).kind, a.kind as u32);
+        write_volatile(&raw mut (*r).tgid, tgid);
+        write_volatile(&raw mut (*r).tid, tid);
+        write_volatile(&raw mut (*r).in_irq, 0);
+        write_volatile(&raw mut (*r).ts_ns, now_ns());
+        write_volatile(&raw mut (*r).ptr, a.ptr);
+        write_volatile(&raw mut (*r).call_site, a.call_site);
+        write_volatile(&raw mut (*r).bytes_req, a.bytes_req);
+        write_volatile(&raw mut (*r).bytes_alloc, a.bytes_alloc);
+        write_volatile(&raw mut (*r).stack_id, stack_id);
+        write_volatile(&raw mut (*r).cgroup_id, cgroup_id);
+        let cache = (&raw mut (*r).cache).cast::<u64>();
+        for i in 0..size_of::<[u8; 32]>() / 8 {
+            write_volatile(cache.add(i), 0);
+        }
+        // The helper pads the name with NULs, or zeroes the buffer when it fails.
+        bpf_get_current_comm((&raw mut (*r).comm).cast(), size_of::<[u8; 16]>() as u32);
+        if a.name != NO_NAME {
+            // __data_loc: offset of the string in the record (low 16 bits), length (high).
+            let src = (ctx.as_ptr() as *const u8).add((a.name & 0xffff) as usize);
+            // The helper checks the address and bounds the copy.
+            let _ = bpf_probe_read_kernel_str_bytes(src, &mut (*r).cache);
+        }
+        out.assume_init_ref()
+    };
     if EVENTS
-        .output::<KernelRecord>(&record, wakeup_flags(size_of::<KernelRecord>() as u64))
+        .output::<KernelRecord>(record, wakeup_flags(size_of::<KernelRecord>() as u64))
         .is_err()
     {
         count(Loss::RingFullKernel);
@@ -242,32 +289,16 @@ pub fn mm_page_alloc(ctx: TracePointContext) -> u32 {
     ) {
         let (tgid, tid) = current_ids();
         if pfn != u64::MAX && sampled(pfn << PAGE_SHIFT) && wanted(tgid) {
-            let record = KernelRecord {
-                kind: RecordKind::PageAlloc as u32,
-                tgid,
-                tid,
-                in_irq: 0,
-                ts_ns: now_ns(),
+            let bytes = 1 << (PAGE_SHIFT + order as u64);
+            let allocation = Allocation {
+                kind: RecordKind::PageAlloc,
                 ptr: pfn << PAGE_SHIFT,
                 call_site: 0,
-                bytes_req: 1 << (PAGE_SHIFT + order as u64),
-                bytes_alloc: 1 << (PAGE_SHIFT + order as u64),
-                stack_id: if capture_stacks() {
-                    capture_stack(&ctx, &KSTACKS, 0)
-                } else {
-                    0
-                },
-                // SAFETY: the helper takes no arguments.
-                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-                cache: [0; 32],
-                comm: bpf_get_current_comm().unwrap_or([0; 16]),
+                bytes_req: bytes,
+                bytes_alloc: bytes,
+                name: NO_NAME,
             };
-            if EVENTS
-                .output::<KernelRecord>(&record, wakeup_flags(size_of::<KernelRecord>() as u64))
-                .is_err()
-            {
-                count(Loss::RingFullKernel);
-            }
+            emit_allocation(&ctx, tgid, tid, &allocation);
         }
     }
     0
