@@ -282,7 +282,7 @@ impl Probes {
         let mode_tag = stack_mode as u32;
         let unwind_rows = if cfi { options.unwind_rows.max(1) } else { 1 };
         let unwind_index = if cfi {
-            crate::unwind::index_capacity(unwind_rows)
+            crate::unwind::tables::index_capacity(unwind_rows)
         } else {
             1
         };

@@ -19,29 +19,16 @@ use crate::{
     ebpf::UnwindMaps,
     proc::maps::{Backing, Mapping},
 };
-use tables::{CodeMapping, Entry, TableSet};
+use tables::{CodeMapping, Entry, MAX_TABLES, TableSet, index_capacity};
 
 /// Default rows of the shared table array (8 bytes each, preallocated by the
 /// kernel): 2^21 rows, 16 MiB; glibc takes about 30,000.
 pub const DEFAULT_ROWS: u32 = 1 << 21;
 
-/// Index entries (4 bytes each, preallocated) for a row array of `rows`: half as
-/// many, and two for each table. An index takes at most an entry for every two
-/// rows when its searches are short, fewer when they are long (glibc 2.36: 28,271
-/// rows, 10,915 entries, 43 KiB; a 127,000-row Rust debug build: long searches,
-/// 16,291 entries), so it fills up after the rows (a table that does not fit
-/// either is refused, its frames ending stacks).
-pub const fn index_capacity(rows: u32) -> u32 {
-    rows / 2 + 2 * MAX_TABLES
-}
-
 /// Processes whose code mappings the eBPF side holds at once (512 code mappings
 /// each, 32 bytes a mapping: 8 MiB). Beyond, a process's stacks end at once
 /// (counted as `no_tables_yet`).
 pub const PROCESS_SLOTS: u32 = 512;
-
-/// Tables at most (the size of `UNWIND_TABLES`).
-const MAX_TABLES: u32 = 4096;
 
 /// The unwinder's state in the daemon.
 pub struct Unwinder {
