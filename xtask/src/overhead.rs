@@ -678,7 +678,6 @@ fn startup(leaktrace: &Path, rounds: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every overhead figure; `quick` runs fewer pairs, requests and rounds.
 /// Debian packages of the server figures: (package, a file it installs).
 const SERVER_PACKAGES: [(&str, &str); 4] = [
     ("redis-server", "/usr/bin/redis-server"),
@@ -687,6 +686,7 @@ const SERVER_PACKAGES: [(&str, &str); 4] = [
     ("apache2-utils", "/usr/bin/ab"),
 ];
 
+/// Every overhead figure; `quick` runs fewer pairs, requests and rounds.
 pub fn run(leaktrace: &Path, fixtures: &Path, quick: bool) -> anyhow::Result<()> {
     let (pairs, rounds, requests) = if quick {
         (100_000, 3, 5_000)

@@ -132,15 +132,17 @@ impl RingReader {
     /// and before returning.
     pub fn drain(&mut self, mut each: impl FnMut(&[u8], u64)) -> usize {
         let mut records = 0;
-        // Everything up to the producer position last read was written before now.
-        let mut written_by = crate::clock::now_ns();
+        // Everything up to the producer position last read was written before the
+        // clock is read; it is read once a record is there to stamp (an empty
+        // drain, every 10 ms, reads no clock).
+        let mut written_by = None;
         loop {
             if self.pos == self.producer_pos {
                 self.producer_pos = self.producer.position().load(Ordering::Acquire);
                 if self.pos == self.producer_pos {
                     break;
                 }
-                written_by = crate::clock::now_ns();
+                written_by = None;
             }
             let offset = self.data_offset + (self.pos & self.mask);
             // SAFETY: `offset` is inside the first copy of the data pages; the header
@@ -171,7 +173,7 @@ impl RingReader {
                         len,
                     )
                 };
-                each(data, written_by);
+                each(data, *written_by.get_or_insert_with(crate::clock::now_ns));
                 records += 1;
             }
             self.pos += (HEADER_BYTES + len).next_multiple_of(8);
