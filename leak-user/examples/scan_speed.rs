@@ -185,6 +185,8 @@ fn main() {
     // Per phase: (MB/s, ratio to this round's read, ticks per word).
     let mut figures: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); names.len()];
     let (mut passed, mut hits, mut edges) = (0u64, 0u64, 0u64);
+    // The 2-thread scans' phases, ms: index and plan, read and walk, mark and sweep.
+    let mut phases: [Vec<f64>; 3] = Default::default();
     for _ in 0..rounds {
         let mut times = Vec::new();
         times.push(timed(|| {
@@ -215,11 +217,19 @@ fn main() {
         }));
         for ws in [&mut one, &mut two] {
             let mut walk = 0.0;
+            let mut timings = None;
             let (secs, ticks) = timed(|| {
                 let out = ws.scan(&input, &memory);
                 edges = out.stats.edges;
                 walk = out.timings.read_and_walk.as_secs_f64();
+                timings = Some(out.timings);
             });
+            if let Some(t) = timings.filter(|t| t.threads == 2) {
+                let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+                phases[0].push(ms(t.index_and_plan));
+                phases[1].push(ms(t.read_and_walk));
+                phases[2].push(ms(t.mark_and_sweep));
+            }
             // The walk's ticks, pro rata.
             times.push((walk, (ticks as f64 * walk / secs) as u64));
             times.push((secs, ticks));
@@ -258,4 +268,13 @@ fn main() {
             "  {name:<18} {r:>7.0} ({r0:>5.0}-{r1:<5.0})     {q:>5.2} ({q0:.2}-{q1:.2})     {c:>5.2} ({c0:.2}-{c1:.2})"
         );
     }
+    let [mut plan, mut walk, mut mark] = phases;
+    let (p, w, m) = (
+        median_min_max(&mut plan).0,
+        median_min_max(&mut walk).0,
+        median_min_max(&mut mark).0,
+    );
+    println!(
+        "  scan, 2 threads, ms (medians): index and plan {p:.1}, read and walk {w:.1}, mark, sweep and checksums {m:.1}"
+    );
 }

@@ -15,7 +15,10 @@
 //!   indirect; the rest are direct. A leaked cycle with no way in gets one direct
 //!   leak (its lowest address), so every lost structure shows a head.
 
-use super::prefetch::prefetch;
+use super::{
+    mark::{Marks, Strong, mark_strong},
+    prefetch::prefetch,
+};
 
 /// Bit set on an edge (or root hit) that points into an object's middle.
 const INTERIOR: u32 = 1 << 31;
@@ -119,10 +122,15 @@ impl Graph {
         }
     }
 
-    /// Runs mark and sweep; one [`Reach`] per object, and how many objects a
-    /// heuristic made reachable. `recognize(object, offset)` says whether an
-    /// interior pointer that far into the object is one a heuristic accepts.
-    pub fn classify(&mut self, recognize: impl FnMut(usize, u32) -> bool) -> (Vec<Reach>, u64) {
+    /// Runs mark and sweep, the strong mark on up to `threads` threads; one
+    /// [`Reach`] per object, and how many objects a heuristic made reachable.
+    /// `recognize(object, offset)` says whether an interior pointer that far into
+    /// the object is one a heuristic accepts.
+    pub fn classify(
+        &mut self,
+        threads: usize,
+        recognize: impl FnMut(usize, u32) -> bool,
+    ) -> (Vec<Reach>, u64) {
         let n = self.objects;
         self.starts.resize(n + 1, self.edges.len() as u32);
         let edges = Edges {
@@ -135,22 +143,20 @@ impl Graph {
             weak: &self.weak_roots,
             interior: &self.interior_roots,
         };
-        let (strong, weak_seeds, by_heuristic) = mark_strong(&edges, &roots, recognize);
+        let Strong {
+            marks: strong,
+            weak_seeds,
+            by_heuristic,
+        } = mark_strong(&edges, &roots, threads, recognize);
         let reached = mark_weak(&edges, &strong, weak_seeds);
-        let mut swept = sweep(&edges, &reached);
-        let reach = (0..n)
-            .map(|i| {
-                if strong[i] {
-                    Reach::Reachable
-                } else if reached[i] {
-                    Reach::Possible
-                } else {
-                    swept[i]
-                        .take()
-                        .expect("the sweep judges every leaked object")
-                }
-            })
-            .collect();
+        let mut reach = vec![Reach::Reachable; n];
+        for i in strong.zeros(n) {
+            if reached.get(i) {
+                reach[i] = Reach::Possible;
+            }
+        }
+        // Every object nothing reached gets its verdict here.
+        sweep(&edges, &reached, &mut reach);
         (reach, by_heuristic)
     }
 }
@@ -249,14 +255,15 @@ impl Graph {
 }
 
 /// What roots point to.
-struct Roots<'a> {
-    strong: &'a [bool],
-    weak: &'a [bool],
-    interior: &'a [(u32, u32)],
+pub(super) struct Roots<'a> {
+    pub strong: &'a [bool],
+    pub weak: &'a [bool],
+    /// (object, offset) of the root words pointing into an object's middle.
+    pub interior: &'a [(u32, u32)],
 }
 
 /// The graph's edge lists, CSR style.
-struct Edges<'a> {
+pub(super) struct Edges<'a> {
     starts: &'a [u32],
     edges: &'a [u32],
     /// (edge index, offset) of the interior edges, in edge order.
@@ -270,7 +277,7 @@ impl Edges<'_> {
     }
 
     /// Object i's edges with their indices: (edge index, target, interior).
-    fn indexed(&self, i: usize) -> impl Iterator<Item = (u32, usize, bool)> + '_ {
+    pub fn indexed(&self, i: usize) -> impl Iterator<Item = (u32, usize, bool)> + '_ {
         let (from, to) = (self.starts[i], self.starts[i + 1]);
         self.edges[from as usize..to as usize]
             .iter()
@@ -281,7 +288,7 @@ impl Edges<'_> {
     /// Starts loading object i's first edges (its entry in `starts` should be
     /// loaded already, see [`Self::prefetch_start`]).
     #[inline(always)]
-    fn prefetch_list(&self, i: usize) {
+    pub fn prefetch_list(&self, i: usize) {
         if let Some(&from) = self.starts.get(i) {
             prefetch(self.edges.as_ptr().wrapping_add(from as usize));
         }
@@ -289,86 +296,26 @@ impl Edges<'_> {
 
     /// Starts loading object i's entry in `starts`.
     #[inline(always)]
-    fn prefetch_start(&self, i: usize) {
+    pub fn prefetch_start(&self, i: usize) {
         prefetch(self.starts.as_ptr().wrapping_add(i));
     }
 
     /// The offset of interior edge `k`.
-    fn offset(&self, k: u32) -> u32 {
+    pub fn offset(&self, k: u32) -> u32 {
         self.interior
             .binary_search_by_key(&k, |e| e.0)
             .map_or(0, |at| self.interior[at].1)
     }
 }
 
-/// How far down the mark's stack the entries of `starts` are prefetched (the
-/// edge lists, a quarter as far).
-const MARK_AHEAD: usize = 16;
-
-/// Marks what start pointers (and interior pointers a heuristic recognises)
-/// reach from the roots. Other interior edges met on the way (and interior root
-/// hits) seed the weak pass, so that it walks only what this one did not reach.
-/// Returns the marks, the weak seeds and how many objects a heuristic made
-/// reachable.
-fn mark_strong(
-    edges: &Edges,
-    roots: &Roots,
-    mut recognize: impl FnMut(usize, u32) -> bool,
-) -> (Vec<bool>, Vec<usize>, u64) {
-    let n = roots.strong.len();
-    let mut strong = roots.strong.to_vec();
-    let mut by_heuristic = 0;
-    for &(j, offset) in roots.interior {
-        let j = j as usize;
-        if !strong[j] && recognize(j, offset) {
-            strong[j] = true;
-            by_heuristic += 1;
-        }
-    }
-    let mut stack: Vec<usize> = (0..n).filter(|&i| strong[i]).collect();
-    let mut weak_seeds: Vec<usize> = (0..n).filter(|&i| roots.weak[i] && !strong[i]).collect();
-    while let Some(i) = stack.pop() {
-        // The objects walked next, unless i adds some: their edge lists lie
-        // anywhere in a large array (the order of the walk stays the same).
-        let below = |depth: usize| stack.len().checked_sub(depth).map(|k| stack[k]);
-        if let Some(later) = below(MARK_AHEAD) {
-            edges.prefetch_start(later);
-        }
-        if let Some(soon) = below(MARK_AHEAD / 4) {
-            edges.prefetch_list(soon);
-        }
-        if let Some(next) = below(1) {
-            edges.prefetch_list(next);
-        }
-        for (k, j, interior) in edges.indexed(i) {
-            if strong[j] {
-                continue;
-            }
-            if !interior {
-                strong[j] = true;
-                edges.prefetch_start(j);
-                stack.push(j);
-            } else if recognize(j, edges.offset(k)) {
-                strong[j] = true;
-                by_heuristic += 1;
-                stack.push(j);
-            } else {
-                weak_seeds.push(j);
-            }
-        }
-    }
-    (strong, weak_seeds, by_heuristic)
-}
-
 /// Marks what any pointer reaches from the weak seeds: every object reached at
 /// all (strongly or not).
-fn mark_weak(edges: &Edges, strong: &[bool], mut stack: Vec<usize>) -> Vec<bool> {
-    let mut reached = strong.to_vec();
-    stack.retain(|&i| !std::mem::replace(&mut reached[i], true));
+fn mark_weak(edges: &Edges, strong: &Marks, mut stack: Vec<usize>) -> Marks {
+    let reached = strong.copy();
+    stack.retain(|&i| reached.insert(i));
     while let Some(i) = stack.pop() {
         for (j, _) in edges.of(i) {
-            if !reached[j] {
-                reached[j] = true;
+            if reached.insert(j) {
                 stack.push(j);
             }
         }
@@ -382,36 +329,36 @@ fn mark_weak(edges: &Edges, strong: &[bool], mut stack: Vec<usize>) -> Vec<bool>
 /// takes what it reaches; a cycle's leader reached from a later leader is
 /// absorbed, so the blocks a lost structure holds are never direct leaks of their
 /// own.
-fn sweep(edges: &Edges, reached: &[bool]) -> Vec<Option<Reach>> {
-    let n = reached.len();
-    let leaked: Vec<usize> = (0..n).filter(|&i| !reached[i]).collect();
-    let mut has_leaked_parent = vec![false; n];
+fn sweep(edges: &Edges, reached: &Marks, reach: &mut [Reach]) {
+    let n = reach.len();
+    let leaked: Vec<usize> = reached.zeros(n).collect();
+    if leaked.is_empty() {
+        return;
+    }
+    let has_leaked_parent = Marks::new(n);
     for &i in &leaked {
         for (j, _) in edges.of(i) {
-            has_leaked_parent[j] = true;
+            has_leaked_parent.insert(j);
         }
     }
-    let mut verdict: Vec<Option<Reach>> = vec![None; n];
-    let heads = leaked.iter().filter(|&&i| !has_leaked_parent[i]);
-    let cycles = leaked.iter().filter(|&&i| has_leaked_parent[i]);
+    let judged = Marks::new(n);
+    let heads = leaked.iter().filter(|&&i| !has_leaked_parent.get(i));
+    let cycles = leaked.iter().filter(|&&i| has_leaked_parent.get(i));
     for &leader in heads.chain(cycles) {
-        if verdict[leader].is_some() {
+        if !judged.insert(leader) {
             continue;
         }
-        verdict[leader] = Some(Reach::Direct);
+        reach[leader] = Reach::Direct;
         let mut stack = vec![leader];
         while let Some(i) = stack.pop() {
             for (j, _) in edges.of(i) {
-                let absorb = !reached[j]
-                    && match verdict[j] {
-                        None => true,
-                        Some(Reach::Direct) => j != leader,
-                        Some(_) => false,
-                    };
+                let absorb = !reached.get(j)
+                    && (!judged.get(j) || (reach[j] == Reach::Direct && j != leader));
                 if absorb {
-                    verdict[j] = Some(Reach::Indirect {
+                    judged.insert(j);
+                    reach[j] = Reach::Indirect {
                         root: leader as u32,
-                    });
+                    };
                     stack.push(j);
                 }
             }
@@ -419,14 +366,13 @@ fn sweep(edges: &Edges, reached: &[bool]) -> Vec<Option<Reach>> {
     }
     // Objects of an absorbed leader: their root is where the chain ends.
     for &i in &leaked {
-        if let Some(Reach::Indirect { mut root }) = verdict[i] {
-            while let Some(Reach::Indirect { root: up }) = verdict[root as usize] {
+        if let Reach::Indirect { mut root } = reach[i] {
+            while let Reach::Indirect { root: up } = reach[root as usize] {
                 root = up;
             }
-            verdict[i] = Some(Reach::Indirect { root });
+            reach[i] = Reach::Indirect { root };
         }
     }
-    verdict
 }
 
 #[cfg(test)]
@@ -443,7 +389,7 @@ mod tests {
         for &(d, i) in roots {
             g.add_root(d, u64::from(i) * 8);
         }
-        g.classify(|_, _| false).0
+        g.classify(1, |_, _| false).0
     }
 
     #[test]
@@ -615,7 +561,10 @@ mod tests {
             assert_eq!(merged.interior_roots, direct.interior_roots);
             assert_eq!(merged.strong_roots, direct.strong_roots);
             assert_eq!(merged.weak_roots, direct.weak_roots);
-            assert_eq!(merged.classify(|_, _| false), direct.classify(|_, _| false));
+            assert_eq!(
+                merged.classify(2, |_, _| false),
+                direct.classify(1, |_, _| false)
+            );
             assert_eq!(merged.starts, direct.starts);
         }
     }

@@ -106,23 +106,25 @@ impl ObjectIndex {
         let ranges = &self.ranges;
         debug_assert!(ranges.windows(2).all(|w| w[0].0 < w[1].0), "sorted starts");
         self.lo = ranges.first().map_or(0, |r| r.0);
-        let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
-        self.width = hi.saturating_sub(self.lo);
-        self.aligned_starts = ranges.iter().all(|r| r.0 % 8 == 0);
-        self.disjoint = ranges.windows(2).all(|w| w[0].1 <= w[1].0);
-        // The spans first, to size the granule table before writing it.
+        // One pass over the objects for the spans (to size the granule table
+        // before writing it) and the layout's properties.
         self.spans.clear();
         let mut bounds = Vec::new();
         let mut granules = 0;
+        let (mut hi, mut aligned_starts, mut disjoint) = (0, true, true);
         let mut i = 0;
         while i < ranges.len() {
             let first_obj = i;
             let mut end = ranges[i].1;
+            aligned_starts &= ranges[i].0.is_multiple_of(8);
             i += 1;
             while i < ranges.len() && ranges[i].0 <= end.saturating_add(SPAN_GAP) {
+                aligned_starts &= ranges[i].0.is_multiple_of(8);
+                disjoint &= ranges[i - 1].1 <= ranges[i].0;
                 end = end.max(ranges[i].1);
                 i += 1;
             }
+            hi = hi.max(end);
             let base = ranges[first_obj].0 & !((1 << GRANULE_SHIFT) - 1);
             self.spans.push(Span {
                 base,
@@ -132,23 +134,28 @@ impl ObjectIndex {
             bounds.push(first_obj..i);
             granules += ((end - base) >> GRANULE_SHIFT) as usize + 1;
         }
+        self.width = hi.saturating_sub(self.lo);
+        self.aligned_starts = aligned_starts;
+        self.disjoint = disjoint;
+        // Each granule written once, whole (no zeroing pass over the table first).
         self.granules.clear();
         reserve_huge(&mut self.granules, granules);
-        self.granules.resize(granules, Granule::default());
         let mut exact_slots = true;
         for (span, objects) in self.spans.iter().zip(bounds) {
             let mut k = objects.start;
-            let end = self.spans_end(span);
-            for (g, granule) in self.granules[span.first..end].iter_mut().enumerate() {
+            let count = ((span.end - span.base) >> GRANULE_SHIFT) as usize + 1;
+            self.granules.extend((0..count).map(|g| {
                 let granule_start = span.base + ((g as u64) << GRANULE_SHIFT);
-                granule.before = k as u32;
+                let before = k as u32;
+                let mut starts = 0u32;
                 while k < objects.end && ranges[k].0 < granule_start + (1 << GRANULE_SHIFT) {
                     let bit = 1 << ((ranges[k].0 - granule_start) >> SLOT_SHIFT);
-                    exact_slots &= granule.starts & bit == 0;
-                    granule.starts |= bit;
+                    exact_slots &= starts & bit == 0;
+                    starts |= bit;
                     k += 1;
                 }
-            }
+                Granule { before, starts }
+            }));
         }
         self.exact_slots = exact_slots;
         self.main_span = self
@@ -158,11 +165,6 @@ impl ObjectIndex {
             .map_or((0, 0, 0), |span| {
                 (span.base, span.end - span.base, span.first)
             });
-    }
-
-    /// The end of `span`'s granules in [`Self::granules`].
-    fn spans_end(&self, span: &Span) -> usize {
-        span.first + ((span.end - span.base) >> GRANULE_SHIFT) as usize + 1
     }
 
     pub fn len(&self) -> usize {

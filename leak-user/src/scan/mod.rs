@@ -27,6 +27,7 @@ pub mod filter;
 pub mod graph;
 pub mod heuristics;
 pub mod index;
+mod mark;
 mod prefetch;
 pub mod scanner;
 
@@ -543,7 +544,7 @@ impl<'a> Walker<'a> {
     fn scan_objects(&mut self, part: &mut Part, addr: u64, bytes: &[u8], first: u32, last: u32) {
         let index = self.index;
         let mut o = first;
-        self.scan(part, addr, bytes, |at| {
+        self.scan(part, addr, bytes, move |at| {
             while index.end(o) < at + 8 && o < last {
                 o += 1;
             }
@@ -888,7 +889,7 @@ impl Workspace {
                 is_vtable,
             )
         };
-        let (reach, by_heuristic) = self.graph.classify(recognize);
+        let (reach, by_heuristic) = self.graph.classify(self.threads, recognize);
         stats.heuristic = by_heuristic;
         let mut candidates = Vec::new();
         let mut unjudged = Vec::new();

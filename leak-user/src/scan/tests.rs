@@ -439,7 +439,7 @@ fn reference_graph(input: &ScanInput, memory: &FakeMemory) -> Graph {
             }
         }
     }
-    graph.classify(|_, _| false);
+    graph.classify(1, |_, _| false);
     graph
 }
 
