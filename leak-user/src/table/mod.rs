@@ -500,26 +500,20 @@ impl Table {
     /// Inserts an object, retiring every live object it overlaps.
     fn insert(&mut self, pid: u32, addr: u64, object: Object) {
         let end = addr.saturating_add(object.span());
-        let Some(p) = self.processes.get(&pid) else {
-            self.counters.foreign += 1;
-            return;
-        };
-        let mut retired = Vec::new();
-        if let Some((&a, o)) = p.objects.range(..=addr).next_back()
-            && a.saturating_add(o.span()) > addr
+        // Objects this one overlaps (their frees were missed): the last one
+        // starting below `end`, one at a time, while it reaches past `addr`.
+        // Usually none, found with one descent of the tree.
+        while let Some(p) = self.processes.get(&pid)
+            && let Some((&a, o)) = p.objects.range(..end).next_back()
+            && (a > addr || a.saturating_add(o.span()) > addr)
         {
-            retired.push(a);
-        }
-        retired.extend(
-            p.objects
-                .range(addr.saturating_add(1)..end)
-                .map(|(&a, _)| a),
-        );
-        for a in retired {
             self.counters.overlap_retired += 1;
             self.remove(pid, a, RetractionReason::Freed);
         }
-        let p = self.processes.get_mut(&pid).expect("checked above");
+        let Some(p) = self.processes.get_mut(&pid) else {
+            self.counters.foreign += 1;
+            return;
+        };
         p.live_bytes += object.size();
         if let Some(old) = p.objects.insert(addr, object) {
             p.live_bytes -= old.size();
