@@ -122,15 +122,14 @@ impl Graph {
         }
     }
 
-    /// Runs mark and sweep, the strong mark on up to `threads` threads; one
-    /// [`Reach`] per object, and how many objects a heuristic made reachable.
+    /// Runs mark and sweep, the strong mark on up to `threads` threads.
     /// `recognize(object, offset)` says whether an interior pointer that far into
     /// the object is one a heuristic accepts.
     pub fn classify(
         &mut self,
         threads: usize,
         recognize: impl FnMut(usize, u32) -> bool,
-    ) -> (Vec<Reach>, u64) {
+    ) -> Verdicts {
         let n = self.objects;
         self.starts.resize(n + 1, self.edges.len() as u32);
         let edges = Edges {
@@ -149,15 +148,56 @@ impl Graph {
             by_heuristic,
         } = mark_strong(&edges, &roots, threads, recognize);
         let reached = mark_weak(&edges, &strong, weak_seeds);
-        let mut reach = vec![Reach::Reachable; n];
-        for i in strong.zeros(n) {
-            if reached.get(i) {
-                reach[i] = Reach::Possible;
-            }
+        let leaked: Vec<usize> = reached.zeros(n).collect();
+        let swept = sweep(&edges, &reached, &leaked);
+        // The leaked objects are among those not strongly reached, in the same order.
+        let mut swept = swept.into_iter();
+        let unreachable = strong
+            .zeros(n)
+            .map(|i| {
+                let reach = if reached.get(i) {
+                    Reach::Possible
+                } else {
+                    swept.next().expect("the sweep judges every leaked object")
+                };
+                (i as u32, reach)
+            })
+            .collect();
+        Verdicts {
+            objects: n,
+            unreachable,
+            by_heuristic,
         }
-        // Every object nothing reached gets its verdict here.
-        sweep(&edges, &reached, &mut reach);
-        (reach, by_heuristic)
+    }
+}
+
+/// What mark and sweep concluded. Every object not listed in `unreachable` is
+/// reachable: the verdicts take memory and time in proportion to what is not.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verdicts {
+    pub objects: usize,
+    /// (object, verdict) of every object that is not strongly reachable
+    /// (possibly lost, or leaked), objects increasing.
+    pub unreachable: Vec<(u32, Reach)>,
+    /// Objects only a heuristic's acceptance made reachable.
+    pub by_heuristic: u64,
+}
+
+impl Verdicts {
+    /// Object i's verdict.
+    pub fn of(&self, i: u32) -> Reach {
+        self.unreachable
+            .binary_search_by_key(&i, |u| u.0)
+            .map_or(Reach::Reachable, |at| self.unreachable[at].1)
+    }
+
+    /// One verdict per object.
+    pub fn to_vec(&self) -> Vec<Reach> {
+        let mut all = vec![Reach::Reachable; self.objects];
+        for &(i, reach) in &self.unreachable {
+            all[i as usize] = reach;
+        }
+        all
     }
 }
 
@@ -329,14 +369,15 @@ fn mark_weak(edges: &Edges, strong: &Marks, mut stack: Vec<usize>) -> Marks {
 /// takes what it reaches; a cycle's leader reached from a later leader is
 /// absorbed, so the blocks a lost structure holds are never direct leaks of their
 /// own.
-fn sweep(edges: &Edges, reached: &Marks, reach: &mut [Reach]) {
-    let n = reach.len();
-    let leaked: Vec<usize> = reached.zeros(n).collect();
+fn sweep(edges: &Edges, reached: &Marks, leaked: &[usize]) -> Vec<Reach> {
+    let n = reached.len();
+    let at = |j: usize| leaked.binary_search(&j).expect("a leaked object");
+    let mut verdict = vec![Reach::Direct; leaked.len()];
     if leaked.is_empty() {
-        return;
+        return verdict;
     }
     let has_leaked_parent = Marks::new(n);
-    for &i in &leaked {
+    for &i in leaked {
         for (j, _) in edges.of(i) {
             has_leaked_parent.insert(j);
         }
@@ -348,15 +389,17 @@ fn sweep(edges: &Edges, reached: &Marks, reach: &mut [Reach]) {
         if !judged.insert(leader) {
             continue;
         }
-        reach[leader] = Reach::Direct;
+        verdict[at(leader)] = Reach::Direct;
         let mut stack = vec![leader];
         while let Some(i) = stack.pop() {
             for (j, _) in edges.of(i) {
-                let absorb = !reached.get(j)
-                    && (!judged.get(j) || (reach[j] == Reach::Direct && j != leader));
-                if absorb {
+                if reached.get(j) {
+                    continue;
+                }
+                let k = at(j);
+                if !judged.get(j) || (verdict[k] == Reach::Direct && j != leader) {
                     judged.insert(j);
-                    reach[j] = Reach::Indirect {
+                    verdict[k] = Reach::Indirect {
                         root: leader as u32,
                     };
                     stack.push(j);
@@ -365,14 +408,15 @@ fn sweep(edges: &Edges, reached: &Marks, reach: &mut [Reach]) {
         }
     }
     // Objects of an absorbed leader: their root is where the chain ends.
-    for &i in &leaked {
-        if let Reach::Indirect { mut root } = reach[i] {
-            while let Reach::Indirect { root: up } = reach[root as usize] {
+    for k in 0..verdict.len() {
+        if let Reach::Indirect { mut root } = verdict[k] {
+            while let Reach::Indirect { root: up } = verdict[at(root as usize)] {
                 root = up;
             }
-            reach[i] = Reach::Indirect { root };
+            verdict[k] = Reach::Indirect { root };
         }
     }
+    verdict
 }
 
 #[cfg(test)]
@@ -389,7 +433,7 @@ mod tests {
         for &(d, i) in roots {
             g.add_root(d, u64::from(i) * 8);
         }
-        g.classify(1, |_, _| false).0
+        g.classify(1, |_, _| false).to_vec()
     }
 
     #[test]

@@ -54,6 +54,11 @@ impl Marks {
         }
     }
 
+    /// Bits it holds (a multiple of 64).
+    pub fn len(&self) -> usize {
+        self.words.len() * 64
+    }
+
     #[inline(always)]
     pub fn get(&self, i: usize) -> bool {
         self.words[i / 64].load(Relaxed) & (1 << (i % 64)) != 0
@@ -325,11 +330,11 @@ mod tests {
                 assert_eq!(one, many, "{n} objects, {threads} threads");
             }
             let kinds = |r: &[Reach], k: fn(&Reach) -> bool| r.iter().filter(|x| k(x)).count();
-            let (reach, by_heuristic) = &one;
+            let (reach, by_heuristic) = (one.to_vec(), one.by_heuristic);
             // Not vacuous: every verdict occurs, and the heuristic accepted some.
-            assert!(kinds(reach, |r| *r == Reach::Reachable) > 0);
-            assert!(kinds(reach, |r| *r == Reach::Direct) > 0);
-            assert!(*by_heuristic > 0 || roots < 10);
+            assert!(kinds(&reach, |r| *r == Reach::Reachable) > 0);
+            assert!(kinds(&reach, |r| *r == Reach::Direct) > 0);
+            assert!(by_heuristic > 0 || roots < 10);
         }
     }
 
@@ -341,15 +346,19 @@ mod tests {
         g.add_edge(0, 1, 0);
         g.add_edge(1, 2, 0);
         g.add_root(0, 0);
-        let (reach, by_heuristic) = g.classify(1, |_, _| true);
-        assert_eq!(reach, vec![Reach::Reachable; 3]);
-        assert_eq!(by_heuristic, 0);
+        let verdicts = g.classify(1, |_, _| true);
+        assert_eq!(verdicts.to_vec(), vec![Reach::Reachable; 3]);
+        assert_eq!(verdicts.by_heuristic, 0);
         // Only the interior pointer leads to 2: the heuristic did it.
         let mut g = Graph::new(3);
         g.add_edge(0, 2, 16);
         g.add_edge(0, 1, 0);
         g.add_root(0, 0);
-        assert_eq!(g.classify(1, |_, _| true), (vec![Reach::Reachable; 3], 1));
+        let verdicts = g.classify(1, |_, _| true);
+        assert_eq!(
+            (verdicts.to_vec(), verdicts.by_heuristic),
+            (vec![Reach::Reachable; 3], 1)
+        );
     }
 
     #[test]
@@ -361,9 +370,13 @@ mod tests {
         g.add_edge(2, 3, 8);
         g.add_edge(3, 4, 0);
         g.add_root(0, 0);
-        assert_eq!(g.classify(2, |_, _| true), (vec![Reach::Reachable; 5], 2));
+        let verdicts = g.classify(2, |_, _| true);
+        assert_eq!(
+            (verdicts.to_vec(), verdicts.by_heuristic),
+            (vec![Reach::Reachable; 5], 2)
+        );
         // Refused, the interior pointers leave them possibly lost.
-        let (reach, _) = g.classify(2, |_, _| false);
+        let reach = g.classify(2, |_, _| false).to_vec();
         assert_eq!(reach[0], Reach::Reachable);
         assert!(
             reach[1..].iter().all(|r| *r == Reach::Possible),

@@ -889,60 +889,64 @@ impl Workspace {
                 is_vtable,
             )
         };
-        let (reach, by_heuristic) = self.graph.classify(self.threads, recognize);
-        stats.heuristic = by_heuristic;
-        let mut candidates = Vec::new();
-        let mut unjudged = Vec::new();
-        let mut watched = Vec::new();
-        let mut is_unmapped = vec![false; objects.len()];
-        for &o in unmapped {
-            is_unmapped[o as usize] = true;
-        }
+        let verdicts = self.graph.classify(self.threads, recognize);
+        stats.heuristic = verdicts.by_heuristic;
         stats.edges = self.graph.edge_count() as u64;
-        for (i, r) in reach.iter().enumerate() {
-            let addr = objects[i].0;
-            if !self.read_ok[i] {
-                if !is_unmapped[i] {
-                    unjudged.push(addr);
-                }
+        // Objects not read whole get no verdict; those no mapping holds any more
+        // are reported apart (`unmapped` is in object order).
+        let mut unjudged = Vec::new();
+        let mut reachable_unread = 0;
+        for i in (0..objects.len()).filter(|&i| !self.read_ok[i]) {
+            if verdicts.of(i as u32) == Reach::Reachable {
+                reachable_unread += 1;
+            }
+            if unmapped.binary_search(&(i as u32)).is_err() {
+                unjudged.push(objects[i].0);
+            }
+        }
+        // Only the objects that are not reachable are visited.
+        let mut candidates = Vec::new();
+        for &(i, r) in &verdicts.unreachable {
+            if !self.read_ok[i as usize] {
                 continue;
             }
-            let kind = match r {
-                Reach::Reachable => {
-                    stats.reachable += 1;
-                    if input.snapshot.watched.binary_search(&addr).is_ok() {
-                        watched.push(i);
-                    }
-                    continue;
-                }
+            let (kind, root) = match r {
+                Reach::Reachable => unreachable!("listed objects are not reachable"),
                 Reach::Possible => {
                     stats.possible += 1;
-                    LeakKind::Possible
+                    (LeakKind::Possible, None)
                 }
                 Reach::Direct => {
                     stats.direct += 1;
-                    LeakKind::Direct
+                    (LeakKind::Direct, None)
                 }
-                Reach::Indirect { .. } => {
+                Reach::Indirect { root } => {
                     stats.indirect += 1;
-                    LeakKind::Indirect
+                    (LeakKind::Indirect, Some(index.start(root)))
                 }
             };
-            let root = match r {
-                Reach::Indirect { root } => Some(index.start(*root)),
-                _ => None,
-            };
+            let (addr, object) = objects[i as usize];
             candidates.push(Candidate {
                 addr,
-                serial: objects[i].1.serial,
+                serial: object.serial,
                 kind,
                 checksum: 0,
                 root,
             });
         }
+        stats.reachable = (objects.len() - verdicts.unreachable.len() - reachable_unread) as u64;
         stats.unreadable = unjudged.len() as u64;
         stats.unmapped = unmapped.len() as u64;
-        self.watched = watched;
+        // Watched objects (sorted addresses) found reachable, in object order.
+        self.watched = input
+            .snapshot
+            .watched
+            .iter()
+            .filter_map(|&addr| {
+                let i = objects.binary_search_by_key(&addr, |o| o.0).ok()?;
+                (self.read_ok[i] && verdicts.of(i as u32) == Reach::Reachable).then_some(i)
+            })
+            .collect();
         ScanOutput {
             candidates,
             unmapped: unmapped
