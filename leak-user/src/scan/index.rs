@@ -11,6 +11,8 @@
 //! its slot (a popcount), minus one: one table read, one object read, no walk.
 //! (Allocators return 8-byte aligned blocks; if two objects ever start in one slot,
 //! lookups fall back to a short walk from the count.)
+use std::mem::MaybeUninit;
+
 use super::prefetch::prefetch;
 
 /// Makes room for `len` elements in `v` (which is empty). A table of several
@@ -51,8 +53,43 @@ struct Span {
     first: usize,
 }
 
+/// Granule tables this large are filled by several threads.
+const PARALLEL_GRANULES: usize = 1 << 20;
+
+/// A contiguous part of one span's granules, filled by one thread.
+struct Share {
+    /// The address of its first granule.
+    base: u64,
+    /// The objects from the first one starting at or after `base` to the span's end.
+    objects: std::ops::Range<usize>,
+    granules: usize,
+}
+
+/// A share and the slots of the granule table it fills.
+type ShareOut<'a> = (Share, &'a mut [MaybeUninit<Granule>]);
+
+/// Writes every granule of `share` into `out`; whether no two objects started
+/// in one slot.
+fn fill(ranges: &[(u64, u64)], share: &Share, out: &mut [MaybeUninit<Granule>]) -> bool {
+    let mut k = share.objects.start;
+    let mut exact = true;
+    for (g, slot) in out.iter_mut().enumerate() {
+        let granule_start = share.base + ((g as u64) << GRANULE_SHIFT);
+        let before = k as u32;
+        let mut starts = 0u32;
+        while k < share.objects.end && ranges[k].0 < granule_start + (1 << GRANULE_SHIFT) {
+            let bit = 1 << ((ranges[k].0 - granule_start) >> SLOT_SHIFT);
+            exact &= starts & bit == 0;
+            starts |= bit;
+            k += 1;
+        }
+        slot.write(Granule { before, starts });
+    }
+    exact
+}
+
 /// What one granule of a span knows.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 struct Granule {
     /// Index of the first object starting at or after the granule's start.
     before: u32,
@@ -98,6 +135,12 @@ impl ObjectIndex {
 
     /// [`Self::new`], reusing this index's memory.
     pub fn rebuild(&mut self, ranges: impl IntoIterator<Item = (u64, u64)>) {
+        self.rebuild_on(ranges, 1);
+    }
+
+    /// [`Self::rebuild`], the granule table of a large heap filled by up to
+    /// `threads` threads (each a contiguous share of it).
+    pub fn rebuild_on(&mut self, ranges: impl IntoIterator<Item = (u64, u64)>, threads: usize) {
         let ranges = ranges.into_iter();
         self.ranges.clear();
         reserve_huge(&mut self.ranges, ranges.size_hint().0);
@@ -137,26 +180,62 @@ impl ObjectIndex {
         self.width = hi.saturating_sub(self.lo);
         self.aligned_starts = aligned_starts;
         self.disjoint = disjoint;
-        // Each granule written once, whole (no zeroing pass over the table first).
+        // Each granule written once, whole (no zeroing pass over the table
+        // first). A large span is cut into one share per thread; a share's first
+        // object is found by binary search.
         self.granules.clear();
         reserve_huge(&mut self.granules, granules);
-        let mut exact_slots = true;
+        let threads = if granules >= PARALLEL_GRANULES {
+            threads.max(1)
+        } else {
+            1
+        };
+        let mut shares = Vec::new();
         for (span, objects) in self.spans.iter().zip(bounds) {
-            let mut k = objects.start;
             let count = ((span.end - span.base) >> GRANULE_SHIFT) as usize + 1;
-            self.granules.extend((0..count).map(|g| {
-                let granule_start = span.base + ((g as u64) << GRANULE_SHIFT);
-                let before = k as u32;
-                let mut starts = 0u32;
-                while k < objects.end && ranges[k].0 < granule_start + (1 << GRANULE_SHIFT) {
-                    let bit = 1 << ((ranges[k].0 - granule_start) >> SLOT_SHIFT);
-                    exact_slots &= starts & bit == 0;
-                    starts |= bit;
-                    k += 1;
-                }
-                Granule { before, starts }
-            }));
+            let cuts = if count >= PARALLEL_GRANULES {
+                threads
+            } else {
+                1
+            };
+            for c in 0..cuts {
+                let (from, to) = (count * c / cuts, count * (c + 1) / cuts);
+                let base = span.base + ((from as u64) << GRANULE_SHIFT);
+                let first = objects.start + ranges[objects.clone()].partition_point(|r| r.0 < base);
+                shares.push(Share {
+                    base,
+                    objects: first..objects.end,
+                    granules: to - from,
+                });
+            }
         }
+        let mut out = &mut self.granules.spare_capacity_mut()[..granules];
+        let mut work: Vec<Vec<ShareOut>> = (0..threads).map(|_| Vec::new()).collect();
+        for (k, share) in shares.into_iter().enumerate() {
+            let (these, rest) = out.split_at_mut(share.granules);
+            out = rest;
+            work[k % threads].push((share, these));
+        }
+        let fill_all = |work: Vec<ShareOut>| {
+            work.into_iter().fold(true, |exact, (share, out)| {
+                fill(ranges, &share, out) && exact
+            })
+        };
+        let exact_slots = if threads > 1 {
+            std::thread::scope(|s| {
+                let mut work = work.into_iter();
+                let mine = work.next().expect("one share per thread at least");
+                let others: Vec<_> = work.map(|w| s.spawn(move || fill_all(w))).collect();
+                let exact = fill_all(mine);
+                others
+                    .into_iter()
+                    .fold(exact, |e, h| h.join().expect("index thread") && e)
+            })
+        } else {
+            fill_all(work.into_iter().next().expect("one"))
+        };
+        // SAFETY: the shares cover the first `granules` slots, each written by `fill`.
+        unsafe { self.granules.set_len(granules) };
         self.exact_slots = exact_slots;
         self.main_span = self
             .spans
@@ -323,6 +402,40 @@ impl ObjectIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_fill_the_granule_table_one_thread_fills() {
+        // A main span of 600 MB (2.4 M granules: cut in shares), objects of
+        // 16..4096 bytes at pseudo-random gaps (a few of 512 KiB); a small span
+        // far above it.
+        let mut x: u64 = 7;
+        let mut ranges = Vec::new();
+        let mut at = 0x5555_0000_0000u64;
+        while at < 0x5555_0000_0000 + (600 << 20) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = 16 + x % 4096;
+            ranges.push((at, len));
+            at += len + (x >> 20) % 64 * 8 + if x.is_multiple_of(97) { 512 << 10 } else { 0 };
+        }
+        ranges.push((0x7f00_0000_0000, 64));
+        let one = ObjectIndex::new(ranges.iter().copied());
+        assert!(
+            one.granules.len() >= 2 * PARALLEL_GRANULES,
+            "{}",
+            one.granules.len()
+        );
+        for threads in [2, 3] {
+            let mut many = ObjectIndex::default();
+            many.rebuild_on(ranges.iter().copied(), threads);
+            assert!(many.granules == one.granules, "{threads} threads");
+            assert_eq!(many.exact_slots, one.exact_slots);
+            for &(s, len) in ranges.iter().step_by(101) {
+                assert_eq!(many.lookup(s + len / 2), one.lookup(s + len / 2));
+            }
+        }
+    }
 
     fn brute(ranges: &[(u64, u64)], addr: u64) -> Option<u32> {
         ranges

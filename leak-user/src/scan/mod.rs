@@ -762,7 +762,7 @@ impl Workspace {
         let objects = &input.snapshot.objects;
         let started = std::time::Instant::now();
         let mut index = std::mem::take(&mut self.index);
-        index.rebuild(objects.iter().map(|(a, o)| (*a, o.size())));
+        index.rebuild_on(objects.iter().map(|(a, o)| (*a, o.size())), self.threads);
         let plan = plan(input, &index, &mut self.pieces);
         let planned = started.elapsed();
         self.graph.reset(index.len());
