@@ -16,12 +16,9 @@
 //!   leak (its lowest address), so every lost structure shows a head.
 
 use super::{
+    edges::{Edges, INTERIOR, Roots},
     mark::{Marks, Strong, mark_strong},
-    prefetch::prefetch,
 };
-
-/// Bit set on an edge (or root hit) that points into an object's middle.
-const INTERIOR: u32 = 1 << 31;
 
 /// What the mark phase concluded about one object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,60 +288,6 @@ impl Graph {
             self.weak_roots[j as usize] = true;
             self.interior_roots.push((j, off));
         }
-    }
-}
-
-/// What roots point to.
-pub(super) struct Roots<'a> {
-    pub strong: &'a [bool],
-    pub weak: &'a [bool],
-    /// (object, offset) of the root words pointing into an object's middle.
-    pub interior: &'a [(u32, u32)],
-}
-
-/// The graph's edge lists, CSR style.
-pub(super) struct Edges<'a> {
-    starts: &'a [u32],
-    edges: &'a [u32],
-    /// (edge index, offset) of the interior edges, in edge order.
-    interior: &'a [(u32, u32)],
-}
-
-impl Edges<'_> {
-    /// Object i's edges: (target, interior).
-    fn of(&self, i: usize) -> impl Iterator<Item = (usize, bool)> + '_ {
-        self.indexed(i).map(|(_, j, interior)| (j, interior))
-    }
-
-    /// Object i's edges with their indices: (edge index, target, interior).
-    pub fn indexed(&self, i: usize) -> impl Iterator<Item = (u32, usize, bool)> + '_ {
-        let (from, to) = (self.starts[i], self.starts[i + 1]);
-        self.edges[from as usize..to as usize]
-            .iter()
-            .zip(from..to)
-            .map(|(&e, k)| (k, (e & !INTERIOR) as usize, e & INTERIOR != 0))
-    }
-
-    /// Starts loading object i's first edges (its entry in `starts` should be
-    /// loaded already, see [`Self::prefetch_start`]).
-    #[inline(always)]
-    pub fn prefetch_list(&self, i: usize) {
-        if let Some(&from) = self.starts.get(i) {
-            prefetch(self.edges.as_ptr().wrapping_add(from as usize));
-        }
-    }
-
-    /// Starts loading object i's entry in `starts`.
-    #[inline(always)]
-    pub fn prefetch_start(&self, i: usize) {
-        prefetch(self.starts.as_ptr().wrapping_add(i));
-    }
-
-    /// The offset of interior edge `k`.
-    pub fn offset(&self, k: u32) -> u32 {
-        self.interior
-            .binary_search_by_key(&k, |e| e.0)
-            .map_or(0, |at| self.interior[at].1)
     }
 }
 
@@ -620,5 +563,100 @@ mod tests {
             g.add_edge(0, 1, 0);
         }
         assert_eq!(g.edge_count(), 1);
+    }
+
+    // The strong mark on several threads (mark.rs), through classify.
+
+    /// A graph of `n` objects: `roots` start-pointer roots, each object pointing
+    /// to the next of its chain (long lists, as linked lists are) and to a few
+    /// random others, a tenth of those pointers interior ones.
+    fn random_graph(n: u32, roots: u32, seed: u64) -> Graph {
+        let mut x = seed;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut g = Graph::new(n as usize);
+        for src in 0..n {
+            if src + 97 < n {
+                g.add_edge(src, src + 97, 0);
+            }
+            for _ in 0..next() % 4 {
+                let dst = (next() % u64::from(n)) as u32;
+                let offset = if next() % 10 == 0 { 8 } else { 0 };
+                g.add_edge(src, dst, offset);
+            }
+        }
+        for _ in 0..roots {
+            g.add_root((next() % u64::from(n)) as u32, 0);
+        }
+        g
+    }
+
+    #[test]
+    fn threads_mark_what_one_thread_marks() {
+        for (n, roots, seed) in [(200_000, 300, 1), (50_000, 70, 2), (10_000, 5, 3)] {
+            // A heuristic that accepts interior pointers into every third object.
+            let accept = |j: usize, _| j.is_multiple_of(3);
+            let one = random_graph(n, roots, seed).classify(1, accept);
+            for threads in [2, 4] {
+                let many = random_graph(n, roots, seed).classify(threads, accept);
+                assert_eq!(one, many, "{n} objects, {threads} threads");
+            }
+            let kinds = |r: &[Reach], k: fn(&Reach) -> bool| r.iter().filter(|x| k(x)).count();
+            let (reach, by_heuristic) = (one.to_vec(), one.by_heuristic);
+            // Not vacuous: every verdict occurs, and the heuristic accepted some.
+            assert!(kinds(&reach, |r| *r == Reach::Reachable) > 0);
+            assert!(kinds(&reach, |r| *r == Reach::Direct) > 0);
+            assert!(by_heuristic > 0 || roots < 10);
+        }
+    }
+
+    #[test]
+    fn an_object_start_pointers_reach_is_not_reached_by_a_heuristic() {
+        // Root -> 0; 0 points into 2's middle before it points at 1; 1 -> 2.
+        let mut g = Graph::new(3);
+        g.add_edge(0, 2, 16);
+        g.add_edge(0, 1, 0);
+        g.add_edge(1, 2, 0);
+        g.add_root(0, 0);
+        let verdicts = g.classify(1, |_, _| true);
+        assert_eq!(verdicts.to_vec(), vec![Reach::Reachable; 3]);
+        assert_eq!(verdicts.by_heuristic, 0);
+        // Only the interior pointer leads to 2: the heuristic did it.
+        let mut g = Graph::new(3);
+        g.add_edge(0, 2, 16);
+        g.add_edge(0, 1, 0);
+        g.add_root(0, 0);
+        let verdicts = g.classify(1, |_, _| true);
+        assert_eq!(
+            (verdicts.to_vec(), verdicts.by_heuristic),
+            (vec![Reach::Reachable; 3], 1)
+        );
+    }
+
+    #[test]
+    fn what_a_heuristic_accepts_is_walked_too() {
+        // Root -> 0 -interior-> 1 -> 2 -interior-> 3 -> 4; the heuristic accepts 1 and 3.
+        let mut g = Graph::new(5);
+        g.add_edge(0, 1, 8);
+        g.add_edge(1, 2, 0);
+        g.add_edge(2, 3, 8);
+        g.add_edge(3, 4, 0);
+        g.add_root(0, 0);
+        let verdicts = g.classify(2, |_, _| true);
+        assert_eq!(
+            (verdicts.to_vec(), verdicts.by_heuristic),
+            (vec![Reach::Reachable; 5], 2)
+        );
+        // Refused, the interior pointers leave them possibly lost.
+        let reach = g.classify(2, |_, _| false).to_vec();
+        assert_eq!(reach[0], Reach::Reachable);
+        assert!(
+            reach[1..].iter().all(|r| *r == Reach::Possible),
+            "{reach:?}"
+        );
     }
 }

@@ -23,7 +23,7 @@ use std::sync::{
     atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
 };
 
-use super::graph::{Edges, Roots};
+use super::edges::{Edges, Roots};
 
 /// One bit per object. The mark tests a random object's bit for every edge: as
 /// bits, a million objects' marks stay in the L2 cache (as bytes they do not).
@@ -284,103 +284,5 @@ impl Closure<'_> {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
         self.pool.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::super::graph::{Graph, Reach};
-
-    /// A graph of `n` objects: `roots` start-pointer roots, each object pointing
-    /// to the next of its chain (long lists, as linked lists are) and to a few
-    /// random others, a tenth of those pointers interior ones.
-    fn random_graph(n: u32, roots: u32, seed: u64) -> Graph {
-        let mut x = seed;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        let mut g = Graph::new(n as usize);
-        for src in 0..n {
-            if src + 97 < n {
-                g.add_edge(src, src + 97, 0);
-            }
-            for _ in 0..next() % 4 {
-                let dst = (next() % u64::from(n)) as u32;
-                let offset = if next() % 10 == 0 { 8 } else { 0 };
-                g.add_edge(src, dst, offset);
-            }
-        }
-        for _ in 0..roots {
-            g.add_root((next() % u64::from(n)) as u32, 0);
-        }
-        g
-    }
-
-    #[test]
-    fn threads_mark_what_one_thread_marks() {
-        for (n, roots, seed) in [(200_000, 300, 1), (50_000, 70, 2), (10_000, 5, 3)] {
-            // A heuristic that accepts interior pointers into every third object.
-            let accept = |j: usize, _| j.is_multiple_of(3);
-            let one = random_graph(n, roots, seed).classify(1, accept);
-            for threads in [2, 4] {
-                let many = random_graph(n, roots, seed).classify(threads, accept);
-                assert_eq!(one, many, "{n} objects, {threads} threads");
-            }
-            let kinds = |r: &[Reach], k: fn(&Reach) -> bool| r.iter().filter(|x| k(x)).count();
-            let (reach, by_heuristic) = (one.to_vec(), one.by_heuristic);
-            // Not vacuous: every verdict occurs, and the heuristic accepted some.
-            assert!(kinds(&reach, |r| *r == Reach::Reachable) > 0);
-            assert!(kinds(&reach, |r| *r == Reach::Direct) > 0);
-            assert!(by_heuristic > 0 || roots < 10);
-        }
-    }
-
-    #[test]
-    fn an_object_start_pointers_reach_is_not_reached_by_a_heuristic() {
-        // Root -> 0; 0 points into 2's middle before it points at 1; 1 -> 2.
-        let mut g = Graph::new(3);
-        g.add_edge(0, 2, 16);
-        g.add_edge(0, 1, 0);
-        g.add_edge(1, 2, 0);
-        g.add_root(0, 0);
-        let verdicts = g.classify(1, |_, _| true);
-        assert_eq!(verdicts.to_vec(), vec![Reach::Reachable; 3]);
-        assert_eq!(verdicts.by_heuristic, 0);
-        // Only the interior pointer leads to 2: the heuristic did it.
-        let mut g = Graph::new(3);
-        g.add_edge(0, 2, 16);
-        g.add_edge(0, 1, 0);
-        g.add_root(0, 0);
-        let verdicts = g.classify(1, |_, _| true);
-        assert_eq!(
-            (verdicts.to_vec(), verdicts.by_heuristic),
-            (vec![Reach::Reachable; 3], 1)
-        );
-    }
-
-    #[test]
-    fn what_a_heuristic_accepts_is_walked_too() {
-        // Root -> 0 -interior-> 1 -> 2 -interior-> 3 -> 4; the heuristic accepts 1 and 3.
-        let mut g = Graph::new(5);
-        g.add_edge(0, 1, 8);
-        g.add_edge(1, 2, 0);
-        g.add_edge(2, 3, 8);
-        g.add_edge(3, 4, 0);
-        g.add_root(0, 0);
-        let verdicts = g.classify(2, |_, _| true);
-        assert_eq!(
-            (verdicts.to_vec(), verdicts.by_heuristic),
-            (vec![Reach::Reachable; 5], 2)
-        );
-        // Refused, the interior pointers leave them possibly lost.
-        let reach = g.classify(2, |_, _| false).to_vec();
-        assert_eq!(reach[0], Reach::Reachable);
-        assert!(
-            reach[1..].iter().all(|r| *r == Reach::Possible),
-            "{reach:?}"
-        );
     }
 }

@@ -23,6 +23,7 @@
 //!
 //! Everything here is pure given a [`MemorySource`]; tests run it on fake memory.
 
+mod edges;
 pub mod filter;
 pub mod graph;
 pub mod heuristics;
