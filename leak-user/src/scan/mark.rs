@@ -10,13 +10,16 @@
 //!   in a large array) are prefetched. Depth first, a linked list is walked one
 //!   cache miss after another.
 //! * Several threads share the work: marks are atomic bits, each thread walks a
-//!   queue of its own and hands half of a long one to a thread that ran dry.
+//!   queue of its own and hands a batch of a long one to a thread that ran dry.
 //!
 //! What is marked does not depend on the order or the thread count. Interior
 //! pointers are judged after the start pointers' closure, one at a time, in edge
 //! order (the heuristics read target memory and are neither thread-safe nor
-//! cheap), and an object they accept seeds the next closure. So an object that
-//! start pointers reach is never counted as reached by a heuristic.
+//! cheap), and the objects they accept seed the next closure. So an object that
+//! start pointers reach from the roots is not counted as reached by a heuristic
+//! (the depth-first mark before counted whatever a heuristic met first); two
+//! objects accepted in one round are both counted, even when one points to the
+//! other's start.
 
 use std::sync::{
     Condvar, Mutex, PoisonError,
@@ -175,6 +178,9 @@ struct Pool {
     batches: Vec<Vec<u32>>,
     /// Threads with nothing to walk.
     idle: usize,
+    /// A thread panicked: the others stop waiting for work (the scope then
+    /// passes the panic on instead of hanging).
+    abandoned: bool,
 }
 
 struct Closure<'a> {
@@ -198,6 +204,7 @@ fn close(edges: &Edges, marks: &Marks, seeds: Vec<u32>, threads: usize) -> Vec<(
         pool: Mutex::new(Pool {
             batches: Vec::new(),
             idle: 0,
+            abandoned: false,
         }),
         wake: Condvar::new(),
         idle: AtomicUsize::new(0),
@@ -226,6 +233,7 @@ impl Closure<'_> {
     /// One thread's part: walks its queue, then queues others hand over, until
     /// every thread is out of work.
     fn walk(&self, mut queue: Vec<u32>) -> Vec<(u32, u32)> {
+        let _abandon_on_panic = AbandonOnPanic(self);
         let edges = self.edges;
         let mut met = Vec::new();
         loop {
@@ -273,7 +281,7 @@ impl Closure<'_> {
                 self.idle.store(pool.idle, Relaxed);
                 return Some(batch);
             }
-            if pool.idle == self.threads {
+            if pool.idle == self.threads || pool.abandoned {
                 // Nobody is walking: nobody can hand anything over any more.
                 self.wake.notify_all();
                 return None;
@@ -284,5 +292,46 @@ impl Closure<'_> {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
         self.pool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Wakes the other threads of a closure for good when its thread unwinds.
+struct AbandonOnPanic<'a>(&'a Closure<'a>);
+
+impl Drop for AbandonOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.lock().abandoned = true;
+            self.0.wake.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_that_panics_does_not_leave_the_others_waiting() {
+        // 200 objects; the last one's edge points past the marks: the thread that
+        // walks it panics while the other, out of work, waits for a batch.
+        let n = 200;
+        let starts: Vec<u32> = (0..=n).collect();
+        let mut targets: Vec<u32> = (0..n).map(|i| (i + 1) % n).collect();
+        targets[n as usize - 1] = 10 * n;
+        let edges = Edges {
+            starts: &starts,
+            edges: &targets,
+            interior: &[],
+        };
+        let marks = Marks::new(n as usize);
+        let seeds: Vec<u32> = (0..n).filter(|i| i % 2 == 0).collect();
+        for &i in &seeds {
+            marks.insert(i as usize);
+        }
+        let walked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            close(&edges, &marks, seeds, 2)
+        }));
+        assert!(walked.is_err(), "the bad edge was walked without a panic");
     }
 }

@@ -500,13 +500,18 @@ impl Table {
     /// Inserts an object, retiring every live object it overlaps.
     fn insert(&mut self, pid: u32, addr: u64, object: Object) {
         let end = addr.saturating_add(object.span());
-        // Objects this one overlaps (their frees were missed): the last one
-        // starting below `end`, one at a time, while it reaches past `addr`.
-        // Usually none, found with one descent of the tree.
-        while let Some(p) = self.processes.get(&pid)
-            && let Some((&a, o)) = p.objects.range(..end).next_back()
-            && (a > addr || a.saturating_add(o.span()) > addr)
-        {
+        // Objects this one overlaps (their frees were missed): walking down from
+        // the last one starting below `end` while they reach past `addr` (usually
+        // none, found with one descent of the tree), retired in address order.
+        let retired: Vec<u64> = self.processes.get(&pid).map_or_else(Vec::new, |p| {
+            p.objects
+                .range(..end)
+                .rev()
+                .take_while(|&(&a, o)| a > addr || a.saturating_add(o.span()) > addr)
+                .map(|(&a, _)| a)
+                .collect()
+        });
+        for a in retired.into_iter().rev() {
             self.counters.overlap_retired += 1;
             self.remove(pid, a, RetractionReason::Freed);
         }
