@@ -315,6 +315,7 @@ fn mark_weak(edges: &Edges, strong: &Marks, mut stack: Vec<usize>) -> Marks {
 fn sweep(edges: &Edges, reached: &Marks, leaked: &[usize]) -> Vec<Reach> {
     let n = reached.len();
     let at = |j: usize| leaked.binary_search(&j).expect("a leaked object");
+    // A leader stays direct; what it absorbs becomes indirect.
     let mut verdict = vec![Reach::Direct; leaked.len()];
     if leaked.is_empty() {
         return verdict;
@@ -332,7 +333,6 @@ fn sweep(edges: &Edges, reached: &Marks, leaked: &[usize]) -> Vec<Reach> {
         if !judged.insert(leader) {
             continue;
         }
-        verdict[at(leader)] = Reach::Direct;
         let mut stack = vec![leader];
         while let Some(i) = stack.pop() {
             for (j, _) in edges.of(i) {
@@ -366,7 +366,9 @@ fn sweep(edges: &Edges, reached: &Marks, leaked: &[usize]) -> Vec<Reach> {
 mod tests {
     use super::*;
 
-    fn graph(n: usize, edges: &[(u32, u32, bool)], roots: &[(u32, bool)]) -> Vec<Reach> {
+    /// A graph of `n` objects with (source, target, interior) edges and (target,
+    /// interior) root hits; interior pointers point 8 bytes in.
+    fn build(n: usize, edges: &[(u32, u32, bool)], roots: &[(u32, bool)]) -> Graph {
         let mut g = Graph::new(n);
         let mut edges = edges.to_vec();
         edges.sort_by_key(|e| e.0);
@@ -376,7 +378,11 @@ mod tests {
         for &(d, i) in roots {
             g.add_root(d, u64::from(i) * 8);
         }
-        g.classify(1, |_, _| false).to_vec()
+        g
+    }
+
+    fn graph(n: usize, edges: &[(u32, u32, bool)], roots: &[(u32, bool)]) -> Vec<Reach> {
+        build(n, edges, roots).classify(1, |_, _| false).to_vec()
     }
 
     #[test]
@@ -617,19 +623,16 @@ mod tests {
     #[test]
     fn an_object_start_pointers_reach_is_not_reached_by_a_heuristic() {
         // Root -> 0; 0 points into 2's middle before it points at 1; 1 -> 2.
-        let mut g = Graph::new(3);
-        g.add_edge(0, 2, 16);
-        g.add_edge(0, 1, 0);
-        g.add_edge(1, 2, 0);
-        g.add_root(0, 0);
+        let mut g = build(
+            3,
+            &[(0, 2, true), (0, 1, false), (1, 2, false)],
+            &[(0, false)],
+        );
         let verdicts = g.classify(1, |_, _| true);
         assert_eq!(verdicts.to_vec(), vec![Reach::Reachable; 3]);
         assert_eq!(verdicts.by_heuristic, 0);
         // Only the interior pointer leads to 2: the heuristic did it.
-        let mut g = Graph::new(3);
-        g.add_edge(0, 2, 16);
-        g.add_edge(0, 1, 0);
-        g.add_root(0, 0);
+        let mut g = build(3, &[(0, 2, true), (0, 1, false)], &[(0, false)]);
         let verdicts = g.classify(1, |_, _| true);
         assert_eq!(
             (verdicts.to_vec(), verdicts.by_heuristic),
@@ -640,12 +643,8 @@ mod tests {
     #[test]
     fn what_a_heuristic_accepts_is_walked_too() {
         // Root -> 0 -interior-> 1 -> 2 -interior-> 3 -> 4; the heuristic accepts 1 and 3.
-        let mut g = Graph::new(5);
-        g.add_edge(0, 1, 8);
-        g.add_edge(1, 2, 0);
-        g.add_edge(2, 3, 8);
-        g.add_edge(3, 4, 0);
-        g.add_root(0, 0);
+        let edges = [(0, 1, true), (1, 2, false), (2, 3, true), (3, 4, false)];
+        let mut g = build(5, &edges, &[(0, false)]);
         let verdicts = g.classify(2, |_, _| true);
         assert_eq!(
             (verdicts.to_vec(), verdicts.by_heuristic),

@@ -221,19 +221,15 @@ impl ObjectIndex {
                 fill(ranges, &share, out) && exact
             })
         };
-        let exact_slots = if threads > 1 {
-            std::thread::scope(|s| {
-                let mut work = work.into_iter();
-                let mine = work.next().expect("one share per thread at least");
-                let others: Vec<_> = work.map(|w| s.spawn(move || fill_all(w))).collect();
-                let exact = fill_all(mine);
-                others
-                    .into_iter()
-                    .fold(exact, |e, h| h.join().expect("index thread") && e)
-            })
-        } else {
-            fill_all(work.into_iter().next().expect("one"))
-        };
+        let exact_slots = std::thread::scope(|s| {
+            let mut work = work.into_iter();
+            let mine = work.next().expect("one share list per thread");
+            let others: Vec<_> = work.map(|w| s.spawn(move || fill_all(w))).collect();
+            let exact = fill_all(mine);
+            others
+                .into_iter()
+                .fold(exact, |e, h| h.join().expect("index thread") && e)
+        });
         // SAFETY: the shares cover the first `granules` slots, each written by `fill`.
         unsafe { self.granules.set_len(granules) };
         self.exact_slots = exact_slots;
