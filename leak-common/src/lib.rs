@@ -12,8 +12,10 @@
 /// Names of the maps and globals in the eBPF object, shared so that a rename on one
 /// side fails to compile on the other instead of failing at load time.
 pub mod names {
-    /// The one ring buffer every program writes its records to.
+    /// The ring buffer of kernel mode, and of user-mode CPUs without their own.
     pub const EVENTS: &str = "EVENTS";
+    /// User mode: one ring buffer per CPU (an array of maps, by CPU number).
+    pub const CPU_RINGS: &str = "CPU_RINGS";
     /// Per-CPU counters of everything that could not be recorded, indexed by [`super::Loss`].
     pub const LOSSES: &str = "LOSSES";
     /// Processes being traced: tgid -> [`super::TargetFlags`].
@@ -318,7 +320,7 @@ impl UnwindCount {
 pub enum RecordKind {
     /// An allocating call returned a new block ([`UserRecord`]).
     Alloc = 1,
-    /// A block was handed back ([`UserRecord`]).
+    /// A block was handed back ([`FreeRecord`]).
     Free = 2,
     /// `realloc` was entered with a non-NULL block: from here on the old block may
     /// be released and its address handed to another thread ([`UserRecord`]).
@@ -427,9 +429,9 @@ pub struct UserRecord {
     pub tid: u32,
     /// An [`AllocFn`] for allocator records; 1 = "made by the allocator" for mapping records.
     pub func: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the record was made; 0 in
-    /// allocator records (reading the clock costs a probe a helper call): the daemon
-    /// stamps an allocation with the time it read it.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the record was made: read after
+    /// its room in the ring was reserved, so that the daemon can merge the rings of
+    /// all CPUs in order of time. At offset 16 in every record type.
     pub ts_ns: u64,
     /// The block (or range, or child tgid) the record is about.
     pub addr: u64,
@@ -441,6 +443,22 @@ pub struct UserRecord {
     pub stack_id: u64,
     /// The return address of the allocator call (the allocating call site).
     pub caller: u64,
+}
+
+/// A user-mode free: half a [`UserRecord`]. Frees are half of all records,
+/// and each one's bytes are copied into the ring, kept there and read back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreeRecord {
+    /// [`RecordKind::Free`].
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` after the record was reserved (see [`UserRecord::ts_ns`]).
+    pub ts_ns: u64,
+    /// The block handed back.
+    pub addr: u64,
 }
 
 /// One kernel-mode allocation or free.
@@ -560,6 +578,9 @@ impl Loss {
 pub struct PendingCall {
     /// Stack pointer at entry; nested and tail calls have a lower or equal one.
     pub sp: u64,
+    /// The calling thread, kept for the return probe (which then asks no helper).
+    pub tgid: u32,
+    pub tid: u32,
     /// The [`AllocFn`] of the outermost allocator call.
     pub func: u32,
     /// 1 when the call came through `operator new` (a wrapper hint flagged
@@ -694,6 +715,7 @@ impl TracepointLayout {
 mod pod {
     // SAFETY: all of these are #[repr(C)], made of integers only, with no padding.
     unsafe impl aya::Pod for super::UserRecord {}
+    unsafe impl aya::Pod for super::FreeRecord {}
     unsafe impl aya::Pod for super::KernelRecord {}
     unsafe impl aya::Pod for super::PendingCall {}
     unsafe impl aya::Pod for super::PendingSyscall {}
@@ -714,10 +736,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_record_keeps_its_time_at_offset_16() {
+        // The daemon merges the rings of all CPUs by this field, whatever the kind.
+        assert_eq!(core::mem::offset_of!(UserRecord, ts_ns), 16);
+        assert_eq!(core::mem::offset_of!(FreeRecord, ts_ns), 16);
+        assert_eq!(core::mem::offset_of!(KernelRecord, ts_ns), 16);
+    }
+
+    #[test]
     fn records_have_no_padding() {
         assert_eq!(size_of::<UserRecord>(), 4 * 4 + 6 * 8);
         assert_eq!(size_of::<KernelRecord>(), 4 * 4 + 7 * 8 + 32 + 16);
-        assert_eq!(size_of::<PendingCall>(), 7 * 8);
+        assert_eq!(size_of::<FreeRecord>(), 4 * 8);
+        assert_eq!(size_of::<PendingCall>(), 8 * 8);
         assert_eq!(size_of::<TracepointLayout>(), 21 * 4);
         assert_eq!(size_of::<Stack>(), STACK_DEPTH * 8);
         assert_eq!(size_of::<UnwindRow>(), 8);

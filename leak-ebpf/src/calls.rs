@@ -1,6 +1,6 @@
 //! Where a thread's allocator call in flight is kept between its entry and return
-//! probes. Every malloc/free pair looks it up three times and writes it twice, so
-//! its cost is paid on every pair: a hash map keyed by tid (`CALLS`) costs a bucket
+//! probes. Every allocation looks it up twice and writes it twice, so its cost is
+//! paid on every pair: a hash map keyed by tid (`CALLS`) costs a bucket
 //! lock and an element allocation per call; task-local storage (`TASK_CALLS`, one
 //! slot hanging off the thread's `task_struct`, freed with the thread) costs a
 //! pointer chase. Not every kernel lets uprobe programs use task storage; the
@@ -17,7 +17,10 @@ use aya_ebpf::{
 };
 use leak_common::PendingCall;
 
-use crate::maps::{CALLS, use_task_calls};
+use crate::{
+    maps::{CALLS, use_task_calls},
+    record::current_ids,
+};
 
 /// A task-local storage map definition (BTF-defined: the kernel requires BTF for
 /// local storage). aya-ebpf 0.2.1 has no such map type; the field names and
@@ -129,7 +132,7 @@ impl Entry {
 /// The thread's call in flight, if `done` says this return completes it; it is
 /// then forgotten.
 #[inline(always)]
-pub fn finish(tid: u32, done: impl Fn(&PendingCall) -> bool) -> Option<PendingCall> {
+pub fn finish(done: impl Fn(&PendingCall) -> bool) -> Option<PendingCall> {
     if use_task_calls() {
         let slot = TASK_CALLS.current(false)?;
         // SAFETY: a local-storage value is valid, aligned and ours during the run.
@@ -141,6 +144,7 @@ pub fn finish(tid: u32, done: impl Fn(&PendingCall) -> bool) -> Option<PendingCa
         unsafe { (*slot).sp = 0 };
         Some(call)
     } else {
+        let (_, tid) = current_ids();
         // SAFETY: a map value from get_ptr is valid and aligned during the run.
         let call = unsafe { *CALLS.get_ptr(&tid)? };
         if !done(&call) {

@@ -3,7 +3,8 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps,
+    macros::{btf_map, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use leak_common::{
@@ -11,9 +12,19 @@ use leak_common::{
     TargetFlags, TracepointLayout,
 };
 
-/// Every record of every program, in reservation order.
+/// Every record of kernel mode, and of user mode on a CPU without a ring of its
+/// own in `CPU_RINGS`, in reservation order.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+
+/// One ring per CPU for user mode, made and put in by the daemon (the size here
+/// is only the template's). Probes on two CPUs writing one ring wait on each
+/// other's lock and positions: at two threads that was most of what a record
+/// cost. Records from different rings are put back in order by the daemon, by
+/// the time each carries (`record.rs`).
+#[btf_map]
+pub static CPU_RINGS: btf_maps::ArrayOfMaps<btf_maps::RingBuf<u8, { 1 << 20 }>, 4096> =
+    btf_maps::ArrayOfMaps::new();
 
 /// Bytes this CPU wrote to `EVENTS` since it last woke the reader.
 #[map]

@@ -1,19 +1,22 @@
 //! Helpers every program uses: who is running, is it traced, write a record or count
 //! why not, capture a stack.
 
-use core::{mem::MaybeUninit, ptr::write_volatile};
+use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_get_stack},
-    maps::HashMap,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::{
+            bpf_get_smp_processor_id, bpf_get_stack, bpf_ringbuf_reserve, bpf_ringbuf_submit,
+        },
+    },
+    maps::{HashMap, PerCpuArray},
 };
-use leak_common::{Loss, STACK_DEPTH, Stack, UserRecord};
+use leak_common::{FreeRecord, Loss, RecordKind, STACK_DEPTH, Stack, UserRecord};
 
-use aya_ebpf::maps::PerCpuArray;
-
-use crate::maps::{EVENTS, LOSSES, RING_WRITTEN, STACK_SCRATCH, TARGETS, wakeup_bytes};
+use crate::maps::{CPU_RINGS, EVENTS, LOSSES, RING_WRITTEN, STACK_SCRATCH, TARGETS, wakeup_bytes};
 
 /// `bpf_get_stack` flag: walk the user stack instead of the kernel one.
 pub const USER_STACK: u64 = 1 << 8;
@@ -76,37 +79,81 @@ pub fn wakeup_flags(bytes: u64) -> u64 {
     }
 }
 
-/// Writes a user-mode record, or counts it under `loss` when the ring is full.
+/// Reserves room for a `T` in this CPU's ring (`CPU_RINGS`; `EVENTS` when the
+/// daemon gave the CPU none), has `fill` write it with the time, and commits it;
+/// or counts it under `loss` when the ring is full.
 ///
-/// The record is copied field by field with volatile stores. Built in place, the
-/// zero fields of a record (`..UserRecord::default()`) become a call to a memset
-/// that writes a byte at a time, dearer than the rest of a free's probe; volatile
-/// stores cannot be merged into one.
+/// The time is read after the reservation. A record the daemon has not seen when
+/// it starts a drain at time T is either still being written (the drain stops at
+/// it) or not reserved yet, and then carries a time after T: so the daemon can
+/// put records from all rings in order of time, and never apply one before an
+/// earlier one it has yet to see. The fields are written one by one into the
+/// ring: a record built on the stack from `default()` becomes a byte-at-a-time
+/// memset, and a copy is one more pass.
+#[inline(always)]
+fn write<T>(loss: Loss, fill: impl FnOnce(*mut T, u64)) {
+    let size = size_of::<T>() as u64;
+    // SAFETY: the helper takes no arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    // Each CPU's own ring is drained on the daemon's period: no wakeups (a wakeup
+    // is an irq_work on this CPU).
+    let (ring, flags) = match CPU_RINGS.get(cpu) {
+        Some(own) => (
+            ptr::from_ref(own).cast_mut().cast::<c_void>(),
+            u64::from(BPF_RB_NO_WAKEUP),
+        ),
+        None => (
+            ptr::from_ref(&EVENTS).cast_mut().cast::<c_void>(),
+            wakeup_flags(size),
+        ),
+    };
+    // SAFETY: `ring` is a ring-buffer map; the size is a constant.
+    let slot = unsafe { bpf_ringbuf_reserve(ring, size, 0) }.cast::<T>();
+    if slot.is_null() {
+        count(loss);
+        return;
+    }
+    fill(slot, now_ns());
+    // SAFETY: `slot` was reserved above and is submitted once.
+    unsafe { bpf_ringbuf_submit(slot.cast(), flags) };
+}
+
+/// Writes a user-mode record, stamped with the time, or counts it under `loss`
+/// when the ring is full.
 #[inline(always)]
 pub fn emit(record: &UserRecord, loss: Loss) {
-    let mut out = MaybeUninit::<UserRecord>::uninit();
-    let to = out.as_mut_ptr();
-    // SAFETY: every field of `out` is written before it is read; the pointers are
-    // to fields of our own stack variable.
-    let out = unsafe {
-        write_volatile(&raw mut (*to).kind, record.kind);
-        write_volatile(&raw mut (*to).tgid, record.tgid);
-        write_volatile(&raw mut (*to).tid, record.tid);
-        write_volatile(&raw mut (*to).func, record.func);
-        write_volatile(&raw mut (*to).ts_ns, record.ts_ns);
-        write_volatile(&raw mut (*to).addr, record.addr);
-        write_volatile(&raw mut (*to).size, record.size);
-        write_volatile(&raw mut (*to).old_addr, record.old_addr);
-        write_volatile(&raw mut (*to).stack_id, record.stack_id);
-        write_volatile(&raw mut (*to).caller, record.caller);
-        out.assume_init_ref()
-    };
-    if EVENTS
-        .output::<UserRecord>(out, wakeup_flags(size_of::<UserRecord>() as u64))
-        .is_err()
-    {
-        count(loss);
-    }
+    write::<UserRecord>(loss, |to, ts_ns| {
+        // SAFETY: `to` is a reserved record of this type, ours until submitted.
+        unsafe {
+            (*to).kind = record.kind;
+            (*to).tgid = record.tgid;
+            (*to).tid = record.tid;
+            (*to).func = record.func;
+            (*to).ts_ns = ts_ns;
+            (*to).addr = record.addr;
+            (*to).size = record.size;
+            (*to).old_addr = record.old_addr;
+            (*to).stack_id = record.stack_id;
+            (*to).caller = record.caller;
+        }
+    });
+}
+
+/// Writes a free's record, stamped with the time, or counts it under
+/// [`Loss::RingFullFree`].
+#[inline(always)]
+pub fn emit_free(tgid: u32, tid: u32, addr: u64) {
+    write::<FreeRecord>(Loss::RingFullFree, |to, ts_ns| {
+        // SAFETY: `to` is a reserved record of this type, ours until submitted.
+        unsafe {
+            (*to).kind = RecordKind::Free as u32;
+            (*to).tgid = tgid;
+            (*to).tid = tid;
+            (*to)._pad = 0;
+            (*to).ts_ns = ts_ns;
+            (*to).addr = addr;
+        }
+    });
 }
 
 /// Captures the current stack (user or kernel, by `flags`) into `map` and returns

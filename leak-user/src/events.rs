@@ -4,7 +4,7 @@
 //! the only place that looks at their bytes. A record that is too short or carries
 //! an unknown tag is an error the caller counts, never a panic.
 
-use leak_common::{AllocFn, KernelRecord, RecordKind, UnknownTag, UserRecord};
+use leak_common::{AllocFn, FreeRecord, KernelRecord, RecordKind, UnknownTag, UserRecord};
 
 /// A decoded ring-buffer record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,14 +157,17 @@ pub fn decode(bytes: &[u8], received_ns: u64) -> Result<Event, DecodeError> {
             comm: c_string(&r.comm),
         }));
     }
-    let r: UserRecord = read_record(bytes, kind)?;
-    Ok(match kind {
-        RecordKind::Alloc => Event::Alloc(alloc_of(&r, received_ns)?),
-        RecordKind::Free => Event::Free {
+    if kind == RecordKind::Free {
+        let r: FreeRecord = read_record(bytes, kind)?;
+        return Ok(Event::Free {
             tgid: r.tgid,
             tid: r.tid,
             addr: r.addr,
-        },
+        });
+    }
+    let r: UserRecord = read_record(bytes, kind)?;
+    Ok(match kind {
+        RecordKind::Alloc => Event::Alloc(alloc_of(&r, received_ns)?),
         RecordKind::ReallocDetach => Event::ReallocDetach {
             tgid: r.tgid,
             tid: r.tid,
@@ -200,7 +203,9 @@ pub fn decode(bytes: &[u8], received_ns: u64) -> Result<Event, DecodeError> {
             page: kind == RecordKind::PageFree,
             ts_ns: r.ts_ns,
         },
-        RecordKind::KernelAlloc | RecordKind::PageAlloc => unreachable!("handled above"),
+        RecordKind::Free | RecordKind::KernelAlloc | RecordKind::PageAlloc => {
+            unreachable!("handled above")
+        }
     })
 }
 
@@ -240,6 +245,26 @@ mod tests {
             panic!("not an allocation");
         };
         assert_eq!(a.ts_ns, 5, "a record's own time wins");
+    }
+
+    #[test]
+    fn decodes_frees_from_their_compact_record() {
+        let free = FreeRecord {
+            kind: RecordKind::Free as u32,
+            tgid: 10,
+            tid: 11,
+            _pad: 0,
+            ts_ns: 5,
+            addr: 0x1000,
+        };
+        assert_eq!(
+            decode(&bytes_of(&free), 7),
+            Ok(Event::Free {
+                tgid: 10,
+                tid: 11,
+                addr: 0x1000
+            })
+        );
     }
 
     #[test]

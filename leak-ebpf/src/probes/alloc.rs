@@ -95,6 +95,8 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
     // byte-at-a-time memset, which costs more than the rest of the probe.
     let call = PendingCall {
         sp,
+        tgid,
+        tid,
         func,
         via_new: u32::from(site.via_new),
         size,

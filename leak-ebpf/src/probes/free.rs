@@ -3,20 +3,20 @@
 //!
 //! The probe may sit a few instructions into the function (on an instruction the
 //! kernel emulates instead of single-stepping) but always where the pointer is still
-//! in the first argument register. free(NULL) is nothing; a free inside another
-//! allocator call (realloc(p, 0) calls free in glibc) is part of that call.
+//! in the first argument register. free(NULL) is nothing.
+//!
+//! Half of all calls are frees, so this probe asks the kernel for as little as it
+//! can: who is running, and room in the ring for a compact `FreeRecord`. It does
+//! not look for an allocator call in flight on the thread: a free inside one
+//! (glibc's realloc(p, 0) calls free(p)) is recognised by the daemon, which knows
+//! the block the realloc detached.
 
-use aya_ebpf::{
-    EbpfContext as _, helpers::generated::bpf_get_attach_cookie, macros::uprobe,
-    programs::ProbeContext,
-};
-use leak_common::{Loss, RecordKind, UserRecord};
+use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 
 use super::regs;
 use crate::{
-    calls,
     maps::scoped_probes,
-    record::{current_ids, emit, is_target},
+    record::{current_ids, emit_free, is_target},
 };
 
 #[uprobe]
@@ -39,17 +39,5 @@ fn try_free_enter(ctx: &ProbeContext) {
     if ptr == 0 {
         return;
     }
-    if calls::outer_sp(tid).is_some_and(|outer| regs::sp(r) <= outer) {
-        return;
-    }
-    let record = UserRecord {
-        kind: RecordKind::Free as u32,
-        tgid,
-        tid,
-        // SAFETY: the helper only reads the program's own context.
-        func: unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32,
-        addr: ptr,
-        ..UserRecord::default() // no time: the daemon needs none for a free
-    };
-    emit(&record, Loss::RingFullFree);
+    emit_free(tgid, tid, ptr);
 }

@@ -169,7 +169,7 @@ fn kernel_free(kind: RecordKind, ptr: u64) {
         kind: kind as u32,
         tgid,
         tid,
-        ts_ns: now_ns(),
+        ts_ns: 0, // emit stamps it
         addr: ptr,
         ..UserRecord::default()
     };

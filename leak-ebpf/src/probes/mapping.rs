@@ -14,7 +14,7 @@ use leak_common::{Loss, PendingSyscall, RecordKind, UserRecord};
 use crate::{
     calls,
     maps::SYSCALLS,
-    record::{count, current_ids, emit, is_target, now_ns},
+    record::{count, current_ids, emit, is_target},
 };
 
 const fn arg_offset(n: usize) -> usize {
@@ -40,7 +40,7 @@ fn mapping_record(
         tgid,
         tid,
         func: inside as u32,
-        ts_ns: now_ns(),
+        ts_ns: 0, // emit stamps it
         addr,
         size,
         ..UserRecord::default()

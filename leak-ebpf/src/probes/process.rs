@@ -9,7 +9,7 @@ use leak_common::{Loss, RecordKind, TargetFlags, TracepointLayout, UserRecord};
 use crate::{
     calls,
     maps::{SYSCALLS, TARGETS, follow_forks, layout},
-    record::{current_ids, emit, is_target, now_ns},
+    record::{current_ids, emit, is_target},
 };
 
 /// clone(2) flag: the new task is a thread of the caller, not a new process.
@@ -20,7 +20,7 @@ fn process_record(kind: RecordKind, tgid: u32, tid: u32, addr: u64) -> UserRecor
         kind: kind as u32,
         tgid,
         tid,
-        ts_ns: now_ns(),
+        ts_ns: 0, // emit stamps it
         addr,
         ..UserRecord::default()
     }

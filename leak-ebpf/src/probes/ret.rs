@@ -1,22 +1,16 @@
 //! Return of every allocating function: the new block's address is known here.
 //!
-//! The cookie names the function the uretprobe sits on. Only the return of the
-//! outermost call recorded by `alloc_enter` completes it: same function, and a stack
-//! pointer one return address above the entry's.
+//! Only a return one word above the stack pointer `alloc_enter` recorded completes
+//! the call. That is the outermost call's own return, or the return of a function
+//! it tail-called (reallocarray jumps to realloc), which hands back the same value
+//! on the same stack: either completes it, as the function entered. So this probe
+//! needs neither its cookie nor the thread's ids (the entry kept them).
 
-use aya_ebpf::{
-    EbpfContext as _,
-    helpers::{bpf_probe_read_user, generated::bpf_get_attach_cookie},
-    macros::uretprobe,
-    programs::RetProbeContext,
-};
+use aya_ebpf::{helpers::bpf_probe_read_user, macros::uretprobe, programs::RetProbeContext};
 use leak_common::{AllocFn, Loss, RecordKind, UserRecord};
 
 use super::regs;
-use crate::{
-    calls,
-    record::{current_ids, emit},
-};
+use crate::{calls, record::emit};
 
 const MALLOC: u32 = AllocFn::Malloc as u32;
 const OPERATOR_NEW: u32 = AllocFn::OperatorNew as u32;
@@ -37,16 +31,14 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
 }
 
 fn try_alloc_return(ctx: &RetProbeContext) {
-    let (tgid, tid) = current_ids();
-    // SAFETY: the helper only reads the program's own context.
-    let func = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
     // SAFETY: a uprobe's context points at the saved registers.
     let r = unsafe { &*ctx.regs };
     let sp = regs::sp(r);
     // Anything else is the return of a nested call.
-    let Some(call) = calls::finish(tid, |c| c.func == func && c.sp.wrapping_add(8) == sp) else {
+    let Some(call) = calls::finish(|c| c.sp.wrapping_add(8) == sp) else {
         return;
     };
+    let func = call.func;
     let ret = regs::ret(r);
     let addr = if func == POSIX_MEMALIGN {
         if ret as u32 == 0 {
@@ -76,10 +68,10 @@ fn try_alloc_return(ctx: &RetProbeContext) {
         } else {
             RecordKind::Alloc
         } as u32,
-        tgid,
-        tid,
+        tgid: call.tgid,
+        tid: call.tid,
         func,
-        ts_ns: 0, // the daemon stamps the allocation when it reads it
+        ts_ns: 0, // emit stamps it
         addr,
         size: call.size,
         old_addr: call.old_addr,

@@ -14,7 +14,7 @@ use std::{io, num::NonZeroU32, os::fd::AsRawFd as _, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray},
     programs::{
         ProgramError, RawTracePoint, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
@@ -31,7 +31,7 @@ use crate::allocator::HookPlan;
 mod epoch;
 mod ring;
 pub use epoch::MemoEpoch;
-pub use ring::RingReader;
+pub use ring::{Head, RingReader};
 
 /// The eBPF object built by `leak-user/build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/leaktrace-ebpf"));
@@ -265,6 +265,11 @@ impl Probes {
         let stacks = flag(options.capture_stacks);
         // Each CPU wakes the reader after writing its share of an eighth of the ring.
         let cpus = aya::util::online_cpus().map_or(1, |c| c.len().max(1)) as u64;
+        // CPU_RINGS is indexed by CPU number: room up to the highest online one.
+        let cpu_slots = aya::util::online_cpus()
+            .ok()
+            .and_then(|c| c.iter().max().map(|m| m + 1))
+            .unwrap_or(1);
         let wakeup = (u64::from(options.ring_bytes / 8) / cpus).max(64 << 10);
         let filter_pids = flag(options.kernel_filter_pids);
         let filter_cgroups = flag(options.kernel_filter_cgroups);
@@ -296,6 +301,7 @@ impl Probes {
             // TASK_CALLS: aya has no type for task storage, and we never read it.
             .allow_unsupported_maps()
             .map_max_entries(names::EVENTS, options.ring_bytes)
+            .map_max_entries(names::CPU_RINGS, cpu_slots)
             .map_max_entries(names::STACKS, user_stacks)
             .map_max_entries(names::KSTACKS, kernel_stacks)
             .map_max_entries(names::UNWIND_ROWS, unwind_rows)
@@ -599,8 +605,24 @@ impl Probes {
         Ok(())
     }
 
-    /// The ring buffer, to be read by the ingest task.
-    pub fn take_ring(&mut self) -> Result<RingReader, EbpfError> {
+    /// The size of each CPU's ring when `total` bytes are shared out among the
+    /// online CPUs: a power of two, at least 1 MiB (about 15,000 records, what
+    /// one CPU's probes can write in 10 ms several times over).
+    pub fn per_cpu_ring_bytes(total: u32) -> u32 {
+        let cpus = aya::util::online_cpus().map_or(1, |c| c.len().max(1)) as u32;
+        let share = (total / cpus).max(1 << 20);
+        if share.is_power_of_two() {
+            share
+        } else {
+            share.next_power_of_two() / 2
+        }
+    }
+
+    /// The ring buffers, to be read by the ingest task: `EVENTS` first, then, with
+    /// `per_cpu_bytes`, a ring of that size for each CPU (user mode), put where
+    /// that CPU's programs find it. A CPU whose ring cannot be made writes to
+    /// `EVENTS`, as every CPU does in kernel mode.
+    pub fn take_rings(&mut self, per_cpu_bytes: Option<u32>) -> Result<Vec<RingReader>, EbpfError> {
         let map = self
             .ebpf
             .take_map(names::EVENTS)
@@ -610,7 +632,28 @@ impl Probes {
                 "EVENTS is not a ring buffer in this eBPF object",
             )));
         };
-        RingReader::new(data).map_err(EbpfError::Ring)
+        let mut rings = vec![RingReader::new(data).map_err(EbpfError::Ring)?];
+        let Some(bytes) = per_cpu_bytes else {
+            return Ok(rings);
+        };
+        // Borrowed, not taken: programs loaded later refer to the map's descriptor.
+        let Some(map) = self.ebpf.map_mut(names::CPU_RINGS) else {
+            return Ok(rings);
+        };
+        let mut slots: ArrayOfMaps<&mut MapData, MapData> = map
+            .try_into()
+            .map_err(|e| EbpfError::Map(names::CPU_RINGS, e))?;
+        for cpu in aya::util::online_cpus().unwrap_or_default() {
+            let made = ring::create(bytes, &format!("RING_CPU{cpu}")).and_then(|data| {
+                slots.set(cpu, &data, 0).map_err(io::Error::other)?;
+                RingReader::new(data)
+            });
+            match made {
+                Ok(reader) => rings.push(reader),
+                Err(err) => log::debug!("CPU {cpu} writes to the shared ring: {err}"),
+            }
+        }
+        Ok(rings)
     }
 
     /// A reader for the loss counters and stack maps, independent of `self`.

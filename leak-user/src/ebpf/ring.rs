@@ -18,7 +18,7 @@
 
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
     ptr::NonNull,
     sync::atomic::{AtomicU32, AtomicUsize, Ordering},
 };
@@ -80,6 +80,68 @@ impl Drop for Mapping {
 unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
+/// A new ring-buffer map of `bytes` (a power of two, a multiple of the page size),
+/// named `name`, for a CPU of its own.
+pub fn create(bytes: u32, name: &str) -> io::Result<MapData> {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+    // The head of `union bpf_attr` for BPF_MAP_CREATE; the kernel wants the rest
+    // of what we pass zeroed.
+    #[repr(C)]
+    struct Attr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+        rest: [u8; 60],
+    }
+    let mut map_name = [0u8; 16];
+    for (to, from) in map_name.iter_mut().zip(name.bytes().take(15)) {
+        *to = from;
+    }
+    let attr = Attr {
+        map_type: BPF_MAP_TYPE_RINGBUF,
+        key_size: 0,
+        value_size: 0,
+        max_entries: bytes,
+        map_flags: 0,
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name,
+        rest: [0; 60],
+    };
+    // SAFETY: `attr` is a valid, fully initialised BPF_MAP_CREATE argument that
+    // outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &raw const attr,
+            size_of::<Attr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    MapData::from_fd(fd).map_err(io::Error::other)
+}
+
+/// What a ring holds next.
+pub enum Head<'a> {
+    /// A committed record.
+    Record(&'a [u8]),
+    /// Nothing: every record written before the producer position was read is taken.
+    End,
+    /// A record still being written (or a header no kernel writes).
+    Busy,
+}
+
 /// The consumer side of one `BPF_MAP_TYPE_RINGBUF` map.
 pub struct RingReader {
     consumer: Mapping,
@@ -93,6 +155,15 @@ pub struct RingReader {
     published: usize,
     /// The producer position last read.
     producer_pos: usize,
+    /// Bytes of the record `peek` found (header and padding included), where its
+    /// data starts in `producer`, and its length.
+    head_bytes: usize,
+    head_offset: usize,
+    head_len: usize,
+    /// `peek` stopped at a record still being written.
+    busy: bool,
+    /// How many times the producer position was read.
+    loads: u64,
     /// Keeps the descriptor open; declared last so it is closed after the unmaps.
     map: MapData,
 }
@@ -121,6 +192,11 @@ impl RingReader {
             pos,
             published: pos,
             producer_pos,
+            head_bytes: 0,
+            head_offset: 0,
+            head_len: 0,
+            busy: false,
+            loads: 0,
             map,
         })
     }
@@ -137,12 +213,60 @@ impl RingReader {
         // drain, every 10 ms, reads no clock).
         let mut written_by = None;
         loop {
+            let loads = self.loads;
+            if !self.peek() {
+                break;
+            }
+            if self.loads != loads {
+                written_by = None;
+            }
+            each(
+                self.current(),
+                *written_by.get_or_insert_with(crate::clock::now_ns),
+            );
+            records += 1;
+            self.advance();
+        }
+        self.finish();
+        records
+    }
+
+    /// The next committed record, not taken yet (discarded records are skipped),
+    /// or why there is none.
+    pub fn head(&mut self) -> Head<'_> {
+        if self.peek() {
+            Head::Record(self.current())
+        } else if self.busy {
+            Head::Busy
+        } else {
+            Head::End
+        }
+    }
+
+    /// The record `peek` found.
+    fn current(&self) -> &[u8] {
+        // SAFETY: `peek` checked that the record lies within the double mapping
+        // (it is shorter than the ring) and that the producer finished writing it
+        // (busy bit clear, read with Acquire).
+        unsafe {
+            std::slice::from_raw_parts(
+                self.producer.ptr.add(self.head_offset).as_ptr(),
+                self.head_len,
+            )
+        }
+    }
+
+    /// Finds the next committed record (true), skipping discarded ones; false at
+    /// the producer position or at a record still being written (`busy`).
+    fn peek(&mut self) -> bool {
+        self.busy = false;
+        loop {
             if self.pos == self.producer_pos {
                 self.producer_pos = self.producer.position().load(Ordering::Acquire);
+                self.loads = self.loads.wrapping_add(1);
                 if self.pos == self.producer_pos {
-                    break;
+                    return false;
                 }
-                written_by = None;
             }
             let offset = self.data_offset + (self.pos & self.mask);
             // SAFETY: `offset` is inside the first copy of the data pages; the header
@@ -155,34 +279,35 @@ impl RingReader {
                     .as_ref()
                     .load(Ordering::Acquire)
             };
-            if header & BUSY_BIT != 0 {
-                break;
-            }
             let len = (header & !(BUSY_BIT | DISCARD_BIT)) as usize;
-            if len > self.mask {
-                // Not a header the kernel writes: stop rather than read past the ring.
-                break;
+            if header & BUSY_BIT != 0 || len > self.mask {
+                // Being written, or not a header the kernel writes: stop rather
+                // than read past the ring.
+                self.busy = true;
+                return false;
             }
-            if header & DISCARD_BIT == 0 {
-                // SAFETY: the record lies within the double mapping (it is shorter
-                // than the ring), and the producer finished writing it (busy bit clear,
-                // read with Acquire).
-                let data = unsafe {
-                    std::slice::from_raw_parts(
-                        self.producer.ptr.add(offset + HEADER_BYTES).as_ptr(),
-                        len,
-                    )
-                };
-                each(data, *written_by.get_or_insert_with(crate::clock::now_ns));
-                records += 1;
+            self.head_bytes = (HEADER_BYTES + len).next_multiple_of(8);
+            if header & DISCARD_BIT != 0 {
+                self.advance();
+                continue;
             }
-            self.pos += (HEADER_BYTES + len).next_multiple_of(8);
-            if self.pos.wrapping_sub(self.published) >= RELEASE_BYTES {
-                self.publish();
-            }
+            self.head_offset = offset + HEADER_BYTES;
+            self.head_len = len;
+            return true;
         }
+    }
+
+    /// Takes the record [`Self::head`] showed.
+    pub fn advance(&mut self) {
+        self.pos += std::mem::take(&mut self.head_bytes);
+        if self.pos.wrapping_sub(self.published) >= RELEASE_BYTES {
+            self.publish();
+        }
+    }
+
+    /// Hands back the space of every record taken (the end of a drain).
+    pub fn finish(&mut self) {
         self.publish();
-        records
     }
 
     fn publish(&mut self) {

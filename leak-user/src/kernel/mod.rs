@@ -130,14 +130,14 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         readers.free_probe_counts(),
         &probes.recursion_misses().into_iter().collect(),
     );
-    let ring = probes.take_ring()?;
+    let rings = probes.take_rings(None)?;
     let mut kernel_table = KernelTable::new(epoch, k.caches.clone());
     if !k.include_tracer {
         kernel_table.exclude_tracer(std::process::id());
     }
     let table = Shared::new(kernel_table);
     let ingest =
-        ingest::spawn(ring, KernelSink(table.clone())).context("cannot watch the ring buffer")?;
+        ingest::spawn(rings, KernelSink(table.clone())).context("cannot watch the ring buffer")?;
     let scale = 1u64 << k.sample_shift;
     let mut reporter =
         KernelReporter::new(&config.output, readers, scale, files.report).with_metrics(metrics);

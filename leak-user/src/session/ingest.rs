@@ -1,5 +1,6 @@
-//! The ingest task: drains the ring buffer, decodes records outside the lock, and
-//! applies them to the table in batches under it, in ring order.
+//! The ingest task: drains the ring buffers, decodes records outside the lock, and
+//! applies them to the table in batches under it, in order: ring order with one
+//! ring, time order (`merge.rs`) with a ring per CPU.
 
 use std::sync::{
     Arc,
@@ -11,8 +12,9 @@ use tokio::{
     sync::{Notify, mpsc},
 };
 
+use super::merge::{Next, merge};
 use crate::{
-    ebpf::RingReader,
+    ebpf::{Head, RingReader},
     events::{self, Event},
 };
 
@@ -59,11 +61,17 @@ impl IngestHandle {
     }
 }
 
-/// Starts the task.
-pub fn spawn(ring: RingReader, sink: impl EventSink) -> std::io::Result<IngestHandle> {
+/// Starts the task. `rings[0]` is the shared ring, which can wake the task; the
+/// others (one per CPU) are drained on the task's period.
+pub fn spawn(rings: Vec<RingReader>, sink: impl EventSink) -> std::io::Result<IngestHandle> {
+    let mut rings = rings.into_iter();
+    let shared = rings
+        .next()
+        .ok_or_else(|| std::io::Error::other("no ring buffer to read"))?;
+    let own: Vec<RingReader> = rings.collect();
     // SAFETY: the reader owns its map descriptor and keeps it open, unchanged,
     // for as long as it lives inside the AsyncFd.
-    let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+    let shared = unsafe { AsyncFd::register_with_interest(shared, Interest::READABLE) }
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let (drain_tx, drain_rx) = mpsc::unbounded_channel();
     let handle = IngestHandle {
@@ -76,8 +84,10 @@ pub fn spawn(ring: RingReader, sink: impl EventSink) -> std::io::Result<IngestHa
         counters: handle.counters.clone(),
         notices: handle.notices.clone(),
         batch: Vec::with_capacity(BATCH),
+        last: vec![0; 1 + own.len()],
+        own,
     };
-    tokio::spawn(task.run(ring, drain_rx));
+    tokio::spawn(task.run(shared, drain_rx));
     Ok(handle)
 }
 
@@ -86,20 +96,38 @@ struct Task<S> {
     counters: Arc<IngestCounters>,
     notices: Arc<Notify>,
     batch: Vec<Event>,
+    /// The rings of the CPUs (none in kernel mode, or where the kernel could not
+    /// make them).
+    own: Vec<RingReader>,
+    /// The time of the last record taken from each ring (see `merge`).
+    last: Vec<u64>,
+}
+
+/// Drains a barrier retries while a ring stops at a record being written (it is
+/// committed within microseconds).
+const BARRIER_TRIES: usize = 10_000;
+
+/// The time a record was stamped with (0 when it has none): every record type
+/// keeps it at offset 16.
+fn record_time(bytes: &[u8]) -> u64 {
+    bytes
+        .get(16..24)
+        .map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
 }
 
 impl<S: EventSink> Task<S> {
     async fn run(
         mut self,
-        mut ring: AsyncFd<RingReader>,
+        mut shared: AsyncFd<RingReader>,
         mut drain_rx: mpsc::UnboundedReceiver<std::sync::mpsc::Sender<()>>,
     ) {
-        // The programs wake us only when the ring fills up (a wakeup per record
-        // would cost more than the record): drain it on a short period too.
+        // The programs wake us only when the shared ring fills up (a wakeup per
+        // record would cost more than the record), and never from a CPU's own
+        // ring: drain on a short period too.
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
         loop {
             tokio::select! {
-                guard = ring.readable_mut() => {
+                guard = shared.readable_mut() => {
                     let Ok(mut guard) = guard else { return };
                     // Clear first, then drain: the ring buffer only wakes a reader
                     // that has caught up, so a record committed after the drain
@@ -107,42 +135,103 @@ impl<S: EventSink> Task<S> {
                     guard.clear_ready();
                     self.drain(guard.get_inner_mut());
                 }
-                _ = tick.tick() => self.drain(ring.get_mut()),
+                _ = tick.tick() => {
+                    self.drain(shared.get_mut());
+                }
                 ack = drain_rx.recv() => {
                     let Some(ack) = ack else { return };
-                    self.drain(ring.get_mut());
+                    // Everything stamped before this drain started is applied
+                    // once no ring stops at a record being written.
+                    for _ in 0..BARRIER_TRIES {
+                        if !self.drain(shared.get_mut()) {
+                            break;
+                        }
+                        std::hint::spin_loop();
+                    }
                     let _ = ack.send(());
                 }
             }
         }
     }
 
-    fn drain(&mut self, ring: &mut RingReader) {
-        let records = ring.drain(|bytes, received_ns| {
-            match events::decode(bytes, received_ns) {
-                Ok(event) => self.batch.push(event),
-                Err(err) => {
-                    self.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
-                    log::debug!("undecodable record: {err}");
+    /// Drains every ring and applies what can be applied in order; true when a
+    /// ring stopped at a record still being written.
+    fn drain(&mut self, shared: &mut RingReader) -> bool {
+        if self.own.is_empty() {
+            // One ring: its order is the order.
+            let records = shared.drain(|bytes, received_ns| {
+                if let Some(event) = decode(&self.counters, bytes, received_ns) {
+                    self.batch.push(event);
+                    if self.batch.len() >= BATCH {
+                        flush(&mut self.sink, &mut self.batch, &self.notices);
+                    }
+                }
+            });
+            self.count(records);
+            flush(&mut self.sink, &mut self.batch, &self.notices);
+            return matches!(shared.head(), Head::Busy);
+        }
+        let started = crate::clock::now_ns();
+        let mut rings: Vec<&mut RingReader> =
+            std::iter::once(shared).chain(self.own.iter_mut()).collect();
+        let (sink, batch, notices, counters) = (
+            &mut self.sink,
+            &mut self.batch,
+            &self.notices,
+            &self.counters,
+        );
+        let next = |ring: &mut &mut RingReader| match ring.head() {
+            Head::Record(bytes) => Next::Time(record_time(bytes)),
+            Head::End => Next::End,
+            Head::Busy => Next::Busy,
+        };
+        let take = |ring: &mut &mut RingReader| {
+            if let Head::Record(bytes) = ring.head() {
+                counters.records.fetch_add(1, Ordering::Relaxed);
+                if let Some(event) = decode(counters, bytes, started) {
+                    batch.push(event);
+                    if batch.len() >= BATCH {
+                        flush(sink, batch, notices);
+                    }
                 }
             }
-            if self.batch.len() >= BATCH {
-                self.flush();
-            }
-        });
+            ring.advance();
+        };
+        let stalled = merge(&mut rings, &mut self.last, started, next, take);
+        for ring in rings {
+            ring.finish();
+        }
+        flush(&mut self.sink, &mut self.batch, &self.notices);
+        stalled
+    }
+
+    fn count(&self, records: usize) {
         self.counters
             .records
             .fetch_add(records as u64, Ordering::Relaxed);
-        self.flush();
     }
+}
 
-    fn flush(&mut self) {
-        if self.batch.is_empty() {
-            return;
+/// One record, or None (counted) when it cannot be decoded.
+fn decode(counters: &IngestCounters, bytes: &[u8], received_ns: u64) -> Option<Event> {
+    match events::decode(bytes, received_ns) {
+        Ok(event) => Some(event),
+        Err(err) => {
+            counters.decode_errors.fetch_add(1, Ordering::Relaxed);
+            log::debug!("undecodable record: {err}");
+            None
         }
-        if self.sink.apply(&self.batch) {
-            self.notices.notify_one();
-        }
-        self.batch.clear();
     }
+}
+
+/// Applies `batch` to `sink` under its lock, and wakes the session when the sink
+/// asks.
+fn flush<S: EventSink>(sink: &mut S, batch: &mut Vec<Event>, notices: &Notify) {
+    if batch.is_empty() {
+        return;
+    }
+    if sink.apply(batch) {
+        notices.notify_one();
+    }
+    batch.clear();
 }

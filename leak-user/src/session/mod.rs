@@ -6,6 +6,7 @@
 pub mod figures;
 pub mod ingest;
 pub mod logging;
+pub mod merge;
 pub mod progress;
 pub mod status;
 

@@ -366,7 +366,16 @@ impl Table {
                 let object = self.new_object(a);
                 self.insert(a.tgid, a.addr, object);
             }
-            Event::Free { tgid, addr, .. } => {
+            Event::Free { tgid, tid, addr } => {
+                if self
+                    .pending_reallocs
+                    .get(&(tgid, tid))
+                    .is_some_and(|d| d.old == addr)
+                {
+                    // realloc(p, 0) calling free(p): part of the realloc, whose
+                    // record says what became of the block.
+                    return;
+                }
                 self.counters.frees += 1;
                 if self.release(tgid, addr).is_none() {
                     self.counters.untracked_frees += 1;
@@ -697,6 +706,28 @@ mod tests {
         let o = t.process(1).unwrap().objects[&0x2000];
         assert_eq!(o.birth_ms, 2);
         assert_eq!(t.sites.get(o.site).unwrap().caller, 0x40);
+    }
+
+    #[test]
+    fn a_free_inside_realloc_of_the_block_it_detached_is_part_of_the_realloc() {
+        let mut t = table();
+        t.apply(&alloc(0x1000, 0x10));
+        t.apply(&Event::ReallocDetach {
+            tgid: 1,
+            tid: 7,
+            old: 0x1000,
+        });
+        // glibc's realloc(p, 0) frees p through free itself; another thread's free
+        // of the same address is not the realloc's.
+        let free = |tid| Event::Free {
+            tgid: 1,
+            tid,
+            addr: 0x1000,
+        };
+        t.apply(&free(7));
+        assert_eq!((t.counters.frees, t.counters.untracked_frees), (0, 0));
+        t.apply(&free(8));
+        assert_eq!((t.counters.frees, t.counters.untracked_frees), (1, 1));
     }
 
     #[test]

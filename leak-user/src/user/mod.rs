@@ -212,10 +212,10 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         spawn_logger(logger);
     }
     let readers = probes.take_readers()?;
-    let ring = probes.take_ring()?;
+    let rings = probes.take_rings(Some(Probes::per_cpu_ring_bytes(config.ring_bytes)))?;
     let table = SharedTable::new(Table::new(epoch, VerdictBook::new(config.verdict)));
     let ingest =
-        ingest::spawn(ring, UserSink(table.clone())).context("cannot watch the ring buffer")?;
+        ingest::spawn(rings, UserSink(table.clone())).context("cannot watch the ring buffers")?;
     let reporter = Reporter::new(&config, readers, files)
         .with_metrics(metrics)
         .with_profile_dir(profile_dir);

@@ -1,0 +1,174 @@
+//! Takes the records of several ring buffers (one per CPU) in one order: the
+//! order of the times they carry.
+//!
+//! Order matters: a block freed on one CPU and handed out again on another must
+//! be seen freed first, or the new block would be dropped with the old one. Each
+//! record's time is read after its room in the ring was reserved, and a CPU's
+//! records come in its ring in time order. So a ring whose next record shows
+//! time t will give nothing earlier than t; a ring with nothing more to give
+//! when its producer position was read after the drain started gives nothing
+//! stamped before that start; a ring stopped at a record still being written may
+//! give one stamped as early as the last it gave. Records are taken, earliest
+//! first, while no ring may still give an earlier one; the rest wait in their
+//! rings for the next drain. Nothing is copied on the way: the records are
+//! decoded straight from the ring that holds them.
+
+/// What a ring shows next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// A record stamped with this time (0: not stamped).
+    Time(u64),
+    /// No record: the ring gave every one written before it was looked at.
+    End,
+    /// A record still being written.
+    Busy,
+}
+
+/// Takes records from `rings` in (time, ring number) order for as long as no
+/// ring may still give an earlier one. `next` shows what a ring holds next,
+/// `take` takes it. `last[i]` is the time of the last record taken from ring
+/// `i`, kept from drain to drain (a time lower than it is taken as it: ring
+/// order is kept). `started` is when the drain began. Returns whether a ring
+/// stopped at a record still being written.
+pub fn merge<R>(
+    rings: &mut [R],
+    last: &mut [u64],
+    started: u64,
+    mut next: impl FnMut(&mut R) -> Next,
+    mut take: impl FnMut(&mut R),
+) -> bool {
+    let mut heads: Vec<Next> = rings.iter_mut().map(&mut next).collect();
+    loop {
+        // No ring without a record in view may still give one stamped before
+        // `bound`; among those with one, the first and the next after it.
+        let mut bound = u64::MAX;
+        let mut first = (u64::MAX, usize::MAX);
+        let mut second = (u64::MAX, usize::MAX);
+        for (i, head) in heads.iter().enumerate() {
+            match *head {
+                Next::End => bound = bound.min(started),
+                Next::Busy => bound = bound.min(last[i]),
+                Next::Time(t) => {
+                    let key = (t.max(last[i]), i);
+                    if key < first {
+                        second = first;
+                        first = key;
+                    } else if key < second {
+                        second = key;
+                    }
+                }
+            }
+        }
+        let (mut t, i) = first;
+        if i == usize::MAX || t > bound {
+            return heads.contains(&Next::Busy);
+        }
+        // A run from ring `i`: every record before the next ring's head.
+        loop {
+            take(&mut rings[i]);
+            last[i] = t;
+            heads[i] = next(&mut rings[i]);
+            let Next::Time(n) = heads[i] else { break };
+            t = n.max(t);
+            if t > bound || (t, i) > second {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+
+    /// A ring of (time, name) records; when empty it shows `then`.
+    struct Fake {
+        records: VecDeque<(u64, u64)>,
+        then: Next,
+    }
+
+    fn ring(records: &[(u64, u64)]) -> Fake {
+        Fake {
+            records: records.iter().copied().collect(),
+            then: Next::End,
+        }
+    }
+
+    /// One drain started at `started`: the names taken, in order, and whether a
+    /// ring was busy.
+    fn drain(rings: &mut [Fake], last: &mut [u64], started: u64) -> (Vec<u64>, bool) {
+        let mut out = Vec::new();
+        let busy = merge(
+            rings,
+            last,
+            started,
+            |r| r.records.front().map_or(r.then, |&(t, _)| Next::Time(t)),
+            |r| out.push(r.records.pop_front().expect("a record").1),
+        );
+        (out, busy)
+    }
+
+    #[test]
+    fn records_of_two_rings_come_out_in_time_order() {
+        let mut rings = [ring(&[(10, 1), (30, 3)]), ring(&[(20, 2)])];
+        let (out, busy) = drain(&mut rings, &mut [0, 0], 100);
+        assert_eq!((out, busy), (vec![1, 2, 3], false));
+    }
+
+    #[test]
+    fn records_stamped_after_the_start_wait_while_another_ring_may_give_earlier_ones() {
+        // Ring 1 is empty: it may still give a record stamped up to 100.
+        let mut rings = [ring(&[(10, 1), (150, 3)]), ring(&[])];
+        let mut last = [0, 0];
+        assert_eq!(drain(&mut rings, &mut last, 100).0, [1]);
+        rings[1].records.push_back((120, 2));
+        assert_eq!(drain(&mut rings, &mut last, 200).0, [2, 3]);
+    }
+
+    #[test]
+    fn a_ring_stopped_at_a_record_being_written_holds_the_others_back() {
+        let mut rings = [ring(&[(10, 1)]), ring(&[(40, 3)])];
+        rings[0].then = Next::Busy;
+        let mut last = [0, 0];
+        // Ring 0's busy record may be stamped anywhere from 10 on.
+        assert_eq!(drain(&mut rings, &mut last, 100), (vec![1], true));
+        rings[0].records.push_back((30, 2));
+        rings[0].then = Next::End;
+        assert_eq!(drain(&mut rings, &mut last, 200), (vec![2, 3], false));
+    }
+
+    #[test]
+    fn ring_order_is_kept_when_a_time_goes_back() {
+        let mut rings = [ring(&[(50, 1), (40, 2)]), ring(&[(45, 0)])];
+        assert_eq!(drain(&mut rings, &mut [0, 0], 100).0, [0, 1, 2]);
+    }
+
+    #[test]
+    fn equal_times_go_by_ring_number() {
+        let mut rings = [ring(&[(5, 0)]), ring(&[(5, 1)]), ring(&[(5, 2)])];
+        rings.swap(0, 2);
+        // Now ring 0 holds name 2: ring number decides, not the name.
+        assert_eq!(drain(&mut rings, &mut [0; 3], 10).0, [2, 1, 0]);
+    }
+
+    #[test]
+    fn many_rings_interleave_exactly_over_several_drains() {
+        let rings_n = 8u64;
+        let mut rings: Vec<Fake> = (0..rings_n).map(|_| ring(&[])).collect();
+        let mut last = vec![0; rings_n as usize];
+        let mut out = Vec::new();
+        // Times 1..=4000 dealt round the rings in a scrambled but per-ring
+        // increasing way; each drain sees the records stamped before its start.
+        for started in (500..=4500).step_by(500) {
+            for t in started - 500..started {
+                if t > 0 && t <= 4000 {
+                    rings[(t * 7 % rings_n) as usize].records.push_back((t, t));
+                }
+            }
+            out.extend(drain(&mut rings, &mut last, started).0);
+        }
+        assert_eq!(out, (1..=4000).collect::<Vec<_>>());
+    }
+}
