@@ -194,8 +194,8 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub fold_wrapper: Vec<String>,
 
-    /// Ring buffer size in MiB (a power of two). In user mode each CPU gets a ring
-    /// of its own, a share of this size (at least 1 MiB), beside the shared one.
+    /// Ring buffer size in MiB (a power of two). In user mode each CPU also gets a
+    /// ring of its own, a share of this size (at least 4 MiB).
     #[arg(long, value_name = "MiB", default_value_t = 32)]
     pub ring_buffer: u32,
 

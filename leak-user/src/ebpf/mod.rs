@@ -265,8 +265,8 @@ impl Probes {
         let stacks = flag(options.capture_stacks);
         // Each CPU wakes the reader after writing its share of an eighth of the ring.
         let cpus = aya::util::online_cpus().map_or(1, |c| c.len().max(1)) as u64;
-        // CPU_RINGS is indexed by CPU number: room up to the highest online one.
-        let cpu_slots = aya::util::online_cpus()
+        // CPU_RINGS is indexed by CPU number: room for every CPU that may run.
+        let cpu_slots = possible_cpus()
             .ok()
             .and_then(|c| c.iter().max().map(|m| m + 1))
             .unwrap_or(1);
@@ -605,24 +605,14 @@ impl Probes {
         Ok(())
     }
 
-    /// The size of each CPU's ring when `total` bytes are shared out among the
-    /// online CPUs: a power of two, at least 1 MiB (about 15,000 records, what
-    /// one CPU's probes can write in 10 ms several times over).
-    pub fn per_cpu_ring_bytes(total: u32) -> u32 {
-        let cpus = aya::util::online_cpus().map_or(1, |c| c.len().max(1)) as u32;
-        let share = (total / cpus).max(1 << 20);
-        if share.is_power_of_two() {
-            share
-        } else {
-            share.next_power_of_two() / 2
-        }
-    }
-
     /// The ring buffers, to be read by the ingest task: `EVENTS` first, then, with
-    /// `per_cpu_bytes`, a ring of that size for each CPU (user mode), put where
-    /// that CPU's programs find it. A CPU whose ring cannot be made writes to
-    /// `EVENTS`, as every CPU does in kernel mode.
-    pub fn take_rings(&mut self, per_cpu_bytes: Option<u32>) -> Result<Vec<RingReader>, EbpfError> {
+    /// `per_cpu_total` (user mode), a ring for every CPU that may ever run
+    /// (`per_cpu_ring_bytes`), put where that CPU's programs find it.
+    ///
+    /// All or nothing: the merge relies on each ring having one writer, so if a
+    /// single CPU cannot have its ring, no CPU gets one and all write `EVENTS`
+    /// (in ring order, merged by nothing), as in kernel mode.
+    pub fn take_rings(&mut self, per_cpu_total: Option<u32>) -> Result<Vec<RingReader>, EbpfError> {
         let map = self
             .ebpf
             .take_map(names::EVENTS)
@@ -633,25 +623,16 @@ impl Probes {
             )));
         };
         let mut rings = vec![RingReader::new(data).map_err(EbpfError::Ring)?];
-        let Some(bytes) = per_cpu_bytes else {
+        let Some(total) = per_cpu_total else {
             return Ok(rings);
         };
         // Borrowed, not taken: programs loaded later refer to the map's descriptor.
         let Some(map) = self.ebpf.map_mut(names::CPU_RINGS) else {
             return Ok(rings);
         };
-        let mut slots: ArrayOfMaps<&mut MapData, MapData> = map
-            .try_into()
-            .map_err(|e| EbpfError::Map(names::CPU_RINGS, e))?;
-        for cpu in aya::util::online_cpus().unwrap_or_default() {
-            let made = ring::create(bytes, &format!("RING_CPU{cpu}")).and_then(|data| {
-                slots.set(cpu, &data, 0).map_err(io::Error::other)?;
-                RingReader::new(data)
-            });
-            match made {
-                Ok(reader) => rings.push(reader),
-                Err(err) => log::debug!("CPU {cpu} writes to the shared ring: {err}"),
-            }
+        match cpu_rings(map, total) {
+            Ok(own) => rings.extend(own),
+            Err(err) => log::warn!("one ring buffer for all CPUs (a ring per CPU failed: {err})"),
         }
         Ok(rings)
     }
@@ -799,6 +780,105 @@ fn prog_info_u64(fd: i32, offset: usize) -> io::Result<u64> {
     Ok(u64::from_ne_bytes(bytes.try_into().expect("8 bytes")))
 }
 
+/// The CPUs that may ever run (`/proc`-style list, e.g. `0-3,6`).
+fn possible_cpus() -> io::Result<Vec<u32>> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    cpu_list(&text).ok_or_else(|| io::Error::other(format!("cannot read CPU list {text:?}")))
+}
+
+/// The numbers in a kernel CPU list such as `0-3,6`.
+fn cpu_list(text: &str) -> Option<Vec<u32>> {
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let (first, last): (u32, u32) = match part.split_once('-') {
+            Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+            None => (part.parse().ok()?, part.parse().ok()?),
+        };
+        if first > last {
+            return None;
+        }
+        cpus.extend(first..=last);
+    }
+    (!cpus.is_empty()).then_some(cpus)
+}
+
+/// The size of a CPU's ring when `total` bytes are shared out among the `online`
+/// CPUs: a power of two, at least 4 MiB (a busy thread writes ~85 MB/s of records
+/// here, and the daemon drains every 10 ms). A CPU offline at start gets 1 MiB.
+fn per_cpu_ring_bytes(total: u32, online: usize, is_online: bool) -> u32 {
+    if !is_online {
+        return 1 << 20;
+    }
+    let share = (total / online.max(1) as u32).max(4 << 20);
+    if share.is_power_of_two() {
+        share
+    } else {
+        share.next_power_of_two() / 2
+    }
+}
+
+/// Makes a ring for every possible CPU and puts each in `CPU_RINGS`; on any
+/// failure takes back the ones put in.
+fn cpu_rings(map: &mut Map, total: u32) -> io::Result<Vec<RingReader>> {
+    let Map::ArrayOfMaps(data) = &*map else {
+        return Err(io::Error::other("CPU_RINGS is not an array of maps"));
+    };
+    let slots_fd = data.fd().as_fd().as_raw_fd();
+    let mut slots: ArrayOfMaps<&mut MapData, MapData> = map.try_into().map_err(io::Error::other)?;
+    let possible = possible_cpus()?;
+    let online = aya::util::online_cpus().map_err(|(_, e)| e)?;
+    let mut readers = Vec::with_capacity(possible.len());
+    for &cpu in &possible {
+        let bytes = per_cpu_ring_bytes(total, online.len(), online.contains(&cpu));
+        readers.push((
+            cpu,
+            RingReader::new(ring::create(bytes, &format!("RING_CPU{cpu}"))?)?,
+        ));
+    }
+    for (k, (cpu, reader)) in readers.iter().enumerate() {
+        if let Err(err) = slots.set(*cpu, reader.map(), 0) {
+            for (cpu, _) in &readers[..k] {
+                let _ = clear_slot(slots_fd, *cpu);
+            }
+            return Err(io::Error::other(err));
+        }
+    }
+    Ok(readers.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Empties slot `index` of an array of maps.
+fn clear_slot(slots: std::os::fd::RawFd, index: u32) -> io::Result<()> {
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = Attr {
+        map_fd: slots as u32,
+        _pad: 0,
+        key: (&raw const index) as u64,
+        value: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` and the key it points to outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &raw const attr,
+            size_of::<Attr>(),
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The CFI unwinder's maps: rows and tables shared by every process, each
 /// process's code mappings, and the walks' counters.
 pub struct UnwindMaps {
@@ -919,5 +999,26 @@ impl MapReaders {
                 .take_while(|f| *f != 0)
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{cpu_list, per_cpu_ring_bytes};
+
+    #[test]
+    fn cpu_lists_are_read_as_the_kernel_writes_them() {
+        assert_eq!(cpu_list("0-3,6\n"), Some(vec![0, 1, 2, 3, 6]));
+        assert_eq!(cpu_list("0"), Some(vec![0]));
+        assert_eq!(cpu_list(""), None);
+        assert_eq!(cpu_list("3-1"), None);
+    }
+
+    #[test]
+    fn each_online_cpu_gets_a_power_of_two_share_of_at_least_4_mib() {
+        assert_eq!(per_cpu_ring_bytes(32 << 20, 2, true), 16 << 20);
+        assert_eq!(per_cpu_ring_bytes(32 << 20, 3, true), 8 << 20);
+        assert_eq!(per_cpu_ring_bytes(32 << 20, 64, true), 4 << 20);
+        assert_eq!(per_cpu_ring_bytes(32 << 20, 2, false), 1 << 20);
     }
 }

@@ -319,6 +319,13 @@ impl RingReader {
     }
 }
 
+impl RingReader {
+    /// The ring's map.
+    pub fn map(&self) -> &MapData {
+        &self.map
+    }
+}
+
 impl AsFd for RingReader {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.map.fd().as_fd()

@@ -4,7 +4,8 @@
 //! Order matters: a block freed on one CPU and handed out again on another must
 //! be seen freed first, or the new block would be dropped with the old one. Each
 //! record's time is read after its room in the ring was reserved, and a CPU's
-//! records come in its ring in time order. So a ring whose next record shows
+//! records come in its ring in time order (each ring has one writer: with rings
+//! per CPU, the shared ring gets no records at all). So a ring whose next record shows
 //! time t will give nothing earlier than t; a ring with nothing more to give
 //! when its producer position was read after the drain started gives nothing
 //! stamped before that start; a ring stopped at a record still being written may

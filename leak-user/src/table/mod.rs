@@ -184,6 +184,9 @@ pub struct Snapshot {
 struct Detached {
     old: u64,
     object: Option<Object>,
+    /// The thread already freed `old` inside the realloc (realloc(p, 0) calls
+    /// free(p) once): a second free of it is the program's own.
+    freed_inside: bool,
 }
 
 /// All live objects of all traced processes.
@@ -363,17 +366,22 @@ impl Table {
         match *event {
             Event::Alloc(ref a) => {
                 self.counters.allocs += 1;
+                if !self.pending_reallocs.is_empty() {
+                    // Nested calls are never recorded: the thread's realloc is
+                    // over, and its return record was lost.
+                    self.pending_reallocs.remove(&(a.tgid, a.tid));
+                }
                 let object = self.new_object(a);
                 self.insert(a.tgid, a.addr, object);
             }
             Event::Free { tgid, tid, addr } => {
-                if self
-                    .pending_reallocs
-                    .get(&(tgid, tid))
-                    .is_some_and(|d| d.old == addr)
+                if let Some(d) = self.pending_reallocs.get_mut(&(tgid, tid))
+                    && d.old == addr
+                    && !d.freed_inside
                 {
                     // realloc(p, 0) calling free(p): part of the realloc, whose
                     // record says what became of the block.
+                    d.freed_inside = true;
                     return;
                 }
                 self.counters.frees += 1;
@@ -389,8 +397,14 @@ impl Table {
                     // walk must not adopt its old address.
                     self.freed_untracked(tgid, old);
                 }
-                self.pending_reallocs
-                    .insert((tgid, tid), Detached { old, object });
+                self.pending_reallocs.insert(
+                    (tgid, tid),
+                    Detached {
+                        old,
+                        object,
+                        freed_inside: false,
+                    },
+                );
             }
             Event::Realloc { ref alloc, old } => self.apply_realloc(alloc, old),
             Event::AllocatorMap { tgid, addr, len } => {
@@ -474,6 +488,7 @@ impl Table {
             _ => Detached {
                 old,
                 object: self.release(alloc.tgid, old),
+                freed_inside: false,
             },
         };
         if alloc.addr != 0 {
@@ -728,6 +743,29 @@ mod tests {
         assert_eq!((t.counters.frees, t.counters.untracked_frees), (0, 0));
         t.apply(&free(8));
         assert_eq!((t.counters.frees, t.counters.untracked_frees), (1, 1));
+        // Only one free inside: a second one by the thread is its own.
+        t.apply(&free(7));
+        assert_eq!(t.counters.frees, 2);
+    }
+
+    #[test]
+    fn a_realloc_whose_return_was_lost_is_over_at_the_threads_next_allocation() {
+        let mut t = table();
+        t.apply(&alloc(0x1000, 0x10));
+        t.apply(&Event::ReallocDetach {
+            tgid: 1,
+            tid: 7,
+            old: 0x1000,
+        });
+        // The realloc's return record is lost; the thread allocates p again
+        // (grown in place, or from its cache) and frees it: the free is its own.
+        t.apply(&alloc(0x1000, 0x10));
+        t.apply(&Event::Free {
+            tgid: 1,
+            tid: 7,
+            addr: 0x1000,
+        });
+        assert!(addrs(&t).is_empty());
     }
 
     #[test]

@@ -212,7 +212,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         spawn_logger(logger);
     }
     let readers = probes.take_readers()?;
-    let rings = probes.take_rings(Some(Probes::per_cpu_ring_bytes(config.ring_bytes)))?;
+    let rings = probes.take_rings(Some(config.ring_bytes))?;
     let table = SharedTable::new(Table::new(epoch, VerdictBook::new(config.verdict)));
     let ingest =
         ingest::spawn(rings, UserSink(table.clone())).context("cannot watch the ring buffers")?;
