@@ -765,17 +765,7 @@ fn prog_info_u64(fd: i32, offset: usize) -> io::Result<u64> {
         info: info.0.as_mut_ptr() as u64,
     };
     // SAFETY: `attr` points to a buffer of `info_len` bytes that outlives the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &raw const attr,
-            size_of::<Attr>(),
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &attr) }?;
     let bytes = &info.0[offset..offset + 8];
     Ok(u64::from_ne_bytes(bytes.try_into().expect("8 bytes")))
 }
@@ -865,18 +855,24 @@ fn clear_slot(slots: std::os::fd::RawFd, index: u32) -> io::Result<()> {
         flags: 0,
     };
     // SAFETY: `attr` and the key it points to outlive the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_DELETE_ELEM,
-            &raw const attr,
-            size_of::<Attr>(),
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
+    unsafe { bpf(BPF_MAP_DELETE_ELEM, &attr) }.map(drop)
+}
+
+/// The `bpf(2)` system call with command `cmd`; its non-negative result.
+///
+/// # Safety
+///
+/// `attr` must be the `union bpf_attr` layout `cmd` reads, and every pointer in
+/// it valid for what the kernel does with it during the call.
+pub(crate) unsafe fn bpf<A>(cmd: libc::c_long, attr: &A) -> io::Result<libc::c_long> {
+    // SAFETY: the caller vouches for `attr`; its size is passed with it.
+    let ret =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_ref(attr), size_of::<A>()) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
     }
-    Ok(())
 }
 
 /// The CFI unwinder's maps: rows and tables shared by every process, each

@@ -116,17 +116,7 @@ pub fn create(bytes: u32, name: &str) -> io::Result<MapData> {
     };
     // SAFETY: `attr` is a valid, fully initialised BPF_MAP_CREATE argument that
     // outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &raw const attr,
-            size_of::<Attr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = unsafe { super::bpf(BPF_MAP_CREATE, &attr) }?;
     // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     MapData::from_fd(fd).map_err(io::Error::other)

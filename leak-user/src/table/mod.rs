@@ -723,8 +723,8 @@ mod tests {
         assert_eq!(t.sites.get(o.site).unwrap().caller, 0x40);
     }
 
-    #[test]
-    fn a_free_inside_realloc_of_the_block_it_detached_is_part_of_the_realloc() {
+    /// A table where thread 7 is inside realloc(0x1000, ..).
+    fn realloc_in_flight() -> Table {
         let mut t = table();
         t.apply(&alloc(0x1000, 0x10));
         t.apply(&Event::ReallocDetach {
@@ -732,6 +732,12 @@ mod tests {
             tid: 7,
             old: 0x1000,
         });
+        t
+    }
+
+    #[test]
+    fn a_free_inside_realloc_of_the_block_it_detached_is_part_of_the_realloc() {
+        let mut t = realloc_in_flight();
         // glibc's realloc(p, 0) frees p through free itself; another thread's free
         // of the same address is not the realloc's.
         let free = |tid| Event::Free {
@@ -750,13 +756,7 @@ mod tests {
 
     #[test]
     fn a_realloc_whose_return_was_lost_is_over_at_the_threads_next_allocation() {
-        let mut t = table();
-        t.apply(&alloc(0x1000, 0x10));
-        t.apply(&Event::ReallocDetach {
-            tgid: 1,
-            tid: 7,
-            old: 0x1000,
-        });
+        let mut t = realloc_in_flight();
         // The realloc's return record is lost; the thread allocates p again
         // (grown in place, or from its cache) and frees it: the free is its own.
         t.apply(&alloc(0x1000, 0x10));
