@@ -4,7 +4,7 @@
 
 #![no_main]
 
-use leak_common::{KernelRecord, RecordKind, UserRecord};
+use leak_common::{FreeRecord, KernelRecord, RecordKind, UserRecord};
 use leaktrace::events::{self, DecodeError, Event};
 use libfuzzer_sys::fuzz_target;
 
@@ -14,6 +14,8 @@ fuzz_target!(|data: &[u8]| {
             assert!(data.len() >= size_of::<KernelRecord>());
             assert!(!k.cache.contains('\0') && !k.comm.contains('\0'));
         }
+        // A free's record is a compact one of its own.
+        Ok(Event::Free { .. }) => assert!(data.len() >= size_of::<FreeRecord>()),
         Ok(_) => assert!(data.len() >= size_of::<UserRecord>()),
         Err(DecodeError::TooShort { kind, len }) => {
             assert_eq!(len, data.len());
