@@ -154,6 +154,78 @@ mod tests {
         assert_eq!(drain(&mut rings, &mut [0; 3], 10).0, [2, 1, 0]);
     }
 
+    /// A record of the model below: reserved at `reserved` in ring `ring`,
+    /// stamped just after, readable from `committed` on.
+    struct Modelled {
+        ring: usize,
+        reserved: u64,
+        committed: u64,
+    }
+
+    #[test]
+    fn records_come_out_in_time_order_whatever_the_drains_meet() {
+        // xorshift: the same pseudo-random runs every time.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next_random = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..200 {
+            let rings = 1 + next_random(5) as usize;
+            let mut records: Vec<Modelled> = Vec::new();
+            let mut now = 0;
+            for _ in 0..300 {
+                now += 1 + next_random(10);
+                // Most records commit at once, some stay busy a long while.
+                let busy = if next_random(10) == 0 {
+                    next_random(400)
+                } else {
+                    next_random(3)
+                };
+                records.push(Modelled {
+                    ring: next_random(rings as u64) as usize,
+                    reserved: now,
+                    committed: now + 1 + busy,
+                });
+            }
+            // (ring, records taken from it)
+            let mut cursors: Vec<(usize, usize)> = (0..rings).map(|r| (r, 0)).collect();
+            let mut last = vec![0; rings];
+            let mut out = Vec::new();
+            let mut drain_at = 0;
+            while out.len() < records.len() {
+                drain_at += 1 + next_random(200);
+                // The records of each ring, in ring order, not taken yet.
+                let of_ring = |r: usize, skip: usize| {
+                    records
+                        .iter()
+                        .enumerate()
+                        .filter(move |(_, m)| m.ring == r)
+                        .nth(skip)
+                };
+                merge(
+                    &mut cursors,
+                    &mut last,
+                    drain_at,
+                    |&mut (r, taken)| match of_ring(r, taken) {
+                        Some((_, m)) if m.committed <= drain_at => Next::Time(m.reserved + 1),
+                        Some((_, m)) if m.reserved <= drain_at => Next::Busy,
+                        _ => Next::End,
+                    },
+                    |(r, taken)| {
+                        let (i, _) = of_ring(*r, *taken).expect("a record");
+                        out.push(i);
+                        *taken += 1;
+                    },
+                );
+            }
+            // Records were made in time order: their indexes must come out sorted.
+            assert!(out.windows(2).all(|w| w[0] < w[1]), "{out:?}");
+        }
+    }
+
     #[test]
     fn many_rings_interleave_exactly_over_several_drains() {
         let rings_n = 8u64;
