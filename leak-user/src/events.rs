@@ -114,9 +114,9 @@ fn c_string(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
-/// A user allocation record carries no time (reading the clock would cost each
-/// probe a helper call); it gets the time the daemon read it, usually within one
-/// drain period (10 ms) of the allocation: objects only ever look younger.
+/// An allocation has the time its record carries; one without (an eBPF object
+/// older than the per-CPU rings stamped none) gets the time the daemon read it,
+/// usually within one drain period (10 ms): objects then only look younger.
 fn alloc_of(r: &UserRecord, received_ns: u64) -> Result<Alloc, DecodeError> {
     Ok(Alloc {
         tgid: r.tgid,

@@ -1,11 +1,13 @@
-//! Reads the ring buffer in batches.
+//! Reads a ring buffer in place: [`RingReader::head`] shows the next committed
+//! record without taking it (the merge of several rings compares their heads),
+//! [`RingReader::advance`] takes it.
 //!
 //! Every reservation a probe makes reads the ring's consumer position, to see whether
 //! the record fits. aya's `RingBuf` publishes that position after every record it
 //! reads, so while the daemon drains, each publish moves the position's cache line
 //! to the daemon's CPU and the next probe on another CPU misses on it. This reader
 //! publishes the position once per [`RELEASE_BYTES`] of records and at the end of a
-//! drain, and reads the producer position only when it has caught up with the last
+//! drain ([`RingReader::finish`]), and reads the producer position only when it has caught up with the last
 //! value it read. The ring is 16 MiB by default; holding back 256 KiB of read
 //! records costs the probes nothing but that much room.
 //!
@@ -145,15 +147,14 @@ pub struct RingReader {
     published: usize,
     /// The producer position last read.
     producer_pos: usize,
-    /// Bytes of the record `peek` found (header and padding included), where its
-    /// data starts in `producer`, and its length.
+    /// Bytes of the record `peek` found (header and padding included; 0 until it
+    /// finds one, and again once it is taken), where its data starts in
+    /// `producer`, and its length.
     head_bytes: usize,
     head_offset: usize,
     head_len: usize,
     /// `peek` stopped at a record still being written.
     busy: bool,
-    /// How many times the producer position was read.
-    loads: u64,
     /// Keeps the descriptor open; declared last so it is closed after the unmaps.
     map: MapData,
 }
@@ -186,39 +187,8 @@ impl RingReader {
             head_offset: 0,
             head_len: 0,
             busy: false,
-            loads: 0,
             map,
         })
-    }
-
-    /// Hands every committed record to `each`, in ring order, with a
-    /// CLOCK_MONOTONIC time read after the record was written, and returns how many
-    /// there were. Stops at a record still being written; discarded records are
-    /// skipped. The space of read records is handed back every `RELEASE_BYTES`
-    /// and before returning.
-    pub fn drain(&mut self, mut each: impl FnMut(&[u8], u64)) -> usize {
-        let mut records = 0;
-        // Everything up to the producer position last read was written before the
-        // clock is read; it is read once a record is there to stamp (an empty
-        // drain, every 10 ms, reads no clock).
-        let mut written_by = None;
-        loop {
-            let loads = self.loads;
-            if !self.peek() {
-                break;
-            }
-            if self.loads != loads {
-                written_by = None;
-            }
-            each(
-                self.current(),
-                *written_by.get_or_insert_with(crate::clock::now_ns),
-            );
-            records += 1;
-            self.advance();
-        }
-        self.finish();
-        records
     }
 
     /// The next committed record, not taken yet (discarded records are skipped),
@@ -249,11 +219,14 @@ impl RingReader {
     /// Finds the next committed record (true), skipping discarded ones; false at
     /// the producer position or at a record still being written (`busy`).
     fn peek(&mut self) -> bool {
+        if self.head_bytes != 0 {
+            // Found before and not taken yet (the merge looks twice).
+            return true;
+        }
         self.busy = false;
         loop {
             if self.pos == self.producer_pos {
                 self.producer_pos = self.producer.position().load(Ordering::Acquire);
-                self.loads = self.loads.wrapping_add(1);
                 if self.pos == self.producer_pos {
                     return false;
                 }
@@ -276,11 +249,11 @@ impl RingReader {
                 self.busy = true;
                 return false;
             }
-            self.head_bytes = (HEADER_BYTES + len).next_multiple_of(8);
             if header & DISCARD_BIT != 0 {
-                self.advance();
+                self.pos += (HEADER_BYTES + len).next_multiple_of(8);
                 continue;
             }
+            self.head_bytes = (HEADER_BYTES + len).next_multiple_of(8);
             self.head_offset = offset + HEADER_BYTES;
             self.head_len = len;
             return true;
@@ -300,19 +273,17 @@ impl RingReader {
         self.publish();
     }
 
+    /// The ring's map.
+    pub fn map(&self) -> &MapData {
+        &self.map
+    }
+
     fn publish(&mut self) {
         if self.published != self.pos {
             // Release: the producers may reuse the space only after we read it.
             self.consumer.position().store(self.pos, Ordering::Release);
             self.published = self.pos;
         }
-    }
-}
-
-impl RingReader {
-    /// The ring's map.
-    pub fn map(&self) -> &MapData {
-        &self.map
     }
 }
 

@@ -1,6 +1,6 @@
 //! The ingest task: drains the ring buffers, decodes records outside the lock, and
-//! applies them to the table in batches under it, in order: ring order with one
-//! ring, time order (`merge.rs`) with a ring per CPU.
+//! applies them to the table in batches under it, in order: time order over the
+//! rings (`merge.rs`), which is ring order when there is one.
 
 use std::sync::{
     Arc,
@@ -11,6 +11,8 @@ use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::{Notify, mpsc},
 };
+
+use leak_common::UserRecord;
 
 use super::merge::{Next, merge};
 use crate::{
@@ -108,10 +110,11 @@ struct Task<S> {
 const BARRIER_TRIES: usize = 10_000;
 
 /// The time a record was stamped with (0 when it has none): every record type
-/// keeps it at offset 16.
+/// keeps it where a `UserRecord` does (leak-common checks).
 fn record_time(bytes: &[u8]) -> u64 {
+    const AT: usize = std::mem::offset_of!(UserRecord, ts_ns);
     bytes
-        .get(16..24)
+        .get(AT..AT + 8)
         .map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
 }
 
@@ -154,23 +157,9 @@ impl<S: EventSink> Task<S> {
         }
     }
 
-    /// Drains every ring and applies what can be applied in order; true when a
-    /// ring stopped at a record still being written.
+    /// Drains every ring and applies what can be applied in order (with one ring,
+    /// all it holds); true when a ring stopped at a record still being written.
     fn drain(&mut self, shared: &mut RingReader) -> bool {
-        if self.own.is_empty() {
-            // One ring: its order is the order.
-            let records = shared.drain(|bytes, received_ns| {
-                if let Some(event) = decode(&self.counters, bytes, received_ns) {
-                    self.batch.push(event);
-                    if self.batch.len() >= BATCH {
-                        flush(&mut self.sink, &mut self.batch, &self.notices);
-                    }
-                }
-            });
-            self.count(records);
-            flush(&mut self.sink, &mut self.batch, &self.notices);
-            return matches!(shared.head(), Head::Busy);
-        }
         let started = crate::clock::now_ns();
         let mut rings: Vec<&mut RingReader> =
             std::iter::once(shared).chain(self.own.iter_mut()).collect();
@@ -180,6 +169,7 @@ impl<S: EventSink> Task<S> {
             &self.notices,
             &self.counters,
         );
+        let mut records = 0u64;
         let next = |ring: &mut &mut RingReader| match ring.head() {
             Head::Record(bytes) => Next::Time(record_time(bytes)),
             Head::End => Next::End,
@@ -187,7 +177,9 @@ impl<S: EventSink> Task<S> {
         };
         let take = |ring: &mut &mut RingReader| {
             if let Head::Record(bytes) = ring.head() {
-                counters.records.fetch_add(1, Ordering::Relaxed);
+                records += 1;
+                // Every record carries its time: `started` only stands in for
+                // one that would not.
                 if let Some(event) = decode(counters, bytes, started) {
                     batch.push(event);
                     if batch.len() >= BATCH {
@@ -201,14 +193,9 @@ impl<S: EventSink> Task<S> {
         for ring in rings {
             ring.finish();
         }
+        self.counters.records.fetch_add(records, Ordering::Relaxed);
         flush(&mut self.sink, &mut self.batch, &self.notices);
         stalled
-    }
-
-    fn count(&self, records: usize) {
-        self.counters
-            .records
-            .fetch_add(records as u64, Ordering::Relaxed);
     }
 }
 
