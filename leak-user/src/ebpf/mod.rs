@@ -265,11 +265,9 @@ impl Probes {
         let stacks = flag(options.capture_stacks);
         // Each CPU wakes the reader after writing its share of an eighth of the ring.
         let cpus = aya::util::online_cpus().map_or(1, |c| c.len().max(1)) as u64;
-        // CPU_RINGS is indexed by CPU number: room for every CPU that may run.
-        let cpu_slots = possible_cpus()
-            .ok()
-            .and_then(|c| c.iter().max().map(|m| m + 1))
-            .unwrap_or(1);
+        // CPU_RINGS is indexed by CPU number: room for every CPU that may run
+        // (possible CPUs are numbered from 0 without gaps).
+        let cpu_slots = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
         let wakeup = (u64::from(options.ring_bytes / 8) / cpus).max(64 << 10);
         let filter_pids = flag(options.kernel_filter_pids);
         let filter_cgroups = flag(options.kernel_filter_cgroups);
@@ -770,28 +768,6 @@ fn prog_info_u64(fd: i32, offset: usize) -> io::Result<u64> {
     Ok(u64::from_ne_bytes(bytes.try_into().expect("8 bytes")))
 }
 
-/// The CPUs that may ever run (`/proc`-style list, e.g. `0-3,6`).
-fn possible_cpus() -> io::Result<Vec<u32>> {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
-    cpu_list(&text).ok_or_else(|| io::Error::other(format!("cannot read CPU list {text:?}")))
-}
-
-/// The numbers in a kernel CPU list such as `0-3,6`.
-fn cpu_list(text: &str) -> Option<Vec<u32>> {
-    let mut cpus = Vec::new();
-    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
-        let (first, last): (u32, u32) = match part.split_once('-') {
-            Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
-            None => (part.parse().ok()?, part.parse().ok()?),
-        };
-        if first > last {
-            return None;
-        }
-        cpus.extend(first..=last);
-    }
-    (!cpus.is_empty()).then_some(cpus)
-}
-
 /// The size of a CPU's ring when `total` bytes are shared out among the `online`
 /// CPUs: a power of two, at least 4 MiB (a busy thread writes ~85 MB/s of records
 /// here, and the daemon drains every 10 ms). A CPU offline at start gets 1 MiB.
@@ -815,10 +791,10 @@ fn cpu_rings(map: &mut Map, total: u32) -> io::Result<Vec<RingReader>> {
     };
     let slots_fd = data.fd().as_fd().as_raw_fd();
     let mut slots: ArrayOfMaps<&mut MapData, MapData> = map.try_into().map_err(io::Error::other)?;
-    let possible = possible_cpus()?;
+    let possible = aya::util::nr_cpus().map_err(|(_, e)| e)? as u32;
     let online = aya::util::online_cpus().map_err(|(_, e)| e)?;
-    let mut readers = Vec::with_capacity(possible.len());
-    for &cpu in &possible {
+    let mut readers = Vec::with_capacity(possible as usize);
+    for cpu in 0..possible {
         let bytes = per_cpu_ring_bytes(total, online.len(), online.contains(&cpu));
         readers.push((
             cpu,
@@ -1000,15 +976,7 @@ impl MapReaders {
 
 #[cfg(test)]
 mod tests {
-    use super::{cpu_list, per_cpu_ring_bytes};
-
-    #[test]
-    fn cpu_lists_are_read_as_the_kernel_writes_them() {
-        assert_eq!(cpu_list("0-3,6\n"), Some(vec![0, 1, 2, 3, 6]));
-        assert_eq!(cpu_list("0"), Some(vec![0]));
-        assert_eq!(cpu_list(""), None);
-        assert_eq!(cpu_list("3-1"), None);
-    }
+    use super::per_cpu_ring_bytes;
 
     #[test]
     fn each_online_cpu_gets_a_power_of_two_share_of_at_least_4_mib() {
