@@ -15,7 +15,9 @@
 //!   churns malloc/free;
 //! * stack capture (`--only unwind`): the allocation probe's own run time (bpf_stats)
 //!   with no stack, frame pointers and the CFI unwinder (each stack walked, and
-//!   walks reused as by default), at 8, 16 and 32 frames.
+//!   walks reused as by default), at 8, 16 and 32 frames;
+//! * helper costs (`--only helpers`, `helper_costs.rs`): what one clock read, one id
+//!   read and one user-memory read cost a uprobe program on this machine.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -520,6 +522,9 @@ pub enum Bench {
     Scan,
     /// Stack capture cost per allocation: none, frame pointers, CFI unwinding.
     Unwind,
+    /// What one call of each kind of BPF helper the probes make costs on this
+    /// machine (bpftrace programs, bpf_stats).
+    Helpers,
 }
 
 pub fn run(quick: bool, only: &[Bench], against: Option<&Path>) -> anyhow::Result<()> {
@@ -553,6 +558,9 @@ pub fn run(quick: bool, only: &[Bench], against: Option<&Path>) -> anyhow::Resul
     if wanted(Bench::Unwind) {
         let pairs = if quick { 100_000 } else { 300_000 };
         unwind(&leaktrace, against, &fixtures, pairs)?;
+    }
+    if wanted(Bench::Helpers) {
+        crate::helper_costs::run(&fixtures, if quick { 3 } else { 5 })?;
     }
     Ok(())
 }

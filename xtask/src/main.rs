@@ -17,6 +17,7 @@ mod corpus;
 mod ebpf;
 mod fixtures;
 mod fuzz;
+mod helper_costs;
 mod overhead;
 mod setup;
 mod soak;

@@ -10,7 +10,8 @@
 //!   and without stacks. The figure that matters is the *added* cost per pair,
 //!   leaktrace's against the floor's;
 //! * each program's own run time per event (kernel.bpf_stats_enabled, switched on
-//!   for one extra run only: it adds its own cost);
+//!   for one extra run only: it adds its own cost; what each kind of helper call
+//!   costs on this machine is `--only helpers`, [`crate::helper_costs`]);
 //! * two servers from Debian packages under a bounded 127.0.0.1 load: redis
 //!   (jemalloc) with redis-benchmark, nginx (glibc) with ab; requests/s untraced,
 //!   floor and traced;
@@ -33,14 +34,14 @@ const PROGRAMS: [&str; 3] = ["alloc_enter", "alloc_return", "free_enter"];
 
 /// Median, min and max.
 #[derive(Clone, Copy, Debug)]
-struct Spread {
+pub(crate) struct Spread {
     median: f64,
     min: f64,
     max: f64,
 }
 
 impl Spread {
-    fn of(values: &[f64]) -> Self {
+    pub(crate) fn of(values: &[f64]) -> Self {
         let mut v = values.to_vec();
         v.sort_by(f64::total_cmp);
         let n = v.len();
@@ -58,7 +59,7 @@ impl Spread {
         }
     }
 
-    fn show(self, unit: &str) -> String {
+    pub(crate) fn show(self, unit: &str) -> String {
         format!(
             "{:>9.0} {unit} [{:.0}–{:.0}]",
             self.median, self.min, self.max
@@ -350,10 +351,10 @@ fn program_ns(owner: Option<u32>) -> Option<[f64; 3]> {
 }
 
 /// kernel.bpf_stats_enabled on for as long as this lives.
-struct BpfStats;
+pub(crate) struct BpfStats;
 
 impl BpfStats {
-    fn on() -> Self {
+    pub(crate) fn on() -> Self {
         let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
         Self
     }
