@@ -134,6 +134,11 @@ pub enum Head<'a> {
     Busy,
 }
 
+/// The room a record of `len` bytes takes in the ring: its header, padded to 8 bytes.
+fn record_bytes(len: usize) -> usize {
+    (HEADER_BYTES + len).next_multiple_of(8)
+}
+
 /// The consumer side of one `BPF_MAP_TYPE_RINGBUF` map.
 pub struct RingReader {
     consumer: Mapping,
@@ -147,14 +152,9 @@ pub struct RingReader {
     published: usize,
     /// The producer position last read.
     producer_pos: usize,
-    /// Bytes of the record `peek` found (header and padding included; 0 until it
-    /// finds one, and again once it is taken), where its data starts in
-    /// `producer`, and its length.
-    head_bytes: usize,
-    head_offset: usize,
-    head_len: usize,
-    /// `peek` stopped at a record still being written.
-    busy: bool,
+    /// The length of the committed record at `pos` that [`Self::head`] found and
+    /// [`Self::advance`] has not taken yet (the merge looks at a head twice).
+    found: Option<usize>,
     /// Keeps the descriptor open; declared last so it is closed after the unmaps.
     map: MapData,
 }
@@ -183,10 +183,7 @@ impl RingReader {
             pos,
             published: pos,
             producer_pos,
-            head_bytes: 0,
-            head_offset: 0,
-            head_len: 0,
-            busy: false,
+            found: None,
             map,
         })
     }
@@ -194,41 +191,31 @@ impl RingReader {
     /// The next committed record, not taken yet (discarded records are skipped),
     /// or why there is none.
     pub fn head(&mut self) -> Head<'_> {
-        if self.peek() {
-            Head::Record(self.current())
-        } else if self.busy {
-            Head::Busy
-        } else {
-            Head::End
-        }
-    }
-
-    /// The record `peek` found.
-    fn current(&self) -> &[u8] {
-        // SAFETY: `peek` checked that the record lies within the double mapping
+        let len = match self.found {
+            Some(len) => len,
+            None => match self.find() {
+                Ok(len) => *self.found.insert(len),
+                Err(none) => return none,
+            },
+        };
+        let offset = self.data_offset + (self.pos & self.mask) + HEADER_BYTES;
+        // SAFETY: `find` checked that the record lies within the double mapping
         // (it is shorter than the ring) and that the producer finished writing it
         // (busy bit clear, read with Acquire).
-        unsafe {
-            std::slice::from_raw_parts(
-                self.producer.ptr.add(self.head_offset).as_ptr(),
-                self.head_len,
-            )
-        }
+        Head::Record(unsafe {
+            std::slice::from_raw_parts(self.producer.ptr.add(offset).as_ptr(), len)
+        })
     }
 
-    /// Finds the next committed record (true), skipping discarded ones; false at
-    /// the producer position or at a record still being written (`busy`).
-    fn peek(&mut self) -> bool {
-        if self.head_bytes != 0 {
-            // Found before and not taken yet (the merge looks twice).
-            return true;
-        }
-        self.busy = false;
+    /// Moves `pos` past discarded records to the next committed one and returns
+    /// its length; or stops at the producer position ([`Head::End`]) or at a
+    /// record still being written ([`Head::Busy`]).
+    fn find(&mut self) -> Result<usize, Head<'static>> {
         loop {
             if self.pos == self.producer_pos {
                 self.producer_pos = self.producer.position().load(Ordering::Acquire);
                 if self.pos == self.producer_pos {
-                    return false;
+                    return Err(Head::End);
                 }
             }
             let offset = self.data_offset + (self.pos & self.mask);
@@ -246,23 +233,20 @@ impl RingReader {
             if header & BUSY_BIT != 0 || len > self.mask {
                 // Being written, or not a header the kernel writes: stop rather
                 // than read past the ring.
-                self.busy = true;
-                return false;
+                return Err(Head::Busy);
             }
-            if header & DISCARD_BIT != 0 {
-                self.pos += (HEADER_BYTES + len).next_multiple_of(8);
-                continue;
+            if header & DISCARD_BIT == 0 {
+                return Ok(len);
             }
-            self.head_bytes = (HEADER_BYTES + len).next_multiple_of(8);
-            self.head_offset = offset + HEADER_BYTES;
-            self.head_len = len;
-            return true;
+            self.pos += record_bytes(len);
         }
     }
 
     /// Takes the record [`Self::head`] showed.
     pub fn advance(&mut self) {
-        self.pos += std::mem::take(&mut self.head_bytes);
+        if let Some(len) = self.found.take() {
+            self.pos += record_bytes(len);
+        }
         if self.pos.wrapping_sub(self.published) >= RELEASE_BYTES {
             self.publish();
         }
