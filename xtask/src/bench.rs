@@ -565,26 +565,6 @@ pub fn run(quick: bool, only: &[Bench], against: Option<&Path>) -> anyhow::Resul
     Ok(())
 }
 
-/// (run_time_ns, run_cnt) of the programs named `name` that process `pid`
-/// holds (its descriptors, so that other tracers on the machine do not count).
-fn program_stats(pid: u32, name: &str) -> anyhow::Result<(u64, u64)> {
-    let ids = crate::overhead::program_ids(pid);
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
-        .output()
-        .context("cannot run bpftool")?;
-    let progs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    Ok(progs
-        .iter()
-        .filter(|p| p["name"] == name && p["id"].as_u64().is_some_and(|id| ids.contains(&id)))
-        .fold((0, 0), |(ns, cnt), p| {
-            (
-                ns + p["run_time_ns"].as_u64().unwrap_or(0),
-                cnt + p["run_cnt"].as_u64().unwrap_or(0),
-            )
-        }))
-}
-
 /// The allocation probe's run time per call with each way of taking stacks, at
 /// 8, 16 and 32 frames: medians of several runs, side by side; with `against`,
 /// also CFI unwinding with that other binary, for before/after figures.
@@ -653,10 +633,10 @@ fn unwind(
                     let mut f = Fixture::start(&fixtures.join(fixture), &fixture_args)?;
                     let t =
                         Tracer::attach(binary, f.pid(), &["--interval", "60s", "--stacks", how])?;
-                    let start = program_stats(t.child.id(), "alloc_enter")?;
+                    let start = crate::overhead::program_stats(t.child.id(), Some("alloc_enter"))?;
                     f.go()?;
                     f.wait_for("NS_PER_PAIR")?;
-                    let end = program_stats(t.child.id(), "alloc_enter")?;
+                    let end = crate::overhead::program_stats(t.child.id(), Some("alloc_enter"))?;
                     f.finish();
                     let records = t.stop();
                     let calls = end.1.saturating_sub(start.1).max(1);

@@ -10,16 +10,17 @@
 //! from bpf_stats, minus the empty program's of the same round.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use serde_json::Value;
 
-use crate::{overhead::program_ids, util::step};
+use crate::{
+    overhead::{MallocLoop, program_ids, program_stats},
+    util::step,
+};
 
 /// (what is measured, the bpftrace body that does it once).
 const PROBES: [(&str, &str); 5] = [
@@ -52,10 +53,10 @@ fn library(pid: u32, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Ends a child for good (bpftrace detaches on SIGINT).
-struct Reaped(Child);
+/// bpftrace, detached (on SIGINT) and reaped when dropped.
+struct Bpftrace(Child);
 
-impl Drop for Reaped {
+impl Drop for Bpftrace {
     fn drop(&mut self) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
@@ -65,65 +66,32 @@ impl Drop for Reaped {
 
 /// ns per run of a bpftrace program with `body` on the loop's malloc.
 fn probe_ns(loop_bin: &Path, body: &str) -> anyhow::Result<f64> {
-    let child = Command::new(loop_bin)
-        .args(["--wait-go", &PAIRS.to_string(), "1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {}", loop_bin.display()))?;
-    let mut target = Reaped(child);
-    let pid = target.0.id();
-    let mut lines = BufReader::new(target.0.stdout.take().expect("piped")).lines();
-    let mut wait_for = |prefix: &str| -> anyhow::Result<()> {
-        for line in lines.by_ref() {
-            if line?.starts_with(prefix) {
-                return Ok(());
-            }
-        }
-        bail!("the loop ended before printing {prefix}")
-    };
-    wait_for("WAITING")?;
-    let libc_path = library(pid, "libc.so").context("the loop maps no libc")?;
+    let mut target = MallocLoop::start(loop_bin, PAIRS, 1)?;
+    let libc_path = library(target.pid(), "libc.so").context("the loop maps no libc")?;
     let script = format!("uprobe:{libc_path}:malloc {{ {body} }}");
     let tracer = Command::new("bpftrace")
-        .args(["-p", &pid.to_string(), "-e", &script])
+        .args(["-p", &target.pid().to_string(), "-e", &script])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("cannot start bpftrace")?;
-    let tracer = Reaped(tracer);
+    let tracer = Bpftrace(tracer);
     let deadline = Instant::now() + Duration::from_secs(30);
-    let ids = loop {
-        let ids = program_ids(tracer.0.id());
-        if !ids.is_empty() {
-            break ids;
-        }
+    while program_ids(tracer.0.id()).is_empty() {
         if Instant::now() > deadline {
             bail!("bpftrace did not load {script:?} within 30 s");
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
+    }
     // bpftrace attaches right after loading.
     std::thread::sleep(Duration::from_millis(500));
-    let mut stdin = target.0.stdin.take().expect("piped");
-    stdin.write_all(b"go\n")?;
-    wait_for("READY")?;
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
-        .output()
-        .context("cannot run bpftool")?;
-    let progs: Vec<Value> = serde_json::from_slice(&out.stdout)?;
-    let ns = progs
-        .iter()
-        .filter(|p| p["id"].as_u64().is_some_and(|id| ids.contains(&id)))
-        .filter_map(|p| {
-            let count = p["run_cnt"].as_f64()?;
-            (count >= PAIRS as f64).then(|| p["run_time_ns"].as_f64().unwrap_or(0.0) / count)
-        })
-        .next()
-        .with_context(|| format!("no program of bpftrace ran {PAIRS} times"))?;
-    drop(stdin);
-    Ok(ns)
+    target.go()?;
+    target.wait_for("READY")?;
+    let (time, count) = program_stats(tracer.0.id(), None)?;
+    if count < PAIRS {
+        bail!("bpftrace's program ran {count} times, not {PAIRS}");
+    }
+    Ok(time as f64 / count as f64)
 }
 
 /// Prints each helper's cost per call on this machine: medians (min–max) of

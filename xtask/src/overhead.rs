@@ -18,9 +18,9 @@
 //! * fixed costs: `leaktrace -- /bin/true` against valgrind on the same command.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Lines, Write as _},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -219,6 +219,66 @@ fn append(path: &Path, line: &str) -> std::io::Result<()> {
     f.write_all(format!("{line}\n").as_bytes())
 }
 
+/// The malloc/free loop fixture (`malloc-loop --wait-go PAIRS THREADS`), started
+/// and waiting for its go; it holds after READY until dropped.
+pub struct MallocLoop {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+    stdin: Option<ChildStdin>,
+}
+
+impl MallocLoop {
+    /// Starts `loop_bin` for `pairs` pairs on each of `threads` threads; returns
+    /// once it waits.
+    pub fn start(loop_bin: &Path, pairs: u64, threads: u32) -> anyhow::Result<Self> {
+        let mut child = Command::new(loop_bin)
+            .args(["--wait-go", &pairs.to_string(), &threads.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", loop_bin.display()))?;
+        let lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let stdin = child.stdin.take();
+        let mut target = Self {
+            child,
+            lines,
+            stdin,
+        };
+        target.wait_for("WAITING")?;
+        Ok(target)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Lets the loop run.
+    pub fn go(&mut self) -> anyhow::Result<()> {
+        let stdin = self.stdin.as_mut().context("the loop was let go already")?;
+        stdin.write_all(b"go\n")?;
+        Ok(())
+    }
+
+    /// The next line the loop prints that starts with `prefix`.
+    pub fn wait_for(&mut self, prefix: &str) -> anyhow::Result<String> {
+        for line in self.lines.by_ref() {
+            let line = line?;
+            if line.starts_with(prefix) {
+                return Ok(line);
+            }
+        }
+        bail!("the loop ended before printing {prefix}")
+    }
+}
+
+impl Drop for MallocLoop {
+    /// Ends its hold (or lets it run, if it never got its go) and reaps it.
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
 /// One run of the loop fixture: ns per pair, the programs' own time (with
 /// `stats`), and the `hooks` record leaktrace wrote (the sites, for the tracefs
 /// floor, which needs `hooks`).
@@ -237,24 +297,8 @@ fn loop_once(
     stats: bool,
     hooks: Option<&Value>,
 ) -> anyhow::Result<LoopRun> {
-    let mut child = Command::new(loop_bin)
-        .args(["--wait-go", &pairs.to_string(), &threads.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {}", loop_bin.display()))?;
-    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-    let mut wait_for = |prefix: &str| -> anyhow::Result<String> {
-        for line in lines.by_ref() {
-            let line = line?;
-            if line.starts_with(prefix) {
-                return Ok(line);
-            }
-        }
-        bail!("the loop ended before printing {prefix}")
-    };
-    wait_for("WAITING")?;
-    let tracer = trace(leaktrace, child.id(), setup)?;
+    let mut target = MallocLoop::start(loop_bin, pairs, threads)?;
+    let tracer = trace(leaktrace, target.pid(), setup)?;
     let _events = match (setup, hooks) {
         (Setup::TracefsFloor, Some(h)) => Some(TracefsEvents::create(h)?),
         (Setup::TracefsFloor, None) => bail!("the tracefs floor needs the sites first"),
@@ -263,13 +307,11 @@ fn loop_once(
     let hooks_seen = tracer
         .as_ref()
         .and_then(|t| t.records().into_iter().find(|r| r["type"] == "hooks"));
-    let mut stdin = child.stdin.take().expect("piped");
-    stdin.write_all(b"go\n")?;
-    let line = wait_for("NS_PER_PAIR")?;
-    wait_for("READY")?;
+    target.go()?;
+    let line = target.wait_for("NS_PER_PAIR")?;
+    target.wait_for("READY")?;
     let per_program = stats.then(|| program_ns(tracer.as_ref().map(|t| t.child.id())));
-    drop(stdin);
-    let _ = child.wait();
+    drop(target);
     if let Some(t) = tracer {
         let end = t.stop()?;
         let seen = end["counters"]["allocs"].as_u64().unwrap_or(0);
@@ -323,28 +365,37 @@ fn wait_released(ids: &[u64]) {
     }
 }
 
-/// Run time per run (ns) of each of [`PROGRAMS`] held by process `owner`, from
-/// bpf_stats.
-fn program_ns(owner: Option<u32>) -> Option<[f64; 3]> {
-    let ids = program_ids(owner?);
+/// (run_time_ns, run_cnt) summed over the BPF programs named `name` (any name
+/// with None) that process `pid` holds: its descriptors, so that other tracers on
+/// the machine do not count.
+pub fn program_stats(pid: u32, name: Option<&str>) -> anyhow::Result<(u64, u64)> {
+    let ids = program_ids(pid);
     let out = Command::new("bpftool")
         .args(["prog", "show", "--json"])
         .output()
-        .ok()?;
-    let progs: Vec<Value> = serde_json::from_slice(&out.stdout).ok()?;
-    let mut ns = [f64::NAN; 3];
-    for p in progs
+        .context("cannot run bpftool")?;
+    let progs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    Ok(progs
         .iter()
+        .filter(|p| name.is_none_or(|n| p["name"] == n))
         .filter(|p| p["id"].as_u64().is_some_and(|id| ids.contains(&id)))
-    {
-        let Some(i) = PROGRAMS.iter().position(|n| p["name"] == *n) else {
-            continue;
-        };
-        let (Some(time), Some(count)) = (p["run_time_ns"].as_f64(), p["run_cnt"].as_f64()) else {
-            continue;
-        };
-        if count > 0.0 {
-            ns[i] = time / count;
+        .fold((0, 0), |(ns, cnt), p| {
+            (
+                ns + p["run_time_ns"].as_u64().unwrap_or(0),
+                cnt + p["run_cnt"].as_u64().unwrap_or(0),
+            )
+        }))
+}
+
+/// Run time per run (ns) of each of [`PROGRAMS`] held by process `owner`, from
+/// bpf_stats.
+fn program_ns(owner: Option<u32>) -> Option<[f64; 3]> {
+    let owner = owner?;
+    let mut ns = [f64::NAN; 3];
+    for (slot, name) in ns.iter_mut().zip(PROGRAMS) {
+        let (time, count) = program_stats(owner, Some(name)).ok()?;
+        if count > 0 {
+            *slot = time as f64 / count as f64;
         }
     }
     Some(ns)
