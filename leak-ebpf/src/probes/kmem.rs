@@ -169,7 +169,6 @@ fn kernel_free(kind: RecordKind, ptr: u64) {
         kind: kind as u32,
         tgid,
         tid,
-        ts_ns: 0, // emit stamps it
         addr: ptr,
         ..UserRecord::default()
     };

@@ -40,7 +40,6 @@ fn mapping_record(
         tgid,
         tid,
         func: inside as u32,
-        ts_ns: 0, // emit stamps it
         addr,
         size,
         ..UserRecord::default()

@@ -20,7 +20,6 @@ fn process_record(kind: RecordKind, tgid: u32, tid: u32, addr: u64) -> UserRecor
         kind: kind as u32,
         tgid,
         tid,
-        ts_ns: 0, // emit stamps it
         addr,
         ..UserRecord::default()
     }
