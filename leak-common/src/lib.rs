@@ -55,6 +55,11 @@ pub mod names {
     pub const SCOPED_PROBES: &str = "SCOPED_PROBES";
     /// Global: non-zero when the allocator probes do nothing (the benchmark's floor).
     pub const EMPTY_PROBES: &str = "EMPTY_PROBES";
+    /// The counter user-mode records take their order stamps from (one u64).
+    pub const ORDER: &str = "ORDER";
+    /// Global: non-zero when user-mode records are stamped from `ORDER`, zero when
+    /// with the clock (see [`super::UserRecord::stamp`]).
+    pub const ORDER_BY_COUNTER: &str = "ORDER_BY_COUNTER";
     /// Global: non-zero when calls in flight are kept in task-local storage
     /// (`TASK_CALLS`) rather than in `CALLS`.
     pub const USE_TASK_CALLS: &str = "USE_TASK_CALLS";
@@ -429,10 +434,14 @@ pub struct UserRecord {
     pub tid: u32,
     /// An [`AllocFn`] for allocator records; 1 = "made by the allocator" for mapping records.
     pub func: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the record was made: read after
-    /// its room in the ring was reserved, so that the daemon can merge the rings of
-    /// all CPUs in order of time. At offset 16 in every record type.
-    pub ts_ns: u64,
+    /// Where the record falls in the order of all records, taken after its room
+    /// in the ring was reserved so that the daemon can merge the rings of all CPUs
+    /// (`session/merge.rs`): the next value of the `ORDER` counter all CPUs share
+    /// (with `ORDER_BY_COUNTER`), else `bpf_ktime_get_ns()`. Either way a record
+    /// whose program ended before another's began has the lower stamp. Not a time
+    /// the daemon shows: it dates an allocation when it reads it. At offset 16 in
+    /// every record type.
+    pub stamp: u64,
     /// The block (or range, or child tgid) the record is about.
     pub addr: u64,
     /// Requested size in bytes (range length for mapping records).
@@ -455,8 +464,8 @@ pub struct FreeRecord {
     pub tgid: u32,
     pub tid: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns()` after the record was reserved (see [`UserRecord::ts_ns`]).
-    pub ts_ns: u64,
+    /// Its place in the order of all records (see [`UserRecord::stamp`]).
+    pub stamp: u64,
     /// The block handed back.
     pub addr: u64,
 }
@@ -472,6 +481,9 @@ pub struct KernelRecord {
     pub tid: u32,
     /// Reserved (0): a tracepoint program cannot tell interrupt context.
     pub in_irq: u32,
+    /// `bpf_ktime_get_ns()` when the record was made: the object's birth. Kernel
+    /// mode writes one ring, read in its order. At offset 16, where a user
+    /// record keeps its stamp.
     pub ts_ns: u64,
     pub ptr: u64,
     pub call_site: u64,
@@ -736,10 +748,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_record_keeps_its_time_at_offset_16() {
+    fn every_record_keeps_its_stamp_at_offset_16() {
         // The daemon merges the rings of all CPUs by this field, whatever the kind.
-        assert_eq!(core::mem::offset_of!(UserRecord, ts_ns), 16);
-        assert_eq!(core::mem::offset_of!(FreeRecord, ts_ns), 16);
+        assert_eq!(core::mem::offset_of!(UserRecord, stamp), 16);
+        assert_eq!(core::mem::offset_of!(FreeRecord, stamp), 16);
         assert_eq!(core::mem::offset_of!(KernelRecord, ts_ns), 16);
     }
 

@@ -1,9 +1,11 @@
 //! leaktrace's eBPF programs.
 //!
-//! Every program writes fixed-layout records ([`leak_common`]) into one ring buffer,
-//! which keeps the order in which records were reserved: a block's address can only
-//! be handed out again after the record of its release was reserved, so the daemon
-//! can replay the ring in order and never confuse two lives of one address.
+//! Every program writes fixed-layout records ([`leak_common`]) into its CPU's ring
+//! buffer (user mode) or the one ring of kernel mode. A user-mode record carries a
+//! stamp taken after its room was reserved (`record::stamp`): a block's address can
+//! only be handed out again after the record of its release was stamped, so the
+//! daemon can replay the rings in order of stamps and never confuse two lives of
+//! one address.
 //!
 //! * `probes::alloc`   — entry of every allocating function (malloc … operator new)
 //! * `probes::ret`     — their returns, where the new block's address is known
@@ -22,6 +24,10 @@
 //! dropped silently. On the host this crate compiles to an empty program.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// `atomic_xadd`: the BPF target has no compare-and-swap, so `core`'s atomics
+// offer no fetch_add; the intrinsic with its result unused is the BPF atomic add.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod calls;

@@ -21,10 +21,15 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 /// is only the template's). Probes on two CPUs writing one ring wait on each
 /// other's lock and positions: at two threads that was most of what a record
 /// cost. Records from different rings are put back in order by the daemon, by
-/// the time each carries (`record.rs`).
+/// the stamp each carries (`record.rs`).
 #[btf_map]
 pub static CPU_RINGS: btf_maps::ArrayOfMaps<btf_maps::RingBuf<u8, { 1 << 20 }>, 4096> =
     btf_maps::ArrayOfMaps::new();
+
+/// The counter user-mode records take their stamps from, with `ORDER_BY_COUNTER`
+/// (`record::stamp`); the daemon reads it when it starts a drain.
+#[map]
+pub static ORDER: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Bytes this CPU wrote to `EVENTS` since it last woke the reader.
 #[map]
@@ -95,6 +100,12 @@ static WAKEUP_BYTES: u64 = 1 << 20;
 #[unsafe(no_mangle)]
 static USE_TASK_CALLS: u32 = 0;
 
+/// Set by the daemon when records are stamped from the `ORDER` counter rather
+/// than with the clock: on a machine of few CPUs, where the counter's cache line
+/// moves between them in less time than a clock read takes.
+#[unsafe(no_mangle)]
+static ORDER_BY_COUNTER: u32 = 0;
+
 /// Set by the daemon when every allocator uprobe is attached for one process only
 /// (no `--follow-forks`): the kernel runs the programs for the targets alone, so
 /// they need not look the process up in `TARGETS`.
@@ -151,6 +162,11 @@ pub fn use_task_calls() -> bool {
 pub fn scoped_probes() -> bool {
     // SAFETY: a global the daemon wrote before load; reading it has no precondition.
     unsafe { core::ptr::read_volatile(&raw const SCOPED_PROBES) != 0 }
+}
+
+pub fn order_by_counter() -> bool {
+    // SAFETY: a global the daemon wrote before load; reading it has no precondition.
+    unsafe { core::ptr::read_volatile(&raw const ORDER_BY_COUNTER) != 0 }
 }
 
 pub fn empty_probes() -> bool {

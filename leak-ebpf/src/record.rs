@@ -16,7 +16,10 @@ use aya_ebpf::{
 };
 use leak_common::{FreeRecord, Loss, RecordKind, STACK_DEPTH, Stack, UserRecord};
 
-use crate::maps::{CPU_RINGS, EVENTS, LOSSES, RING_WRITTEN, STACK_SCRATCH, TARGETS, wakeup_bytes};
+use crate::maps::{
+    CPU_RINGS, EVENTS, LOSSES, ORDER, RING_WRITTEN, STACK_SCRATCH, TARGETS, order_by_counter,
+    wakeup_bytes,
+};
 
 /// `bpf_get_stack` flag: walk the user stack instead of the kernel one.
 pub const USER_STACK: u64 = 1 << 8;
@@ -37,6 +40,36 @@ pub fn is_target(tgid: u32) -> bool {
 pub fn now_ns() -> u64 {
     // SAFETY: the helper takes no arguments.
     unsafe { bpf_ktime_get_ns() }
+}
+
+/// The stamp of a record whose room was just reserved: its place in the order
+/// of all records, across the rings of all CPUs.
+///
+/// With `ORDER_BY_COUNTER`, the counter all CPUs share, read after an atomic add:
+/// the value read is at least the add's result, so a record whose program ended
+/// before another's began has the lower stamp, and a record the daemon has not
+/// seen when it reads the counter at S (the start of a drain) gets a stamp above
+/// S. Two programs running at once may read the same value; they cannot be about
+/// one block (a block changes hands only after its program has ended). On a
+/// machine of few CPUs the add (the counter's cache line, moving between CPUs)
+/// costs less than a clock read; on a big one, many CPUs would wait on that
+/// line, and the clock orders records the same way.
+#[inline(always)]
+fn stamp() -> u64 {
+    if !order_by_counter() {
+        return now_ns();
+    }
+    let Some(counter) = ORDER.get_ptr_mut(0) else {
+        return now_ns();
+    };
+    // SAFETY: the map value is a live, aligned u64 for the program's duration;
+    // the add is atomic (BPF_ATOMIC), the read a plain aligned load.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::SeqCst }>(
+            counter, 1,
+        );
+        core::ptr::read_volatile(counter)
+    }
 }
 
 /// Counts one record that could not be made.
@@ -80,16 +113,16 @@ pub fn wakeup_flags(bytes: u64) -> u64 {
 }
 
 /// Reserves room for a `T` in this CPU's ring (`CPU_RINGS`; `EVENTS` when the
-/// daemon gave the CPU none), has `fill` write it with the time, and commits it;
-/// or counts it under `loss` when the ring is full.
+/// daemon gave the CPU none), has `fill` write it with its [`stamp`], and commits
+/// it; or counts it under `loss` when the ring is full.
 ///
-/// The time is read after the reservation. A record the daemon has not seen when
-/// it starts a drain at time T is either still being written (the drain stops at
-/// it) or not reserved yet, and then carries a time after T: so the daemon can
-/// put records from all rings in order of time, and never apply one before an
-/// earlier one it has yet to see. The fields are written one by one into the
-/// ring: a record built on the stack from `default()` becomes a byte-at-a-time
-/// memset, and a copy is one more pass.
+/// The stamp is taken after the reservation. A record the daemon has not seen
+/// when it starts a drain at stamp S is either still being written (the drain
+/// stops at it) or not reserved yet, and then carries a stamp above S: so the
+/// daemon can put records from all rings in order of their stamps, and never
+/// apply one before an earlier one it has yet to see. The fields are written one
+/// by one into the ring: a record built on the stack from `default()` becomes a
+/// byte-at-a-time memset, and a copy is one more pass.
 #[inline(always)]
 fn write<T>(loss: Loss, fill: impl FnOnce(*mut T, u64)) {
     let size = size_of::<T>() as u64;
@@ -113,23 +146,23 @@ fn write<T>(loss: Loss, fill: impl FnOnce(*mut T, u64)) {
         count(loss);
         return;
     }
-    fill(slot, now_ns());
+    fill(slot, stamp());
     // SAFETY: `slot` was reserved above and is submitted once.
     unsafe { bpf_ringbuf_submit(slot.cast(), flags) };
 }
 
-/// Writes a user-mode record, stamped with the time, or counts it under `loss`
-/// when the ring is full.
+/// Writes a user-mode record, stamped, or counts it under `loss` when the ring is
+/// full.
 #[inline(always)]
 pub fn emit(record: &UserRecord, loss: Loss) {
-    write::<UserRecord>(loss, |to, ts_ns| {
+    write::<UserRecord>(loss, |to, stamp| {
         // SAFETY: `to` is a reserved record of this type, ours until submitted.
         unsafe {
             (*to).kind = record.kind;
             (*to).tgid = record.tgid;
             (*to).tid = record.tid;
             (*to).func = record.func;
-            (*to).ts_ns = ts_ns;
+            (*to).stamp = stamp;
             (*to).addr = record.addr;
             (*to).size = record.size;
             (*to).old_addr = record.old_addr;
@@ -139,18 +172,17 @@ pub fn emit(record: &UserRecord, loss: Loss) {
     });
 }
 
-/// Writes a free's record, stamped with the time, or counts it under
-/// [`Loss::RingFullFree`].
+/// Writes a free's record, stamped, or counts it under [`Loss::RingFullFree`].
 #[inline(always)]
 pub fn emit_free(tgid: u32, tid: u32, addr: u64) {
-    write::<FreeRecord>(Loss::RingFullFree, |to, ts_ns| {
+    write::<FreeRecord>(Loss::RingFullFree, |to, stamp| {
         // SAFETY: `to` is a reserved record of this type, ours until submitted.
         unsafe {
             (*to).kind = RecordKind::Free as u32;
             (*to).tgid = tgid;
             (*to).tid = tid;
             (*to)._pad = 0;
-            (*to).ts_ns = ts_ns;
+            (*to).stamp = stamp;
             (*to).addr = addr;
         }
     });

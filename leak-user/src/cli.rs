@@ -212,6 +212,11 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = ReadMethodArg::ProcessVmReadv, hide = true)]
     pub read_method: ReadMethodArg,
 
+    /// What puts the records of all CPUs in order: a counter they share (cheaper
+    /// on a few CPUs) or the clock; `auto` picks by the number of CPUs.
+    #[arg(long, value_enum, default_value_t = RecordOrderArg::Auto, hide = true)]
+    pub record_order: RecordOrderArg,
+
     /// When to use colours in the text report.
     #[arg(long, value_enum, default_value_t = ColorArg::Auto)]
     pub color: ColorArg,
@@ -306,6 +311,13 @@ pub enum StacksArg {
 pub enum ReadMethodArg {
     ProcessVmReadv,
     ProcMem,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RecordOrderArg {
+    Auto,
+    Counter,
+    Clock,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

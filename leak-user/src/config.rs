@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    cli::{Args, ColorArg, FormatArg, FreeProbesArg, ReadMethodArg, StacksArg},
+    cli::{Args, ColorArg, FormatArg, FreeProbesArg, ReadMethodArg, RecordOrderArg, StacksArg},
     fleet::{Pattern, Selector, limits::Limits},
     proc::mem::ReadMethod,
     report::{
@@ -127,6 +127,9 @@ pub struct Config {
     pub ring_bytes: u32,
     pub stack_entries: u32,
     pub read_method: ReadMethod,
+    /// `--record-order`: what user-mode records are stamped with (`None`: as
+    /// suits the machine, `ebpf::StampKind::for_cpus`).
+    pub record_order: Option<RecordOrder>,
     /// Threads one scan uses, the CPUs available or fewer.
     pub scan_threads: usize,
     pub suppressions: Suppressions,
@@ -319,6 +322,11 @@ impl Config {
                 ReadMethodArg::ProcessVmReadv => ReadMethod::ProcessVmReadv,
                 ReadMethodArg::ProcMem => ReadMethod::ProcMem,
             },
+            record_order: match args.record_order {
+                RecordOrderArg::Auto => None,
+                RecordOrderArg::Counter => Some(RecordOrder::Counter),
+                RecordOrderArg::Clock => Some(RecordOrder::Clock),
+            },
             stacks: !args.no_stacks && args.stacks != StacksArg::Caller,
             stack_walk: match args.stacks {
                 StacksArg::Fp => StackWalk::FramePointers,
@@ -345,6 +353,15 @@ pub enum StackWalk {
     FramePointers,
     /// CFI, or an error when the unwinder cannot load.
     Cfi,
+}
+
+/// What user-mode records are stamped with (`--record-order`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordOrder {
+    /// A counter the CPUs share.
+    Counter,
+    /// The clock.
+    Clock,
 }
 
 /// What to trace: processes, a command, the kernel, or processes as they start.

@@ -36,7 +36,7 @@ pub enum Event {
     /// A kernel slab (or page) allocation.
     KernelAlloc(KernelAlloc),
     /// A kernel slab (or page) free.
-    KernelFree { ptr: u64, page: bool, ts_ns: u64 },
+    KernelFree { ptr: u64, page: bool },
 }
 
 /// One allocation, as the probes saw it.
@@ -114,15 +114,15 @@ fn c_string(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
-/// An allocation has the time its record carries; one without (an eBPF object
-/// older than the per-CPU rings stamped none) gets the time the daemon read it,
-/// usually within one drain period (10 ms): objects then only look younger.
+/// An allocation is dated when the daemon reads it (`received_ns`), usually
+/// within one drain period (10 ms) of the call: its record's stamp orders records
+/// and need not be a time (`UserRecord::stamp`). Objects only look younger.
 fn alloc_of(r: &UserRecord, received_ns: u64) -> Result<Alloc, DecodeError> {
     Ok(Alloc {
         tgid: r.tgid,
         tid: r.tid,
         func: AllocFn::try_from(r.func).map_err(|UnknownTag(f)| DecodeError::UnknownFunction(f))?,
-        ts_ns: if r.ts_ns != 0 { r.ts_ns } else { received_ns },
+        ts_ns: received_ns,
         addr: r.addr,
         size: r.size,
         stack_id: r.stack_id,
@@ -201,7 +201,6 @@ pub fn decode(bytes: &[u8], received_ns: u64) -> Result<Event, DecodeError> {
         RecordKind::KernelFree | RecordKind::PageFree => Event::KernelFree {
             ptr: r.addr,
             page: kind == RecordKind::PageFree,
-            ts_ns: r.ts_ns,
         },
         RecordKind::Free | RecordKind::KernelAlloc | RecordKind::PageAlloc => {
             unreachable!("handled above")
@@ -224,7 +223,7 @@ mod tests {
             tgid: 10,
             tid: 11,
             func: AllocFn::Calloc as u32,
-            ts_ns: 5,
+            stamp: 5,
             addr: 0x1000,
             size: 64,
             old_addr: 0x2000,
@@ -234,17 +233,15 @@ mod tests {
     }
 
     #[test]
-    fn an_allocation_without_a_time_gets_the_time_it_was_read() {
-        let mut r = user(RecordKind::Alloc);
-        r.ts_ns = 0;
-        let Event::Alloc(a) = decode(&bytes_of(&r), 7).unwrap() else {
-            panic!("not an allocation");
-        };
-        assert_eq!(a.ts_ns, 7);
-        let Event::Alloc(a) = decode(&bytes_of(&user(RecordKind::Alloc)), 7).unwrap() else {
-            panic!("not an allocation");
-        };
-        assert_eq!(a.ts_ns, 5, "a record's own time wins");
+    fn an_allocation_is_dated_when_it_is_read_not_by_its_stamp() {
+        for stamp in [0, 5, u64::MAX] {
+            let mut r = user(RecordKind::Alloc);
+            r.stamp = stamp;
+            let Event::Alloc(a) = decode(&bytes_of(&r), 7).unwrap() else {
+                panic!("not an allocation");
+            };
+            assert_eq!(a.ts_ns, 7, "stamp {stamp}");
+        }
     }
 
     #[test]
@@ -254,7 +251,7 @@ mod tests {
             tgid: 10,
             tid: 11,
             _pad: 0,
-            ts_ns: 5,
+            stamp: 5,
             addr: 0x1000,
         };
         assert_eq!(
@@ -276,7 +273,7 @@ mod tests {
                 tgid: 10,
                 tid: 11,
                 func: AllocFn::Calloc,
-                ts_ns: 5,
+                ts_ns: 7,
                 addr: 0x1000,
                 size: 64,
                 stack_id: 7,

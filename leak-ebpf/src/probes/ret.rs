@@ -71,7 +71,7 @@ fn try_alloc_return(ctx: &RetProbeContext) {
         tgid: call.tgid,
         tid: call.tid,
         func,
-        ts_ns: 0, // emit stamps it
+        stamp: 0, // emit stamps it
         addr,
         size: call.size,
         old_addr: call.old_addr,

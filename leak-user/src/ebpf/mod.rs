@@ -29,8 +29,10 @@ use leak_common::{
 use crate::allocator::HookPlan;
 
 mod epoch;
+mod order;
 mod ring;
 pub use epoch::MemoEpoch;
+pub use order::{StampKind, StampReader};
 pub use ring::{Head, RingReader};
 
 /// The eBPF object built by `leak-user/build.rs`.
@@ -111,6 +113,8 @@ pub struct LoadOptions {
     /// User mode: every allocator uprobe will be attached with
     /// [`Scope::Process`], so the programs trust the kernel's filter.
     pub scoped_probes: bool,
+    /// What user-mode records are stamped with (kernel mode: the clock).
+    pub stamps: StampKind,
 }
 
 /// Which processes a uprobe fires for.
@@ -135,6 +139,7 @@ pub struct Probes {
     uprobe_links: Vec<(u32, &'static str, UProbeLinkId)>,
     loaded: Vec<&'static str>,
     memo_epoch: MemoEpoch,
+    stamps: StampKind,
     /// Held until the first attach is done (`started`): see `teardown.rs`.
     startup: Option<teardown::StartupLock>,
 }
@@ -275,6 +280,7 @@ impl Probes {
         let task_calls_flag = flag(task_calls);
         let empty = flag(options.empty_probes);
         let scoped = flag(options.scoped_probes);
+        let by_counter = flag(options.stamps == StampKind::Counter);
         let (user_stacks, kernel_stacks) = stack_map_sizes(options);
         let stack_mode = if options.capture_stacks && !options.kernel_stacks {
             options.stack_mode
@@ -318,6 +324,7 @@ impl Probes {
             .override_global(names::USE_TASK_CALLS, &task_calls_flag, true)
             .override_global(names::EMPTY_PROBES, &empty, true)
             .override_global(names::SCOPED_PROBES, &scoped, true)
+            .override_global(names::ORDER_BY_COUNTER, &by_counter, true)
             .load(OBJECT)
             .map_err(|e| {
                 if is_permission(&e) {
@@ -338,6 +345,7 @@ impl Probes {
             .expect("the object defines MEMO_EPOCH");
         let mut probes = Self {
             memo_epoch: MemoEpoch::new(epoch)?,
+            stamps: options.stamps,
             startup: None,
             ebpf,
             _logger: logger,
@@ -633,6 +641,11 @@ impl Probes {
             Err(err) => log::warn!("one ring buffer for all CPUs (a ring per CPU failed: {err})"),
         }
         Ok(rings)
+    }
+
+    /// Where the ingest task reads the stamp the programs are at.
+    pub fn take_stamp_reader(&mut self) -> Result<StampReader, EbpfError> {
+        StampReader::new(self.stamps, self.ebpf.take_map(names::ORDER))
     }
 
     /// A reader for the loss counters and stack maps, independent of `self`.

@@ -27,7 +27,7 @@ use self::report::{KernelReporter, KernelView};
 use crate::{
     clock,
     config::{Config, KernelConfig},
-    ebpf::{LoadOptions, Probes, tracefs},
+    ebpf::{LoadOptions, Probes, StampKind, tracefs},
     events::Event,
     proc,
     report::{
@@ -131,13 +131,14 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         &probes.recursion_misses().into_iter().collect(),
     );
     let rings = probes.take_rings(None)?;
+    let stamps = probes.take_stamp_reader()?;
     let mut kernel_table = KernelTable::new(epoch, k.caches.clone());
     if !k.include_tracer {
         kernel_table.exclude_tracer(std::process::id());
     }
     let table = Shared::new(kernel_table);
-    let ingest =
-        ingest::spawn(rings, KernelSink(table.clone())).context("cannot watch the ring buffer")?;
+    let ingest = ingest::spawn(rings, stamps, KernelSink(table.clone()))
+        .context("cannot watch the ring buffer")?;
     let scale = 1u64 << k.sample_shift;
     let mut reporter =
         KernelReporter::new(&config.output, readers, scale, files.report).with_metrics(metrics);
@@ -190,6 +191,7 @@ fn load(config: &Config, k: &KernelConfig, cgroups: Option<&[u64]>) -> anyhow::R
         task_calls: false,
         empty_probes: false,
         scoped_probes: false,
+        stamps: StampKind::Clock,
         dual_free_probes: k.free_probes == FreeProbes::Both,
         stack_mode: leak_common::StackMode::FramePointers,
         unwind_rows: 1,

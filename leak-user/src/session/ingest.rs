@@ -1,5 +1,5 @@
 //! The ingest task: drains the ring buffers, decodes records outside the lock, and
-//! applies them to the table in batches under it, in order: time order over the
+//! applies them to the table in batches under it, in order: stamp order over the
 //! rings (`merge.rs`), which is ring order when there is one.
 
 use std::sync::{
@@ -16,7 +16,7 @@ use leak_common::UserRecord;
 
 use super::merge::{Next, merge};
 use crate::{
-    ebpf::{Head, RingReader},
+    ebpf::{Head, RingReader, StampReader},
     events::{self, Event},
 };
 
@@ -64,8 +64,13 @@ impl IngestHandle {
 }
 
 /// Starts the task. `rings[0]` is the shared ring, which can wake the task; the
-/// others (one per CPU) are drained on the task's period.
-pub fn spawn(rings: Vec<RingReader>, sink: impl EventSink) -> std::io::Result<IngestHandle> {
+/// others (one per CPU) are drained on the task's period. `stamps` reads the
+/// stamp the programs are at.
+pub fn spawn(
+    rings: Vec<RingReader>,
+    stamps: StampReader,
+    sink: impl EventSink,
+) -> std::io::Result<IngestHandle> {
     let mut rings = rings.into_iter();
     let shared = rings
         .next()
@@ -88,6 +93,7 @@ pub fn spawn(rings: Vec<RingReader>, sink: impl EventSink) -> std::io::Result<In
         batch: Vec::with_capacity(BATCH),
         last: vec![0; 1 + own.len()],
         own,
+        stamps,
     };
     tokio::spawn(task.run(shared, drain_rx));
     Ok(handle)
@@ -101,18 +107,19 @@ struct Task<S> {
     /// The rings of the CPUs (none in kernel mode, or where the kernel could not
     /// make them).
     own: Vec<RingReader>,
-    /// The time of the last record taken from each ring (see `merge`).
+    /// The stamp of the last record taken from each ring (see `merge`).
     last: Vec<u64>,
+    stamps: StampReader,
 }
 
 /// Drains a barrier retries while a ring stops at a record being written (it is
 /// committed within microseconds).
 const BARRIER_TRIES: usize = 10_000;
 
-/// The time a record was stamped with (0 when it has none): every record type
-/// keeps it where a `UserRecord` does (leak-common checks).
-fn record_time(bytes: &[u8]) -> u64 {
-    const AT: usize = std::mem::offset_of!(UserRecord, ts_ns);
+/// A record's stamp: every record type keeps it where a `UserRecord` does
+/// (leak-common checks).
+fn record_stamp(bytes: &[u8]) -> u64 {
+    const AT: usize = std::mem::offset_of!(UserRecord, stamp);
     bytes
         .get(AT..AT + 8)
         .map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
@@ -160,7 +167,11 @@ impl<S: EventSink> Task<S> {
     /// Drains every ring and applies what can be applied in order (with one ring,
     /// all it holds); true when a ring stopped at a record still being written.
     fn drain(&mut self, shared: &mut RingReader) -> bool {
-        let started = crate::clock::now_ns();
+        // The stamp first, then the clock, then the rings: every record stamped
+        // at or below `start` was reserved before the rings are looked at, and
+        // made before `received`.
+        let start = self.stamps.now();
+        let received = crate::clock::now_ns();
         let mut rings: Vec<&mut RingReader> =
             std::iter::once(shared).chain(self.own.iter_mut()).collect();
         let (sink, batch, notices, counters) = (
@@ -171,16 +182,14 @@ impl<S: EventSink> Task<S> {
         );
         let mut records = 0u64;
         let next = |ring: &mut &mut RingReader| match ring.head() {
-            Head::Record(bytes) => Next::Time(record_time(bytes)),
+            Head::Record(bytes) => Next::Stamp(record_stamp(bytes)),
             Head::End => Next::End,
             Head::Busy => Next::Busy,
         };
         let take = |ring: &mut &mut RingReader| {
             if let Head::Record(bytes) = ring.head() {
                 records += 1;
-                // Every record carries its time: `started` only stands in for
-                // one that would not.
-                if let Some(event) = decode(counters, bytes, started) {
+                if let Some(event) = decode(counters, bytes, received) {
                     batch.push(event);
                     if batch.len() >= BATCH {
                         flush(sink, batch, notices);
@@ -189,7 +198,7 @@ impl<S: EventSink> Task<S> {
             }
             ring.advance();
         };
-        let stalled = merge(&mut rings, &mut self.last, started, next, take);
+        let stalled = merge(&mut rings, &mut self.last, start, next, take);
         for ring in rings {
             ring.finish();
         }

@@ -498,11 +498,7 @@ mod tests {
     }
 
     fn free(ptr: u64) -> Event {
-        Event::KernelFree {
-            ptr,
-            page: false,
-            ts_ns: 0,
-        }
+        Event::KernelFree { ptr, page: false }
     }
 
     #[test]

@@ -33,8 +33,8 @@ const DISCOVER_PERIOD: Duration = Duration::from_millis(500);
 use crate::{
     allocator::{HookPlan, WrapperObject, discover, resolve::LoaderEnv},
     clock,
-    config::{Config, Mode, StackWalk},
-    ebpf::{LoadOptions, Probes, Scope},
+    config::{Config, Mode, RecordOrder, StackWalk},
+    ebpf::{LoadOptions, Probes, Scope, StampKind},
     events::Event,
     fleet::{self, Selector, discover::Discovery},
     proc::{self, maps::Mapping},
@@ -197,6 +197,11 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         unwind_rows: unwind::DEFAULT_ROWS,
         unwind_processes: unwind::PROCESS_SLOTS,
         unwind_fallback: config.stack_walk == StackWalk::Auto,
+        stamps: match config.record_order {
+            Some(RecordOrder::Counter) => StampKind::Counter,
+            Some(RecordOrder::Clock) => StampKind::Clock,
+            None => StampKind::for_cpus(aya::util::nr_cpus().map_or(usize::MAX, |n| n.max(1))),
+        },
     })?;
     probes.attach_process_tracepoints()?;
     let unwinder = if config.stacks && probes.stack_mode == StackMode::Cfi {
@@ -213,9 +218,10 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     }
     let readers = probes.take_readers()?;
     let rings = probes.take_rings(Some(config.ring_bytes))?;
+    let stamps = probes.take_stamp_reader()?;
     let table = SharedTable::new(Table::new(epoch, VerdictBook::new(config.verdict)));
-    let ingest =
-        ingest::spawn(rings, UserSink(table.clone())).context("cannot watch the ring buffers")?;
+    let ingest = ingest::spawn(rings, stamps, UserSink(table.clone()))
+        .context("cannot watch the ring buffers")?;
     let reporter = Reporter::new(&config, readers, files)
         .with_metrics(metrics)
         .with_profile_dir(profile_dir);
