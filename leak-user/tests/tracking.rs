@@ -233,6 +233,23 @@ fn cxx_operator_new_and_delete() {
 
 #[test]
 fn four_threads_of_churn_with_racing_reallocs() {
+    churn_with_racing_reallocs(&[]);
+}
+
+/// Records of CPUs merged by the counter's stamps, whatever `auto` picks here.
+#[test]
+fn four_threads_of_churn_stamped_by_the_counter() {
+    churn_with_racing_reallocs(&["--record-order", "counter"]);
+}
+
+/// Records of CPUs merged by the clock's stamps, whatever `auto` picks here.
+#[test]
+fn four_threads_of_churn_stamped_by_the_clock() {
+    churn_with_racing_reallocs(&["--record-order", "clock"]);
+}
+
+/// Four threads of churn traced with `extra` options: the table equals the truth.
+fn churn_with_racing_reallocs(extra: &[&str]) {
     util::require_root();
     let _s = serial();
     // Threads are created before "go": the table must then equal the truth exactly
@@ -240,8 +257,7 @@ fn four_threads_of_churn_with_racing_reallocs() {
     let mut fixture = Fixture::start("churn", &["200000"], &[]);
     // A ring big enough for the whole run: under emulation (the VM suite) the
     // reader runs far slower than four allocating threads.
-    let mut tracer = Tracer::attach(
-        fixture.pid(),
+    let args = [
         &[
             "--interval",
             "500ms",
@@ -249,7 +265,10 @@ fn four_threads_of_churn_with_racing_reallocs() {
             "--ring-buffer",
             "256",
         ],
-    );
+        extra,
+    ]
+    .concat();
+    let mut tracer = Tracer::attach(fixture.pid(), &args);
     fixture.go();
     fixture.wait_for("READY");
     tracer.wait_scans(1);

@@ -644,8 +644,8 @@ impl Probes {
     }
 
     /// Where the ingest task reads the stamp the programs are at.
-    pub fn take_stamp_reader(&mut self) -> Result<StampReader, EbpfError> {
-        StampReader::new(self.stamps, self.ebpf.take_map(names::ORDER))
+    pub fn stamp_reader(&self) -> Result<StampReader, EbpfError> {
+        StampReader::new(self.stamps, self.ebpf.map(names::ORDER))
     }
 
     /// A reader for the loss counters and stack maps, independent of `self`.

@@ -11,7 +11,7 @@
 //! * **Clock**: on a machine of many CPUs every record would wait for that line,
 //!   and a clock read costs each CPU the same whatever the others do.
 
-use aya::maps::{Array, Map, MapData};
+use aya::maps::{Array, Map, MapData, MapError};
 use leak_common::names;
 
 use super::EbpfError;
@@ -47,19 +47,23 @@ pub enum StampReader {
 }
 
 impl StampReader {
-    pub(super) fn new(kind: StampKind, counter: Option<Map>) -> Result<Self, EbpfError> {
-        match (kind, counter) {
-            (StampKind::Clock, _) => Ok(StampReader::Clock),
-            (StampKind::Counter, Some(map)) => Ok(StampReader::Counter(
-                Array::try_from(map).map_err(|e| EbpfError::Map(names::ORDER, e))?,
-            )),
-            (StampKind::Counter, None) => Err(EbpfError::Map(
-                names::ORDER,
-                aya::maps::MapError::InvalidName {
-                    name: names::ORDER.to_owned(),
-                },
-            )),
+    /// A reader for `kind`; `counter` is the object's `ORDER` map, which stays
+    /// with it (programs loaded later refer to its descriptor): the reader opens
+    /// a handle of its own.
+    pub(super) fn new(kind: StampKind, counter: Option<&Map>) -> Result<Self, EbpfError> {
+        let err = |e| EbpfError::Map(names::ORDER, e);
+        if kind == StampKind::Clock {
+            return Ok(StampReader::Clock);
         }
+        let Some(Map::Array(data)) = counter else {
+            return Err(err(MapError::InvalidName {
+                name: names::ORDER.to_owned(),
+            }));
+        };
+        let own = MapData::from_id(data.info().map_err(err)?.id()).map_err(err)?;
+        Ok(StampReader::Counter(
+            Array::try_from(Map::Array(own)).map_err(err)?,
+        ))
     }
 
     /// The current stamp. Reading an array's only slot fails only if the map is

@@ -131,7 +131,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         &probes.recursion_misses().into_iter().collect(),
     );
     let rings = probes.take_rings(None)?;
-    let stamps = probes.take_stamp_reader()?;
+    let stamps = probes.stamp_reader()?;
     let mut kernel_table = KernelTable::new(epoch, k.caches.clone());
     if !k.include_tracer {
         kernel_table.exclude_tracer(std::process::id());

@@ -218,7 +218,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     }
     let readers = probes.take_readers()?;
     let rings = probes.take_rings(Some(config.ring_bytes))?;
-    let stamps = probes.take_stamp_reader()?;
+    let stamps = probes.stamp_reader()?;
     let table = SharedTable::new(Table::new(epoch, VerdictBook::new(config.verdict)));
     let ingest = ingest::spawn(rings, stamps, UserSink(table.clone()))
         .context("cannot watch the ring buffers")?;
