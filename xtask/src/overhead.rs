@@ -417,11 +417,21 @@ impl Drop for BpfStats {
     }
 }
 
-const LOOP_SETUPS: [Setup; 5] = [
+const LOOP_SETUPS: [Setup; 6] = [
     Setup::Untraced,
     Setup::Floor,
     Setup::TracefsFloor,
     Setup::Leaktrace(&[]),
+    Setup::Leaktrace(&["--record-order", "clock"]),
+    Setup::Leaktrace(&["--no-stacks"]),
+];
+
+/// The traced setups whose programs' own time is shown: defaults, records
+/// stamped with the clock instead of the counter (on a machine where the
+/// counter is the default), no stacks.
+const STATS_SETUPS: [Setup; 3] = [
+    Setup::Leaktrace(&[]),
+    Setup::Leaktrace(&["--record-order", "clock"]),
     Setup::Leaktrace(&["--no-stacks"]),
 ];
 
@@ -476,22 +486,33 @@ fn loop_figures(
             added
         );
     }
-    // One more run of each traced setup with bpf_stats on, for the programs' own time.
+    // Interleaved runs of each traced setup with bpf_stats on, for the programs'
+    // own time (medians: one run moves by a third on a busy host).
     let _stats = BpfStats::on();
-    for setup in [Setup::Leaktrace(&[]), Setup::Leaktrace(&["--no-stacks"])] {
-        let run = loop_once(leaktrace, &loop_bin, pairs, threads, setup, true, None)?;
-        match run.per_program {
-            Some(p) => println!(
-                "  {:<26} programs' own time: alloc_enter {:.0} + alloc_return {:.0} + \
-                 free_enter {:.0} = {:.0} ns per pair",
-                setup.name(),
-                p[0],
-                p[1],
-                p[2],
-                p.iter().sum::<f64>()
-            ),
-            None => println!("  (bpftool not installed: apt-get install bpftool for bpf_stats)"),
+    let mut per_program: Vec<Vec<[f64; 3]>> = vec![Vec::new(); STATS_SETUPS.len()];
+    for _ in 0..rounds {
+        for (i, setup) in STATS_SETUPS.iter().enumerate() {
+            let run = loop_once(leaktrace, &loop_bin, pairs, threads, *setup, true, None)?;
+            per_program[i].extend(run.per_program);
         }
+    }
+    for (setup, runs) in STATS_SETUPS.iter().zip(&per_program) {
+        if runs.is_empty() {
+            println!("  (bpftool not installed: apt-get install bpftool for bpf_stats)");
+            break;
+        }
+        let median = |k: usize| Spread::of(&runs.iter().map(|p| p[k]).collect::<Vec<_>>());
+        let pair = Spread::of(&runs.iter().map(|p| p.iter().sum()).collect::<Vec<_>>());
+        println!(
+            "  {:<26} programs' own time: alloc_enter {:.0} + alloc_return {:.0} + \
+             free_enter {:.0}; a pair {} (medians of {})",
+            setup.name(),
+            median(0).median,
+            median(1).median,
+            median(2).median,
+            pair.show("ns"),
+            runs.len()
+        );
     }
     Ok(())
 }
