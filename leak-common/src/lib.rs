@@ -604,6 +604,8 @@ pub struct PendingCall {
     /// posix_memalign: where the result will be stored.
     pub out_ptr: u64,
     pub stack_id: u64,
+    /// The call site, past known wrappers; 0 when the return probe is to find
+    /// it (with `via_new`) from the address it returns to.
     pub caller: u64,
 }
 

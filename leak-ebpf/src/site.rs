@@ -79,16 +79,26 @@ pub struct Site {
 }
 
 /// At the allocator's first instruction the return address is on top of the stack:
-/// it is the allocating call site, which frame-pointer walks often miss. When it
-/// lies in an allocation wrapper (operator new, strdup), the daemon has told us where
-/// that wrapper's own return address is: follow it, a few wrappers deep. `read`
-/// reads a stack word. Returns the call site and whether one of the wrappers was
-/// `operator new`.
+/// it is the allocating call site, which frame-pointer walks often miss. `read`
+/// reads a stack word. Returns the call site and whether one of the wrappers
+/// followed was `operator new` (see [`follow_wrappers`]).
 #[inline(always)]
 fn call_site(tgid: u32, sp: u64, mut read: impl FnMut(u64) -> Option<u64>) -> (u64, bool) {
-    let mut slot = sp;
+    let caller = read(sp).unwrap_or(0);
+    follow_wrappers(tgid, sp, caller, read)
+}
+
+/// When the call site `caller` (found in the stack slot `slot`) lies in an
+/// allocation wrapper (operator new, strdup), the daemon has told us where that
+/// wrapper's own return address is: follow it, a few wrappers deep.
+#[inline(always)]
+fn follow_wrappers(
+    tgid: u32,
+    mut slot: u64,
+    mut caller: u64,
+    mut read: impl FnMut(u64) -> Option<u64>,
+) -> (u64, bool) {
     let mut via_new = false;
-    let mut caller = read(slot).unwrap_or(0);
     for _ in 0..MAX_WRAPPER_DEPTH {
         let (word, bit) = hint_filter_bit(caller);
         if HINT_FILTER.get(word).is_none_or(|w| w & (1 << bit) == 0) {
@@ -114,21 +124,32 @@ fn call_site(tgid: u32, sp: u64, mut read: impl FnMut(u64) -> Option<u64>) -> (u
     (caller, via_new)
 }
 
-/// The site by frame pointers (`bpf_get_stack`), or without a stack.
+/// The call site of an allocation whose entry did not work it out, found as the
+/// allocator returns: the probe's pc is then the return address (the kernel
+/// puts it back before the programs run), so the call site costs no read of the
+/// stack; the slots of wrappers above are read as the entry would have, from the
+/// call's entry `sp` (their frames are still there). Returns what [`call_site`]
+/// does.
 #[inline(always)]
-pub fn by_frame_pointers<C: EbpfContext>(ctx: &C, tgid: u32, sp: u64, stack: bool) -> Site {
+pub fn at_return(tgid: u32, sp: u64, return_address: u64) -> (u64, bool) {
+    // SAFETY: the helper checks the user address and fails cleanly.
+    let read = |addr: u64| unsafe { bpf_probe_read_user(addr as *const u64) }.ok();
+    follow_wrappers(tgid, sp, return_address, read)
+}
+
+/// The stack by frame pointers (`bpf_get_stack`), or none; the call site is left
+/// to the return ([`at_return`]).
+#[inline(always)]
+pub fn by_frame_pointers<C: EbpfContext>(ctx: &C, stack: bool) -> Site {
     let stack_id = if stack {
         capture_stack(ctx, &STACKS, USER_STACK)
     } else {
         0
     };
-    // SAFETY: the helper checks the user address and fails cleanly.
-    let read = |addr: u64| unsafe { bpf_probe_read_user(addr as *const u64) }.ok();
-    let (caller, via_new) = call_site(tgid, sp, read);
     Site {
         stack_id,
-        caller,
-        via_new,
+        caller: 0,
+        via_new: false,
     }
 }
 

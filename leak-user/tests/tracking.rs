@@ -185,13 +185,23 @@ fn jemalloc_preloaded() {
 
 #[test]
 fn cxx_operator_new_and_delete() {
+    cxx_through_wrappers(&[]);
+}
+
+/// Without a stack walk the call site is found at the allocator's return, from
+/// the address it returns to: the same sites and allocators as with one.
+#[test]
+fn cxx_operator_new_and_delete_call_sites_only() {
+    cxx_through_wrappers(&["--stacks", "caller"]);
+}
+
+/// The cxx fixture traced with `extra` options: its table, its leaks, each named
+/// by the allocator its program called and by its call site past the wrappers.
+fn cxx_through_wrappers(extra: &[&str]) {
     util::require_root();
     let _s = serial();
-    let run = launch(
-        "cxx",
-        &["--hold-ms", "500"],
-        &["--interval", "100ms", "--min-age", "100ms"],
-    );
+    let args = [&["--interval", "100ms", "--min-age", "100ms"], extra].concat();
+    let run = launch("cxx", &["--hold-ms", "500"], &args);
     assert!(run.ended_well(), "stderr:\n{}", run.stderr);
     assert_table_matches(&run);
     let leaks = run.leaks();

@@ -89,7 +89,7 @@ fn try_alloc_enter(ctx: &ProbeContext) -> Result<(), ()> {
     let site = if capture_stacks() && cfi_stacks() {
         site::by_cfi(r, tgid)
     } else {
-        site::by_frame_pointers(ctx, tgid, sp, capture_stacks())
+        site::by_frame_pointers(ctx, capture_stacks())
     };
     // Every field is written: a struct update from `default()` makes LLVM call a
     // byte-at-a-time memset, which costs more than the rest of the probe.

@@ -31,6 +31,11 @@ pub mod regs {
     pub fn ret(r: &pt_regs) -> u64 {
         r.rax
     }
+    /// The pc: in a return probe, the address the function returns to.
+    #[inline(always)]
+    pub fn ip(r: &pt_regs) -> u64 {
+        r.rip
+    }
 }
 
 #[cfg(not(bpf_target_arch = "x86_64"))]

@@ -4,13 +4,15 @@
 //! the call. That is the outermost call's own return, or the return of a function
 //! it tail-called (reallocarray jumps to realloc), which hands back the same value
 //! on the same stack: either completes it, as the function entered. So this probe
-//! needs neither its cookie nor the thread's ids (the entry kept them).
+//! needs neither its cookie nor the thread's ids (the entry kept them). Where the
+//! entry left the call site to it (no CFI walk), the call site is the address
+//! this return goes back to.
 
 use aya_ebpf::{helpers::bpf_probe_read_user, macros::uretprobe, programs::RetProbeContext};
 use leak_common::{AllocFn, Loss, RecordKind, UserRecord};
 
 use super::regs;
-use crate::{calls, record::emit};
+use crate::{calls, record::emit, site};
 
 const MALLOC: u32 = AllocFn::Malloc as u32;
 const OPERATOR_NEW: u32 = AllocFn::OperatorNew as u32;
@@ -56,8 +58,13 @@ fn try_alloc_return(ctx: &RetProbeContext) {
     if addr == 0 && !resized {
         return; // a failed allocation is not an object
     }
+    let (caller, via_new) = if call.caller != 0 {
+        (call.caller, call.via_new != 0)
+    } else {
+        site::at_return(call.tgid, call.sp, regs::ip(r))
+    };
     // malloc called by operator new: a block of new's (for valgrind's heuristics).
-    let func = if func == MALLOC && call.via_new != 0 {
+    let func = if func == MALLOC && via_new {
         OPERATOR_NEW
     } else {
         func
@@ -76,7 +83,7 @@ fn try_alloc_return(ctx: &RetProbeContext) {
         size: call.size,
         old_addr: call.old_addr,
         stack_id: call.stack_id,
-        caller: call.caller,
+        caller,
     };
     // A lost realloc record also loses the old block's release.
     let loss = if resized {
