@@ -158,6 +158,16 @@ mod tests {
         assert_eq!(drain(&mut rings, &mut [0; 3], 10).0, [2, 1, 0]);
     }
 
+    /// Numbers below `n` from xorshift: the same pseudo-random runs every time.
+    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        }
+    }
+
     /// A record of the model below: reserved at `reserved` in ring `ring`,
     /// stamped just after, readable from `committed` on.
     struct Modelled {
@@ -168,14 +178,7 @@ mod tests {
 
     #[test]
     fn with_clock_stamps_records_come_out_in_time_order_whatever_the_drains_meet() {
-        // xorshift: the same pseudo-random runs every time.
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next_random = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next_random = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..200 {
             let rings = 1 + next_random(5) as usize;
             let mut records: Vec<Modelled> = Vec::new();
@@ -250,13 +253,7 @@ mod tests {
         // apart: a whole program may run on one CPU between two of those reads,
         // its record unseen in a ring looked at before while a later record on
         // another CPU is seen.
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next_random = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next_random = xorshift(0x2545_f491_4f6c_dd1d);
         let even = |t: u64| t + t % 2;
         for _ in 0..300 {
             let rings = 2 + next_random(3) as usize;
