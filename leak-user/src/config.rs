@@ -11,6 +11,7 @@ use std::{
 
 use crate::{
     cli::{Args, ColorArg, FormatArg, FreeProbesArg, ReadMethodArg, RecordOrderArg, StacksArg},
+    ebpf::StampKind,
     fleet::{Pattern, Selector, limits::Limits},
     proc::mem::ReadMethod,
     report::{
@@ -128,8 +129,8 @@ pub struct Config {
     pub stack_entries: u32,
     pub read_method: ReadMethod,
     /// `--record-order`: what user-mode records are stamped with (`None`: as
-    /// suits the machine, `ebpf::StampKind::for_cpus`).
-    pub record_order: Option<RecordOrder>,
+    /// suits the machine, `StampKind::for_cpus`).
+    pub record_order: Option<StampKind>,
     /// Threads one scan uses, the CPUs available or fewer.
     pub scan_threads: usize,
     pub suppressions: Suppressions,
@@ -324,8 +325,8 @@ impl Config {
             },
             record_order: match args.record_order {
                 RecordOrderArg::Auto => None,
-                RecordOrderArg::Counter => Some(RecordOrder::Counter),
-                RecordOrderArg::Clock => Some(RecordOrder::Clock),
+                RecordOrderArg::Counter => Some(StampKind::Counter),
+                RecordOrderArg::Clock => Some(StampKind::Clock),
             },
             stacks: !args.no_stacks && args.stacks != StacksArg::Caller,
             stack_walk: match args.stacks {
@@ -353,15 +354,6 @@ pub enum StackWalk {
     FramePointers,
     /// CFI, or an error when the unwinder cannot load.
     Cfi,
-}
-
-/// What user-mode records are stamped with (`--record-order`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RecordOrder {
-    /// A counter the CPUs share.
-    Counter,
-    /// The clock.
-    Clock,
 }
 
 /// What to trace: processes, a command, the kernel, or processes as they start.

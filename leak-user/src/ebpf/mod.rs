@@ -113,8 +113,9 @@ pub struct LoadOptions {
     /// User mode: every allocator uprobe will be attached with
     /// [`Scope::Process`], so the programs trust the kernel's filter.
     pub scoped_probes: bool,
-    /// What user-mode records are stamped with (kernel mode: the clock).
-    pub stamps: StampKind,
+    /// What user-mode records are stamped with (kernel mode: the clock); `None`:
+    /// as suits the number of possible CPUs ([`StampKind::for_cpus`]).
+    pub stamps: Option<StampKind>,
 }
 
 /// Which processes a uprobe fires for.
@@ -280,7 +281,10 @@ impl Probes {
         let task_calls_flag = flag(task_calls);
         let empty = flag(options.empty_probes);
         let scoped = flag(options.scoped_probes);
-        let by_counter = flag(options.stamps == StampKind::Counter);
+        let stamps = options
+            .stamps
+            .unwrap_or_else(|| StampKind::for_cpus(cpu_slots as usize));
+        let by_counter = flag(stamps == StampKind::Counter);
         let (user_stacks, kernel_stacks) = stack_map_sizes(options);
         let stack_mode = if options.capture_stacks && !options.kernel_stacks {
             options.stack_mode
@@ -345,7 +349,7 @@ impl Probes {
             .expect("the object defines MEMO_EPOCH");
         let mut probes = Self {
             memo_epoch: MemoEpoch::new(epoch)?,
-            stamps: options.stamps,
+            stamps,
             startup: None,
             ebpf,
             _logger: logger,

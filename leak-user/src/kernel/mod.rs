@@ -191,7 +191,7 @@ fn load(config: &Config, k: &KernelConfig, cgroups: Option<&[u64]>) -> anyhow::R
         task_calls: false,
         empty_probes: false,
         scoped_probes: false,
-        stamps: StampKind::Clock,
+        stamps: Some(StampKind::Clock),
         dual_free_probes: k.free_probes == FreeProbes::Both,
         stack_mode: leak_common::StackMode::FramePointers,
         unwind_rows: 1,

@@ -33,8 +33,8 @@ const DISCOVER_PERIOD: Duration = Duration::from_millis(500);
 use crate::{
     allocator::{HookPlan, WrapperObject, discover, resolve::LoaderEnv},
     clock,
-    config::{Config, Mode, RecordOrder, StackWalk},
-    ebpf::{LoadOptions, Probes, Scope, StampKind},
+    config::{Config, Mode, StackWalk},
+    ebpf::{LoadOptions, Probes, Scope},
     events::Event,
     fleet::{self, Selector, discover::Discovery},
     proc::{self, maps::Mapping},
@@ -197,11 +197,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         unwind_rows: unwind::DEFAULT_ROWS,
         unwind_processes: unwind::PROCESS_SLOTS,
         unwind_fallback: config.stack_walk == StackWalk::Auto,
-        stamps: match config.record_order {
-            Some(RecordOrder::Counter) => StampKind::Counter,
-            Some(RecordOrder::Clock) => StampKind::Clock,
-            None => StampKind::for_cpus(aya::util::nr_cpus().map_or(usize::MAX, |n| n.max(1))),
-        },
+        stamps: config.record_order,
     })?;
     probes.attach_process_tracepoints()?;
     let unwinder = if config.stacks && probes.stack_mode == StackMode::Cfi {
