@@ -129,7 +129,7 @@ pub struct Config {
     pub stack_entries: u32,
     pub read_method: ReadMethod,
     /// `--record-order`: what user-mode records are stamped with (`None`: as
-    /// suits the machine, `StampKind::for_cpus`).
+    /// suits the machine, `StampKind::choose`).
     pub record_order: Option<StampKind>,
     /// Threads one scan uses, the CPUs available or fewer.
     pub scan_threads: usize,

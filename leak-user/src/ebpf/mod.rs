@@ -114,7 +114,7 @@ pub struct LoadOptions {
     /// [`Scope::Process`], so the programs trust the kernel's filter.
     pub scoped_probes: bool,
     /// What user-mode records are stamped with (kernel mode: the clock); `None`:
-    /// as suits the number of possible CPUs ([`StampKind::for_cpus`]).
+    /// as suits the machine's CPUs and clock ([`StampKind::choose`]).
     pub stamps: Option<StampKind>,
 }
 
@@ -281,9 +281,14 @@ impl Probes {
         let task_calls_flag = flag(task_calls);
         let empty = flag(options.empty_probes);
         let scoped = flag(options.scoped_probes);
-        let stamps = options
-            .stamps
-            .unwrap_or_else(|| StampKind::for_cpus(cpu_slots as usize));
+        let stamps = options.stamps.unwrap_or_else(|| {
+            let clock_ns = crate::clock::read_cost_ns();
+            let kind = StampKind::choose(cpu_slots as usize, clock_ns);
+            log::debug!(
+                "a clock read costs {clock_ns:.1} ns here: records stamped by the {kind:?}"
+            );
+            kind
+        });
         let by_counter = flag(stamps == StampKind::Counter);
         let (user_stacks, kernel_stacks) = stack_map_sizes(options);
         let stack_mode = if options.capture_stacks && !options.kernel_stacks {

@@ -5,20 +5,28 @@
 //!
 //! * **Counter** (`ORDER`, one u64 every CPU adds to): an atomic add and a read,
 //!   which stay in this CPU's cache while one thread allocates and otherwise cost
-//!   a move of the counter's cache line. On the 2-CPU guests we measure on, that
-//!   is cheaper than a clock read (`bpf_ktime_get_ns`, 44–80 ns there), at one
-//!   thread and at two.
-//! * **Clock**: on a machine of many CPUs every record would wait for that line,
-//!   and a clock read costs each CPU the same whatever the others do.
+//!   a move of the counter's cache line.
+//! * **Clock** (`bpf_ktime_get_ns`): costs each CPU the same whatever the others
+//!   do.
+//!
+//! Which is cheaper depends on the clock. On the AMD guests we measured, a clock
+//! read cost the programs 44–80 ns, more than the counter at one thread and at
+//! two. On an Intel guest whose clock source is the TSC, it cost 25 ns (its vDSO
+//! read 18 ns), and with two threads allocating at once the counter's moving line
+//! cost each record ~40–55 ns more than at one: there the clock wins. So the
+//! daemon times the clock from user space (the vDSO reads the same clock
+//! source) and takes it when a read costs at most [`CHEAP_CLOCK_NS`]; on a
+//! machine of many CPUs always, as every record would wait for the counter's line.
 
 use aya::maps::{Array, Map, MapData, MapError};
 use leak_common::names;
 
 use super::EbpfError;
 
-/// Machines with at most this many possible CPUs stamp from the counter: up to
-/// here every CPU a thread runs on shares one last-level cache on the hosts we
-/// know, so the counter's line moves cheaply; beyond, unmeasured, the clock.
+/// Machines with at most this many possible CPUs may stamp from the counter (when
+/// the clock is dear): up to here every CPU a thread runs on shares one
+/// last-level cache on the hosts we know, so the counter's line moves cheaply;
+/// beyond, unmeasured, the clock.
 pub const COUNTER_MAX_CPUS: usize = 4;
 
 /// How records are stamped.
@@ -28,13 +36,18 @@ pub enum StampKind {
     Clock,
 }
 
+/// A clock read at most this long (from user space, [`crate::clock::read_cost_ns`])
+/// costs a program less than the counter's line does once two CPUs allocate.
+pub const CHEAP_CLOCK_NS: f64 = 30.0;
+
 impl StampKind {
-    /// What pays on a machine with `possible_cpus` CPUs.
-    pub fn for_cpus(possible_cpus: usize) -> Self {
-        if possible_cpus <= COUNTER_MAX_CPUS {
-            StampKind::Counter
-        } else {
+    /// What pays on a machine with `possible_cpus` CPUs whose clock costs
+    /// `clock_read_ns` a read.
+    pub fn choose(possible_cpus: usize, clock_read_ns: f64) -> Self {
+        if possible_cpus > COUNTER_MAX_CPUS || clock_read_ns <= CHEAP_CLOCK_NS {
             StampKind::Clock
+        } else {
+            StampKind::Counter
         }
     }
 }
@@ -81,10 +94,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn small_machines_stamp_from_the_counter_big_ones_with_the_clock() {
-        assert_eq!(StampKind::for_cpus(1), StampKind::Counter);
-        assert_eq!(StampKind::for_cpus(COUNTER_MAX_CPUS), StampKind::Counter);
-        assert_eq!(StampKind::for_cpus(COUNTER_MAX_CPUS + 1), StampKind::Clock);
-        assert_eq!(StampKind::for_cpus(256), StampKind::Clock);
+    fn the_clock_when_cheap_or_on_big_machines_else_the_counter() {
+        assert_eq!(StampKind::choose(2, 81.0), StampKind::Counter);
+        assert_eq!(
+            StampKind::choose(COUNTER_MAX_CPUS, 44.0),
+            StampKind::Counter
+        );
+        assert_eq!(StampKind::choose(2, 18.5), StampKind::Clock);
+        assert_eq!(StampKind::choose(2, CHEAP_CLOCK_NS), StampKind::Clock);
+        assert_eq!(
+            StampKind::choose(COUNTER_MAX_CPUS + 1, 81.0),
+            StampKind::Clock
+        );
+        assert_eq!(StampKind::choose(256, 500.0), StampKind::Clock);
     }
 }
