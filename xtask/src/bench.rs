@@ -540,7 +540,7 @@ pub fn run(quick: bool, only: &[Bench], against: Option<&Path>) -> anyhow::Resul
     let objects = if quick { 200_000 } else { 1_000_000 };
     println!("leaktrace benchmarks (ratios are measured side by side in this run)");
     if wanted(Bench::Overhead) {
-        crate::overhead::run(&leaktrace, &fixtures, quick)?;
+        crate::overhead::run(&leaktrace, against, &fixtures, quick)?;
     }
     if wanted(Bench::Kernel) {
         kernel(&leaktrace, &fixtures, if quick { 2 } else { 5 })?;

@@ -70,9 +70,10 @@ enum Task {
         /// Only these benchmarks (repeatable; all by default).
         #[arg(long, value_enum)]
         only: Vec<bench::Bench>,
-        /// The stack-capture benchmark also runs CFI unwinding with this other
-        /// leaktrace binary (e.g. a copy of an earlier build), interleaved with
-        /// this build's runs: before/after figures from the same minutes.
+        /// The stack-capture benchmark also runs CFI unwinding, and the overhead
+        /// loop its defaults, with this other leaktrace binary (e.g. a copy of an
+        /// earlier build), interleaved with this build's runs: before/after
+        /// figures from the same minutes.
         #[arg(long, value_name = "LEAKTRACE")]
         against: Option<std::path::PathBuf>,
     },

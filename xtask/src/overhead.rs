@@ -417,27 +417,43 @@ impl Drop for BpfStats {
     }
 }
 
-const LOOP_SETUPS: [Setup; 6] = [
+const LOOP_SETUPS: [Setup; 7] = [
     Setup::Untraced,
     Setup::Floor,
     Setup::TracefsFloor,
     Setup::Leaktrace(&[]),
+    Setup::Leaktrace(&["--record-order", "counter"]),
     Setup::Leaktrace(&["--record-order", "clock"]),
     Setup::Leaktrace(&["--no-stacks"]),
 ];
 
 /// The traced setups whose programs' own time is shown: defaults, records
-/// stamped with the clock instead of the counter (on a machine where the
-/// counter is the default), no stacks.
-const STATS_SETUPS: [Setup; 3] = [
+/// stamped with the counter and with the clock (the default picks one by the
+/// clock's cost here), no stacks.
+const STATS_SETUPS: [Setup; 4] = [
     Setup::Leaktrace(&[]),
+    Setup::Leaktrace(&["--record-order", "counter"]),
     Setup::Leaktrace(&["--record-order", "clock"]),
     Setup::Leaktrace(&["--no-stacks"]),
 ];
 
+/// One row of the loop's figures: its label, the leaktrace binary and the setup.
+type Row<'a> = (String, &'a Path, Setup);
+
+/// `setups` with `leaktrace`, and with `against` (another build, for before and
+/// after figures in one run) its defaults as one more row.
+fn rows<'a>(setups: &[Setup], leaktrace: &'a Path, against: Option<&'a Path>) -> Vec<Row<'a>> {
+    let mut rows: Vec<Row> = setups.iter().map(|s| (s.name(), leaktrace, *s)).collect();
+    if let Some(other) = against {
+        rows.push(("against: leaktrace".into(), other, Setup::Leaktrace(&[])));
+    }
+    rows
+}
+
 /// The malloc/free loop on `threads` threads, `rounds` interleaved rounds.
 fn loop_figures(
     leaktrace: &Path,
+    against: Option<&Path>,
     fixtures: &Path,
     pairs: u64,
     threads: u32,
@@ -447,12 +463,13 @@ fn loop_figures(
         "overhead: malloc/free loop, {threads} thread(s) × {pairs} pairs, {rounds} rounds"
     ));
     let loop_bin = fixtures.join("malloc-loop");
-    let mut ns: Vec<Vec<f64>> = vec![Vec::new(); LOOP_SETUPS.len()];
+    let loop_rows = rows(&LOOP_SETUPS, leaktrace, against);
+    let mut ns: Vec<Vec<f64>> = vec![Vec::new(); loop_rows.len()];
     let mut hooks: Option<Value> = None;
     for _ in 0..rounds {
-        for (i, setup) in LOOP_SETUPS.iter().enumerate() {
+        for (i, (_, binary, setup)) in loop_rows.iter().enumerate() {
             let run = loop_once(
-                leaktrace,
+                binary,
                 &loop_bin,
                 pairs,
                 threads,
@@ -473,15 +490,14 @@ fn loop_figures(
         "  {threads} thread(s): ns per malloc/free pair, median [min–max] of {rounds}; added = \
          minus untraced"
     );
-    for (setup, s) in LOOP_SETUPS.iter().zip(&spreads) {
+    for ((label, _, setup), s) in loop_rows.iter().zip(&spreads) {
         let added = s.median - untraced;
         let vs_floor = match setup {
             Setup::Leaktrace(_) => format!("{:>6.2}x the floor's added cost", added / floor_added),
             _ => String::new(),
         };
         println!(
-            "  {:<26} {}  added {:>7.0} ns  {vs_floor}",
-            setup.name(),
+            "  {label:<26} {}  added {:>7.0} ns  {vs_floor}",
             s.show("ns"),
             added
         );
@@ -489,14 +505,15 @@ fn loop_figures(
     // Interleaved runs of each traced setup with bpf_stats on, for the programs'
     // own time (medians: one run moves by a third on a busy host).
     let _stats = BpfStats::on();
-    let mut per_program: Vec<Vec<[f64; 3]>> = vec![Vec::new(); STATS_SETUPS.len()];
+    let stats_rows = rows(&STATS_SETUPS, leaktrace, against);
+    let mut per_program: Vec<Vec<[f64; 3]>> = vec![Vec::new(); stats_rows.len()];
     for _ in 0..rounds {
-        for (i, setup) in STATS_SETUPS.iter().enumerate() {
-            let run = loop_once(leaktrace, &loop_bin, pairs, threads, *setup, true, None)?;
+        for (i, (_, binary, setup)) in stats_rows.iter().enumerate() {
+            let run = loop_once(binary, &loop_bin, pairs, threads, *setup, true, None)?;
             per_program[i].extend(run.per_program);
         }
     }
-    for (setup, runs) in STATS_SETUPS.iter().zip(&per_program) {
+    for ((label, _, _), runs) in stats_rows.iter().zip(&per_program) {
         if runs.is_empty() {
             println!("  (bpftool not installed: apt-get install bpftool for bpf_stats)");
             break;
@@ -504,9 +521,8 @@ fn loop_figures(
         let median = |k: usize| Spread::of(&runs.iter().map(|p| p[k]).collect::<Vec<_>>());
         let pair = Spread::of(&runs.iter().map(|p| p.iter().sum()).collect::<Vec<_>>());
         println!(
-            "  {:<26} programs' own time: alloc_enter {:.0} + alloc_return {:.0} + \
+            "  {label:<26} programs' own time: alloc_enter {:.0} + alloc_return {:.0} + \
              free_enter {:.0}; a pair {} (medians of {})",
-            setup.name(),
             median(0).median,
             median(1).median,
             median(2).median,
@@ -760,14 +776,19 @@ const SERVER_PACKAGES: [(&str, &str); 4] = [
 ];
 
 /// Every overhead figure; `quick` runs fewer pairs, requests and rounds.
-pub fn run(leaktrace: &Path, fixtures: &Path, quick: bool) -> anyhow::Result<()> {
+pub fn run(
+    leaktrace: &Path,
+    against: Option<&Path>,
+    fixtures: &Path,
+    quick: bool,
+) -> anyhow::Result<()> {
     let (pairs, rounds, requests) = if quick {
         (100_000, 3, 5_000)
     } else {
         (500_000, 5, 20_000)
     };
     for threads in [1, 2] {
-        loop_figures(leaktrace, fixtures, pairs, threads, rounds)?;
+        loop_figures(leaktrace, against, fixtures, pairs, threads, rounds)?;
     }
     // The two servers and their load tools, from Debian (a fresh machine has none).
     if let Err(err) = crate::setup::ensure_packages(&SERVER_PACKAGES) {
