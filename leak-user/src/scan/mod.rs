@@ -748,8 +748,7 @@ impl Workspace {
         s.owned.clear();
         s.attached_late = false;
         s.watched.clear();
-        s.by_new.clear();
-        s.usable_size.clear();
+        s.sites.clear();
         s
     }
 
@@ -871,17 +870,17 @@ impl Workspace {
             maps.get(at)
                 .is_some_and(|m| m.contains(v) && m.read && !m.write && m.file().is_some())
         };
-        let by_new = &input.snapshot.by_new;
         let heuristics = input.heuristics;
         let recognize = |j: usize, offset: u32| {
             if !heuristics.any() {
                 return false;
             }
             let (start, size) = (index.start(j as u32), objects[j].1.size());
+            let traits = input.snapshot.traits(j);
             let block = Block {
                 size,
-                by_new: by_new.get(j).copied().unwrap_or(false),
-                usable_size: input.snapshot.usable_size.get(j).copied().unwrap_or(false),
+                by_new: traits.by_new,
+                usable_size: traits.usable_size,
             };
             heuristics.recognize(
                 &block,

@@ -115,6 +115,13 @@ impl ProcessTable {
             ..Self::default()
         }
     }
+
+    /// Removes and returns the object at exactly `addr`.
+    fn take(&mut self, addr: u64) -> Option<Object> {
+        let object = self.objects.remove(&addr)?;
+        self.live_bytes -= object.size();
+        Some(object)
+    }
 }
 
 /// Everything the counters say about the event stream; reported in stats records.
@@ -171,12 +178,44 @@ pub struct Snapshot {
     /// Reported leaks (sorted addresses): the scan checksums them even when it
     /// finds them reachable, to tell a stale copy of their address from use.
     pub watched: Vec<u64>,
-    /// For each object: allocated by `operator new` (valgrind applies some of its
-    /// heuristics to those only).
-    pub by_new: Vec<bool>,
-    /// For each object: its size is the allocator's usable size, not the requested
-    /// one (found by the heap walk, allocated before we attached).
-    pub usable_size: Vec<bool>,
+    /// What the scan needs to know of each allocation site the objects name, by
+    /// site key (a few hundred sites for a million objects: copied per site, not
+    /// per object, under the lock).
+    pub sites: Vec<SiteTraits>,
+}
+
+impl Snapshot {
+    /// The traits of the site of object `i`.
+    pub fn traits(&self, i: usize) -> SiteTraits {
+        self.objects
+            .get(i)
+            .and_then(|(_, o)| self.sites.get(o.site as usize))
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// What a scan needs to know of an allocation site.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteTraits {
+    /// Allocated by `operator new` (valgrind applies some of its heuristics to
+    /// those only).
+    pub by_new: bool,
+    /// Sizes are the allocator's usable sizes, not the requested ones (blocks the
+    /// heap walk found, allocated before we attached).
+    pub usable_size: bool,
+}
+
+impl SiteTraits {
+    fn of(site: &AllocSite) -> Self {
+        Self {
+            by_new: matches!(
+                site.func,
+                AllocFn::OperatorNew | AllocFn::OperatorNewAligned
+            ),
+            usable_size: site.before_attach,
+        }
+    }
 }
 
 /// A realloc between its entry and its return.
@@ -338,10 +377,7 @@ impl Table {
             snapshot.watched = self.verdicts.reported(pid).iter().map(|r| r.0).collect();
             // One allocation now rather than a copy at every doubling (a caller that
             // reuses its snapshot has the room already).
-            let n = p.objects.len();
-            snapshot.objects.reserve(n);
-            snapshot.by_new.reserve(n);
-            snapshot.usable_size.reserve(n);
+            snapshot.objects.reserve(p.objects.len());
         }
         let mut next = None;
         for (i, (&a, &o)) in p.objects.range(from..).enumerate() {
@@ -350,14 +386,12 @@ impl Table {
                 break;
             }
             snapshot.objects.push((a, o));
-            let site = self.sites.get(o.site);
-            snapshot.by_new.push(site.is_some_and(|s| {
-                matches!(s.func, AllocFn::OperatorNew | AllocFn::OperatorNewAligned)
-            }));
-            snapshot
-                .usable_size
-                .push(site.is_some_and(|s| s.before_attach));
         }
+        // Sites are only ever added: those interned since the last part.
+        let known = snapshot.sites.len();
+        snapshot
+            .sites
+            .extend(self.sites.since(known).iter().map(SiteTraits::of));
         next
     }
 
@@ -524,9 +558,34 @@ impl Table {
     /// Inserts an object, retiring every live object it overlaps.
     fn insert(&mut self, pid: u32, addr: u64, object: Object) {
         let end = addr.saturating_add(object.span());
-        // Objects this one overlaps (their frees were missed): walking down from
-        // the last one starting below `end` while they reach past `addr` (usually
-        // none, found with one descent of the tree), retired in address order.
+        let Some(p) = self.processes.get_mut(&pid) else {
+            self.counters.foreign += 1;
+            return;
+        };
+        // The last object starting below `end` overlaps this one unless it ends
+        // at or before `addr` (one descent of the tree; usually it does end).
+        let overlaps = |p: &ProcessTable| {
+            p.objects
+                .range(..end)
+                .next_back()
+                .is_some_and(|(&a, o)| a > addr || a.saturating_add(o.span()) > addr)
+        };
+        let p = if overlaps(p) {
+            self.retire_overlapping(pid, addr, end);
+            self.processes.get_mut(&pid).expect("looked up above")
+        } else {
+            p
+        };
+        p.live_bytes += object.size();
+        if let Some(old) = p.objects.insert(addr, object) {
+            p.live_bytes -= old.size();
+        }
+    }
+
+    /// Retires the objects that overlap `addr..end` (their frees were missed):
+    /// walking down from the last one starting below `end` while they reach past
+    /// `addr`, retired in address order.
+    fn retire_overlapping(&mut self, pid: u32, addr: u64, end: u64) {
         let retired: Vec<u64> = self.processes.get(&pid).map_or_else(Vec::new, |p| {
             p.objects
                 .range(..end)
@@ -539,39 +598,34 @@ impl Table {
             self.counters.overlap_retired += 1;
             self.remove(pid, a, RetractionReason::Freed);
         }
-        let Some(p) = self.processes.get_mut(&pid) else {
-            self.counters.foreign += 1;
-            return;
-        };
-        p.live_bytes += object.size();
-        if let Some(old) = p.objects.insert(addr, object) {
-            p.live_bytes -= old.size();
-        }
     }
 
-    /// Removes the object at exactly `addr`, retracting it if it was reported.
     /// The program freed the block at `addr`: removes it and, when we attached
     /// late, remembers its memory as freed.
     fn release(&mut self, pid: u32, addr: u64) -> Option<Object> {
-        let (object, _) = self.remove(pid, addr, RetractionReason::Freed)?;
-        if let Some(p) = self.processes.get_mut(&pid)
-            && p.attached_late
-        {
+        let p = self.processes.get_mut(&pid)?;
+        let object = p.take(addr)?;
+        if p.attached_late {
             p.freed
                 .insert(addr..addr.saturating_add(object.span().next_multiple_of(8)));
         }
+        self.on_gone(pid, addr, &object, RetractionReason::Freed);
         Some(object)
     }
 
+    /// Removes the object at exactly `addr`, retracting it if it was reported.
     fn remove(&mut self, pid: u32, addr: u64, reason: RetractionReason) -> Option<(Object, u64)> {
-        let p = self.processes.get_mut(&pid)?;
-        let object = p.objects.remove(&addr)?;
-        p.live_bytes -= object.size();
-        if let Some(retraction) = self.verdicts.on_gone(pid, addr, &object, reason) {
+        let object = self.processes.get_mut(&pid)?.take(addr)?;
+        self.on_gone(pid, addr, &object, reason);
+        Some((object, addr))
+    }
+
+    /// Retracts the object that was at `addr` if it was reported.
+    fn on_gone(&mut self, pid: u32, addr: u64, object: &Object, reason: RetractionReason) {
+        if let Some(retraction) = self.verdicts.on_gone(pid, addr, object, reason) {
             self.counters.retractions += 1;
             self.notices.push(Notice::Retraction(retraction));
         }
-        Some((object, addr))
     }
 
     /// Drops every object that starts inside `range` (its memory is gone).

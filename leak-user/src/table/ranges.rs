@@ -3,11 +3,23 @@
 use std::{collections::BTreeMap, ops::Range};
 
 /// Disjoint, non-adjacent half-open ranges, merged on insert.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct RangeSet {
     /// start -> end
     ranges: BTreeMap<u64, u64>,
+    /// A range of the set (start, end) that the last insert fell in or made:
+    /// most inserts of freed blocks land in memory freed before, often the same
+    /// range, and are answered without a lookup.
+    last: Option<(u64, u64)>,
 }
+
+impl PartialEq for RangeSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.ranges == other.ranges
+    }
+}
+
+impl Eq for RangeSet {}
 
 impl RangeSet {
     pub fn new() -> Self {
@@ -23,12 +35,16 @@ impl RangeSet {
         if r.start >= r.end {
             return;
         }
+        if self.last.is_some_and(|(s, e)| s <= r.start && r.end <= e) {
+            return;
+        }
         let (mut start, mut end) = (r.start, r.end);
         // A range starting at or before `start` that reaches it.
         if let Some((&s, &e)) = self.ranges.range(..=start).next_back()
             && e >= start
         {
             if e >= end {
+                self.last = Some((s, e));
                 return; // already covered: the common case, one lookup
             }
             start = s;
@@ -46,6 +62,7 @@ impl RangeSet {
             self.ranges.remove(&s);
         }
         self.ranges.insert(start, end);
+        self.last = Some((start, end));
     }
 
     /// Removes `r`, splitting ranges that straddle its ends.
@@ -53,6 +70,7 @@ impl RangeSet {
         if r.start >= r.end {
             return;
         }
+        self.last = None;
         let touched: Vec<(u64, u64)> = self
             .overlapping(r.clone())
             .map(|x| (x.start, x.end))
@@ -117,6 +135,26 @@ mod tests {
         s.insert(60..70);
         s.insert(0..100);
         assert_eq!(all(&s), vec![0..100]);
+    }
+
+    #[test]
+    fn an_insert_inside_the_last_range_changes_nothing_until_a_remove() {
+        let mut s = RangeSet::new();
+        s.insert(0..100);
+        s.insert(10..20);
+        s.insert(0..100);
+        assert_eq!(all(&s), vec![0..100]);
+        s.remove(10..20);
+        s.insert(12..14);
+        assert_eq!(all(&s), vec![0..10, 12..14, 20..100]);
+        s.insert(14..20);
+        s.insert(10..12);
+        assert_eq!(all(&s), vec![0..100]);
+        // A range merged from others is what the next insert is checked against.
+        s.insert(200..300);
+        s.insert(100..200);
+        s.insert(150..250);
+        assert_eq!(all(&s), vec![0..300]);
     }
 
     #[test]

@@ -53,6 +53,11 @@ impl SiteInterner {
         self.sites.get(key as usize)
     }
 
+    /// The sites interned after the first `from` (keys `from..`).
+    pub fn since(&self, from: usize) -> &[AllocSite] {
+        self.sites.get(from..).unwrap_or_default()
+    }
+
     pub fn len(&self) -> usize {
         self.sites.len()
     }
