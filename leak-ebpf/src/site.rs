@@ -7,8 +7,8 @@
 //! allocating from the same place. A walk is a function of the probe's pc and sp
 //! (and rbp, when a CFA was computed from the register), of the stack words it
 //! reads, of the tables and module list of the process, and of the wrapper hints.
-//! So each CPU remembers its last walks (`MEMOS`, a few ways picked by sp and
-//! pc) with the words they read and how far up the stack those lie. A call with the same registers whose
+//! So each CPU remembers its last walks (`MEMOS`, a few ways picked by the return
+//! address and sp) with the words they read. A call with the same registers whose
 //! stack still holds every one of those words has the same stack and call site:
 //! they are reused without a walk, counted as [`UnwindCount::Reused`]. The daemon
 //! bumps `MEMO_EPOCH` whenever tables, module lists or hints change, which retires
@@ -32,8 +32,8 @@ use crate::{
     unwind::{self, MEMO_WORDS, UNWIND_COUNTS},
 };
 
-/// Remembered walks per CPU: sets of `MEMO_WAYS` walks, the set picked by sp
-/// and pc. Several ways, because one leaf (an allocation wrapper) often
+/// Remembered walks per CPU: sets of `MEMO_WAYS` walks, the set picked by the
+/// call site and sp. Several ways, because one leaf (an allocation wrapper) often
 /// reaches malloc on one sp from several callers in turn.
 const MEMO_SETS: u32 = 4;
 const MEMO_WAYS: u32 = 4;
@@ -58,8 +58,6 @@ pub struct Memo {
     /// 1 when the walk computed a CFA from the probe's rbp: it must match too.
     uses_rbp: u32,
     words: u32,
-    /// Bytes from `sp` to the end of the highest word read.
-    span: u64,
     offsets: [u32; MEMO_WORDS],
     values: [u64; MEMO_WORDS],
 }
@@ -156,12 +154,6 @@ pub fn by_frame_pointers<C: EbpfContext>(ctx: &C, stack: bool) -> Site {
 }
 
 /// The site by the CFI unwinder, reused from a memo when the stack allows.
-///
-/// The memos are looked up by the registers alone (the set by sp and pc): a memo
-/// whose registers match says how much of the stack its words span, and that
-/// much is read at once, before any word is checked. So a reused walk costs one
-/// read of just the bytes it needs; only a walk made afresh reads the call site
-/// first (a window of `WINDOW_BYTES`, which the walk goes on from).
 #[inline(always)]
 pub fn by_cfi(regs: &pt_regs, tgid: u32) -> Site {
     let sp = regs.rsp;
@@ -172,30 +164,6 @@ pub fn by_cfi(regs: &pt_regs, tgid: u32) -> Site {
             via_new: false,
         };
     };
-    let epoch = MEMO_EPOCH.get(0).copied().unwrap_or(0);
-    let set = (((sp >> 4) ^ regs.rip).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 62) as u32 % MEMO_SETS;
-    for way in 0..MEMO_WAYS {
-        let Some(m) = MEMOS.get(set * MEMO_WAYS + way) else {
-            break;
-        };
-        if m.stack_id != 0
-            && m.epoch == epoch
-            && m.tgid == tgid
-            && m.pc == regs.rip
-            && m.sp == sp
-            && (m.uses_rbp == 0 || m.rbp == regs.rbp)
-        {
-            unwind::prefill(sc, sp, m.span);
-            if still_holds(set * MEMO_WAYS + way, m.words) {
-                bump(&UNWIND_COUNTS, UnwindCount::Reused as u32);
-                return Site {
-                    stack_id: m.stack_id,
-                    caller: m.caller,
-                    via_new: m.via_new != 0,
-                };
-            }
-        }
-    }
     // The stack words the call site and the walk read are remembered as they go.
     let read = |addr: u64| {
         if !unwind::fill(sc, addr, addr.wrapping_add(8)) {
@@ -207,6 +175,28 @@ pub fn by_cfi(regs: &pt_regs, tgid: u32) -> Site {
         Some(value)
     };
     let (caller, via_new) = call_site(tgid, sp, read);
+    let epoch = MEMO_EPOCH.get(0).copied().unwrap_or(0);
+    let set = ((caller ^ (sp >> 4)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 62) as u32 % MEMO_SETS;
+    for way in 0..MEMO_WAYS {
+        let Some(m) = MEMOS.get(set * MEMO_WAYS + way) else {
+            break;
+        };
+        if m.stack_id != 0
+            && m.epoch == epoch
+            && m.tgid == tgid
+            && m.pc == regs.rip
+            && m.sp == sp
+            && (m.uses_rbp == 0 || m.rbp == regs.rbp)
+            && still_holds(set * MEMO_WAYS + way, m.words)
+        {
+            bump(&UNWIND_COUNTS, UnwindCount::Reused as u32);
+            return Site {
+                stack_id: m.stack_id,
+                caller: m.caller,
+                via_new: m.via_new != 0,
+            };
+        }
+    }
     let stack_id = unwind::capture(regs, tgid, sc);
     // SAFETY: this CPU's scratch value, valid and aligned during the run.
     let s = unsafe { &*sc };
@@ -225,7 +215,6 @@ pub fn by_cfi(regs: &pt_regs, tgid: u32) -> Site {
             m.via_new = u32::from(via_new);
             m.uses_rbp = s.uses_rbp;
             m.words = s.read_count as u32;
-            m.span = s.span;
             copy_words(&s.read_offsets, &mut m.offsets);
             copy_words(&s.read_values, &mut m.values);
             m.stack_id = stack_id;

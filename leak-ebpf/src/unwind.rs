@@ -77,9 +77,8 @@ pub struct WalkScratch {
     module_start: u64,
     module_end: u64,
     module_bias: u64,
-    /// The user stack from `window_start` is in `words`, `window_len` bytes of
-    /// it (0: nothing read yet this walk; [`prefill`] may read less than
-    /// `WINDOW_BYTES`).
+    /// The user stack from `window_start` is in `words` (`WINDOW_BYTES` of it),
+    /// unless `window_len` is 0 (nothing read yet this walk).
     window_start: u64,
     window_len: u64,
     module_table: u32,
@@ -96,8 +95,6 @@ pub struct WalkScratch {
     /// 1 when a CFA was computed from the probe's own rbp.
     pub uses_rbp: u32,
     _pad: u32,
-    /// Bytes from `entry_sp` to the end of the highest word read.
-    pub span: u64,
     pub read_offsets: [u32; MEMO_WORDS],
     pub read_values: [u64; MEMO_WORDS],
     words: [u64; WINDOW_WORDS],
@@ -165,7 +162,7 @@ pub fn fill(sc: *mut WalkScratch, lo: u64, hi: u64) -> bool {
     }
     // SAFETY: this CPU's scratch value, valid and aligned during the run.
     let sc = unsafe { &mut *sc };
-    if covers(sc, lo, len) {
+    if sc.window_len != 0 && lo.wrapping_sub(sc.window_start) <= WINDOW_BYTES - len {
         return true;
     }
     let words = (&raw mut sc.words).cast::<c_void>();
@@ -188,51 +185,6 @@ pub fn fill(sc: *mut WalkScratch, lo: u64, hi: u64) -> bool {
     true
 }
 
-/// Whether the window holds the `len` bytes from `lo` on (`len` at most
-/// `WINDOW_BYTES`).
-#[inline(always)]
-fn covers(sc: &WalkScratch, lo: u64, len: u64) -> bool {
-    sc.window_len >= len && lo.wrapping_sub(sc.window_start) <= sc.window_len - len
-}
-
-/// Makes the window hold the `span` bytes of user stack from `lo` on, for a
-/// remembered walk's words (`site.rs`), unless it does already: the fewest bytes
-/// of 64, 128, 256 or `WINDOW_BYTES` that cover them, in one read. A read costs
-/// a fixed part and a part per byte (25 ns for 8 bytes, 54 for 256 on one guest),
-/// so a shallow stack's few words are checked without reading 512 bytes. A span
-/// over `WINDOW_BYTES` gets the first `WINDOW_BYTES`; [`fill`] reads on where
-/// words lie beyond. When the read fails (the span runs past the stack's top),
-/// the window is left empty and [`fill`] reads as it does for a walk.
-#[inline(always)]
-pub fn prefill(sc: *mut WalkScratch, lo: u64, span: u64) {
-    // SAFETY: this CPU's scratch value, valid and aligned during the run.
-    let sc = unsafe { &mut *sc };
-    if covers(sc, lo, span.min(WINDOW_BYTES)) {
-        return;
-    }
-    let words = (&raw mut sc.words).cast::<c_void>();
-    let from = lo as *const c_void;
-    // Each size a constant of its own call (see `fill`).
-    // SAFETY: at most WINDOW_BYTES into the window; the helper checks the user
-    // address and fails cleanly.
-    let (failed, len) = unsafe {
-        if span <= 64 {
-            (bpf_probe_read_user(words, 64, from), 64)
-        } else if span <= 128 {
-            (bpf_probe_read_user(words, 128, from), 128)
-        } else if span <= 256 {
-            (bpf_probe_read_user(words, 256, from), 256)
-        } else {
-            (
-                bpf_probe_read_user(words, WINDOW_BYTES as u32, from),
-                WINDOW_BYTES,
-            )
-        }
-    };
-    sc.window_start = lo;
-    sc.window_len = if failed == 0 { len } else { 0 };
-}
-
 /// The user stack word at `addr`, read alone.
 #[inline(always)]
 fn read_user(addr: u64) -> Option<u64> {
@@ -248,9 +200,8 @@ fn read_user(addr: u64) -> Option<u64> {
 pub fn word(sc: *const WalkScratch, addr: u64) -> Option<u64> {
     // SAFETY: this CPU's scratch value, valid and aligned during the run.
     let sc = unsafe { &*sc };
-    let offset = addr.wrapping_sub(sc.window_start);
-    let i = (offset / 8) as usize;
-    (offset < sc.window_len && i < WINDOW_WORDS).then(|| sc.words[i])
+    let i = (addr.wrapping_sub(sc.window_start) / 8) as usize;
+    (i < WINDOW_WORDS).then(|| sc.words[i])
 }
 
 /// Notes that the walk read `value` at `addr` (see `site.rs`).
@@ -260,19 +211,13 @@ pub fn remember(sc: *mut WalkScratch, addr: u64, value: u64) {
     let sc = unsafe { &mut *sc };
     let n = sc.read_count;
     let offset = addr.wrapping_sub(sc.entry_sp);
-    if n as usize >= MEMO_WORDS || offset > u64::from(u32::MAX) - 8 {
+    if n as usize >= MEMO_WORDS || offset > u64::from(u32::MAX) {
         sc.read_count = UNREMEMBERED;
-        return;
-    }
-    // The walk's first frame reads its return address where the call site was
-    // read: once is enough.
-    if n > 0 && u64::from(sc.read_offsets[0]) == offset {
         return;
     }
     sc.read_offsets[n as usize] = offset as u32;
     sc.read_values[n as usize] = value;
     sc.read_count = n + 1;
-    sc.span = sc.span.max(offset + 8);
 }
 
 /// The walk's result depends on more than the words it read: never reuse it.
@@ -299,7 +244,6 @@ pub fn begin(sp: u64) -> Option<*mut WalkScratch> {
         (*sc).window_len = 0;
         (*sc).entry_sp = sp;
         (*sc).read_count = 0;
-        (*sc).span = 0;
         (*sc).rbp_from_regs = 1;
         (*sc).uses_rbp = 0;
     }
