@@ -212,8 +212,9 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = ReadMethodArg::ProcessVmReadv, hide = true)]
     pub read_method: ReadMethodArg,
 
-    /// What puts the records of all CPUs in order: a counter they share (cheaper
-    /// on a few CPUs) or the clock; `auto` picks by the number of CPUs.
+    /// What puts the records of all CPUs in order: a counter they share or the
+    /// clock; `auto` takes the clock unless a clock read is dear (timed at
+    /// start) on a machine of few CPUs.
     #[arg(long, value_enum, default_value_t = RecordOrderArg::Auto, hide = true)]
     pub record_order: RecordOrderArg,
 
