@@ -116,7 +116,16 @@ pub struct LoadOptions {
     /// What user-mode records are stamped with (kernel mode: the clock); `None`:
     /// as suits the machine's CPUs and clock ([`StampKind::choose`]).
     pub stamps: Option<StampKind>,
+    /// User mode: a ring per CPU, `ring_bytes` shared out among them (see
+    /// [`Probes::take_rings`]). Kernel mode writes the one shared ring.
+    pub cpu_rings: bool,
 }
+
+/// The shared ring's size when every CPU has a ring of its own: nothing writes
+/// it then but a CPU that has none, which cannot happen (all or nothing). A
+/// full-sized one cost each start 9 ms here, and 80 ms while earlier runs'
+/// maps were being freed (the kernel zeroes every page of a ring up front).
+const SHARED_RING_MIN_BYTES: u32 = 256 << 10;
 
 /// Which processes a uprobe fires for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +152,9 @@ pub struct Probes {
     stamps: StampKind,
     /// Held until the first attach is done (`started`): see `teardown.rs`.
     startup: Option<teardown::StartupLock>,
+    /// Each CPU's ring (by CPU number), made before the object so that the shared
+    /// ring could be small; put in `CPU_RINGS` by [`Self::take_rings`].
+    cpu_rings: Vec<(u32, RingReader)>,
 }
 
 fn check_environment() -> Result<(), EbpfError> {
@@ -202,6 +214,19 @@ impl Probes {
         check_environment()?;
         let startup = teardown::StartupLock::take();
         let tracefs = tracefs::ensure_mounted()?;
+        let mut cpu_rings = if options.cpu_rings {
+            make_cpu_rings(options.ring_bytes).unwrap_or_else(|err| {
+                log::warn!("one ring buffer for all CPUs (a ring per CPU failed: {err})");
+                Vec::new()
+            })
+        } else {
+            Vec::new()
+        };
+        let shared_ring_bytes = if cpu_rings.is_empty() {
+            options.ring_bytes
+        } else {
+            SHARED_RING_MIN_BYTES
+        };
         let layout = tracefs::layout(&tracefs);
         let cfi = options.stack_mode == StackMode::Cfi
             && options.capture_stacks
@@ -225,9 +250,10 @@ impl Probes {
                     stack_mode,
                     ..options.clone()
                 };
-                match Self::load_with(&attempt, &tracefs, layout, task_calls) {
+                match Self::load_with(&attempt, &tracefs, layout, task_calls, shared_ring_bytes) {
                     Ok(mut probes) => {
                         probes.startup = Some(startup);
+                        probes.cpu_rings = std::mem::take(&mut cpu_rings);
                         if let Some(err) = cfi_err.filter(|_| stack_mode != options.stack_mode) {
                             log::warn!(
                                 "the CFI unwinder cannot load here ({err}); stacks use frame \
@@ -265,6 +291,7 @@ impl Probes {
         tracefs: &std::path::Path,
         layout: TracepointLayout,
         task_calls: bool,
+        shared_ring_bytes: u32,
     ) -> Result<Self, EbpfError> {
         let flag = |b: bool| u32::from(b);
         let follow = flag(options.follow_forks);
@@ -274,7 +301,7 @@ impl Probes {
         // CPU_RINGS is indexed by CPU number: room for every CPU that may run
         // (possible CPUs are numbered from 0 without gaps).
         let cpu_slots = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
-        let wakeup = (u64::from(options.ring_bytes / 8) / cpus).max(64 << 10);
+        let wakeup = (u64::from(shared_ring_bytes / 8) / cpus).max(64 << 10);
         let filter_pids = flag(options.kernel_filter_pids);
         let filter_cgroups = flag(options.kernel_filter_cgroups);
         let dual_frees = flag(options.dual_free_probes);
@@ -313,7 +340,11 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             // TASK_CALLS: aya has no type for task storage, and we never read it.
             .allow_unsupported_maps()
-            .map_max_entries(names::EVENTS, options.ring_bytes)
+            .map_max_entries(names::EVENTS, shared_ring_bytes)
+            // With task storage the hash map by thread id is never used: one entry
+            // instead of 65,536 preallocated (24 ms of a start while earlier
+            // runs' maps were being freed).
+            .map_max_entries(names::CALLS, if task_calls { 1 } else { 1 << 16 })
             .map_max_entries(names::CPU_RINGS, cpu_slots)
             .map_max_entries(names::STACKS, user_stacks)
             .map_max_entries(names::KSTACKS, kernel_stacks)
@@ -356,6 +387,7 @@ impl Probes {
             memo_epoch: MemoEpoch::new(epoch)?,
             stamps,
             startup: None,
+            cpu_rings: Vec::new(),
             ebpf,
             _logger: logger,
             tracefs: tracefs.to_owned(),
@@ -620,14 +652,16 @@ impl Probes {
         Ok(())
     }
 
-    /// The ring buffers, to be read by the ingest task: `EVENTS` first, then, with
-    /// `per_cpu_total` (user mode), a ring for every CPU that may ever run
+    /// The ring buffers, to be read by the ingest task: `EVENTS` first, then, when
+    /// loaded with `cpu_rings` (user mode), a ring for every CPU that may ever run
     /// (`per_cpu_ring_bytes`), put where that CPU's programs find it.
     ///
     /// All or nothing: the merge relies on each ring having one writer, so if a
     /// single CPU cannot have its ring, no CPU gets one and all write `EVENTS`
-    /// (in ring order, merged by nothing), as in kernel mode.
-    pub fn take_rings(&mut self, per_cpu_total: Option<u32>) -> Result<Vec<RingReader>, EbpfError> {
+    /// (in ring order, merged by nothing), as in kernel mode. The rings were made
+    /// before the object was loaded (a failure there loaded a full-sized
+    /// `EVENTS`); putting them in place cannot fall back, `EVENTS` being small.
+    pub fn take_rings(&mut self) -> Result<Vec<RingReader>, EbpfError> {
         let map = self
             .ebpf
             .take_map(names::EVENTS)
@@ -638,17 +672,17 @@ impl Probes {
             )));
         };
         let mut rings = vec![RingReader::new(data).map_err(EbpfError::Ring)?];
-        let Some(total) = per_cpu_total else {
+        let own = std::mem::take(&mut self.cpu_rings);
+        if own.is_empty() {
             return Ok(rings);
-        };
-        // Borrowed, not taken: programs loaded later refer to the map's descriptor.
-        let Some(map) = self.ebpf.map_mut(names::CPU_RINGS) else {
-            return Ok(rings);
-        };
-        match cpu_rings(map, total) {
-            Ok(own) => rings.extend(own),
-            Err(err) => log::warn!("one ring buffer for all CPUs (a ring per CPU failed: {err})"),
         }
+        // Borrowed, not taken: programs loaded later refer to the map's descriptor.
+        let map = self
+            .ebpf
+            .map_mut(names::CPU_RINGS)
+            .expect("the object defines CPU_RINGS");
+        install_cpu_rings(map, &own).map_err(EbpfError::Ring)?;
+        rings.extend(own.into_iter().map(|(_, r)| r));
         Ok(rings)
     }
 
@@ -805,33 +839,40 @@ fn per_cpu_ring_bytes(total: u32, online: usize, is_online: bool) -> u32 {
     }
 }
 
-/// Makes a ring for every possible CPU and puts each in `CPU_RINGS`; on any
-/// failure takes back the ones put in.
-fn cpu_rings(map: &mut Map, total: u32) -> io::Result<Vec<RingReader>> {
+/// Makes a ring for every possible CPU, `total` bytes shared out among the
+/// online ones.
+fn make_cpu_rings(total: u32) -> io::Result<Vec<(u32, RingReader)>> {
+    let possible = aya::util::nr_cpus().map_err(|(_, e)| e)? as u32;
+    let online = aya::util::online_cpus().map_err(|(_, e)| e)?;
+    (0..possible)
+        .map(|cpu| {
+            let bytes = per_cpu_ring_bytes(total, online.len(), online.contains(&cpu));
+            Ok((
+                cpu,
+                RingReader::new(ring::create(bytes, &format!("RING_CPU{cpu}"))?)?,
+            ))
+        })
+        .collect()
+}
+
+/// Puts each CPU's ring in `CPU_RINGS`; on any failure takes back the ones put in.
+fn install_cpu_rings(map: &mut Map, rings: &[(u32, RingReader)]) -> io::Result<()> {
     let Map::ArrayOfMaps(data) = &*map else {
         return Err(io::Error::other("CPU_RINGS is not an array of maps"));
     };
     let slots_fd = data.fd().as_fd().as_raw_fd();
     let mut slots: ArrayOfMaps<&mut MapData, MapData> = map.try_into().map_err(io::Error::other)?;
-    let possible = aya::util::nr_cpus().map_err(|(_, e)| e)? as u32;
-    let online = aya::util::online_cpus().map_err(|(_, e)| e)?;
-    let mut readers = Vec::with_capacity(possible as usize);
-    for cpu in 0..possible {
-        let bytes = per_cpu_ring_bytes(total, online.len(), online.contains(&cpu));
-        readers.push((
-            cpu,
-            RingReader::new(ring::create(bytes, &format!("RING_CPU{cpu}"))?)?,
-        ));
-    }
-    for (k, (cpu, reader)) in readers.iter().enumerate() {
+    for (k, (cpu, reader)) in rings.iter().enumerate() {
         if let Err(err) = slots.set(*cpu, reader.map(), 0) {
-            for (cpu, _) in &readers[..k] {
+            for (cpu, _) in &rings[..k] {
                 let _ = clear_slot(slots_fd, *cpu);
             }
-            return Err(io::Error::other(err));
+            return Err(io::Error::other(format!(
+                "cannot put CPU {cpu}'s ring buffer in place: {err}"
+            )));
         }
     }
-    Ok(readers.into_iter().map(|(_, r)| r).collect())
+    Ok(())
 }
 
 /// Empties slot `index` of an array of maps.

@@ -130,7 +130,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         readers.free_probe_counts(),
         &probes.recursion_misses().into_iter().collect(),
     );
-    let rings = probes.take_rings(None)?;
+    let rings = probes.take_rings()?;
     let stamps = probes.stamp_reader()?;
     let mut kernel_table = KernelTable::new(epoch, k.caches.clone());
     if !k.include_tracer {
@@ -197,6 +197,7 @@ fn load(config: &Config, k: &KernelConfig, cgroups: Option<&[u64]>) -> anyhow::R
         unwind_rows: 1,
         unwind_processes: 1,
         unwind_fallback: true,
+        cpu_rings: false,
     })?;
     for &pid in &k.pids {
         probes.add_target(pid)?;

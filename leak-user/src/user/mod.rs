@@ -198,6 +198,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         unwind_processes: unwind::PROCESS_SLOTS,
         unwind_fallback: config.stack_walk == StackWalk::Auto,
         stamps: config.record_order,
+        cpu_rings: true,
     })?;
     probes.attach_process_tracepoints()?;
     let unwinder = if config.stacks && probes.stack_mode == StackMode::Cfi {
@@ -213,7 +214,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         spawn_logger(logger);
     }
     let readers = probes.take_readers()?;
-    let rings = probes.take_rings(Some(config.ring_bytes))?;
+    let rings = probes.take_rings()?;
     let stamps = probes.stamp_reader()?;
     let table = SharedTable::new(Table::new(epoch, VerdictBook::new(config.verdict)));
     let ingest = ingest::spawn(rings, stamps, UserSink(table.clone()))
