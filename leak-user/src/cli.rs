@@ -194,8 +194,8 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub fold_wrapper: Vec<String>,
 
-    /// Ring buffer size in MiB (a power of two). In user mode each CPU also gets a
-    /// ring of its own, a share of this size (at least 4 MiB).
+    /// Ring buffer size in MiB (a power of two). In user mode it is shared out
+    /// among the CPUs, each writing a ring of its own (at least 4 MiB).
     #[arg(long, value_name = "MiB", default_value_t = 32)]
     pub ring_buffer: u32,
 
