@@ -79,12 +79,21 @@ impl StampReader {
         ))
     }
 
-    /// The current stamp. Reading an array's only slot fails only if the map is
-    /// gone; then every record in view counts as earlier (taken in stamp order).
-    pub fn now(&self) -> u64 {
+    /// The stamp the programs are at, then the time (CLOCK_MONOTONIC, ns), read
+    /// in that order: every record stamped at or below the stamp was reserved
+    /// before, and made before the time. With clock stamps one read is both.
+    /// Reading the counter's only slot fails only if the map is gone; then every
+    /// record in view counts as earlier (taken in stamp order).
+    pub fn read(&self) -> (u64, u64) {
         match self {
-            StampReader::Counter(map) => map.get(&0, 0).unwrap_or(u64::MAX),
-            StampReader::Clock => crate::clock::now_ns(),
+            StampReader::Counter(map) => {
+                let stamp = map.get(&0, 0).unwrap_or(u64::MAX);
+                (stamp, crate::clock::now_ns())
+            }
+            StampReader::Clock => {
+                let now = crate::clock::now_ns();
+                (now, now)
+            }
         }
     }
 }

@@ -167,11 +167,10 @@ impl<S: EventSink> Task<S> {
     /// Drains every ring and applies what can be applied in order (with one ring,
     /// all it holds); true when a ring stopped at a record still being written.
     fn drain(&mut self, shared: &mut RingReader) -> bool {
-        // The stamp first, then the clock, then the rings: every record stamped
-        // at or below `start` was reserved before the rings are looked at, and
-        // made before `received`.
-        let start = self.stamps.now();
-        let received = crate::clock::now_ns();
+        // The stamp and the clock before the rings: every record stamped at or
+        // below `start` was reserved before the rings are looked at, and made
+        // before `received`.
+        let (start, received) = self.stamps.read();
         let mut rings: Vec<&mut RingReader> =
             std::iter::once(shared).chain(self.own.iter_mut()).collect();
         let (sink, batch, notices, counters) = (
