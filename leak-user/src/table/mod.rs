@@ -218,6 +218,12 @@ impl SiteTraits {
     }
 }
 
+/// Whether the object at `a` reaches past `addr`, for one starting below the end
+/// of a block at `addr`: then the two overlap.
+fn reaches_past(a: u64, o: &Object, addr: u64) -> bool {
+    a > addr || a.saturating_add(o.span()) > addr
+}
+
 /// A realloc between its entry and its return.
 #[derive(Clone, Copy, Debug)]
 struct Detached {
@@ -564,13 +570,12 @@ impl Table {
         };
         // The last object starting below `end` overlaps this one unless it ends
         // at or before `addr` (one descent of the tree; usually it does end).
-        let overlaps = |p: &ProcessTable| {
-            p.objects
-                .range(..end)
-                .next_back()
-                .is_some_and(|(&a, o)| a > addr || a.saturating_add(o.span()) > addr)
-        };
-        let p = if overlaps(p) {
+        let overlaps = p
+            .objects
+            .range(..end)
+            .next_back()
+            .is_some_and(|(&a, o)| reaches_past(a, o, addr));
+        let p = if overlaps {
             self.retire_overlapping(pid, addr, end);
             self.processes.get_mut(&pid).expect("looked up above")
         } else {
@@ -590,7 +595,7 @@ impl Table {
             p.objects
                 .range(..end)
                 .rev()
-                .take_while(|&(&a, o)| a > addr || a.saturating_add(o.span()) > addr)
+                .take_while(|&(&a, o)| reaches_past(a, o, addr))
                 .map(|(&a, _)| a)
                 .collect()
         });
