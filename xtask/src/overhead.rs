@@ -417,20 +417,13 @@ impl Drop for BpfStats {
     }
 }
 
-const LOOP_SETUPS: [Setup; 7] = [
-    Setup::Untraced,
-    Setup::Floor,
-    Setup::TracefsFloor,
-    Setup::Leaktrace(&[]),
-    Setup::Leaktrace(&["--record-order", "counter"]),
-    Setup::Leaktrace(&["--record-order", "clock"]),
-    Setup::Leaktrace(&["--no-stacks"]),
-];
+/// What the loop's traced setups are measured against: untraced and the floors.
+const BASELINES: [Setup; 3] = [Setup::Untraced, Setup::Floor, Setup::TracefsFloor];
 
-/// The traced setups whose programs' own time is shown: defaults, records
+/// The traced setups, whose programs' own time is shown too: defaults, records
 /// stamped with the counter and with the clock (the default picks one by the
 /// clock's cost here), no stacks.
-const STATS_SETUPS: [Setup; 4] = [
+const TRACED: [Setup; 4] = [
     Setup::Leaktrace(&[]),
     Setup::Leaktrace(&["--record-order", "counter"]),
     Setup::Leaktrace(&["--record-order", "clock"]),
@@ -442,8 +435,15 @@ type Row<'a> = (String, &'a Path, Setup);
 
 /// `setups` with `leaktrace`, and with `against` (another build, for before and
 /// after figures in one run) its defaults as one more row.
-fn rows<'a>(setups: &[Setup], leaktrace: &'a Path, against: Option<&'a Path>) -> Vec<Row<'a>> {
-    let mut rows: Vec<Row> = setups.iter().map(|s| (s.name(), leaktrace, *s)).collect();
+fn rows<'a>(
+    setups: impl IntoIterator<Item = Setup>,
+    leaktrace: &'a Path,
+    against: Option<&'a Path>,
+) -> Vec<Row<'a>> {
+    let mut rows: Vec<Row> = setups
+        .into_iter()
+        .map(|s| (s.name(), leaktrace, s))
+        .collect();
     if let Some(other) = against {
         rows.push(("against: leaktrace".into(), other, Setup::Leaktrace(&[])));
     }
@@ -463,7 +463,7 @@ fn loop_figures(
         "overhead: malloc/free loop, {threads} thread(s) × {pairs} pairs, {rounds} rounds"
     ));
     let loop_bin = fixtures.join("malloc-loop");
-    let loop_rows = rows(&LOOP_SETUPS, leaktrace, against);
+    let loop_rows = rows(BASELINES.into_iter().chain(TRACED), leaktrace, against);
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); loop_rows.len()];
     let mut hooks: Option<Value> = None;
     for _ in 0..rounds {
@@ -505,7 +505,7 @@ fn loop_figures(
     // Interleaved runs of each traced setup with bpf_stats on, for the programs'
     // own time (medians: one run moves by a third on a busy host).
     let _stats = BpfStats::on();
-    let stats_rows = rows(&STATS_SETUPS, leaktrace, against);
+    let stats_rows = rows(TRACED, leaktrace, against);
     let mut per_program: Vec<Vec<[f64; 3]>> = vec![Vec::new(); stats_rows.len()];
     for _ in 0..rounds {
         for (i, (_, binary, setup)) in stats_rows.iter().enumerate() {
